@@ -1,0 +1,844 @@
+//! The credit information collection catalog (信用信息归集目录): item model,
+//! loading from a folder, compiled validators, and record validation.
+//!
+//! An item is a JSON document with a draft 2020-12 JSON Schema inside; every
+//! top-level field carries `x-class` (its privacy class) and `x-zh` (its
+//! official Chinese name). Validators are compiled once when a catalog is
+//! loaded and reused for every record. No I/O happens here apart from
+//! `load_dir`; validation messages never contain a submitted value.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use time::Date;
+
+use crate::codes::{self, CodeError};
+
+/// Privacy class of a field, and — used as a clearance — the highest class
+/// a recipient may see. Ordered from least to most sensitive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FieldClass {
+    /// Published to everyone while within its publicity period.
+    Public,
+    /// Government agencies.
+    Shared,
+    /// Agencies with a stated need (joint punishment implementers).
+    Restricted,
+    /// Never leaves in clear.
+    Secret,
+}
+
+/// Kinds of subject a record can be about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubjectType {
+    /// 法人及非法人组织
+    LegalEntity,
+    /// 自然人
+    NaturalPerson,
+    /// 个体工商户
+    IndividualBusiness,
+}
+
+/// Severity of a dishonesty record (失信程度), ordered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// 轻微
+    Minor,
+    /// 一般
+    General,
+    /// 严重
+    Serious,
+}
+
+impl Severity {
+    /// Parses the API spelling.
+    pub fn parse(s: &str) -> Option<Severity> {
+        match s {
+            "minor" => Some(Severity::Minor),
+            "general" => Some(Severity::General),
+            "serious" => Some(Severity::Serious),
+            _ => None,
+        }
+    }
+}
+
+/// What kind of notice a record produces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NoticeType {
+    /// Joint punishment (联合惩戒).
+    Punishment,
+    /// Joint incentive (联合激励).
+    Incentive,
+}
+
+/// A catalog item as written in `catalogs/<catalog>/<id>.json` and as the
+/// admin API will take it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ItemDefinition {
+    /// Stable snake_case id used in the API.
+    pub id: String,
+    /// Version number, from 1.
+    pub version: u32,
+    /// English name.
+    pub name: String,
+    /// Official Chinese name.
+    pub name_zh: String,
+    /// What the item records, for integrators.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Subject types a record of this item may be about.
+    pub subject_types: Vec<SubjectType>,
+    /// Participant ids of the departments allowed to submit this item.
+    pub providers: Vec<String>,
+    /// Field holding the decision (or listing) date; timeliness is measured
+    /// from it.
+    pub decision_date_field: String,
+    /// Draft 2020-12 JSON Schema of one record.
+    pub schema: Value,
+    /// Cross-field checks JSON Schema cannot express.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<Rule>,
+    /// When a record of this item produces a notice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notice: Option<NoticeRule>,
+}
+
+/// A cross-field rule.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Rule {
+    /// `earlier` must not be after `later` (both dates, when present).
+    DateOrder {
+        /// Date field that comes first.
+        earlier: String,
+        /// Date field that comes on or after it.
+        later: String,
+    },
+    /// The date in `field` must not be in the future.
+    NotFuture {
+        /// Date field.
+        field: String,
+    },
+}
+
+/// When and how a record produces a notice.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoticeRule {
+    /// Punishment or incentive.
+    #[serde(rename = "type")]
+    pub notice_type: NoticeType,
+    /// Only records whose field has one of these values produce a notice;
+    /// absent = every accepted record does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<NoticeCondition>,
+    /// Severity: a fixed value, or taken from a record field.
+    pub severity: SeveritySource,
+    /// Date field that ends the record's effect (a lift notice follows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effective_until_field: Option<String>,
+    /// Measures agencies are expected to apply.
+    pub measures: Vec<Measure>,
+}
+
+/// A condition on one field.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoticeCondition {
+    /// Field name.
+    pub field: String,
+    /// Values that trigger the notice.
+    #[serde(rename = "in")]
+    pub values: Vec<Value>,
+}
+
+/// Where a notice's severity comes from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SeveritySource {
+    /// Always this severity.
+    Fixed(Severity),
+    /// The value of a record field (`minor` / `general` / `serious`).
+    Field {
+        /// Field name.
+        field: String,
+    },
+}
+
+/// A punishment or incentive measure (惩戒/激励措施).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Measure {
+    /// Stable id, referenced by feedback.
+    pub id: String,
+    /// English description.
+    pub description: String,
+    /// Official Chinese description.
+    pub description_zh: String,
+    /// The law or policy that creates the measure.
+    pub legal_basis: String,
+    /// Kinds of implementing departments.
+    #[serde(default)]
+    pub implementers: Vec<String>,
+}
+
+/// Per-field facts taken from the schema annotations.
+#[derive(Debug, Clone, Serialize)]
+pub struct FieldSpec {
+    /// Privacy class.
+    pub class: FieldClass,
+    /// Class overrides by subject type (e.g. natural persons' names are
+    /// restricted).
+    pub class_by_subject_type: HashMap<SubjectType, FieldClass>,
+    /// Official Chinese name.
+    pub name_zh: String,
+    /// JSON Schema `format`, if any.
+    pub format: Option<String>,
+}
+
+/// A compiled catalog item.
+pub struct CatalogItem {
+    /// The definition as loaded.
+    pub def: ItemDefinition,
+    /// Field annotations by field name.
+    pub fields: BTreeMap<String, FieldSpec>,
+    validator: jsonschema::Validator,
+    uscc_fields: Vec<String>,
+}
+
+impl std::fmt::Debug for CatalogItem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CatalogItem")
+            .field("id", &self.def.id)
+            .field("version", &self.def.version)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A finding about one field of one record: an error or a warning.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Finding {
+    /// JSON pointer into the record (`/uscc`); the HTTP layer prefixes it
+    /// with the record's position in the batch.
+    pub pointer: String,
+    /// Stable machine code.
+    pub code: String,
+    /// Human explanation. Never contains the submitted value.
+    pub message: String,
+}
+
+/// The result of validating one record.
+#[derive(Debug, Default, Clone)]
+pub struct Validation {
+    /// Problems that reject the record.
+    pub errors: Vec<Finding>,
+    /// Findings that do not reject it.
+    pub warnings: Vec<Finding>,
+}
+
+/// A set of compiled items: the active catalog.
+#[derive(Debug, Default)]
+pub struct Catalog {
+    items: BTreeMap<String, Arc<CatalogItem>>,
+    etag: String,
+}
+
+impl Catalog {
+    /// Loads every `*.json` file of `dir` and compiles it. `providers` checks
+    /// that listed providers exist; every problem of every file is reported.
+    pub fn load_dir(dir: &Path, providers: &dyn Fn(&str) -> bool) -> Result<Catalog, Vec<String>> {
+        let mut errors = Vec::new();
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) => return Err(vec![format!("{}: cannot read folder: {e}", dir.display())]),
+        };
+        let mut paths: Vec<_> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
+        paths.sort();
+        let mut defs = Vec::new();
+        for path in &paths {
+            let text = match std::fs::read_to_string(path) {
+                Ok(t) => t,
+                Err(e) => {
+                    errors.push(format!("{}: cannot read: {e}", path.display()));
+                    continue;
+                }
+            };
+            match serde_json::from_str::<ItemDefinition>(&text) {
+                Ok(def) => {
+                    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+                    if stem != def.id {
+                        errors.push(format!(
+                            "{}: file name must be the item id ({}.json)",
+                            path.display(),
+                            def.id
+                        ));
+                    }
+                    defs.push((path.display().to_string(), def));
+                }
+                Err(e) => errors.push(format!("{}: {e}", path.display())),
+            }
+        }
+        if paths.is_empty() {
+            errors.push(format!(
+                "{}: no catalog items (*.json) found",
+                dir.display()
+            ));
+        }
+        let mut items = Vec::new();
+        for (origin, def) in defs {
+            match CatalogItem::compile(def, providers) {
+                Ok(item) => items.push(item),
+                Err(errs) => errors.extend(errs.into_iter().map(|e| format!("{origin}: {e}"))),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Catalog::from_items(items).map_err(|e| vec![e])
+    }
+
+    /// Builds a catalog from compiled items (ids must be unique).
+    pub fn from_items(list: Vec<CatalogItem>) -> Result<Catalog, String> {
+        let mut items = BTreeMap::new();
+        for item in list {
+            let id = item.def.id.clone();
+            if items.insert(id.clone(), Arc::new(item)).is_some() {
+                return Err(format!("item {id:?} is defined twice"));
+            }
+        }
+        let mut h = Sha256::new();
+        for item in items.values() {
+            h.update(item.def.id.as_bytes());
+            h.update(b"@");
+            h.update(item.def.version.to_be_bytes());
+            h.update(b";");
+        }
+        let etag = format!("\"{}\"", &hex::encode(h.finalize())[..16]);
+        Ok(Catalog { items, etag })
+    }
+
+    /// The item with this id.
+    pub fn get(&self, id: &str) -> Option<&Arc<CatalogItem>> {
+        self.items.get(id)
+    }
+
+    /// All items, by id.
+    pub fn items(&self) -> impl Iterator<Item = &Arc<CatalogItem>> {
+        self.items.values()
+    }
+
+    /// Entity tag over the active item versions.
+    pub fn etag(&self) -> &str {
+        &self.etag
+    }
+}
+
+fn is_snake_case(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.starts_with(|c: char| c.is_ascii_lowercase())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+impl CatalogItem {
+    /// Checks and compiles a definition. Every problem is reported.
+    pub fn compile(
+        def: ItemDefinition,
+        providers: &dyn Fn(&str) -> bool,
+    ) -> Result<CatalogItem, Vec<String>> {
+        let mut errors = Vec::new();
+        if !is_snake_case(&def.id) {
+            errors.push(format!("id: {:?} must be snake_case", def.id));
+        }
+        if def.version == 0 {
+            errors.push("version: must be 1 or more".into());
+        }
+        if def.name.trim().is_empty() || def.name_zh.trim().is_empty() {
+            errors.push("name, name_zh: both are required".into());
+        }
+        if def.subject_types.is_empty() {
+            errors.push("subject_types: at least one subject type is required".into());
+        }
+        if def.providers.is_empty() {
+            errors.push("providers: at least one provider is required".into());
+        }
+        for p in &def.providers {
+            if !providers(p) {
+                errors.push(format!("providers: {p:?} is not a registered department"));
+            }
+        }
+        let fields = match field_specs(&def.schema) {
+            Ok(f) => f,
+            Err(errs) => {
+                errors.extend(errs);
+                BTreeMap::new()
+            }
+        };
+        let is_date = |name: &str| {
+            fields
+                .get(name)
+                .is_some_and(|f| f.format.as_deref() == Some("date"))
+        };
+        for required in ["subject_name", "subject_type"] {
+            if !fields.is_empty() && !fields.contains_key(required) {
+                errors.push(format!(
+                    "schema: the subject block field {required:?} is missing"
+                ));
+            }
+        }
+        if !fields.is_empty() && !is_date(&def.decision_date_field) {
+            errors.push(format!(
+                "decision_date_field: {:?} is not a field with format \"date\"",
+                def.decision_date_field
+            ));
+        }
+        for (i, rule) in def.rules.iter().enumerate() {
+            let names: Vec<&String> = match rule {
+                Rule::DateOrder { earlier, later } => vec![earlier, later],
+                Rule::NotFuture { field } => vec![field],
+            };
+            for n in names {
+                if !is_date(n) {
+                    errors.push(format!(
+                        "rules[{i}]: {n:?} is not a field with format \"date\""
+                    ));
+                }
+            }
+        }
+        if let Some(n) = &def.notice {
+            if let Some(w) = &n.when {
+                if !fields.contains_key(&w.field) {
+                    errors.push(format!("notice.when.field: unknown field {:?}", w.field));
+                }
+                if w.values.is_empty() {
+                    errors.push("notice.when.in: at least one value is required".into());
+                }
+            }
+            if let SeveritySource::Field { field } = &n.severity {
+                if !fields.contains_key(field) {
+                    errors.push(format!("notice.severity.field: unknown field {field:?}"));
+                }
+            }
+            if let Some(f) = &n.effective_until_field {
+                if !is_date(f) {
+                    errors.push(format!(
+                        "notice.effective_until_field: {f:?} is not a field with format \"date\""
+                    ));
+                }
+            }
+            if n.measures.is_empty() {
+                errors.push("notice.measures: at least one measure is required".into());
+            }
+            let mut seen = HashSet::new();
+            for (i, m) in n.measures.iter().enumerate() {
+                if !is_snake_case(&m.id) {
+                    errors.push(format!(
+                        "notice.measures[{i}].id: {:?} must be snake_case",
+                        m.id
+                    ));
+                }
+                if !seen.insert(&m.id) {
+                    errors.push(format!("notice.measures[{i}].id: duplicate {:?}", m.id));
+                }
+            }
+        }
+        let validator = match build_validator(&def.schema) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                errors.push(format!("schema: does not compile: {e}"));
+                None
+            }
+        };
+        match validator {
+            Some(validator) if errors.is_empty() => {
+                let uscc_fields = fields
+                    .iter()
+                    .filter(|(_, f)| f.format.as_deref() == Some("uscc"))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                Ok(CatalogItem {
+                    def,
+                    fields,
+                    validator,
+                    uscc_fields,
+                })
+            }
+            _ => Err(errors),
+        }
+    }
+
+    /// Validates one record against this item version.
+    pub fn validate(&self, record: &Value) -> Validation {
+        let mut out = Validation::default();
+        for e in self.validator.iter_errors(record) {
+            out.errors.push(finding_from(&e));
+        }
+        let Some(obj) = record.as_object() else {
+            return out;
+        };
+        // Domain rules run only on fields that are valid dates; the schema
+        // has already reported the others.
+        let date = |f: &str| {
+            obj.get(f)
+                .and_then(Value::as_str)
+                .and_then(codes::parse_iso_date)
+        };
+        for rule in &self.def.rules {
+            match rule {
+                Rule::DateOrder { earlier, later } => {
+                    if let (Some(a), Some(b)) = (date(earlier), date(later)) {
+                        if a > b {
+                            out.errors.push(Finding {
+                                pointer: format!("/{later}"),
+                                code: "date_order".into(),
+                                message: format!("must not be before {earlier}"),
+                            });
+                        }
+                    }
+                }
+                Rule::NotFuture { field } => {
+                    if let Some(d) = date(field) {
+                        if d > codes::today_cst() {
+                            out.errors.push(Finding {
+                                pointer: format!("/{field}"),
+                                code: "date_in_future".into(),
+                                message: "must not be in the future".into(),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        if out.errors.is_empty() {
+            for f in &self.uscc_fields {
+                if let Some(Ok(warnings)) =
+                    obj.get(f).and_then(Value::as_str).map(codes::check_uscc)
+                {
+                    for w in warnings {
+                        out.warnings.push(Finding {
+                            pointer: format!("/{f}"),
+                            code: w.code().into(),
+                            message: w.message().into(),
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The record's decision date, if it has a valid one.
+    pub fn decision_date(&self, record: &Value) -> Option<Date> {
+        record
+            .get(&self.def.decision_date_field)
+            .and_then(Value::as_str)
+            .and_then(codes::parse_iso_date)
+    }
+
+    /// The class of `field` for a record about `subject_type`; unknown
+    /// fields are treated as secret so nothing unannotated ever leaks.
+    pub fn class_of(&self, field: &str, subject_type: Option<SubjectType>) -> FieldClass {
+        match self.fields.get(field) {
+            Some(spec) => subject_type
+                .and_then(|t| spec.class_by_subject_type.get(&t).copied())
+                .unwrap_or(spec.class),
+            None => FieldClass::Secret,
+        }
+    }
+}
+
+/// Reads `x-class`, `x-zh` and `format` of every top-level property.
+fn field_specs(schema: &Value) -> Result<BTreeMap<String, FieldSpec>, Vec<String>> {
+    let mut errors = Vec::new();
+    if schema.get("type").and_then(Value::as_str) != Some("object") {
+        errors.push("schema.type: must be \"object\"".into());
+    }
+    match schema.get("$schema").and_then(Value::as_str) {
+        Some("https://json-schema.org/draft/2020-12/schema") => {}
+        _ => errors.push(
+            "schema.$schema: must be \"https://json-schema.org/draft/2020-12/schema\"".into(),
+        ),
+    }
+    let Some(props) = schema.get("properties").and_then(Value::as_object) else {
+        errors.push("schema.properties: must be an object listing the fields".into());
+        return Err(errors);
+    };
+    let mut fields = BTreeMap::new();
+    for (name, p) in props {
+        let at = format!("schema.properties.{name}");
+        let class = match p
+            .get("x-class")
+            .map(|v| serde_json::from_value::<FieldClass>(v.clone()))
+        {
+            Some(Ok(c)) => Some(c),
+            Some(Err(_)) => {
+                errors.push(format!(
+                    "{at}.x-class: must be public, shared, restricted or secret"
+                ));
+                None
+            }
+            None => {
+                errors.push(format!(
+                    "{at}: x-class is missing (every field needs a privacy class)"
+                ));
+                None
+            }
+        };
+        let name_zh = p.get("x-zh").and_then(Value::as_str).unwrap_or_default();
+        if name_zh.trim().is_empty() {
+            errors.push(format!(
+                "{at}: x-zh is missing (the official Chinese field name)"
+            ));
+        }
+        let class_by_subject_type = match p.get("x-class-by-subject-type") {
+            None => HashMap::new(),
+            Some(v) => {
+                match serde_json::from_value::<HashMap<SubjectType, FieldClass>>(v.clone()) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        errors.push(format!("{at}.x-class-by-subject-type: {e}"));
+                        HashMap::new()
+                    }
+                }
+            }
+        };
+        let format = p.get("format").and_then(Value::as_str).map(str::to_owned);
+        let ty = p.get("type").and_then(Value::as_str);
+        if ty == Some("string")
+            && format.is_none()
+            && p.get("enum").is_none()
+            && p.get("maxLength").is_none()
+        {
+            errors.push(format!("{at}: a free-text field needs maxLength"));
+        }
+        if ty == Some("array") && p.get("maxItems").is_none() {
+            errors.push(format!("{at}: an array field needs maxItems"));
+        }
+        if let Some(class) = class {
+            fields.insert(
+                name.clone(),
+                FieldSpec {
+                    class,
+                    class_by_subject_type,
+                    name_zh: name_zh.to_owned(),
+                    format,
+                },
+            );
+        }
+    }
+    if errors.is_empty() {
+        Ok(fields)
+    } else {
+        Err(errors)
+    }
+}
+
+/// Compiles a schema with the gateway's formats; unknown formats fail.
+pub fn build_validator(schema: &Value) -> Result<jsonschema::Validator, String> {
+    jsonschema::options()
+        .with_draft(jsonschema::Draft::Draft202012)
+        .should_validate_formats(true)
+        .should_ignore_unknown_formats(false)
+        .with_format("uscc", |s: &str| codes::check_uscc(s).is_ok())
+        .with_format("cn-resident-id", |s: &str| {
+            codes::check_resident_id(s, codes::today_cst()).is_ok()
+        })
+        .with_format("date", |s: &str| codes::parse_iso_date(s).is_some())
+        .build(schema)
+        .map_err(|e| e.masked().to_string())
+}
+
+/// Turns a schema error into a finding without echoing the value.
+fn finding_from(e: &jsonschema::ValidationError<'_>) -> Finding {
+    use jsonschema::error::ValidationErrorKind as K;
+    let mut pointer = e.instance_path().as_str().to_owned();
+    let kind = e.kind();
+    let (code, message): (String, String) = match kind {
+        K::Required { property } => {
+            let name = property.as_str().unwrap_or_default();
+            pointer = format!("{pointer}/{}", escape_pointer(name));
+            ("required".into(), "is required".into())
+        }
+        K::Format { format } => {
+            let reason = e.instance().as_str().and_then(|s| match format.as_str() {
+                "uscc" => codes::check_uscc(s).err(),
+                "cn-resident-id" => codes::check_resident_id(s, codes::today_cst()).err(),
+                _ => None,
+            });
+            match format.as_str() {
+                "uscc" => (
+                    "invalid_uscc".into(),
+                    format!(
+                        "is not a valid unified social credit code: {}",
+                        reason.map_or_else(|| "invalid".to_owned(), |r: CodeError| r.to_string())
+                    ),
+                ),
+                "cn-resident-id" => (
+                    "invalid_resident_id".into(),
+                    format!(
+                        "is not a valid resident identity number: {}",
+                        reason.map_or_else(|| "invalid".to_owned(), |r: CodeError| r.to_string())
+                    ),
+                ),
+                "date" => (
+                    "invalid_date".into(),
+                    "must be a real date as YYYY-MM-DD".into(),
+                ),
+                other => (
+                    "invalid_format".into(),
+                    format!("does not match format {other:?}"),
+                ),
+            }
+        }
+        K::AdditionalProperties { unexpected } | K::UnevaluatedProperties { unexpected } => (
+            "unknown_field".into(),
+            format!("unknown field(s): {}", unexpected.join(", ")),
+        ),
+        _ => (
+            camel_to_snake(kind.keyword()),
+            e.masked_with("value").to_string(),
+        ),
+    };
+    Finding {
+        pointer,
+        code,
+        message,
+    }
+}
+
+fn escape_pointer(s: &str) -> String {
+    s.replace('~', "~0").replace('/', "~1")
+}
+
+fn camel_to_snake(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 4);
+    for c in s.chars() {
+        if c.is_ascii_uppercase() {
+            out.push('_');
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn item(schema: Value) -> Result<CatalogItem, Vec<String>> {
+        let def = ItemDefinition {
+            id: "test_item".into(),
+            version: 1,
+            name: "Test".into(),
+            name_zh: "测试".into(),
+            description: None,
+            subject_types: vec![SubjectType::LegalEntity],
+            providers: vec!["dept-a".into()],
+            decision_date_field: "decision_date".into(),
+            schema,
+            rules: vec![],
+            notice: None,
+        };
+        CatalogItem::compile(def, &|p| p == "dept-a")
+    }
+
+    fn schema(extra: Value) -> Value {
+        let mut s = json!({
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "type": "object",
+            "properties": {
+                "subject_name": {"type": "string", "maxLength": 200, "x-class": "public", "x-zh": "行政相对人名称"},
+                "subject_type": {"enum": ["legal_entity"], "x-class": "public", "x-zh": "行政相对人类别"},
+                "uscc": {"type": "string", "format": "uscc", "x-class": "public", "x-zh": "统一社会信用代码"},
+                "decision_date": {"type": "string", "format": "date", "x-class": "public", "x-zh": "决定日期"}
+            },
+            "required": ["subject_name", "subject_type", "uscc"],
+            "additionalProperties": false
+        });
+        if let (Some(props), Some(extra)) = (s["properties"].as_object_mut(), extra.as_object()) {
+            for (k, v) in extra {
+                props.insert(k.clone(), v.clone());
+            }
+        }
+        s
+    }
+
+    #[test]
+    fn missing_annotations_and_unknown_format_are_all_reported() {
+        let errs = item(schema(json!({
+            "a": {"type": "string", "maxLength": 3},
+            "b": {"type": "string", "format": "no-such-format", "x-class": "public", "x-zh": "乙"},
+            "c": {"type": "string", "x-class": "top", "x-zh": "丙"}
+        })))
+        .expect_err("invalid");
+        let text = errs.join("\n");
+        assert!(text.contains("properties.a: x-class is missing"), "{text}");
+        assert!(text.contains("properties.a: x-zh is missing"), "{text}");
+        assert!(text.contains("properties.c.x-class"), "{text}");
+        assert!(text.contains("does not compile"), "{text}");
+    }
+
+    #[test]
+    fn findings_point_at_fields_and_never_echo_values() {
+        let item = item(schema(json!({}))).expect("valid");
+        let v = item.validate(&json!({
+            "subject_name": "SECRETVALUE",
+            "subject_type": "SECRETVALUE2",
+            "uscc": "914403001922038217",
+            "decision_date": "2024-02-30",
+            "extra": "SECRETVALUE3"
+        }));
+        let pointers: HashSet<_> = v.errors.iter().map(|f| f.pointer.as_str()).collect();
+        assert!(pointers.contains("/uscc"), "{v:?}");
+        assert!(pointers.contains("/decision_date"), "{v:?}");
+        assert!(pointers.contains("/subject_type"), "{v:?}");
+        let all = format!("{v:?}");
+        assert!(!all.contains("SECRETVALUE"), "{all}");
+        assert!(!all.contains("914403001922038217"), "{all}");
+        let codes: HashSet<_> = v.errors.iter().map(|f| f.code.as_str()).collect();
+        assert!(
+            codes.contains("invalid_uscc")
+                && codes.contains("invalid_date")
+                && codes.contains("unknown_field"),
+            "{codes:?}"
+        );
+    }
+
+    #[test]
+    fn required_points_at_the_missing_field() {
+        let item = item(schema(json!({}))).expect("valid");
+        let v = item.validate(&json!({"subject_name": "x", "subject_type": "legal_entity"}));
+        assert_eq!(v.errors.len(), 1);
+        assert_eq!(v.errors[0].pointer, "/uscc");
+        assert_eq!(v.errors[0].code, "required");
+    }
+
+    #[test]
+    fn warn_only_uscc_is_accepted_with_warning() {
+        let item = item(schema(json!({}))).expect("valid");
+        let body = "91350100M000100Y5";
+        let code = format!("{body}{}", codes::uscc_check_char(body).expect("alphabet"));
+        let v = item
+            .validate(&json!({"subject_name": "x", "subject_type": "legal_entity", "uscc": code}));
+        assert!(v.errors.is_empty(), "{v:?}");
+        assert_eq!(v.warnings.len(), 1);
+        assert_eq!(v.warnings[0].code, "uscc_org_code_check");
+    }
+}

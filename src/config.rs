@@ -1,0 +1,537 @@
+//! Configuration: built-in defaults, then a TOML file, then `CREDGATE_*`
+//! environment variables (`CREDGATE_SECTION__KEY`, double underscore between
+//! levels, e.g. `CREDGATE_SERVER__LISTEN=0.0.0.0:8443`).
+//!
+//! Every problem is collected and reported at once, each with the key at
+//! fault, so an operator fixes a file in one pass rather than one restart per
+//! mistake. Relative paths resolve against the working directory.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Environment variable prefix for overrides.
+pub const ENV_PREFIX: &str = "CREDGATE_";
+
+/// The whole gateway configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `dev` generates missing development certificates at start-up;
+    /// `production` never writes key material and refuses to start without it.
+    pub mode: Mode,
+    /// Listeners and connection handling.
+    pub server: ServerConfig,
+    /// Certificates, CA bundle and revocation lists of the main listener.
+    pub tls: TlsConfig,
+    /// Where the collection catalog lives.
+    pub catalog: CatalogConfig,
+    /// Where the participants registry lives.
+    pub participants: ParticipantsConfig,
+    /// Durable storage.
+    pub store: StoreConfig,
+    /// Input limits that protect the gateway from oversized or hostile input.
+    pub limits: LimitsConfig,
+    /// Default request quotas per participant kind (a participant's own
+    /// `quota` in the registry wins).
+    pub rate_limit: RateLimitConfig,
+    /// Keys used to pseudonymise personal identifiers.
+    pub privacy: PrivacyConfig,
+}
+
+/// Run mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Development: generate certificates and secrets when missing.
+    #[default]
+    Dev,
+    /// Production: every file must exist; nothing is generated.
+    Production,
+}
+
+/// Listener settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Main mTLS listener (HTTP/1.1 and HTTP/2).
+    pub listen: SocketAddr,
+    /// Plain-HTTP operations listener (`/healthz`, `/readyz`); keep it on
+    /// loopback or a management network.
+    pub ops_listen: SocketAddr,
+    /// A client that has not finished the TLS handshake by then is dropped.
+    pub handshake_timeout_secs: u64,
+    /// Upper bound for reading a request and producing its response.
+    pub request_timeout_secs: u64,
+    /// How long a graceful shutdown waits for in-flight requests.
+    pub shutdown_grace_secs: u64,
+    /// Connections above this number wait in the accept queue.
+    pub max_connections: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            ops_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            handshake_timeout_secs: 10,
+            request_timeout_secs: 30,
+            shutdown_grace_secs: 20,
+            max_connections: 20_000,
+        }
+    }
+}
+
+/// TLS material of the main listener.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// CA bundle (PEM) that client certificates must chain to.
+    pub client_ca: PathBuf,
+    /// Server certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Server private key (PEM, PKCS#8, SEC1 or PKCS#1).
+    pub key: PathBuf,
+    /// Certificate revocation lists (PEM or DER) checked for client certificates.
+    pub crls: Vec<PathBuf>,
+    /// Also accept the participant id from a SAN URI
+    /// `urn:credgate:participant:<id>` (it wins over the subject CN).
+    pub accept_san_uri: bool,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            client_ca: "certs/dev/ca.pem".into(),
+            cert: "certs/dev/server.pem".into(),
+            key: "certs/dev/server.key".into(),
+            crls: Vec::new(),
+            accept_san_uri: true,
+        }
+    }
+}
+
+/// Catalog location.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CatalogConfig {
+    /// Folder with one JSON file per catalog item.
+    pub dir: PathBuf,
+}
+
+impl Default for CatalogConfig {
+    fn default() -> Self {
+        Self {
+            dir: "catalogs/credit".into(),
+        }
+    }
+}
+
+/// Participants registry location.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ParticipantsConfig {
+    /// TOML file with `[[participant]]` entries.
+    pub file: PathBuf,
+}
+
+impl Default for ParticipantsConfig {
+    fn default() -> Self {
+        Self {
+            file: "config/participants.toml".into(),
+        }
+    }
+}
+
+/// Storage backend.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `sqlite` (embedded default).
+    pub backend: StoreBackend,
+    /// Folder of the SQLite database (`credgate.db`).
+    pub data_dir: PathBuf,
+    /// Most submissions committed in one transaction (one fsync).
+    pub group_commit_max: usize,
+    /// Read connections for queries.
+    pub read_connections: usize,
+    /// How long an `Idempotency-Key` is remembered.
+    pub idempotency_ttl_hours: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            backend: StoreBackend::Sqlite,
+            data_dir: "data".into(),
+            group_commit_max: 512,
+            read_connections: 4,
+            idempotency_ttl_hours: 72,
+        }
+    }
+}
+
+/// Storage backend kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// Embedded SQLite file in WAL mode, `synchronous=FULL`.
+    Sqlite,
+}
+
+/// Input limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest request body accepted (bytes); larger gets 413.
+    pub max_body_bytes: usize,
+    /// Most records in one `POST /v1/records`.
+    pub max_batch_records: usize,
+    /// Deepest JSON nesting accepted in a request body.
+    pub max_json_depth: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 4 * 1024 * 1024,
+            max_batch_records: 500,
+            max_json_depth: 32,
+        }
+    }
+}
+
+/// A request quota: a sustained rate and a burst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quota {
+    /// Sustained requests per second.
+    pub per_second: u32,
+    /// Requests that may arrive at once after a quiet period.
+    pub burst: u32,
+}
+
+/// Default quotas by participant kind.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// Departments (submitters).
+    pub department: Quota,
+    /// Agencies (notice readers).
+    pub agency: Quota,
+    /// Administrators.
+    pub admin: Quota,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            department: Quota {
+                per_second: 2000,
+                burst: 4000,
+            },
+            agency: Quota {
+                per_second: 500,
+                burst: 1000,
+            },
+            admin: Quota {
+                per_second: 100,
+                burst: 200,
+            },
+        }
+    }
+}
+
+/// Privacy keys.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrivacyConfig {
+    /// File holding the gateway secret (at least 32 bytes) used for keyed
+    /// pseudonyms of personal identifiers. Generated in dev mode if missing.
+    pub secret_file: PathBuf,
+}
+
+impl Default for PrivacyConfig {
+    fn default() -> Self {
+        Self {
+            secret_file: "data/gateway.secret".into(),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Dev,
+            server: ServerConfig::default(),
+            tls: TlsConfig::default(),
+            catalog: CatalogConfig::default(),
+            participants: ParticipantsConfig::default(),
+            store: StoreConfig::default(),
+            limits: LimitsConfig::default(),
+            rate_limit: RateLimitConfig::default(),
+            privacy: PrivacyConfig::default(),
+        }
+    }
+}
+
+/// All configuration problems found, each naming its key.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration ({} problem(s)):\n  - {}", .0.len(), .0.join("\n  - "))]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl Config {
+    /// Loads `path` (which may be missing only if `optional`), applies the
+    /// environment overrides in `env` and validates the result.
+    pub fn load(
+        path: &Path,
+        optional: bool,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigErrors> {
+        let mut errors = Vec::new();
+        let mut table = match std::fs::read_to_string(path) {
+            Ok(text) => match text.parse::<toml::Table>() {
+                Ok(t) => t,
+                Err(e) => {
+                    return Err(ConfigErrors(vec![format!(
+                        "{}: not valid TOML: {e}",
+                        path.display()
+                    )]))
+                }
+            },
+            Err(e) if optional && e.kind() == std::io::ErrorKind::NotFound => toml::Table::new(),
+            Err(e) => {
+                return Err(ConfigErrors(vec![format!(
+                    "{}: cannot read: {e}",
+                    path.display()
+                )]))
+            }
+        };
+        apply_env(&mut table, env, &mut errors);
+        let config = deserialize_collecting(table, &mut errors);
+        if let Some(c) = &config {
+            c.validate(&mut errors);
+        }
+        match config {
+            Some(c) if errors.is_empty() => Ok(c),
+            _ => Err(ConfigErrors(errors)),
+        }
+    }
+
+    fn validate(&self, errors: &mut Vec<String>) {
+        let positive = [
+            (
+                "server.handshake_timeout_secs",
+                self.server.handshake_timeout_secs as usize,
+            ),
+            (
+                "server.request_timeout_secs",
+                self.server.request_timeout_secs as usize,
+            ),
+            ("server.max_connections", self.server.max_connections),
+            ("store.group_commit_max", self.store.group_commit_max),
+            ("store.read_connections", self.store.read_connections),
+            ("limits.max_body_bytes", self.limits.max_body_bytes),
+            ("limits.max_batch_records", self.limits.max_batch_records),
+            ("limits.max_json_depth", self.limits.max_json_depth),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                errors.push(format!("{key}: must be greater than 0"));
+            }
+        }
+        for (kind, q) in [
+            ("department", self.rate_limit.department),
+            ("agency", self.rate_limit.agency),
+            ("admin", self.rate_limit.admin),
+        ] {
+            if q.per_second == 0 || q.burst == 0 {
+                errors.push(format!(
+                    "rate_limit.{kind}: per_second and burst must be greater than 0"
+                ));
+            }
+        }
+        if self.server.listen == self.server.ops_listen {
+            errors.push("server.ops_listen: must differ from server.listen".into());
+        }
+        // In dev mode missing certificates and secrets are generated; in
+        // production every file must be there before start-up.
+        let must_exist: Vec<(&str, &Path)> = match self.mode {
+            Mode::Dev => vec![],
+            Mode::Production => vec![
+                ("tls.client_ca", &self.tls.client_ca),
+                ("tls.cert", &self.tls.cert),
+                ("tls.key", &self.tls.key),
+                ("privacy.secret_file", &self.privacy.secret_file),
+            ],
+        };
+        for (key, path) in must_exist {
+            if !path.is_file() {
+                errors.push(format!("{key}: file {} does not exist", path.display()));
+            }
+        }
+        for (i, crl) in self.tls.crls.iter().enumerate() {
+            if !crl.is_file() {
+                errors.push(format!(
+                    "tls.crls[{i}]: file {} does not exist",
+                    crl.display()
+                ));
+            }
+        }
+        if !self.catalog.dir.is_dir() {
+            errors.push(format!(
+                "catalog.dir: folder {} does not exist",
+                self.catalog.dir.display()
+            ));
+        }
+        if !self.participants.file.is_file() {
+            errors.push(format!(
+                "participants.file: file {} does not exist",
+                self.participants.file.display()
+            ));
+        }
+    }
+
+    /// Path of the SQLite database.
+    pub fn database_path(&self) -> PathBuf {
+        self.store.data_dir.join("credgate.db")
+    }
+}
+
+/// Deserializes each top-level section on its own so one bad section does
+/// not hide the problems of the others.
+fn deserialize_collecting(table: toml::Table, errors: &mut Vec<String>) -> Option<Config> {
+    let known: BTreeMap<&str, ()> = [
+        "mode",
+        "server",
+        "tls",
+        "catalog",
+        "participants",
+        "store",
+        "limits",
+        "rate_limit",
+        "privacy",
+    ]
+    .into_iter()
+    .map(|k| (k, ()))
+    .collect();
+    let mut good = toml::Table::new();
+    for (key, value) in table {
+        if !known.contains_key(key.as_str()) {
+            errors.push(format!("{key}: unknown key"));
+            continue;
+        }
+        let mut single = toml::Table::new();
+        single.insert(key.clone(), value.clone());
+        match serde_path_to_error::deserialize::<_, Config>(toml::Value::Table(single)) {
+            Ok(_) => {
+                good.insert(key, value);
+            }
+            Err(e) => errors.push(format!("{}: {}", e.path(), e.inner())),
+        }
+    }
+    match serde_path_to_error::deserialize::<_, Config>(toml::Value::Table(good)) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            errors.push(format!("{}: {}", e.path(), e.inner()));
+            None
+        }
+    }
+}
+
+/// Applies `CREDGATE_A__B=value` as `a.b = value`. Values are read as TOML
+/// (numbers, booleans, arrays) and fall back to plain strings.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+    errors: &mut Vec<String>,
+) {
+    for (name, raw) in env {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+        if path.iter().any(String::is_empty) {
+            errors.push(format!("{name}: malformed override name"));
+            continue;
+        }
+        let value = format!("v = {raw}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or(toml::Value::String(raw));
+        if let Err(p) = insert_path(table, &path, value) {
+            errors.push(format!("{name}: {p} is not a section"));
+        }
+    }
+}
+
+fn insert_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    match path {
+        [] => Ok(()),
+        [last] => {
+            table.insert(last.clone(), value);
+            Ok(())
+        }
+        [first, rest @ ..] => match table
+            .entry(first.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        {
+            toml::Value::Table(t) => insert_path(t, rest, value),
+            _ => Err(first.clone()),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().expect("tmp");
+        std::fs::write(f.path(), text).expect("write");
+        f
+    }
+
+    #[test]
+    fn reports_every_problem_at_once() {
+        let f = write(
+            "[server]\nlisten = \"not an address\"\n[limits]\nmax_body_bytes = 0\n[store]\nbogus = 1\n[nonsense]\n",
+        );
+        let err = Config::load(f.path(), false, vec![]).expect_err("invalid");
+        let text = err.to_string();
+        assert!(text.contains("server.listen"), "{text}");
+        assert!(text.contains("store"), "{text}");
+        assert!(text.contains("nonsense: unknown key"), "{text}");
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let f = write("[server]\nlisten = \"127.0.0.1:1000\"\n");
+        let env = vec![
+            (
+                "CREDGATE_SERVER__LISTEN".to_string(),
+                "127.0.0.1:2000".to_string(),
+            ),
+            (
+                "CREDGATE_LIMITS__MAX_BATCH_RECORDS".to_string(),
+                "7".to_string(),
+            ),
+            ("OTHER".to_string(), "x".to_string()),
+        ];
+        // Catalog/participants folders do not exist relative to the test's
+        // working directory in every layout; only check the overrides.
+        let mut errors = Vec::new();
+        let mut table: toml::Table = std::fs::read_to_string(f.path())
+            .expect("read")
+            .parse()
+            .expect("toml");
+        apply_env(&mut table, env, &mut errors);
+        let c = deserialize_collecting(table, &mut errors).expect("config");
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(c.server.listen.port(), 2000);
+        assert_eq!(c.limits.max_batch_records, 7);
+    }
+}

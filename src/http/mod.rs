@@ -1,0 +1,282 @@
+//! HTTP shell over the use cases: routing, caller identification, quotas,
+//! body limits and problem responses. Handlers stay thin; the domain lives
+//! in `ingest`, `catalog` and `redact`.
+
+pub mod catalog;
+pub mod ops;
+pub mod records;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use http_body_util::BodyExt;
+use serde_json::Value;
+
+use crate::config::LimitsConfig;
+use crate::error::Problem;
+use crate::ingest::Ingest;
+use crate::participants::{Participant, Registry};
+use crate::ratelimit::{Decision, RateLimits};
+
+/// The participant id proven by the TLS handshake of the connection a
+/// request came on. Inserted by the accept loop only.
+#[derive(Debug, Clone)]
+pub struct PeerId(pub Arc<str>);
+
+/// Shared state of the main listener's handlers.
+pub struct AppState {
+    /// Submission use case (holds catalog and store).
+    pub ingest: Ingest,
+    /// Participants registry, swappable at run time.
+    pub registry: Arc<ArcSwap<Registry>>,
+    /// Input limits.
+    pub limits: LimitsConfig,
+    /// Per-participant quotas.
+    pub rate: RateLimits,
+    /// Per-request time limit.
+    pub request_timeout: Duration,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState").finish_non_exhaustive()
+    }
+}
+
+/// The main listener's routes.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/records", post(records::submit))
+        .route("/v1/records/{record_id}", get(records::read))
+        .route("/v1/catalog", get(catalog::list))
+        .route("/v1/catalog/items/{item_id}", get(catalog::item))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), identify))
+        .with_state(state)
+}
+
+async fn not_found() -> Problem {
+    Problem::caller(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such resource; see the API reference in the README",
+    )
+}
+
+async fn method_not_allowed() -> Problem {
+    Problem::caller(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this resource does not take that method",
+    )
+}
+
+/// Resolves the connection's certificate identity to a registered,
+/// enabled participant, applies its quota, and bounds the request's time.
+async fn identify(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
+    let Some(PeerId(id)) = req.extensions().get::<PeerId>().cloned() else {
+        return Problem::caller(
+            StatusCode::FORBIDDEN,
+            "no_identity",
+            "the connection carries no verified client certificate",
+        )
+        .into_response();
+    };
+    let participant = state.registry.load().get(&id).cloned();
+    let Some(participant) = participant else {
+        tracing::info!(participant = %id, "certificate valid but participant not registered");
+        return Problem::caller(
+            StatusCode::FORBIDDEN,
+            "unknown_participant",
+            format!("the certificate names {id:?}, which is not a registered participant; ask the credit office to register it"),
+        )
+        .into_response();
+    };
+    if !participant.enabled {
+        return Problem::caller(
+            StatusCode::FORBIDDEN,
+            "participant_disabled",
+            "this participant is disabled; contact the credit office",
+        )
+        .into_response();
+    }
+    let remaining = match state.rate.check(&participant) {
+        Decision::Allow { quota, remaining } => (quota, remaining),
+        Decision::Deny { quota, retry_after } => {
+            let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            let mut p = Problem::caller(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "request quota of {} per second (burst {}) exceeded; retry after {secs} s",
+                    quota.per_second, quota.burst
+                ),
+            );
+            p.retry_after = Some(secs);
+            p.headers = vec![
+                ("ratelimit-limit", quota.burst.to_string()),
+                ("ratelimit-remaining", "0".into()),
+                ("ratelimit-reset", secs.to_string()),
+            ];
+            return p.into_response();
+        }
+    };
+    req.extensions_mut().insert(participant);
+    let mut resp = match tokio::time::timeout(state.request_timeout, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => Problem::caller(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            "the request took too long to arrive or complete",
+        )
+        .into_response(),
+    };
+    let (quota, left) = remaining;
+    let h = resp.headers_mut();
+    h.insert("ratelimit-limit", quota.burst.into());
+    h.insert("ratelimit-remaining", left.into());
+    resp
+}
+
+/// Reads a JSON request body within the limits: media type (415), size
+/// (413), nesting depth and syntax (400). Returns the raw bytes too, for
+/// the idempotency digest.
+pub async fn read_json(
+    headers: &HeaderMap,
+    body: Body,
+    limits: &LimitsConfig,
+) -> Result<bytes::Bytes, Problem> {
+    let media = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if media != "application/json" {
+        return Err(Problem::caller(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the body as Content-Type: application/json",
+        ));
+    }
+    let too_large = || {
+        Problem::caller(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!(
+                "the body exceeds {} bytes; split the batch",
+                limits.max_body_bytes
+            ),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limits.max_body_bytes as u64) {
+        return Err(too_large());
+    }
+    match http_body_util::Limited::new(body, limits.max_body_bytes)
+        .collect()
+        .await
+    {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(too_large())
+        }
+        Err(_) => Err(Problem::caller(
+            StatusCode::BAD_REQUEST,
+            "body_read_failed",
+            "the request body could not be read completely",
+        )),
+    }
+}
+
+/// Parses JSON after checking its nesting depth without recursion, so a
+/// hostile document cannot exhaust the stack or the parser.
+pub fn parse_json(raw: &[u8], max_depth: usize) -> Result<Value, Problem> {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in raw {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > max_depth {
+                    return Err(Problem::caller(
+                        StatusCode::BAD_REQUEST,
+                        "too_deep",
+                        format!("the document nests deeper than {max_depth} levels"),
+                    ));
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    serde_json::from_slice(raw).map_err(|e| {
+        Problem::caller(
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            format!(
+                "the body is not valid JSON (line {}, column {})",
+                e.line(),
+                e.column()
+            ),
+        )
+    })
+}
+
+/// A JSON response with the given status.
+pub fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
+    let mut resp = (status, body).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// The caller, as resolved by [`identify`].
+pub type Caller = axum::Extension<Arc<Participant>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn depth_limit_ignores_brackets_in_strings() {
+        assert!(parse_json(br#"{"a":"[[[[[[[[[[[[[[[["}"#, 3).is_ok());
+        assert!(parse_json(br#"{"a":[[[1]]]}"#, 3).is_err());
+        assert!(parse_json(br#"{"a":"\"[[[["}"#, 2).is_ok());
+        assert_eq!(
+            parse_json(b"{", 3).err().map(|p| p.code),
+            Some("malformed_json")
+        );
+    }
+}

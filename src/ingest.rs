@@ -1,0 +1,365 @@
+//! The submission use case: authorise the caller for the item, validate
+//! every record against the active item version, derive what is stored,
+//! and append it durably in one transaction.
+//!
+//! The caller's answer is built here, before storing, so that exactly that
+//! answer is remembered for `Idempotency-Key` replay.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use axum::http::StatusCode;
+use hmac::{Hmac, Mac};
+use serde::Serialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+
+use crate::catalog::{Catalog, Finding};
+use crate::error::Problem;
+use crate::participants::Participant;
+use crate::store::{
+    AppendOutcome, IdempotencyClaim, NewRecord, NewSubmission, Store, StoredResponse,
+};
+
+/// Longest accepted `Idempotency-Key`.
+pub const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+/// What the caller gets back.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// JSON body.
+    pub body: Vec<u8>,
+    /// True when this is the remembered answer to an earlier request.
+    pub replayed: bool,
+}
+
+#[derive(Serialize)]
+struct BatchResult<'a> {
+    submission_id: &'a str,
+    item: &'a str,
+    item_version: u32,
+    accepted: usize,
+    rejected: usize,
+    results: Vec<RecordResult>,
+}
+
+#[derive(Serialize)]
+struct RecordResult {
+    index: usize,
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    record_id: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    errors: Vec<Finding>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    warnings: Vec<Finding>,
+}
+
+/// The submission use case and what it needs.
+pub struct Ingest {
+    /// Active catalog; loaded once per request.
+    pub catalog: Arc<ArcSwap<Catalog>>,
+    /// Durable store.
+    pub store: Arc<dyn Store>,
+    /// Gateway secret for keyed pseudonyms of personal IDs.
+    secret: Arc<[u8]>,
+    /// Most records per batch.
+    max_batch: usize,
+    /// Recently given answers by (participant, key), in front of the store.
+    replays: moka::sync::Cache<(String, String), Arc<StoredResponse>>,
+}
+
+impl std::fmt::Debug for Ingest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ingest")
+            .field("max_batch", &self.max_batch)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Hex SHA-256 of a request body, the identity of a request for replay.
+pub fn request_hash(raw: &[u8]) -> String {
+    hex::encode(Sha256::digest(raw))
+}
+
+impl Ingest {
+    /// Builds the use case.
+    pub fn new(
+        catalog: Arc<ArcSwap<Catalog>>,
+        store: Arc<dyn Store>,
+        secret: Arc<[u8]>,
+        max_batch: usize,
+    ) -> Ingest {
+        Ingest {
+            catalog,
+            store,
+            secret,
+            max_batch,
+            replays: moka::sync::Cache::builder()
+                .max_capacity(50_000)
+                .time_to_live(std::time::Duration::from_secs(600))
+                .build(),
+        }
+    }
+
+    /// The keyed pseudonym of a personal identifier: stable per gateway
+    /// secret, useless without it.
+    pub fn pseudonym(&self, kind: &str, value: &str) -> String {
+        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(&self.secret) else {
+            return String::new();
+        };
+        mac.update(kind.as_bytes());
+        mac.update(b":");
+        mac.update(value.as_bytes());
+        format!("pid:{}", &hex::encode(mac.finalize().into_bytes())[..32])
+    }
+
+    /// If `key` was used by `who` before, the earlier answer (or a 422 when
+    /// the key came with a different body).
+    pub async fn replay(
+        &self,
+        who: &Participant,
+        key: &str,
+        hash: &str,
+    ) -> Result<Option<Answer>, Problem> {
+        let cache_key = (who.id.clone(), key.to_owned());
+        let earlier = match self.replays.get(&cache_key) {
+            Some(r) => Some(r),
+            None => self
+                .store
+                .idempotent_response(&who.id, key)
+                .await?
+                .map(Arc::new),
+        };
+        earlier.map(|r| self.answer_replay(&r, hash)).transpose()
+    }
+
+    fn answer_replay(&self, earlier: &StoredResponse, hash: &str) -> Result<Answer, Problem> {
+        if earlier.request_hash != hash {
+            return Err(Problem::caller(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                "this Idempotency-Key was already used with a different request body; use a new key for a new request",
+            ));
+        }
+        Ok(Answer {
+            status: StatusCode::from_u16(earlier.status).unwrap_or(StatusCode::OK),
+            body: earlier.body.clone(),
+            replayed: true,
+        })
+    }
+
+    /// Validates and stores a submission document
+    /// `{"item": "...", "records": [...]}`.
+    pub async fn submit(
+        &self,
+        who: &Participant,
+        doc: Value,
+        idempotency: Option<IdempotencyClaim>,
+    ) -> Result<Answer, Problem> {
+        let Value::Object(mut doc) = doc else {
+            return Err(Problem::caller(
+                StatusCode::BAD_REQUEST,
+                "invalid_document",
+                "the body must be a JSON object",
+            )
+            .at("", "must be an object with \"item\" and \"records\""));
+        };
+        if let Some(extra) = doc.keys().find(|k| *k != "item" && *k != "records") {
+            return Err(Problem::caller(
+                StatusCode::BAD_REQUEST,
+                "unknown_field",
+                "the body has a field this endpoint does not take",
+            )
+            .at(
+                format!("/{}", extra.replace('~', "~0").replace('/', "~1")),
+                "unknown field; only \"item\" and \"records\" are allowed",
+            ));
+        }
+        let item_id = match doc.get("item") {
+            Some(Value::String(s)) => s.clone(),
+            Some(_) => {
+                return Err(Problem::caller(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_document",
+                    "\"item\" must be a string",
+                )
+                .at("/item", "must be a catalog item id (string)"))
+            }
+            None => {
+                return Err(Problem::caller(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_document",
+                    "\"item\" is missing",
+                )
+                .at("/item", "is required"))
+            }
+        };
+        let records = match doc.remove("records") {
+            Some(Value::Array(a)) => a,
+            Some(_) => {
+                return Err(Problem::caller(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_document",
+                    "\"records\" must be an array",
+                )
+                .at("/records", "must be an array of records"))
+            }
+            None => {
+                return Err(Problem::caller(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_document",
+                    "\"records\" is missing",
+                )
+                .at("/records", "is required"))
+            }
+        };
+        let catalog = self.catalog.load_full();
+        let Some(item) = catalog.get(&item_id).cloned() else {
+            return Err(Problem::caller(
+                StatusCode::NOT_FOUND,
+                "unknown_item",
+                "no catalog item has this id; GET /v1/catalog lists them",
+            )
+            .at("/item", "unknown catalog item"));
+        };
+        if !item.def.providers.iter().any(|p| p == &who.id) {
+            return Err(Problem::caller(
+                StatusCode::FORBIDDEN,
+                "not_a_provider",
+                format!(
+                    "{} is not a listed provider of catalog item {}",
+                    who.id, item.def.id
+                ),
+            )
+            .at("/item", "the caller may not submit this item"));
+        }
+        if records.is_empty() {
+            return Err(Problem::caller(
+                StatusCode::BAD_REQUEST,
+                "empty_batch",
+                "\"records\" is empty",
+            )
+            .at("/records", "must hold at least one record"));
+        }
+        if records.len() > self.max_batch {
+            return Err(Problem::caller(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_many_records",
+                format!(
+                    "a batch may hold at most {} records; split it",
+                    self.max_batch
+                ),
+            )
+            .at(
+                "/records",
+                format!("holds more than {} records", self.max_batch),
+            ));
+        }
+
+        let received_at = OffsetDateTime::now_utc();
+        let submission_id = uuid::Uuid::now_v7().to_string();
+        let mut results = Vec::with_capacity(records.len());
+        let mut stored = Vec::new();
+        let mut rejection_codes: BTreeMap<String, usize> = BTreeMap::new();
+        for (index, record) in records.into_iter().enumerate() {
+            let v = item.validate(&record);
+            let prefix = |f: Finding| Finding {
+                pointer: format!("/records/{index}{}", f.pointer),
+                ..f
+            };
+            if !v.errors.is_empty() {
+                for e in &v.errors {
+                    *rejection_codes.entry(e.code.clone()).or_default() += 1;
+                }
+                results.push(RecordResult {
+                    index,
+                    status: "rejected",
+                    record_id: None,
+                    errors: v.errors.into_iter().map(prefix).collect(),
+                    warnings: Vec::new(),
+                });
+                continue;
+            }
+            let id = uuid::Uuid::now_v7().to_string();
+            let text = |f: &str| record.get(f).and_then(Value::as_str);
+            let subject_key = match (text("uscc"), text("id_number")) {
+                (Some(uscc), _) => Some(uscc.to_owned()),
+                (None, Some(number)) => {
+                    Some(self.pseudonym(text("id_type").unwrap_or("id"), number))
+                }
+                (None, None) => None,
+            };
+            results.push(RecordResult {
+                index,
+                status: "accepted",
+                record_id: Some(id.clone()),
+                errors: Vec::new(),
+                warnings: v.warnings.iter().cloned().map(prefix).collect(),
+            });
+            stored.push(NewRecord {
+                id,
+                subject_type: text("subject_type").unwrap_or_default().to_owned(),
+                subject_key,
+                decision_date: item.decision_date(&record),
+                body: record,
+                warnings: v.warnings,
+            });
+        }
+        let accepted = stored.len();
+        let rejected = results.len() - accepted;
+        let body = serde_json::to_vec(&BatchResult {
+            submission_id: &submission_id,
+            item: &item.def.id,
+            item_version: item.def.version,
+            accepted,
+            rejected,
+            results,
+        })
+        .map_err(|e| Problem::gateway(&e))?;
+        let claim_key = idempotency
+            .as_ref()
+            .map(|c| (who.id.clone(), c.key.clone()));
+        let hash = idempotency.as_ref().map(|c| c.request_hash.clone());
+        let submission = NewSubmission {
+            id: submission_id,
+            participant: who.id.clone(),
+            item: item.def.id.clone(),
+            item_version: item.def.version,
+            received_at,
+            records: stored,
+            rejected,
+            rejection_codes: rejection_codes.into_iter().collect(),
+            idempotency,
+            response_status: 200,
+            response_body: body.clone(),
+        };
+        match self.store.append_submission(submission).await? {
+            AppendOutcome::Stored => {
+                if let (Some(k), Some(request_hash)) = (claim_key, hash) {
+                    self.replays.insert(
+                        k,
+                        Arc::new(StoredResponse {
+                            request_hash,
+                            status: 200,
+                            body: body.clone(),
+                        }),
+                    );
+                }
+                Ok(Answer {
+                    status: StatusCode::OK,
+                    body,
+                    replayed: false,
+                })
+            }
+            // A concurrent request with the same key won the race.
+            AppendOutcome::Replay(earlier) => {
+                self.answer_replay(&earlier, hash.as_deref().unwrap_or_default())
+            }
+        }
+    }
+}

@@ -1,0 +1,25 @@
+//! credgate: the exchange point of a provincial public credit information
+//! system. Departments push records over mutual TLS; each record is
+//! validated against the credit information collection catalog and stored
+//! durably before it is acknowledged.
+//!
+//! The pipeline, one module per step:
+//! `tls` (identity) → `participants` → `ratelimit` → `ingest`
+//! (`catalog` + `codes`) → `store`; `redact` is the one way record data
+//! leaves; `http` is a thin shell; `server` starts and stops it all.
+
+pub mod catalog;
+pub mod codes;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod ingest;
+pub mod participants;
+pub mod pki;
+pub mod ratelimit;
+pub mod redact;
+pub mod server;
+pub mod store;
+pub mod tls;
+
+pub use server::{run, Gateway, Listeners, StartupErrors};

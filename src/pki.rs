@@ -1,0 +1,268 @@
+//! Development PKI (rcgen): a dev CA, a server certificate for
+//! `localhost`/`127.0.0.1`, one client certificate per participant, and CRLs.
+//!
+//! For development and tests only. Production certificates come from the
+//! province's CA (see `certs/README.md`); nothing here is used when
+//! `mode = "production"`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevocationReason, RevokedCertParams, SanType, SerialNumber,
+};
+use time::{Duration, OffsetDateTime};
+
+/// SAN URI prefix that names a participant.
+pub const PARTICIPANT_URI_PREFIX: &str = "urn:credgate:participant:";
+
+/// Errors of certificate generation and file handling.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    /// rcgen refused the parameters.
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// File at fault.
+        path: PathBuf,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+}
+
+/// A certificate and its private key, both PEM.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// Certificate (PEM).
+    pub cert_pem: String,
+    /// Private key (PKCS#8 PEM).
+    pub key_pem: String,
+    /// Serial number, for revocation.
+    pub serial: Vec<u8>,
+}
+
+/// A certificate authority able to issue dev certificates and CRLs.
+pub struct DevCa {
+    issuer: Issuer<'static, KeyPair>,
+    /// The CA certificate (PEM).
+    pub cert_pem: String,
+    key_pem: String,
+}
+
+impl std::fmt::Debug for DevCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DevCa").finish_non_exhaustive()
+    }
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes: [u8; 16] = rand::random();
+    bytes[0] &= 0x7f; // positive
+    bytes[0] |= 0x01; // no leading zero byte
+    SerialNumber::from_slice(&bytes)
+}
+
+impl DevCa {
+    /// A new self-signed CA named `common_name`.
+    pub fn generate(common_name: &str) -> Result<DevCa, PkiError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, common_name);
+        dn.push(DnType::OrganizationName, "credgate development");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.serial_number = Some(random_serial());
+        params.not_before = OffsetDateTime::now_utc() - Duration::days(1);
+        params.not_after = OffsetDateTime::now_utc() + Duration::days(3650);
+        params.key_identifier_method = KeyIdMethod::Sha256;
+        let cert = params.self_signed(&key)?;
+        let cert_pem = cert.pem();
+        let key_pem = key.serialize_pem();
+        Ok(DevCa {
+            issuer: Issuer::new(params, key),
+            cert_pem,
+            key_pem,
+        })
+    }
+
+    /// Loads a CA from its certificate and key (PEM).
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<DevCa, PkiError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
+        Ok(DevCa {
+            issuer,
+            cert_pem: cert_pem.to_owned(),
+            key_pem: key_pem.to_owned(),
+        })
+    }
+
+    /// A server certificate for `names` (DNS names or IP addresses).
+    pub fn issue_server(&self, names: &[&str]) -> Result<Issued, PkiError> {
+        let mut params =
+            CertificateParams::new(names.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(
+            DnType::CommonName,
+            names.first().copied().unwrap_or("localhost"),
+        );
+        params.distinguished_name = dn;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.sign(params, OffsetDateTime::now_utc() + Duration::days(825))
+    }
+
+    /// A client certificate naming `participant_id` as subject CN (and, if
+    /// `with_uri`, as SAN URI), valid until `not_after`.
+    pub fn issue_client_until(
+        &self,
+        participant_id: &str,
+        with_uri: bool,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<Issued, PkiError> {
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, participant_id);
+        dn.push(DnType::OrganizationName, "credgate development");
+        params.distinguished_name = dn;
+        if with_uri {
+            params.subject_alt_names = vec![SanType::URI(
+                format!("{PARTICIPANT_URI_PREFIX}{participant_id}").try_into()?,
+            )];
+        }
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_before = not_before;
+        self.sign(params, not_after)
+    }
+
+    /// A client certificate valid for two years from yesterday.
+    pub fn issue_client(&self, participant_id: &str) -> Result<Issued, PkiError> {
+        let now = OffsetDateTime::now_utc();
+        self.issue_client_until(
+            participant_id,
+            true,
+            now - Duration::days(1),
+            now + Duration::days(730),
+        )
+    }
+
+    fn sign(
+        &self,
+        mut params: CertificateParams,
+        not_after: OffsetDateTime,
+    ) -> Result<Issued, PkiError> {
+        let key = KeyPair::generate()?;
+        let serial = random_serial();
+        params.serial_number = Some(serial.clone());
+        if params.not_before > OffsetDateTime::now_utc() - Duration::hours(1) {
+            params.not_before = OffsetDateTime::now_utc() - Duration::days(1);
+        }
+        params.not_after = not_after;
+        params.use_authority_key_identifier_extension = true;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            serial: serial.to_bytes(),
+        })
+    }
+
+    /// A CRL (PEM) revoking the given serial numbers.
+    pub fn crl(&self, revoked: &[Vec<u8>]) -> Result<String, PkiError> {
+        let now = OffsetDateTime::now_utc();
+        let params = CertificateRevocationListParams {
+            this_update: now - Duration::minutes(5),
+            next_update: now + Duration::days(7),
+            crl_number: random_serial(),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|s| RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(s),
+                    revocation_time: now - Duration::minutes(5),
+                    reason_code: Some(RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.issuer)?.pem()?)
+    }
+}
+
+/// Writes `contents` to `path`, creating parent folders; key files get
+/// mode 0600.
+pub fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), PkiError> {
+    let io = |source| PkiError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io)?;
+    }
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    #[cfg(not(unix))]
+    let _ = secret;
+    let mut f = opts.open(path).map_err(io)?;
+    f.write_all(contents.as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)
+}
+
+/// Creates what is missing of the dev PKI in `dir`: `ca.pem`/`ca.key`,
+/// `server.pem`/`server.key`, and `<id>.pem`/`<id>.key` per participant.
+/// Existing files are kept. Returns the files written.
+pub fn init_dir(dir: &Path, participant_ids: &[String]) -> Result<Vec<PathBuf>, PkiError> {
+    let mut written = Vec::new();
+    let read = |p: &Path| {
+        std::fs::read_to_string(p).map_err(|source| PkiError::Io {
+            path: p.to_owned(),
+            source,
+        })
+    };
+    let (ca_cert, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
+    let ca = if ca_cert.is_file() && ca_key.is_file() {
+        DevCa::from_pem(&read(&ca_cert)?, &read(&ca_key)?)?
+    } else {
+        let ca = DevCa::generate("credgate dev CA (development only)")?;
+        write_file(&ca_cert, &ca.cert_pem, false)?;
+        write_file(&ca_key, &ca.key_pem, true)?;
+        written.extend([ca_cert, ca_key]);
+        ca
+    };
+    let mut wanted: Vec<(String, bool)> = vec![("server".into(), true)];
+    wanted.extend(participant_ids.iter().map(|id| (id.clone(), false)));
+    for (name, server) in wanted {
+        let (cert, key) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        );
+        if cert.is_file() && key.is_file() {
+            continue;
+        }
+        let issued = if server {
+            ca.issue_server(&["localhost", "127.0.0.1", "::1"])?
+        } else {
+            ca.issue_client(&name)?
+        };
+        write_file(&cert, &issued.cert_pem, false)?;
+        write_file(&key, &issued.key_pem, true)?;
+        written.extend([cert, key]);
+    }
+    Ok(written)
+}

@@ -1,0 +1,338 @@
+//! Start-up and the accept loop: [`Gateway::build`] loads and checks
+//! everything (all problems reported at once), [`Gateway::serve`] runs the
+//! listeners until the shutdown token fires, then drains in-flight requests
+//! and flushes the store.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+use crate::catalog::Catalog;
+use crate::config::{Config, Mode};
+use crate::http::{self, AppState, PeerId};
+use crate::ingest::Ingest;
+use crate::participants::{Kind, Registry};
+use crate::ratelimit::RateLimits;
+use crate::store::sqlite::SqliteStore;
+use crate::store::Store;
+use crate::tls::TlsState;
+
+/// Everything that stopped the gateway from starting.
+#[derive(Debug, thiserror::Error)]
+#[error("credgate cannot start ({} problem(s)):\n  - {}", .0.len(), .0.join("\n  - "))]
+pub struct StartupErrors(pub Vec<String>);
+
+/// The bound listeners the gateway serves on.
+#[derive(Debug)]
+pub struct Listeners {
+    /// Main mTLS listener.
+    pub main: TcpListener,
+    /// Operations listener (plain HTTP).
+    pub ops: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the addresses from the configuration.
+    pub async fn bind(config: &Config) -> Result<Listeners, StartupErrors> {
+        let bind = |addr: SocketAddr, key: &'static str| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("{key}: cannot listen on {addr}: {e}"))
+        };
+        let (main, ops) = tokio::join!(
+            bind(config.server.listen, "server.listen"),
+            bind(config.server.ops_listen, "server.ops_listen")
+        );
+        match (main, ops) {
+            (Ok(main), Ok(ops)) => Ok(Listeners { main, ops }),
+            (main, ops) => Err(StartupErrors(
+                [main.err(), ops.err()].into_iter().flatten().collect(),
+            )),
+        }
+    }
+}
+
+/// A gateway ready to serve.
+pub struct Gateway {
+    config: Config,
+    state: Arc<AppState>,
+    store: Arc<dyn Store>,
+    tls: Arc<TlsState>,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway").finish_non_exhaustive()
+    }
+}
+
+/// In dev mode, creates missing dev certificates and the gateway secret.
+fn prepare_dev(config: &Config, registry: Option<&Registry>) -> Result<(), String> {
+    if config.mode != Mode::Dev {
+        return Ok(());
+    }
+    let tls = &config.tls;
+    if !(tls.client_ca.is_file() && tls.cert.is_file() && tls.key.is_file()) {
+        let dir = tls.client_ca.parent().unwrap_or(Path::new("."));
+        let ids: Vec<String> = registry
+            .map(|r| r.iter().map(|p| p.id.clone()).collect())
+            .unwrap_or_default();
+        let written =
+            crate::pki::init_dir(dir, &ids).map_err(|e| format!("dev certificates: {e}"))?;
+        if !written.is_empty() {
+            tracing::warn!(
+                dir = %dir.display(),
+                files = written.len(),
+                "generated DEVELOPMENT certificates (dev CA, server, one per participant): for development only, never for production"
+            );
+        }
+    }
+    if !config.privacy.secret_file.is_file() {
+        let secret: [u8; 32] = rand::random();
+        crate::pki::write_file(&config.privacy.secret_file, &hex::encode(secret), true)
+            .map_err(|e| format!("privacy.secret_file: {e}"))?;
+        tracing::warn!(path = %config.privacy.secret_file.display(), "generated a development gateway secret");
+    }
+    Ok(())
+}
+
+fn load_secret(path: &Path) -> Result<Arc<[u8]>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("privacy.secret_file: {}: {e}", path.display()))?;
+    let secret = text.trim().as_bytes().to_vec();
+    if secret.len() < 32 {
+        return Err(format!(
+            "privacy.secret_file: {} must hold at least 32 bytes",
+            path.display()
+        ));
+    }
+    Ok(secret.into())
+}
+
+impl Gateway {
+    /// Loads registry, catalog, TLS material, secret and store.
+    pub async fn build(config: Config) -> Result<Gateway, StartupErrors> {
+        let mut errors = Vec::new();
+        let registry = match Registry::load(&config.participants.file) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                errors.extend(e);
+                None
+            }
+        };
+        if let Err(e) = prepare_dev(&config, registry.as_ref()) {
+            errors.push(e);
+        }
+        let catalog = registry.as_ref().map(|reg| {
+            Catalog::load_dir(&config.catalog.dir, &|id| {
+                reg.get(id).is_some_and(|p| p.kind == Kind::Department)
+            })
+        });
+        let catalog = match catalog {
+            Some(Ok(c)) => Some(c),
+            Some(Err(e)) => {
+                errors.extend(e);
+                None
+            }
+            None => None,
+        };
+        let tls = TlsState::new(config.tls.clone())
+            .map_err(|e| errors.extend(e))
+            .ok();
+        let secret = load_secret(&config.privacy.secret_file)
+            .map_err(|e| errors.push(e))
+            .ok();
+        let store = if errors.is_empty() {
+            SqliteStore::open(
+                &config.database_path(),
+                config.store.group_commit_max,
+                config.store.read_connections,
+                Duration::from_secs(config.store.idempotency_ttl_hours * 3600),
+            )
+            .map_err(|e| errors.push(format!("store: {}: {e}", config.database_path().display())))
+            .ok()
+        } else {
+            None
+        };
+        let (Some(registry), Some(catalog), Some(tls), Some(secret), Some(store)) =
+            (registry, catalog, tls, secret, store)
+        else {
+            return Err(StartupErrors(errors));
+        };
+        let store: Arc<dyn Store> = Arc::new(store);
+        let ingest = Ingest::new(
+            Arc::new(ArcSwap::from_pointee(catalog)),
+            store.clone(),
+            secret,
+            config.limits.max_batch_records,
+        );
+        let state = Arc::new(AppState {
+            ingest,
+            registry: Arc::new(ArcSwap::from_pointee(registry)),
+            limits: config.limits.clone(),
+            rate: RateLimits::new(config.rate_limit.clone()),
+            request_timeout: Duration::from_secs(config.server.request_timeout_secs),
+        });
+        Ok(Gateway {
+            config,
+            state,
+            store,
+            tls: Arc::new(tls),
+        })
+    }
+
+    /// Re-reads TLS material and the participants registry (SIGHUP).
+    pub fn reload(&self) -> Result<(), Vec<String>> {
+        let mut errors = Vec::new();
+        if let Err(e) = self.tls.reload() {
+            errors.extend(e);
+        }
+        match Registry::load(&self.config.participants.file) {
+            Ok(r) => self.state.registry.store(Arc::new(r)),
+            Err(e) => errors.extend(e),
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains and flushes.
+    pub async fn serve(
+        self: Arc<Self>,
+        listeners: Listeners,
+        shutdown: CancellationToken,
+    ) -> Result<(), StartupErrors> {
+        let ops_state = http::ops::OpsState {
+            store: self.store.clone(),
+            shutdown: shutdown.clone(),
+        };
+        let ops_shutdown = shutdown.clone();
+        let ops = tokio::spawn(async move {
+            let app = http::ops::router(ops_state);
+            let _ = axum::serve(listeners.ops, app)
+                .with_graceful_shutdown(async move { ops_shutdown.cancelled().await })
+                .await;
+        });
+        let main_addr = listeners.main.local_addr().ok();
+        tracing::info!(listen = ?main_addr, "credgate serving (mTLS, HTTP/1.1 and HTTP/2)");
+
+        let router = http::router(self.state.clone());
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let permits = Arc::new(tokio::sync::Semaphore::new(
+            self.config.server.max_connections,
+        ));
+        let handshake_timeout = Duration::from_secs(self.config.server.handshake_timeout_secs);
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(self.config.server.request_timeout_secs));
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(256);
+        let builder = Arc::new(builder);
+
+        loop {
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            };
+            let (tcp, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = listeners.main.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Usually EMFILE: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.current());
+            let accept_san = self.tls.accept_san_uri();
+            let router = router.clone();
+            let builder = builder.clone();
+            let watcher = graceful.watcher();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let stream =
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake refused");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                let id = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|c| crate::tls::participant_id(c, accept_san));
+                let Some(id) = id else {
+                    tracing::debug!(%peer, "client certificate names no participant");
+                    return;
+                };
+                let peer_id = PeerId(Arc::from(id.as_str()));
+                let svc = router.map_request(
+                    move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+                        req.extensions_mut().insert(peer_id.clone());
+                        req
+                    },
+                );
+                let conn = builder
+                    .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
+                    .into_owned();
+                if let Err(e) = watcher.watch(conn).await {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+            });
+        }
+
+        tracing::info!("shutting down: no new connections; draining in-flight requests");
+        drop(listeners.main);
+        let grace = Duration::from_secs(self.config.server.shutdown_grace_secs);
+        if tokio::time::timeout(grace, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                grace_secs = grace.as_secs(),
+                "some connections did not finish in time"
+            );
+        }
+        let _ = ops.await;
+        self.store.close().await;
+        tracing::info!("store flushed; bye");
+        Ok(())
+    }
+}
+
+/// Builds and serves: the one entry point (`credgate serve` and the tests).
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), StartupErrors> {
+    Arc::new(Gateway::build(config).await?)
+        .serve(listeners, shutdown)
+        .await
+}
