@@ -20,6 +20,7 @@ pub mod ratelimit;
 pub mod redact;
 pub mod server;
 pub mod store;
+pub mod synth;
 pub mod tls;
 
 pub use server::{run, Gateway, Listeners, StartupErrors};

@@ -1,0 +1,352 @@
+//! Test harness: a real gateway on 127.0.0.1:0 with certificates generated
+//! by rcgen at test time, a real SQLite file in a temporary folder, and a
+//! real mTLS HTTP client (hyper over tokio-rustls).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use credgate::config::{Config, Mode, Quota};
+use credgate::pki::{DevCa, Issued};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde_json::Value;
+use tempfile::TempDir;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// Participants the tests use beyond the shipped sample.
+const EXTRA_PARTICIPANTS: &str = r#"
+[[participant]]
+id = "dept-flood"
+kind = "department"
+name = "Flooding test department"
+name_zh = "压力测试部门"
+quota = { per_second = 2, burst = 3 }
+
+[[participant]]
+id = "dept-revoked"
+kind = "department"
+name = "Department whose certificate is revoked"
+name_zh = "证书已吊销部门"
+
+[[participant]]
+id = "dept-expired"
+kind = "department"
+name = "Department whose certificate expired"
+name_zh = "证书已过期部门"
+"#;
+
+/// Certificates of one test PKI, written to a folder.
+pub struct Pki {
+    /// Folder with `ca.pem`, `server.*`, `<id>.*`, `crl.pem`.
+    pub dir: PathBuf,
+}
+
+impl Pki {
+    /// A new PKI with server and participant certificates; `dept-revoked`
+    /// is on the CRL and `dept-expired` expired yesterday.
+    pub fn generate(dir: &Path, ids: &[String]) -> Pki {
+        let ca = DevCa::generate("credgate test CA").expect("ca");
+        let write = |name: &str, issued: &Issued| {
+            std::fs::write(dir.join(format!("{name}.pem")), &issued.cert_pem).expect("write cert");
+            std::fs::write(dir.join(format!("{name}.key")), &issued.key_pem).expect("write key");
+        };
+        std::fs::write(dir.join("ca.pem"), &ca.cert_pem).expect("write ca");
+        write("server", &ca.issue_server(&["localhost", "127.0.0.1"]).expect("server"));
+        let mut revoked = Vec::new();
+        for id in ids {
+            let issued = if id == "dept-expired" {
+                let now = time::OffsetDateTime::now_utc();
+                ca.issue_client_until(id, true, now - time::Duration::days(30), now - time::Duration::days(1))
+                    .expect("expired")
+            } else {
+                ca.issue_client(id).expect("client")
+            };
+            if id == "dept-revoked" {
+                revoked.push(issued.serial.clone());
+            }
+            write(id, &issued);
+        }
+        // A valid certificate for a participant nobody registered.
+        write("stranger", &ca.issue_client("stranger").expect("stranger"));
+        std::fs::write(dir.join("crl.pem"), ca.crl(&revoked).expect("crl")).expect("write crl");
+        Pki { dir: dir.to_owned() }
+    }
+}
+
+/// Everything a gateway instance needs on disk.
+pub struct Env {
+    /// Temporary root (data, certs, participants).
+    pub root: TempDir,
+    /// The configuration the gateway runs with.
+    pub config: Config,
+    /// Test PKI.
+    pub pki: Pki,
+}
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+impl Env {
+    /// A fresh environment: shipped catalog, shipped participants plus the
+    /// test ones, new certificates, empty data folder.
+    pub fn new() -> Env {
+        let root = tempfile::tempdir().expect("tempdir");
+        let certs = root.path().join("certs");
+        std::fs::create_dir_all(&certs).expect("certs dir");
+        let mut participants = std::fs::read_to_string(repo("config/participants.toml")).expect("participants");
+        participants.push_str(EXTRA_PARTICIPANTS);
+        let participants_file = root.path().join("participants.toml");
+        std::fs::write(&participants_file, &participants).expect("write participants");
+        let registry = credgate::participants::Registry::load(&participants_file).expect("registry");
+        let ids: Vec<String> = registry.iter().map(|p| p.id.clone()).collect();
+        let pki = Pki::generate(&certs, &ids);
+        let secret = root.path().join("gateway.secret");
+        std::fs::write(&secret, "0123456789abcdef0123456789abcdef-test-secret").expect("secret");
+        let mut config = Config::default();
+        config.mode = Mode::Production;
+        config.server.listen = "127.0.0.1:0".parse().expect("addr");
+        config.server.ops_listen = "127.0.0.1:0".parse().expect("addr");
+        config.server.shutdown_grace_secs = 5;
+        config.tls.client_ca = certs.join("ca.pem");
+        config.tls.cert = certs.join("server.pem");
+        config.tls.key = certs.join("server.key");
+        config.tls.crls = vec![certs.join("crl.pem")];
+        config.catalog.dir = repo("catalogs/credit");
+        config.participants.file = participants_file;
+        config.store.data_dir = root.path().join("data");
+        config.privacy.secret_file = secret;
+        config.rate_limit.department = Quota {
+            per_second: 10_000,
+            burst: 10_000,
+        };
+        Env { root, config, pki }
+    }
+
+    /// Path of the SQLite database.
+    pub fn db(&self) -> PathBuf {
+        self.config.database_path()
+    }
+
+    /// Writes the configuration as a TOML file (for spawning the binary).
+    pub fn write_config(&self, main: SocketAddr, ops: SocketAddr) -> PathBuf {
+        let mut c = self.config.clone();
+        c.server.listen = main;
+        c.server.ops_listen = ops;
+        let path = self.root.path().join("credgate.toml");
+        std::fs::write(&path, toml::to_string(&c).expect("toml")).expect("write config");
+        path
+    }
+
+    /// A client presenting `participant`'s certificate.
+    pub fn client(&self, addr: SocketAddr, participant: &str) -> Client {
+        Client::new(addr, &self.pki.dir, Some(participant), &self.pki.dir.join("ca.pem"))
+    }
+}
+
+/// A running in-process gateway.
+pub struct Server {
+    /// Main listener address.
+    pub addr: SocketAddr,
+    /// Ops listener address.
+    pub ops: SocketAddr,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), credgate::StartupErrors>>,
+}
+
+impl Server {
+    /// Starts the gateway of `env` on ephemeral ports.
+    pub async fn start(env: &Env) -> Server {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let main = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let ops = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let (addr, ops_addr) = (main.local_addr().expect("addr"), ops.local_addr().expect("addr"));
+        let gateway = credgate::Gateway::build(env.config.clone()).await.expect("gateway builds");
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let task = tokio::spawn(async move {
+            Arc::new(gateway)
+                .serve(credgate::Listeners { main, ops }, token)
+                .await
+        });
+        Server {
+            addr,
+            ops: ops_addr,
+            shutdown,
+            task,
+        }
+    }
+
+    /// Graceful shutdown; waits until the store is flushed.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.expect("join").expect("clean shutdown");
+    }
+}
+
+/// A response.
+#[derive(Debug)]
+pub struct Resp {
+    /// Status code.
+    pub status: u16,
+    /// Headers.
+    pub headers: hyper::HeaderMap,
+    /// Body bytes.
+    pub body: Bytes,
+}
+
+impl Resp {
+    /// The body as JSON.
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// A header as text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// An mTLS HTTP client for one participant.
+#[derive(Clone)]
+pub struct Client {
+    addr: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    tls_h2: Arc<rustls::ClientConfig>,
+}
+
+/// One open connection (HTTP/1.1 or HTTP/2).
+pub enum Conn {
+    /// HTTP/1.1 keep-alive.
+    H1(http1::SendRequest<Full<Bytes>>),
+    /// HTTP/2.
+    H2(http2::SendRequest<Full<Bytes>>),
+}
+
+impl Client {
+    /// A client with `cert_dir/<participant>.pem|key` (or none) trusting `ca`.
+    pub fn new(addr: SocketAddr, cert_dir: &Path, participant: Option<&str>, ca: &Path) -> Client {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(ca).expect("ca") {
+            roots.add(c.expect("ca cert")).expect("add root");
+        }
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let build = |alpn: &[u8]| {
+            let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .expect("versions")
+                .with_root_certificates(roots.clone());
+            let mut cfg = match participant {
+                Some(id) => {
+                    let chain: Vec<_> = CertificateDer::pem_file_iter(cert_dir.join(format!("{id}.pem")))
+                        .expect("cert")
+                        .map(|c| c.expect("cert"))
+                        .collect();
+                    let key = PrivateKeyDer::from_pem_file(cert_dir.join(format!("{id}.key"))).expect("key");
+                    builder.with_client_auth_cert(chain, key).expect("client auth")
+                }
+                None => builder.with_no_client_auth(),
+            };
+            cfg.alpn_protocols = vec![alpn.to_vec()];
+            Arc::new(cfg)
+        };
+        Client {
+            addr,
+            tls: build(b"http/1.1"),
+            tls_h2: build(b"h2"),
+        }
+    }
+
+    /// Opens a connection (TLS handshake included).
+    pub async fn connect(&self, h2: bool) -> std::io::Result<Conn> {
+        let tcp = TcpStream::connect(self.addr).await?;
+        let config = if h2 { self.tls_h2.clone() } else { self.tls.clone() };
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(ServerName::try_from("localhost").expect("name"), tcp)
+            .await?;
+        let io = TokioIo::new(tls);
+        let other = |e: hyper::Error| std::io::Error::other(e);
+        if h2 {
+            let (send, conn) = http2::handshake(TokioExecutor::new(), io).await.map_err(other)?;
+            tokio::spawn(conn);
+            Ok(Conn::H2(send))
+        } else {
+            let (send, conn) = http1::handshake(io).await.map_err(other)?;
+            tokio::spawn(conn);
+            Ok(Conn::H1(send))
+        }
+    }
+
+    /// One request on a new connection.
+    pub async fn send(&self, method: &str, path: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> std::io::Result<Resp> {
+        let mut conn = self.connect(false).await?;
+        conn.send(method, path, headers, body).await
+    }
+
+    /// `POST path` with a JSON body.
+    pub async fn post_json(&self, path: &str, body: &Value) -> Resp {
+        self.send("POST", path, &[("content-type", "application/json")], serde_json::to_vec(body).expect("json"))
+            .await
+            .expect("request")
+    }
+
+    /// `GET path`.
+    pub async fn get(&self, path: &str) -> Resp {
+        self.send("GET", path, &[], Bytes::new()).await.expect("request")
+    }
+}
+
+impl Conn {
+    /// Sends one request on this connection.
+    pub async fn send(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> std::io::Result<Resp> {
+        let mut req = hyper::Request::builder().method(method).uri(path);
+        if let Conn::H1(_) = self {
+            req = req.header("host", "localhost");
+        } else {
+            req = req.uri(format!("https://localhost{path}"));
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Full::new(body.into())).expect("request");
+        let other = |e: hyper::Error| std::io::Error::other(e);
+        let resp = match self {
+            Conn::H1(s) => {
+                s.ready().await.map_err(other)?;
+                s.send_request(req).await.map_err(other)?
+            }
+            Conn::H2(s) => {
+                s.ready().await.map_err(other)?;
+                s.send_request(req).await.map_err(other)?
+            }
+        };
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await.map_err(other)?.to_bytes();
+        Ok(Resp { status, headers, body })
+    }
+}
+
+/// Reads a `GET` from the plain-HTTP ops listener.
+pub async fn ops_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let tcp = TcpStream::connect(addr).await?;
+    let (mut send, conn) = http1::handshake::<_, Full<Bytes>>(TokioIo::new(tcp)).await.map_err(std::io::Error::other)?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path).header("host", "localhost").body(Full::new(Bytes::new())).expect("req");
+    let resp = send.send_request(req).await.map_err(std::io::Error::other)?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.map_err(std::io::Error::other)?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Counts rows of a table in the gateway's SQLite file (read-only).
+pub fn count_rows(db: &Path, table: &str) -> i64 {
+    let conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).expect("open db");
+    conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0)).expect("count")
+}
