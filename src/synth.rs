@@ -46,10 +46,25 @@ pub fn resident_id(n: u64) -> String {
     format!("{body}{check}")
 }
 
-const SURNAMES: &[&str] = &["王", "李", "张", "刘", "陈", "杨", "黄", "赵", "吴", "周", "林", "郑"];
-const GIVEN: &[&str] = &["伟", "芳", "娜", "敏", "静", "强", "磊", "洋", "艳", "勇", "军", "杰"];
-const FIRMS: &[&str] = &["榕城", "闽江", "海峡", "鼓山", "三坊七巷", "马尾", "仓山", "晋安"];
-const TRADES: &[&str] = &["食品", "建材", "物流", "贸易", "科技", "餐饮", "医药", "环保"];
+const SURNAMES: &[&str] = &[
+    "王", "李", "张", "刘", "陈", "杨", "黄", "赵", "吴", "周", "林", "郑",
+];
+const GIVEN: &[&str] = &[
+    "伟", "芳", "娜", "敏", "静", "强", "磊", "洋", "艳", "勇", "军", "杰",
+];
+const FIRMS: &[&str] = &[
+    "榕城",
+    "闽江",
+    "海峡",
+    "鼓山",
+    "三坊七巷",
+    "马尾",
+    "仓山",
+    "晋安",
+];
+const TRADES: &[&str] = &[
+    "食品", "建材", "物流", "贸易", "科技", "餐饮", "医药", "环保",
+];
 
 fn person(n: u64) -> String {
     let x = mix(n ^ 0x77);
@@ -213,7 +228,10 @@ mod tests {
     fn generated_codes_are_valid() {
         for n in 0..500 {
             assert_eq!(codes::check_uscc(&uscc("91350100", n)), Ok(vec![]));
-            assert_eq!(codes::check_resident_id(&resident_id(n), codes::today_cst()), Ok(()));
+            assert_eq!(
+                codes::check_resident_id(&resident_id(n), codes::today_cst()),
+                Ok(())
+            );
         }
     }
 }

@@ -24,26 +24,27 @@ pub async fn submit(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Problem> {
-    let key =
-        match headers.get("idempotency-key") {
-            None => None,
-            Some(v) => match v.to_str() {
-                Ok(k)
-                    if !k.is_empty()
-                        && k.len() <= MAX_IDEMPOTENCY_KEY
-                        && k.bytes().all(|b| b.is_ascii_graphic()) =>
-                {
-                    Some(k.to_owned())
-                }
-                _ => return Err(Problem::caller(
+    let key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => match v.to_str() {
+            Ok(k)
+                if !k.is_empty()
+                    && k.len() <= MAX_IDEMPOTENCY_KEY
+                    && k.bytes().all(|b| b.is_ascii_graphic()) =>
+            {
+                Some(k.to_owned())
+            }
+            _ => {
+                return Err(Problem::caller(
                     StatusCode::BAD_REQUEST,
                     "invalid_idempotency_key",
                     format!(
                         "Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} visible ASCII characters"
                     ),
-                )),
-            },
-        };
+                ))
+            }
+        },
+    };
     let raw = read_json(&headers, body, &state.limits).await?;
     let claim = key.map(|key| IdempotencyClaim {
         key,

@@ -48,7 +48,10 @@ async fn spawn(env: &Env) -> Running {
 }
 
 fn signal(child: &Child, sig: &str) {
-    let status = Command::new("kill").args([sig, &child.id().to_string()]).status().expect("kill");
+    let status = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .expect("kill");
     assert!(status.success());
 }
 
@@ -88,20 +91,35 @@ async fn kill_9_loses_no_acknowledged_record() {
         let _ = w.await;
     }
     let acked = acked.lock().expect("lock").clone();
-    assert!(acked.len() > 50, "too few submissions before the kill: {}", acked.len());
+    assert!(
+        acked.len() > 50,
+        "too few submissions before the kill: {}",
+        acked.len()
+    );
 
     // Restart on the same data: every acknowledged record is there.
     let mut running = spawn(&env).await;
     let client = env.client(running.main, "dept-market");
     let mut conn = client.connect(false).await.expect("connect");
     for id in &acked {
-        let r = conn.send("GET", &format!("/v1/records/{id}"), &[], bytes::Bytes::new()).await.expect("get");
+        let r = conn
+            .send(
+                "GET",
+                &format!("/v1/records/{id}"),
+                &[],
+                bytes::Bytes::new(),
+            )
+            .await
+            .expect("get");
         assert_eq!(r.status, 200, "acknowledged record {id} lost after kill -9");
     }
     signal(&running.child, "-TERM");
     running.child.wait().expect("wait");
     assert!(count_rows(&env.db(), "records") >= acked.len() as i64);
-    eprintln!("kill -9: {} acknowledged records, all present after restart", acked.len());
+    eprintln!(
+        "kill -9: {} acknowledged records, all present after restart",
+        acked.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -113,7 +131,9 @@ async fn sigterm_drains_and_exits_zero() {
     let mut inflight = Vec::new();
     for _ in 0..8 {
         let (client, body) = (client.clone(), body.clone());
-        inflight.push(tokio::spawn(async move { client.post_json("/v1/records", &body).await.status }));
+        inflight.push(tokio::spawn(async move {
+            client.post_json("/v1/records", &body).await.status
+        }));
     }
     tokio::time::sleep(Duration::from_millis(20)).await;
     signal(&running.child, "-TERM");
@@ -128,7 +148,10 @@ async fn sigterm_drains_and_exits_zero() {
         }
     }
     assert_eq!(count_rows(&env.db(), "records"), accepted);
-    assert!(ops_get(running.ops, "/healthz").await.is_err(), "the process is gone");
+    assert!(
+        ops_get(running.ops, "/healthz").await.is_err(),
+        "the process is gone"
+    );
 }
 
 #[test]
@@ -154,10 +177,19 @@ fn semantic_config_errors_are_reported_all_at_once() {
     let dir = tempfile::tempdir().expect("tmp");
     let path = dir.path().join("bad.toml");
     std::fs::write(&path, "mode = \"production\"\n[limits]\nmax_body_bytes = 0\nmax_batch_records = 0\n[tls]\nclient_ca = \"/nonexistent/ca.pem\"\n[catalog]\ndir = \"/nonexistent/catalog\"\n").expect("write");
-    let out = Command::new(BIN).args(["serve", "--config"]).arg(&path).output().expect("run");
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    for key in ["limits.max_body_bytes", "limits.max_batch_records", "tls.client_ca", "catalog.dir"] {
+    for key in [
+        "limits.max_body_bytes",
+        "limits.max_batch_records",
+        "tls.client_ca",
+        "catalog.dir",
+    ] {
         assert!(err.contains(key), "{key} missing from: {err}");
     }
 }
@@ -165,29 +197,59 @@ fn semantic_config_errors_are_reported_all_at_once() {
 #[test]
 fn catalog_check_lists_every_problem() {
     let dir = tempfile::tempdir().expect("tmp");
-    let good = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/catalogs/credit/red_list.json")).expect("read");
+    let good = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/catalogs/credit/red_list.json"
+    ))
+    .expect("read");
     let mut item: serde_json::Value = serde_json::from_str(&good).expect("json");
-    item["schema"]["properties"]["basis"].as_object_mut().expect("field").remove("x-class");
+    item["schema"]["properties"]["basis"]
+        .as_object_mut()
+        .expect("field")
+        .remove("x-class");
     item["schema"]["properties"]["award_date"]["format"] = json!("lunar-date");
     item["providers"] = json!(["dept-nobody"]);
-    std::fs::write(dir.path().join("red_list.json"), serde_json::to_string(&item).expect("json")).expect("write");
+    std::fs::write(
+        dir.path().join("red_list.json"),
+        serde_json::to_string(&item).expect("json"),
+    )
+    .expect("write");
     std::fs::write(dir.path().join("broken.json"), "{ not json").expect("write");
     let out = Command::new(BIN)
         .args(["catalog", "check"])
         .arg(dir.path())
-        .args(["--participants", concat!(env!("CARGO_MANIFEST_DIR"), "/config/participants.toml")])
+        .args([
+            "--participants",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/participants.toml"),
+        ])
         .output()
         .expect("run");
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    for needle in ["broken.json", "x-class is missing", "dept-nobody", "does not compile"] {
+    for needle in [
+        "broken.json",
+        "x-class is missing",
+        "dept-nobody",
+        "does not compile",
+    ] {
         assert!(err.contains(needle), "{needle} missing from: {err}");
     }
     // The shipped catalog passes.
     let out = Command::new(BIN)
-        .args(["catalog", "check", concat!(env!("CARGO_MANIFEST_DIR"), "/catalogs/credit")])
-        .args(["--participants", concat!(env!("CARGO_MANIFEST_DIR"), "/config/participants.toml")])
+        .args([
+            "catalog",
+            "check",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/catalogs/credit"),
+        ])
+        .args([
+            "--participants",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/participants.toml"),
+        ])
         .output()
         .expect("run");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -37,7 +37,12 @@ async fn each_item_accepts_realistic_records_and_rejects_typical_faults() {
         // Many realistic records, all subject types.
         let good: Vec<Value> = (0..30).map(|n| synth::record(item, n, "general")).collect();
         let resp = client.post_json("/v1/records", &batch(item, good)).await;
-        assert_eq!(resp.status, 200, "{item}: {}", String::from_utf8_lossy(&resp.body));
+        assert_eq!(
+            resp.status,
+            200,
+            "{item}: {}",
+            String::from_utf8_lossy(&resp.body)
+        );
         let doc = resp.json();
         assert_eq!(doc["accepted"], 30, "{item}: {doc:#}");
         assert_eq!(doc["rejected"], 0);
@@ -85,7 +90,9 @@ async fn each_item_accepts_realistic_records_and_rejects_typical_faults() {
             let errors = result["errors"].as_array().expect("errors");
             assert!(
                 errors.iter().any(|e| e["code"] == *code
-                    && e["pointer"].as_str().is_some_and(|p| p.starts_with(&format!("/records/{i}")) && p.ends_with(pointer))),
+                    && e["pointer"].as_str().is_some_and(|p| p
+                        .starts_with(&format!("/records/{i}"))
+                        && p.ends_with(pointer))),
                 "{item} fault {i}: expected {code} at {pointer}, got {errors:#?}"
             );
         }
@@ -99,7 +106,10 @@ async fn item_specific_rules_hold() {
     let server = Server::start(&env).await;
     let client = env.client(server.addr, "dept-market");
     let mut fine_missing = legal_entity_record("administrative_penalty");
-    fine_missing.as_object_mut().expect("object").remove("fine_amount");
+    fine_missing
+        .as_object_mut()
+        .expect("object")
+        .remove("fine_amount");
     let mut zero_fine = legal_entity_record("administrative_penalty");
     zero_fine["fine_amount"] = json!(0);
     let mut late = legal_entity_record("administrative_penalty");
@@ -107,16 +117,34 @@ async fn item_specific_rules_hold() {
     let mut breached = legal_entity_record("credit_commitment");
     breached["fulfilment_status"] = json!("breached");
     let cases = [
-        ("administrative_penalty", fine_missing, "/fine_amount", "required"),
-        ("administrative_penalty", zero_fine, "/fine_amount", "exclusive_minimum"),
+        (
+            "administrative_penalty",
+            fine_missing,
+            "/fine_amount",
+            "required",
+        ),
+        (
+            "administrative_penalty",
+            zero_fine,
+            "/fine_amount",
+            "exclusive_minimum",
+        ),
         ("administrative_penalty", late, "/valid_until", "date_order"),
         ("credit_commitment", breached, "/breach_date", "required"),
     ];
     for (item, record, pointer, code) in cases {
-        let doc = client.post_json("/v1/records", &batch(item, vec![record])).await.json();
-        let errors = doc["results"][0]["errors"].as_array().cloned().unwrap_or_default();
+        let doc = client
+            .post_json("/v1/records", &batch(item, vec![record]))
+            .await
+            .json();
+        let errors = doc["results"][0]["errors"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         assert!(
-            errors.iter().any(|e| e["code"] == code && e["pointer"] == format!("/records/0{pointer}")),
+            errors
+                .iter()
+                .any(|e| e["code"] == code && e["pointer"] == format!("/records/0{pointer}")),
             "{item}: expected {code} at {pointer}: {doc:#}"
         );
     }
@@ -128,11 +156,28 @@ async fn accepted_records_read_back_and_survive_a_restart() {
     let env = Env::new();
     let server = Server::start(&env).await;
     let client = env.client(server.addr, "dept-market");
-    let records: Vec<Value> = (0..20).map(|n| synth::record("administrative_penalty", n, "serious")).collect();
-    let doc = client.post_json("/v1/records", &batch("administrative_penalty", records.clone())).await.json();
-    let ids: Vec<String> = doc["results"].as_array().expect("results").iter().map(|r| r["record_id"].as_str().expect("id").to_owned()).collect();
+    let records: Vec<Value> = (0..20)
+        .map(|n| synth::record("administrative_penalty", n, "serious"))
+        .collect();
+    let doc = client
+        .post_json(
+            "/v1/records",
+            &batch("administrative_penalty", records.clone()),
+        )
+        .await
+        .json();
+    let ids: Vec<String> = doc["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|r| r["record_id"].as_str().expect("id").to_owned())
+        .collect();
     assert_eq!(ids.len(), 20);
-    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 20, "ids are unique");
+    assert_eq!(
+        ids.iter().collect::<HashSet<_>>().len(),
+        20,
+        "ids are unique"
+    );
     server.stop().await;
 
     let server = Server::start(&env).await;
@@ -145,16 +190,32 @@ async fn accepted_records_read_back_and_survive_a_restart() {
         assert_eq!(doc["item"], "administrative_penalty");
         assert_eq!(doc["item_version"], 1);
         assert_eq!(doc["submitter"], "dept-market");
-        assert_eq!(&doc["record"], original, "the submitter gets the record back whole");
+        assert_eq!(
+            &doc["record"], original,
+            "the submitter gets the record back whole"
+        );
     }
     // Another department cannot see it; an admin sees it without secret fields.
-    let other = env.client(server.addr, "dept-tax").get(&format!("/v1/records/{}", ids[2])).await;
+    let other = env
+        .client(server.addr, "dept-tax")
+        .get(&format!("/v1/records/{}", ids[2]))
+        .await;
     assert_eq!(other.status, 404);
-    let admin = env.client(server.addr, "admin-credit-office").get(&format!("/v1/records/{}", ids[2])).await.json();
+    let admin = env
+        .client(server.addr, "admin-credit-office")
+        .get(&format!("/v1/records/{}", ids[2]))
+        .await
+        .json();
     let record = admin["record"].as_object().expect("record");
     assert!(record.contains_key("decision_number"));
-    assert!(!record.contains_key("legal_representative_id_number"), "{admin:#}");
-    assert!(!String::from_utf8_lossy(&serde_json::to_vec(&admin).expect("json")).contains(&synth::resident_id(3)));
+    assert!(
+        !record.contains_key("legal_representative_id_number"),
+        "{admin:#}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&serde_json::to_vec(&admin).expect("json"))
+            .contains(&synth::resident_id(3))
+    );
     server.stop().await;
 }
 
@@ -164,7 +225,10 @@ async fn non_provider_gets_403_and_stores_nothing() {
     let server = Server::start(&env).await;
     let resp = env
         .client(server.addr, "dept-court")
-        .post_json("/v1/records", &batch("red_list", vec![synth::record("red_list", 1, "")]))
+        .post_json(
+            "/v1/records",
+            &batch("red_list", vec![synth::record("red_list", 1, "")]),
+        )
         .await;
     assert_eq!(resp.status, 403);
     let doc = resp.json();
@@ -173,7 +237,10 @@ async fn non_provider_gets_403_and_stores_nothing() {
     // An agency is no provider either.
     let resp = env
         .client(server.addr, "agency-finance")
-        .post_json("/v1/records", &batch("red_list", vec![synth::record("red_list", 1, "")]))
+        .post_json(
+            "/v1/records",
+            &batch("red_list", vec![synth::record("red_list", 1, "")]),
+        )
         .await;
     assert_eq!(resp.status, 403);
     server.stop().await;
@@ -189,38 +256,144 @@ async fn bad_input_gets_clear_problems_and_leaves_nothing() {
     let server = Server::start(&env).await;
     let client = env.client(server.addr, "dept-market");
     let json_ct = [("content-type", "application/json")];
-    let one = serde_json::to_vec(&batch("red_list", vec![synth::record("red_list", 1, "")])).expect("json");
+    let one = serde_json::to_vec(&batch("red_list", vec![synth::record("red_list", 1, "")]))
+        .expect("json");
 
-    let deep = format!("{{\"item\":\"red_list\",\"records\":[{}1{}]}}", "[".repeat(100), "]".repeat(100));
-    let big = format!("{{\"item\":\"red_list\",\"records\":[{{\"remark\":\"{}\"}}]}}", "x".repeat(70 * 1024));
-    let many = serde_json::to_vec(&batch("red_list", (0..11).map(|n| synth::record("red_list", n, "")).collect())).expect("json");
-    let cases: Vec<(&str, Vec<(&str, &str)>, Vec<u8>, u16, &str)> = vec![
-        ("malformed", json_ct.to_vec(), b"{\"item\": \"red_list\", \"records\": [".to_vec(), 400, "malformed_json"),
-        ("not an object", json_ct.to_vec(), b"[1,2]".to_vec(), 400, "invalid_document"),
-        ("records not array", json_ct.to_vec(), br#"{"item":"red_list","records":{}}"#.to_vec(), 400, "invalid_document"),
-        ("empty batch", json_ct.to_vec(), br#"{"item":"red_list","records":[]}"#.to_vec(), 400, "empty_batch"),
-        ("unknown item", json_ct.to_vec(), br#"{"item":"parking_ticket","records":[{}]}"#.to_vec(), 404, "unknown_item"),
-        ("too deep", json_ct.to_vec(), deep.into_bytes(), 400, "too_deep"),
-        ("too large", json_ct.to_vec(), big.into_bytes(), 413, "body_too_large"),
-        ("too many records", json_ct.to_vec(), many, 413, "too_many_records"),
-        ("wrong media type", vec![("content-type", "text/plain")], one.clone(), 415, "unsupported_media_type"),
-        ("no media type", vec![], one.clone(), 415, "unsupported_media_type"),
-        ("bad idempotency key", vec![("content-type", "application/json"), ("idempotency-key", "")], one.clone(), 400, "invalid_idempotency_key"),
+    let deep = format!(
+        "{{\"item\":\"red_list\",\"records\":[{}1{}]}}",
+        "[".repeat(100),
+        "]".repeat(100)
+    );
+    let big = format!(
+        "{{\"item\":\"red_list\",\"records\":[{{\"remark\":\"{}\"}}]}}",
+        "x".repeat(70 * 1024)
+    );
+    let many = serde_json::to_vec(&batch(
+        "red_list",
+        (0..11).map(|n| synth::record("red_list", n, "")).collect(),
+    ))
+    .expect("json");
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, Vec<u8>, u16, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "malformed",
+            json_ct.to_vec(),
+            b"{\"item\": \"red_list\", \"records\": [".to_vec(),
+            400,
+            "malformed_json",
+        ),
+        (
+            "not an object",
+            json_ct.to_vec(),
+            b"[1,2]".to_vec(),
+            400,
+            "invalid_document",
+        ),
+        (
+            "records not array",
+            json_ct.to_vec(),
+            br#"{"item":"red_list","records":{}}"#.to_vec(),
+            400,
+            "invalid_document",
+        ),
+        (
+            "empty batch",
+            json_ct.to_vec(),
+            br#"{"item":"red_list","records":[]}"#.to_vec(),
+            400,
+            "empty_batch",
+        ),
+        (
+            "unknown item",
+            json_ct.to_vec(),
+            br#"{"item":"parking_ticket","records":[{}]}"#.to_vec(),
+            404,
+            "unknown_item",
+        ),
+        (
+            "too deep",
+            json_ct.to_vec(),
+            deep.into_bytes(),
+            400,
+            "too_deep",
+        ),
+        (
+            "too large",
+            json_ct.to_vec(),
+            big.into_bytes(),
+            413,
+            "body_too_large",
+        ),
+        (
+            "too many records",
+            json_ct.to_vec(),
+            many,
+            413,
+            "too_many_records",
+        ),
+        (
+            "wrong media type",
+            vec![("content-type", "text/plain")],
+            one.clone(),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "no media type",
+            vec![],
+            one.clone(),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "bad idempotency key",
+            vec![
+                ("content-type", "application/json"),
+                ("idempotency-key", ""),
+            ],
+            one.clone(),
+            400,
+            "invalid_idempotency_key",
+        ),
     ];
     for (what, headers, body, status, code) in cases {
-        let resp = client.send("POST", "/v1/records", &headers, body).await.expect("request");
-        assert_eq!(resp.status, status, "{what}: {}", String::from_utf8_lossy(&resp.body));
-        assert_eq!(resp.header("content-type"), Some("application/problem+json"), "{what}");
+        let resp = client
+            .send("POST", "/v1/records", &headers, body)
+            .await
+            .expect("request");
+        assert_eq!(
+            resp.status,
+            status,
+            "{what}: {}",
+            String::from_utf8_lossy(&resp.body)
+        );
+        assert_eq!(
+            resp.header("content-type"),
+            Some("application/problem+json"),
+            "{what}"
+        );
         let doc = resp.json();
         assert_eq!(doc["code"], code, "{what}");
         assert_eq!(doc["status"], status, "{what}");
-        assert!(doc["type"].as_str().is_some_and(|t| t.ends_with(code)), "{what}");
-        assert!(doc["title"].is_string() && doc["detail"].is_string(), "{what}");
+        assert!(
+            doc["type"].as_str().is_some_and(|t| t.ends_with(code)),
+            "{what}"
+        );
+        assert!(
+            doc["title"].is_string() && doc["detail"].is_string(),
+            "{what}"
+        );
     }
     // Unknown routes and methods are problems too.
     let resp = client.get("/v1/nothing-here").await;
-    assert_eq!((resp.status, resp.json()["code"].clone()), (404, json!("not_found")));
-    let resp = client.send("DELETE", "/v1/catalog", &[], bytes::Bytes::new()).await.expect("request");
+    assert_eq!(
+        (resp.status, resp.json()["code"].clone()),
+        (404, json!("not_found"))
+    );
+    let resp = client
+        .send("DELETE", "/v1/catalog", &[], bytes::Bytes::new())
+        .await
+        .expect("request");
     assert_eq!(resp.status, 405);
     let resp = client.get("/v1/records/not-a-uuid").await;
     assert_eq!(resp.status, 404);
@@ -235,16 +408,30 @@ async fn idempotent_replay_returns_the_first_answer_and_stores_nothing_new() {
     let env = Env::new();
     let server = Server::start(&env).await;
     let client = env.client(server.addr, "dept-market");
-    let body = serde_json::to_vec(&batch("administrative_licence", (0..5).map(|n| synth::record("administrative_licence", n, "")).collect())).expect("json");
-    let headers = [("content-type", "application/json"), ("idempotency-key", "batch-2026-11-27-001")];
-    let first = client.send("POST", "/v1/records", &headers, body.clone()).await.expect("first");
+    let body = serde_json::to_vec(&batch(
+        "administrative_licence",
+        (0..5)
+            .map(|n| synth::record("administrative_licence", n, ""))
+            .collect(),
+    ))
+    .expect("json");
+    let headers = [
+        ("content-type", "application/json"),
+        ("idempotency-key", "batch-2026-11-27-001"),
+    ];
+    let first = client
+        .send("POST", "/v1/records", &headers, body.clone())
+        .await
+        .expect("first");
     assert_eq!(first.status, 200);
     assert_eq!(first.header("idempotent-replayed"), None);
     // Concurrent and sequential repeats all get the same answer.
     let mut repeats = Vec::new();
     for _ in 0..4 {
         let (client, body) = (client.clone(), body.clone());
-        repeats.push(tokio::spawn(async move { client.send("POST", "/v1/records", &headers, body).await }));
+        repeats.push(tokio::spawn(async move {
+            client.send("POST", "/v1/records", &headers, body).await
+        }));
     }
     for r in repeats {
         let r = r.await.expect("join").expect("repeat");
@@ -253,20 +440,36 @@ async fn idempotent_replay_returns_the_first_answer_and_stores_nothing_new() {
         assert_eq!(r.header("idempotent-replayed"), Some("true"));
     }
     // The same key with a different body is refused.
-    let other = serde_json::to_vec(&batch("administrative_licence", vec![synth::record("administrative_licence", 99, "")])).expect("json");
-    let r = client.send("POST", "/v1/records", &headers, other).await.expect("conflict");
+    let other = serde_json::to_vec(&batch(
+        "administrative_licence",
+        vec![synth::record("administrative_licence", 99, "")],
+    ))
+    .expect("json");
+    let r = client
+        .send("POST", "/v1/records", &headers, other)
+        .await
+        .expect("conflict");
     assert_eq!(r.status, 422);
     assert_eq!(r.json()["code"], "idempotency_key_reused");
     // Another department may use the same key independently.
-    let red = serde_json::to_vec(&batch("red_list", vec![synth::record("red_list", 1, "")])).expect("json");
-    let r = env.client(server.addr, "dept-tax").send("POST", "/v1/records", &headers, red).await.expect("other dept");
+    let red = serde_json::to_vec(&batch("red_list", vec![synth::record("red_list", 1, "")]))
+        .expect("json");
+    let r = env
+        .client(server.addr, "dept-tax")
+        .send("POST", "/v1/records", &headers, red)
+        .await
+        .expect("other dept");
     assert_eq!(r.json()["accepted"], 1);
     server.stop().await;
     assert_eq!(count_rows(&env.db(), "records"), 6);
 
     // The key survives a restart (it is stored with the records).
     let server = Server::start(&env).await;
-    let r = env.client(server.addr, "dept-market").send("POST", "/v1/records", &headers, body).await.expect("after restart");
+    let r = env
+        .client(server.addr, "dept-market")
+        .send("POST", "/v1/records", &headers, body)
+        .await
+        .expect("after restart");
     assert_eq!(r.body, first.body);
     server.stop().await;
     assert_eq!(count_rows(&env.db(), "records"), 6);
@@ -282,7 +485,10 @@ async fn a_flooding_department_gets_429_while_another_gets_through() {
     let mut statuses = Vec::new();
     let mut retry_after = None;
     for _ in 0..30 {
-        let r = conn.send("GET", "/v1/catalog", &[], bytes::Bytes::new()).await.expect("flood request");
+        let r = conn
+            .send("GET", "/v1/catalog", &[], bytes::Bytes::new())
+            .await
+            .expect("flood request");
         if r.status == 429 {
             retry_after = r.header("retry-after").map(str::to_owned);
             assert_eq!(r.json()["code"], "rate_limited");
@@ -291,10 +497,16 @@ async fn a_flooding_department_gets_429_while_another_gets_through() {
         statuses.push(r.status);
     }
     let limited = statuses.iter().filter(|s| **s == 429).count();
-    assert!(limited >= 20, "quota 2/s burst 3 must refuse most of 30 quick requests: {statuses:?}");
+    assert!(
+        limited >= 20,
+        "quota 2/s burst 3 must refuse most of 30 quick requests: {statuses:?}"
+    );
     assert!(retry_after.is_some_and(|s| s.parse::<u64>().is_ok_and(|n| n >= 1)));
     // Meanwhile the well-behaved department is not affected.
-    let body = batch("administrative_penalty", vec![synth::record("administrative_penalty", 7, "general")]);
+    let body = batch(
+        "administrative_penalty",
+        vec![synth::record("administrative_penalty", 7, "general")],
+    );
     for _ in 0..10 {
         assert_eq!(good.post_json("/v1/records", &body).await.status, 200);
     }
@@ -323,12 +535,25 @@ async fn no_non_public_value_appears_in_any_error_body() {
     let resp = client.post_json("/v1/records", &body).await;
     let text = String::from_utf8_lossy(&resp.body).into_owned();
     assert_eq!(resp.json()["rejected"], 2, "{text}");
-    for marker in ["35010219800101123Y", "35010219800101987Z", "机密姓名", "SECRETREP", "987654321", "SECRETFINE", "SECRETREMARK"] {
+    for marker in [
+        "35010219800101123Y",
+        "35010219800101987Z",
+        "机密姓名",
+        "SECRETREP",
+        "987654321",
+        "SECRETFINE",
+        "SECRETREMARK",
+    ] {
         assert!(!text.contains(marker), "{marker} leaked: {text}");
     }
     // Malformed JSON holding a secret does not echo it either.
     let resp = client
-        .send("POST", "/v1/records", &[("content-type", "application/json")], r#"{"item":"administrative_penalty","records":[{"id_number":"35010219800101123Y" "#)
+        .send(
+            "POST",
+            "/v1/records",
+            &[("content-type", "application/json")],
+            r#"{"item":"administrative_penalty","records":[{"id_number":"35010219800101123Y" "#,
+        )
         .await
         .expect("request");
     assert_eq!(resp.status, 400);
@@ -343,8 +568,18 @@ async fn warn_only_code_findings_are_accepted_with_warnings() {
     let mut record = legal_entity_record("administrative_licence");
     // Bad embedded organisation-code check (position 17), valid position 18.
     let head = "91350100M000100Y5";
-    record["uscc"] = json!(format!("{head}{}", credgate::codes::uscc_check_char(head).expect("alphabet")));
-    let doc = env.client(server.addr, "dept-market").post_json("/v1/records", &batch("administrative_licence", vec![record])).await.json();
+    record["uscc"] = json!(format!(
+        "{head}{}",
+        credgate::codes::uscc_check_char(head).expect("alphabet")
+    ));
+    let doc = env
+        .client(server.addr, "dept-market")
+        .post_json(
+            "/v1/records",
+            &batch("administrative_licence", vec![record]),
+        )
+        .await
+        .json();
     assert_eq!(doc["accepted"], 1, "{doc:#}");
     let warnings = doc["results"][0]["warnings"].as_array().expect("warnings");
     assert_eq!(warnings[0]["code"], "uscc_org_code_check");
@@ -360,13 +595,32 @@ async fn catalog_endpoints_list_items_with_etag() {
     let resp = client.get("/v1/catalog").await;
     assert_eq!(resp.status, 200);
     let etag = resp.header("etag").expect("etag").to_owned();
-    let ids: HashSet<String> = resp.json()["items"].as_array().expect("items").iter().map(|i| i["id"].as_str().expect("id").to_owned()).collect();
+    let ids: HashSet<String> = resp.json()["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|i| i["id"].as_str().expect("id").to_owned())
+        .collect();
     assert_eq!(ids, synth::ITEMS.iter().map(|s| s.to_string()).collect());
-    let again = client.send("GET", "/v1/catalog", &[("if-none-match", &etag)], bytes::Bytes::new()).await.expect("request");
+    let again = client
+        .send(
+            "GET",
+            "/v1/catalog",
+            &[("if-none-match", &etag)],
+            bytes::Bytes::new(),
+        )
+        .await
+        .expect("request");
     assert_eq!(again.status, 304);
-    let item = client.get("/v1/catalog/items/administrative_penalty").await.json();
+    let item = client
+        .get("/v1/catalog/items/administrative_penalty")
+        .await
+        .json();
     assert_eq!(item["name_zh"], "行政处罚");
-    assert_eq!(item["schema"]["properties"]["decision_number"]["x-zh"], "行政处罚决定书文号");
+    assert_eq!(
+        item["schema"]["properties"]["decision_number"]["x-zh"],
+        "行政处罚决定书文号"
+    );
     assert_eq!(client.get("/v1/catalog/items/nope").await.status, 404);
     server.stop().await;
 }

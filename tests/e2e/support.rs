@@ -57,13 +57,22 @@ impl Pki {
             std::fs::write(dir.join(format!("{name}.key")), &issued.key_pem).expect("write key");
         };
         std::fs::write(dir.join("ca.pem"), &ca.cert_pem).expect("write ca");
-        write("server", &ca.issue_server(&["localhost", "127.0.0.1"]).expect("server"));
+        write(
+            "server",
+            &ca.issue_server(&["localhost", "127.0.0.1"])
+                .expect("server"),
+        );
         let mut revoked = Vec::new();
         for id in ids {
             let issued = if id == "dept-expired" {
                 let now = time::OffsetDateTime::now_utc();
-                ca.issue_client_until(id, true, now - time::Duration::days(30), now - time::Duration::days(1))
-                    .expect("expired")
+                ca.issue_client_until(
+                    id,
+                    true,
+                    now - time::Duration::days(30),
+                    now - time::Duration::days(1),
+                )
+                .expect("expired")
             } else {
                 ca.issue_client(id).expect("client")
             };
@@ -75,7 +84,9 @@ impl Pki {
         // A valid certificate for a participant nobody registered.
         write("stranger", &ca.issue_client("stranger").expect("stranger"));
         std::fs::write(dir.join("crl.pem"), ca.crl(&revoked).expect("crl")).expect("write crl");
-        Pki { dir: dir.to_owned() }
+        Pki {
+            dir: dir.to_owned(),
+        }
     }
 }
 
@@ -100,17 +111,21 @@ impl Env {
         let root = tempfile::tempdir().expect("tempdir");
         let certs = root.path().join("certs");
         std::fs::create_dir_all(&certs).expect("certs dir");
-        let mut participants = std::fs::read_to_string(repo("config/participants.toml")).expect("participants");
+        let mut participants =
+            std::fs::read_to_string(repo("config/participants.toml")).expect("participants");
         participants.push_str(EXTRA_PARTICIPANTS);
         let participants_file = root.path().join("participants.toml");
         std::fs::write(&participants_file, &participants).expect("write participants");
-        let registry = credgate::participants::Registry::load(&participants_file).expect("registry");
+        let registry =
+            credgate::participants::Registry::load(&participants_file).expect("registry");
         let ids: Vec<String> = registry.iter().map(|p| p.id.clone()).collect();
         let pki = Pki::generate(&certs, &ids);
         let secret = root.path().join("gateway.secret");
         std::fs::write(&secret, "0123456789abcdef0123456789abcdef-test-secret").expect("secret");
-        let mut config = Config::default();
-        config.mode = Mode::Production;
+        let mut config = Config {
+            mode: Mode::Production,
+            ..Config::default()
+        };
         config.server.listen = "127.0.0.1:0".parse().expect("addr");
         config.server.ops_listen = "127.0.0.1:0".parse().expect("addr");
         config.server.shutdown_grace_secs = 5;
@@ -146,7 +161,12 @@ impl Env {
 
     /// A client presenting `participant`'s certificate.
     pub fn client(&self, addr: SocketAddr, participant: &str) -> Client {
-        Client::new(addr, &self.pki.dir, Some(participant), &self.pki.dir.join("ca.pem"))
+        Client::new(
+            addr,
+            &self.pki.dir,
+            Some(participant),
+            &self.pki.dir.join("ca.pem"),
+        )
     }
 }
 
@@ -166,8 +186,13 @@ impl Server {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let main = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let ops = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let (addr, ops_addr) = (main.local_addr().expect("addr"), ops.local_addr().expect("addr"));
-        let gateway = credgate::Gateway::build(env.config.clone()).await.expect("gateway builds");
+        let (addr, ops_addr) = (
+            main.local_addr().expect("addr"),
+            ops.local_addr().expect("addr"),
+        );
+        let gateway = credgate::Gateway::build(env.config.clone())
+            .await
+            .expect("gateway builds");
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
         let task = tokio::spawn(async move {
@@ -204,7 +229,8 @@ pub struct Resp {
 impl Resp {
     /// The body as JSON.
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
 
     /// A header as text.
@@ -244,12 +270,16 @@ impl Client {
                 .with_root_certificates(roots.clone());
             let mut cfg = match participant {
                 Some(id) => {
-                    let chain: Vec<_> = CertificateDer::pem_file_iter(cert_dir.join(format!("{id}.pem")))
-                        .expect("cert")
-                        .map(|c| c.expect("cert"))
-                        .collect();
-                    let key = PrivateKeyDer::from_pem_file(cert_dir.join(format!("{id}.key"))).expect("key");
-                    builder.with_client_auth_cert(chain, key).expect("client auth")
+                    let chain: Vec<_> =
+                        CertificateDer::pem_file_iter(cert_dir.join(format!("{id}.pem")))
+                            .expect("cert")
+                            .map(|c| c.expect("cert"))
+                            .collect();
+                    let key = PrivateKeyDer::from_pem_file(cert_dir.join(format!("{id}.key")))
+                        .expect("key");
+                    builder
+                        .with_client_auth_cert(chain, key)
+                        .expect("client auth")
                 }
                 None => builder.with_no_client_auth(),
             };
@@ -266,14 +296,20 @@ impl Client {
     /// Opens a connection (TLS handshake included).
     pub async fn connect(&self, h2: bool) -> std::io::Result<Conn> {
         let tcp = TcpStream::connect(self.addr).await?;
-        let config = if h2 { self.tls_h2.clone() } else { self.tls.clone() };
+        let config = if h2 {
+            self.tls_h2.clone()
+        } else {
+            self.tls.clone()
+        };
         let tls = tokio_rustls::TlsConnector::from(config)
             .connect(ServerName::try_from("localhost").expect("name"), tcp)
             .await?;
         let io = TokioIo::new(tls);
         let other = |e: hyper::Error| std::io::Error::other(e);
         if h2 {
-            let (send, conn) = http2::handshake(TokioExecutor::new(), io).await.map_err(other)?;
+            let (send, conn) = http2::handshake(TokioExecutor::new(), io)
+                .await
+                .map_err(other)?;
             tokio::spawn(conn);
             Ok(Conn::H2(send))
         } else {
@@ -284,27 +320,46 @@ impl Client {
     }
 
     /// One request on a new connection.
-    pub async fn send(&self, method: &str, path: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> std::io::Result<Resp> {
+    pub async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> std::io::Result<Resp> {
         let mut conn = self.connect(false).await?;
         conn.send(method, path, headers, body).await
     }
 
     /// `POST path` with a JSON body.
     pub async fn post_json(&self, path: &str, body: &Value) -> Resp {
-        self.send("POST", path, &[("content-type", "application/json")], serde_json::to_vec(body).expect("json"))
-            .await
-            .expect("request")
+        self.send(
+            "POST",
+            path,
+            &[("content-type", "application/json")],
+            serde_json::to_vec(body).expect("json"),
+        )
+        .await
+        .expect("request")
     }
 
     /// `GET path`.
     pub async fn get(&self, path: &str) -> Resp {
-        self.send("GET", path, &[], Bytes::new()).await.expect("request")
+        self.send("GET", path, &[], Bytes::new())
+            .await
+            .expect("request")
     }
 }
 
 impl Conn {
     /// Sends one request on this connection.
-    pub async fn send(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> std::io::Result<Resp> {
+    pub async fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> std::io::Result<Resp> {
         let mut req = hyper::Request::builder().method(method).uri(path);
         if let Conn::H1(_) = self {
             req = req.header("host", "localhost");
@@ -329,24 +384,44 @@ impl Conn {
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let body = resp.into_body().collect().await.map_err(other)?.to_bytes();
-        Ok(Resp { status, headers, body })
+        Ok(Resp {
+            status,
+            headers,
+            body,
+        })
     }
 }
 
 /// Reads a `GET` from the plain-HTTP ops listener.
 pub async fn ops_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let tcp = TcpStream::connect(addr).await?;
-    let (mut send, conn) = http1::handshake::<_, Full<Bytes>>(TokioIo::new(tcp)).await.map_err(std::io::Error::other)?;
+    let (mut send, conn) = http1::handshake::<_, Full<Bytes>>(TokioIo::new(tcp))
+        .await
+        .map_err(std::io::Error::other)?;
     tokio::spawn(conn);
-    let req = hyper::Request::get(path).header("host", "localhost").body(Full::new(Bytes::new())).expect("req");
-    let resp = send.send_request(req).await.map_err(std::io::Error::other)?;
+    let req = hyper::Request::get(path)
+        .header("host", "localhost")
+        .body(Full::new(Bytes::new()))
+        .expect("req");
+    let resp = send
+        .send_request(req)
+        .await
+        .map_err(std::io::Error::other)?;
     let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.map_err(std::io::Error::other)?.to_bytes();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(std::io::Error::other)?
+        .to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// Counts rows of a table in the gateway's SQLite file (read-only).
 pub fn count_rows(db: &Path, table: &str) -> i64 {
-    let conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).expect("open db");
-    conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0)).expect("count")
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .expect("open db");
+    conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
+        .expect("count")
 }

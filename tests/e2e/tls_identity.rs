@@ -7,8 +7,14 @@ use serde_json::json;
 
 /// A request on a fresh connection must fail without any HTTP response.
 async fn assert_refused(client: &Client, what: &str) {
-    let result = client.send("GET", "/v1/catalog", &[], bytes::Bytes::new()).await;
-    assert!(result.is_err(), "{what}: expected the handshake to fail, got {:?}", result.map(|r| r.status));
+    let result = client
+        .send("GET", "/v1/catalog", &[], bytes::Bytes::new())
+        .await;
+    assert!(
+        result.is_err(),
+        "{what}: expected the handshake to fail, got {:?}",
+        result.map(|r| r.status)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -18,17 +24,36 @@ async fn handshake_refuses_missing_unknown_expired_and_revoked_certificates() {
     let ca = env.pki.dir.join("ca.pem");
 
     // Baseline: a good certificate gets through.
-    let ok = env.client(server.addr, "dept-market").get("/v1/catalog").await;
+    let ok = env
+        .client(server.addr, "dept-market")
+        .get("/v1/catalog")
+        .await;
     assert_eq!(ok.status, 200);
 
-    assert_refused(&Client::new(server.addr, &env.pki.dir, None, &ca), "no certificate").await;
-    assert_refused(&env.client(server.addr, "dept-expired"), "expired certificate").await;
-    assert_refused(&env.client(server.addr, "dept-revoked"), "revoked certificate").await;
+    assert_refused(
+        &Client::new(server.addr, &env.pki.dir, None, &ca),
+        "no certificate",
+    )
+    .await;
+    assert_refused(
+        &env.client(server.addr, "dept-expired"),
+        "expired certificate",
+    )
+    .await;
+    assert_refused(
+        &env.client(server.addr, "dept-revoked"),
+        "revoked certificate",
+    )
+    .await;
 
     // A certificate from another CA with a registered participant's name.
     let other = tempfile::tempdir().expect("tmp");
     crate::support::Pki::generate(other.path(), &["dept-market".to_string()]);
-    assert_refused(&Client::new(server.addr, other.path(), Some("dept-market"), &ca), "unknown CA").await;
+    assert_refused(
+        &Client::new(server.addr, other.path(), Some("dept-market"), &ca),
+        "unknown CA",
+    )
+    .await;
 
     server.stop().await;
 }
@@ -39,7 +64,10 @@ async fn valid_certificate_of_unregistered_participant_gets_403() {
     let server = Server::start(&env).await;
     let resp = env.client(server.addr, "stranger").get("/v1/catalog").await;
     assert_eq!(resp.status, 403);
-    assert_eq!(resp.header("content-type"), Some("application/problem+json"));
+    assert_eq!(
+        resp.header("content-type"),
+        Some("application/problem+json")
+    );
     assert_eq!(resp.json()["code"], "unknown_participant");
     server.stop().await;
 }
@@ -77,9 +105,20 @@ async fn http2_and_http11_both_serve() {
     let server = Server::start(&env).await;
     let client = env.client(server.addr, "dept-market");
     let mut h2 = client.connect(true).await.expect("h2 connect");
-    let body = serde_json::to_vec(&json!({"item": "red_list", "records": [synth::record("red_list", 5, "")]})).expect("json");
+    let body = serde_json::to_vec(
+        &json!({"item": "red_list", "records": [synth::record("red_list", 5, "")]}),
+    )
+    .expect("json");
     for _ in 0..3 {
-        let r = h2.send("POST", "/v1/records", &[("content-type", "application/json")], body.clone()).await.expect("h2 request");
+        let r = h2
+            .send(
+                "POST",
+                "/v1/records",
+                &[("content-type", "application/json")],
+                body.clone(),
+            )
+            .await
+            .expect("h2 request");
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
         assert_eq!(r.json()["accepted"], 1);
     }
