@@ -143,11 +143,18 @@ pub struct NoticeRule {
     pub when: Option<NoticeCondition>,
     /// Severity: a fixed value, or taken from a record field.
     pub severity: SeveritySource,
+    /// Lowest clearance an agency needs to subscribe to these notices.
+    #[serde(default = "public_class")]
+    pub recipient_clearance: FieldClass,
     /// Date field that ends the record's effect (a lift notice follows).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub effective_until_field: Option<String>,
     /// Measures agencies are expected to apply.
     pub measures: Vec<Measure>,
+}
+
+fn public_class() -> FieldClass {
+    FieldClass::Public
 }
 
 /// A condition on one field.
@@ -243,6 +250,19 @@ pub struct Validation {
     pub errors: Vec<Finding>,
     /// Findings that do not reject it.
     pub warnings: Vec<Finding>,
+}
+
+/// What the notice rule says about one accepted record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DerivedNotice {
+    /// Punishment or incentive.
+    pub notice_type: NoticeType,
+    /// Severity.
+    pub severity: Severity,
+    /// End of the record's effect, if the rule names a field and it is set.
+    pub effective_until: Option<Date>,
+    /// Measure ids.
+    pub measures: Vec<String>,
 }
 
 /// A set of compiled items: the active catalog.
@@ -539,6 +559,36 @@ impl CatalogItem {
             }
         }
         out
+    }
+
+    /// The notice an accepted record produces under this item's rule, if any.
+    pub fn derive_notice(&self, record: &Value) -> Option<DerivedNotice> {
+        let rule = self.def.notice.as_ref()?;
+        if let Some(when) = &rule.when {
+            let value = record.get(&when.field)?;
+            if !when.values.iter().any(|v| v == value) {
+                return None;
+            }
+        }
+        let severity = match &rule.severity {
+            SeveritySource::Fixed(s) => *s,
+            SeveritySource::Field { field } => record
+                .get(field)
+                .and_then(Value::as_str)
+                .and_then(Severity::parse)?,
+        };
+        let effective_until = rule
+            .effective_until_field
+            .as_ref()
+            .and_then(|f| record.get(f))
+            .and_then(Value::as_str)
+            .and_then(codes::parse_iso_date);
+        Some(DerivedNotice {
+            notice_type: rule.notice_type,
+            severity,
+            effective_until,
+            measures: rule.measures.iter().map(|m| m.id.clone()).collect(),
+        })
     }
 
     /// The record's decision date, if it has a valid one.

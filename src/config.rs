@@ -30,6 +30,10 @@ pub struct Config {
     pub catalog: CatalogConfig,
     /// Where the participants registry lives.
     pub participants: ParticipantsConfig,
+    /// Where agencies' subscriptions live.
+    pub subscriptions: SubscriptionsConfig,
+    /// Push delivery, retries and expiry.
+    pub delivery: DeliveryConfig,
     /// Durable storage.
     pub store: StoreConfig,
     /// Input limits that protect the gateway from oversized or hostile input.
@@ -145,6 +149,63 @@ impl Default for ParticipantsConfig {
     }
 }
 
+/// Subscriptions file location.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SubscriptionsConfig {
+    /// TOML file with `[[subscription]]` entries; missing = none.
+    pub file: PathBuf,
+}
+
+impl Default for SubscriptionsConfig {
+    fn default() -> Self {
+        Self {
+            file: "config/subscriptions.toml".into(),
+        }
+    }
+}
+
+/// Push delivery settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// Client certificate the gateway presents to push endpoints (PEM).
+    pub client_cert: PathBuf,
+    /// Its private key.
+    pub client_key: PathBuf,
+    /// Wait before each retry, in seconds; after the last, a delivery is
+    /// dead. Each wait gets ±20 % jitter.
+    pub retry_schedule_secs: Vec<u64>,
+    /// How long one push attempt may take.
+    pub request_timeout_secs: u64,
+    /// Consecutive failures after which an endpoint is paused.
+    pub pause_after_failures: u32,
+    /// How long a paused endpoint rests before the next attempt.
+    pub pause_secs: u64,
+    /// How often the push worker looks for due deliveries when not woken.
+    pub poll_interval_ms: u64,
+    /// How often records past their effective period are lifted.
+    pub expiry_check_secs: u64,
+    /// Most push attempts in flight across all endpoints.
+    pub max_in_flight: usize,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            client_cert: "certs/dev/gateway.pem".into(),
+            client_key: "certs/dev/gateway.key".into(),
+            retry_schedule_secs: vec![5, 30, 120, 600, 1800, 3600, 7200, 21600],
+            request_timeout_secs: 10,
+            pause_after_failures: 20,
+            pause_secs: 300,
+            poll_interval_ms: 1000,
+            expiry_check_secs: 3600,
+            max_in_flight: 256,
+        }
+    }
+}
+
 /// Storage backend.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -251,12 +312,15 @@ pub struct PrivacyConfig {
     /// File holding the gateway secret (at least 32 bytes) used for keyed
     /// pseudonyms of personal identifiers. Generated in dev mode if missing.
     pub secret_file: PathBuf,
+    /// What recipients get of fields above their clearance.
+    pub redaction: crate::redact::Policy,
 }
 
 impl Default for PrivacyConfig {
     fn default() -> Self {
         Self {
             secret_file: "data/gateway.secret".into(),
+            redaction: crate::redact::Policy::default(),
         }
     }
 }
@@ -269,6 +333,8 @@ impl Default for Config {
             tls: TlsConfig::default(),
             catalog: CatalogConfig::default(),
             participants: ParticipantsConfig::default(),
+            subscriptions: SubscriptionsConfig::default(),
+            delivery: DeliveryConfig::default(),
             store: StoreConfig::default(),
             limits: LimitsConfig::default(),
             rate_limit: RateLimitConfig::default(),
@@ -336,6 +402,23 @@ impl Config {
             ("limits.max_body_bytes", self.limits.max_body_bytes),
             ("limits.max_batch_records", self.limits.max_batch_records),
             ("limits.max_json_depth", self.limits.max_json_depth),
+            (
+                "delivery.request_timeout_secs",
+                self.delivery.request_timeout_secs as usize,
+            ),
+            (
+                "delivery.poll_interval_ms",
+                self.delivery.poll_interval_ms as usize,
+            ),
+            (
+                "delivery.expiry_check_secs",
+                self.delivery.expiry_check_secs as usize,
+            ),
+            ("delivery.max_in_flight", self.delivery.max_in_flight),
+            (
+                "delivery.pause_after_failures",
+                self.delivery.pause_after_failures as usize,
+            ),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -409,6 +492,8 @@ fn deserialize_collecting(table: toml::Table, errors: &mut Vec<String>) -> Optio
         "tls",
         "catalog",
         "participants",
+        "subscriptions",
+        "delivery",
         "store",
         "limits",
         "rate_limit",

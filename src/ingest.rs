@@ -10,17 +10,19 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use axum::http::StatusCode;
-use hmac::{Hmac, Mac};
 use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
-use crate::catalog::{Catalog, Finding};
+use crate::catalog::{Catalog, Finding, NoticeType, SubjectType};
 use crate::error::Problem;
 use crate::participants::Participant;
+use crate::redact::Redactor;
+use crate::routing::{region_of, NoticeFacts, Subscriptions};
 use crate::store::{
-    AppendOutcome, IdempotencyClaim, NewRecord, NewSubmission, Store, StoredResponse,
+    AppendOutcome, IdempotencyClaim, NewDelivery, NewNotice, NewRecord, NewSubmission, NoticeKind,
+    Store, StoredResponse,
 };
 
 /// Longest accepted `Idempotency-Key`.
@@ -53,6 +55,8 @@ struct RecordResult {
     status: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     record_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    notice_id: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     errors: Vec<Finding>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -65,8 +69,10 @@ pub struct Ingest {
     pub catalog: Arc<ArcSwap<Catalog>>,
     /// Durable store.
     pub store: Arc<dyn Store>,
-    /// Gateway secret for keyed pseudonyms of personal IDs.
-    secret: Arc<[u8]>,
+    /// Active subscriptions; loaded once per request.
+    pub subscriptions: Arc<ArcSwap<Subscriptions>>,
+    /// Keyed pseudonyms of personal IDs (subject keys).
+    pub redactor: Arc<Redactor>,
     /// Most records per batch.
     max_batch: usize,
     /// Recently given answers by (participant, key), in front of the store.
@@ -90,32 +96,22 @@ impl Ingest {
     /// Builds the use case.
     pub fn new(
         catalog: Arc<ArcSwap<Catalog>>,
+        subscriptions: Arc<ArcSwap<Subscriptions>>,
         store: Arc<dyn Store>,
-        secret: Arc<[u8]>,
+        redactor: Arc<Redactor>,
         max_batch: usize,
     ) -> Ingest {
         Ingest {
             catalog,
+            subscriptions,
             store,
-            secret,
+            redactor,
             max_batch,
             replays: moka::sync::Cache::builder()
                 .max_capacity(50_000)
                 .time_to_live(std::time::Duration::from_secs(600))
                 .build(),
         }
-    }
-
-    /// The keyed pseudonym of a personal identifier: stable per gateway
-    /// secret, useless without it.
-    pub fn pseudonym(&self, kind: &str, value: &str) -> String {
-        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(&self.secret) else {
-            return String::new();
-        };
-        mac.update(kind.as_bytes());
-        mac.update(b":");
-        mac.update(value.as_bytes());
-        format!("pid:{}", &hex::encode(mac.finalize().into_bytes())[..32])
     }
 
     /// If `key` was used by `who` before, the earlier answer (or a 422 when
@@ -219,6 +215,7 @@ impl Ingest {
             }
         };
         let catalog = self.catalog.load_full();
+        let subscriptions = self.subscriptions.load_full();
         let Some(item) = catalog.get(&item_id).cloned() else {
             return Err(Problem::caller(
                 StatusCode::NOT_FOUND,
@@ -280,6 +277,7 @@ impl Ingest {
                     index,
                     status: "rejected",
                     record_id: None,
+                    notice_id: None,
                     errors: v.errors.into_iter().map(prefix).collect(),
                     warnings: Vec::new(),
                 });
@@ -289,15 +287,54 @@ impl Ingest {
             let text = |f: &str| record.get(f).and_then(Value::as_str);
             let subject_key = match (text("uscc"), text("id_number")) {
                 (Some(uscc), _) => Some(uscc.to_owned()),
-                (None, Some(number)) => {
-                    Some(self.pseudonym(text("id_type").unwrap_or("id"), number))
-                }
+                (None, Some(number)) => Some(self.redactor.pseudonym(number)),
                 (None, None) => None,
             };
+            let resident_id = (text("id_type") == Some("resident_id"))
+                .then(|| text("id_number"))
+                .flatten();
+            let region = region_of(text("uscc"), resident_id);
+            let decision_date = item.decision_date(&record);
+            let derived = item.derive_notice(&record);
+            let notice = derived.as_ref().map(|d| {
+                let subject_type = record
+                    .get("subject_type")
+                    .cloned()
+                    .and_then(|v| serde_json::from_value::<SubjectType>(v).ok());
+                let routes = subscriptions.route(&NoticeFacts {
+                    item: &item.def.id,
+                    notice_type: d.notice_type,
+                    severity: d.severity,
+                    subject_type,
+                    region: region.as_deref(),
+                });
+                NewNotice {
+                    id: uuid::Uuid::now_v7().to_string(),
+                    kind: match d.notice_type {
+                        NoticeType::Punishment => NoticeKind::Punishment,
+                        NoticeType::Incentive => NoticeKind::Incentive,
+                    },
+                    severity: d.severity,
+                    measures: d.measures.clone(),
+                    effective_from: decision_date,
+                    effective_until: d.effective_until,
+                    region: region.clone(),
+                    deliveries: routes
+                        .into_iter()
+                        .map(|r| NewDelivery {
+                            id: uuid::Uuid::now_v7().to_string(),
+                            subscription: r.subscription.id.clone(),
+                            agency: r.subscription.agency.clone(),
+                            push: r.subscription.is_push(),
+                        })
+                        .collect(),
+                }
+            });
             results.push(RecordResult {
                 index,
                 status: "accepted",
                 record_id: Some(id.clone()),
+                notice_id: notice.as_ref().map(|n| n.id.clone()),
                 errors: Vec::new(),
                 warnings: v.warnings.iter().cloned().map(prefix).collect(),
             });
@@ -305,9 +342,11 @@ impl Ingest {
                 id,
                 subject_type: text("subject_type").unwrap_or_default().to_owned(),
                 subject_key,
-                decision_date: item.decision_date(&record),
+                decision_date,
+                effective_until: derived.and_then(|d| d.effective_until),
                 body: record,
                 warnings: v.warnings,
+                notice,
             });
         }
         let accepted = stored.len();

@@ -11,6 +11,7 @@
 pub mod catalog;
 pub mod codes;
 pub mod config;
+pub mod delivery;
 pub mod error;
 pub mod http;
 pub mod ingest;
@@ -18,6 +19,7 @@ pub mod participants;
 pub mod pki;
 pub mod ratelimit;
 pub mod redact;
+pub mod routing;
 pub mod server;
 pub mod store;
 pub mod synth;

@@ -157,9 +157,10 @@ pub fn valid_id(id: &str) -> bool {
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
         && !id.starts_with('.')
-        // `ca` and `server` name the dev PKI's own files.
+        // `ca`, `server` and `gateway` name the dev PKI's own files.
         && id != "ca"
         && id != "server"
+        && id != "gateway"
 }
 
 #[cfg(test)]

@@ -225,7 +225,9 @@ pub fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), PkiEr
 }
 
 /// Creates what is missing of the dev PKI in `dir`: `ca.pem`/`ca.key`,
-/// `server.pem`/`server.key`, and `<id>.pem`/`<id>.key` per participant.
+/// `server.pem`/`server.key`, `gateway.pem`/`gateway.key` (the client
+/// certificate credgate presents to push endpoints), and
+/// `<id>.pem`/`<id>.key` per participant.
 /// Existing files are kept. Returns the files written.
 pub fn init_dir(dir: &Path, participant_ids: &[String]) -> Result<Vec<PathBuf>, PkiError> {
     let mut written = Vec::new();
@@ -245,7 +247,7 @@ pub fn init_dir(dir: &Path, participant_ids: &[String]) -> Result<Vec<PathBuf>, 
         written.extend([ca_cert, ca_key]);
         ca
     };
-    let mut wanted: Vec<(String, bool)> = vec![("server".into(), true)];
+    let mut wanted: Vec<(String, bool)> = vec![("server".into(), true), ("gateway".into(), false)];
     wanted.extend(participant_ids.iter().map(|id| (id.clone(), false)));
     for (name, server) in wanted {
         let (cert, key) = (
@@ -257,6 +259,8 @@ pub fn init_dir(dir: &Path, participant_ids: &[String]) -> Result<Vec<PathBuf>, 
         }
         let issued = if server {
             ca.issue_server(&["localhost", "127.0.0.1", "::1"])?
+        } else if name == "gateway" {
+            ca.issue_client("credgate-gateway")?
         } else {
             ca.issue_client(&name)?
         };

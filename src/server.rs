@@ -18,10 +18,13 @@ use tower::ServiceExt;
 
 use crate::catalog::Catalog;
 use crate::config::{Config, Mode};
+use crate::delivery::Dispatcher;
 use crate::http::{self, AppState, PeerId};
 use crate::ingest::Ingest;
 use crate::participants::{Kind, Registry};
 use crate::ratelimit::RateLimits;
+use crate::redact::Redactor;
+use crate::routing::Subscriptions;
 use crate::store::sqlite::SqliteStore;
 use crate::store::Store;
 use crate::tls::TlsState;
@@ -67,6 +70,9 @@ pub struct Gateway {
     state: Arc<AppState>,
     store: Arc<dyn Store>,
     tls: Arc<TlsState>,
+    dispatcher: Arc<Dispatcher>,
+    /// Internal token: cancelled when the caller's shutdown fires.
+    shutdown: CancellationToken,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -145,6 +151,20 @@ impl Gateway {
             }
             None => None,
         };
+        let subscriptions = match (&registry, &catalog) {
+            (Some(reg), Some(cat)) => Subscriptions::load(&config.subscriptions.file, reg, cat)
+                .map_err(|e| errors.extend(e))
+                .ok(),
+            _ => None,
+        };
+        let identity = match &subscriptions {
+            Some(subs) if subs.iter().any(|s| s.is_push()) => {
+                crate::delivery::load_identity(&config.delivery)
+                    .map_err(|e| errors.push(e))
+                    .ok()
+            }
+            _ => None,
+        };
         let tls = TlsState::new(config.tls.clone())
             .map_err(|e| errors.extend(e))
             .ok();
@@ -163,30 +183,56 @@ impl Gateway {
         } else {
             None
         };
-        let (Some(registry), Some(catalog), Some(tls), Some(secret), Some(store)) =
-            (registry, catalog, tls, secret, store)
+        let (
+            Some(registry),
+            Some(catalog),
+            Some(subscriptions),
+            Some(tls),
+            Some(secret),
+            Some(store),
+        ) = (registry, catalog, subscriptions, tls, secret, store)
         else {
             return Err(StartupErrors(errors));
         };
         let store: Arc<dyn Store> = Arc::new(store);
-        let ingest = Ingest::new(
-            Arc::new(ArcSwap::from_pointee(catalog)),
+        let catalog = Arc::new(ArcSwap::from_pointee(catalog));
+        let subscriptions = Arc::new(ArcSwap::from_pointee(subscriptions));
+        let registry = Arc::new(ArcSwap::from_pointee(registry));
+        let redactor = Arc::new(Redactor::new(config.privacy.redaction.clone(), secret));
+        let dispatcher = Arc::new(Dispatcher::new(
             store.clone(),
-            secret,
+            subscriptions.clone(),
+            catalog.clone(),
+            registry.clone(),
+            redactor.clone(),
+            config.delivery.clone(),
+            identity,
+        ));
+        let ingest = Ingest::new(
+            catalog,
+            subscriptions,
+            store.clone(),
+            redactor.clone(),
             config.limits.max_batch_records,
         );
+        let shutdown = CancellationToken::new();
         let state = Arc::new(AppState {
             ingest,
-            registry: Arc::new(ArcSwap::from_pointee(registry)),
+            registry,
             limits: config.limits.clone(),
             rate: RateLimits::new(config.rate_limit.clone()),
             request_timeout: Duration::from_secs(config.server.request_timeout_secs),
+            redactor,
+            dispatcher: dispatcher.clone(),
+            shutdown: shutdown.clone(),
         });
         Ok(Gateway {
             config,
             state,
             store,
             tls: Arc::new(tls),
+            dispatcher,
+            shutdown,
         })
     }
 
@@ -224,6 +270,9 @@ impl Gateway {
                 .with_graceful_shutdown(async move { ops_shutdown.cancelled().await })
                 .await;
         });
+        // Background work stops on the internal token, after HTTP drained.
+        let push = tokio::spawn(self.dispatcher.clone().run_push(self.shutdown.clone()));
+        let expiry = tokio::spawn(self.dispatcher.clone().run_expiry(self.shutdown.clone()));
         let main_addr = listeners.main.local_addr().ok();
         tracing::info!(listen = ?main_addr, "credgate serving (mTLS, HTTP/1.1 and HTTP/2)");
 
@@ -309,6 +358,8 @@ impl Gateway {
 
         tracing::info!("shutting down: no new connections; draining in-flight requests");
         drop(listeners.main);
+        // Long polls return now rather than at the end of their wait.
+        self.shutdown.cancel();
         let grace = Duration::from_secs(self.config.server.shutdown_grace_secs);
         if tokio::time::timeout(grace, graceful.shutdown())
             .await
@@ -320,6 +371,8 @@ impl Gateway {
             );
         }
         let _ = ops.await;
+        let _ = push.await;
+        let _ = expiry.await;
         self.store.close().await;
         tracing::info!("store flushed; bye");
         Ok(())

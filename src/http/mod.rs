@@ -2,7 +2,9 @@
 //! body limits and problem responses. Handlers stay thin; the domain lives
 //! in `ingest`, `catalog` and `redact`.
 
+pub mod admin;
 pub mod catalog;
+pub mod notices;
 pub mod ops;
 pub mod records;
 
@@ -43,6 +45,12 @@ pub struct AppState {
     pub rate: RateLimits,
     /// Per-request time limit.
     pub request_timeout: Duration,
+    /// The egress choke point.
+    pub redactor: Arc<crate::redact::Redactor>,
+    /// Push delivery (for its operational state).
+    pub dispatcher: Arc<crate::delivery::Dispatcher>,
+    /// Cancelled at shutdown: long polls return at once.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl std::fmt::Debug for AppState {
@@ -56,6 +64,13 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/records", post(records::submit))
         .route("/v1/records/{record_id}", get(records::read))
+        .route("/v1/records/{record_id}/revocation", post(records::revoke))
+        .route("/v1/notices", get(notices::pull))
+        .route("/v1/notices/ack", post(notices::ack))
+        .route("/v1/notices/{notice_id}/feedback", post(notices::feedback))
+        .route("/admin/v1/deliveries", get(admin::deliveries))
+        .route("/admin/v1/deliveries/{id}/retry", post(admin::retry))
+        .route("/admin/v1/stats/feedback", get(admin::feedback_stats))
         .route("/v1/catalog", get(catalog::list))
         .route("/v1/catalog/items/{item_id}", get(catalog::item))
         .fallback(not_found)
@@ -131,7 +146,13 @@ async fn identify(State(state): State<Arc<AppState>>, mut req: Request, next: Ne
         }
     };
     req.extensions_mut().insert(participant);
-    let mut resp = match tokio::time::timeout(state.request_timeout, next.run(req)).await {
+    // A long poll may legitimately wait on top of the normal time limit.
+    let limit = if req.uri().path() == "/v1/notices" {
+        state.request_timeout + Duration::from_secs(notices::MAX_WAIT_SECS)
+    } else {
+        state.request_timeout
+    };
+    let mut resp = match tokio::time::timeout(limit, next.run(req)).await {
         Ok(r) => r,
         Err(_) => Problem::caller(
             StatusCode::REQUEST_TIMEOUT,

@@ -14,8 +14,8 @@ use crate::catalog::Finding;
 use crate::error::Problem;
 use crate::ingest::{request_hash, MAX_IDEMPOTENCY_KEY};
 use crate::participants::Kind;
-use crate::redact::{self, Audience, RecordView};
-use crate::store::IdempotencyClaim;
+use crate::redact::{Audience, RecordView};
+use crate::store::{EndOutcome, IdempotencyClaim, NoticeHistory};
 
 /// Submits a batch of records of one catalog item.
 pub async fn submit(
@@ -82,12 +82,14 @@ struct RecordDocument {
     submitter: String,
     subject_type: String,
     status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    end_reason: Option<String>,
     decision_date: Option<String>,
+    effective_until: Option<String>,
     received_at: String,
     warnings: Vec<Finding>,
     record: RecordView,
-    notices: Vec<serde_json::Value>,
-    feedback: Vec<serde_json::Value>,
+    notices: Vec<NoticeHistory>,
 }
 
 /// Reads one record back: the submitter sees it whole, an administrator as
@@ -118,11 +120,12 @@ pub async fn read(
         return Err(not_found());
     };
     let catalog = state.ingest.catalog.load();
-    let view = redact::view(
+    let view = state.redactor.record_view(
         catalog.get(&rec.item).map(|i| i.as_ref()),
         &rec.body,
         audience,
     );
+    let notices = state.ingest.store.record_notices(&rec.id).await?;
     let doc = RecordDocument {
         record_id: rec.id,
         item: rec.item,
@@ -130,13 +133,110 @@ pub async fn read(
         submitter: rec.submitter,
         subject_type: rec.subject_type,
         status: rec.status,
+        end_reason: rec.end_reason,
         decision_date: rec.decision_date.map(|d| d.to_string()),
+        effective_until: rec.effective_until.map(|d| d.to_string()),
         received_at: rec.received_at.format(&Rfc3339).unwrap_or_default(),
         warnings: rec.warnings,
         record: view,
-        notices: Vec::new(),
-        feedback: Vec::new(),
+        notices,
     };
     let body = serde_json::to_vec(&doc).map_err(|e| Problem::gateway(&e))?;
     Ok(json_response(StatusCode::OK, body).into_response())
+}
+
+/// Reasons a record's effect can end by request.
+const END_REASONS: [&str; 4] = ["repaired", "revoked", "corrected", "expired"];
+
+/// Longest revocation note.
+const MAX_NOTE: usize = 2000;
+
+/// `POST /v1/records/{record_id}/revocation`: ends the record's effect and
+/// sends a lift notice to every agency that received one of its notices.
+pub async fn revoke(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(record_id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Problem> {
+    let not_found = || {
+        Problem::caller(
+            StatusCode::NOT_FOUND,
+            "record_not_found",
+            "no record with this id is visible to the caller",
+        )
+    };
+    let raw = read_json(&headers, body, &state.limits).await?;
+    let doc = parse_json(&raw, state.limits.max_json_depth)?;
+    let invalid = |pointer: &str, msg: &str| {
+        Problem::caller(
+            StatusCode::BAD_REQUEST,
+            "invalid_revocation",
+            "the revocation document is not valid",
+        )
+        .at(pointer, msg)
+    };
+    let Some(obj) = doc.as_object() else {
+        return Err(invalid("", "must be an object {\"reason\", \"note\"}"));
+    };
+    if let Some(k) = obj.keys().find(|k| *k != "reason" && *k != "note") {
+        return Err(invalid(&format!("/{k}"), "unknown field"));
+    }
+    let reason = match obj.get("reason").and_then(|v| v.as_str()) {
+        Some(r) if END_REASONS.contains(&r) => r.to_owned(),
+        _ => {
+            return Err(invalid(
+                "/reason",
+                "must be repaired, revoked, corrected or expired",
+            ))
+        }
+    };
+    let note = match obj.get("note") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(n)) if n.chars().count() <= MAX_NOTE => Some(n.clone()),
+        Some(_) => {
+            return Err(invalid(
+                "/note",
+                "must be a string of at most 2000 characters",
+            ))
+        }
+    };
+    if uuid::Uuid::parse_str(&record_id).is_err() {
+        return Err(not_found());
+    }
+    let Some(rec) = state.ingest.store.record(&record_id).await? else {
+        return Err(not_found());
+    };
+    if rec.submitter != caller.id && caller.kind != Kind::Admin {
+        return Err(not_found());
+    }
+    match state
+        .ingest
+        .store
+        .end_record(&record_id, &reason, note)
+        .await?
+    {
+        EndOutcome::Ended {
+            lift_notices,
+            recipients,
+        } => {
+            tracing::info!(record = %record_id, by = %caller.id, %reason, lifts = lift_notices.len(), "record effect ended");
+            let body = serde_json::to_vec(&serde_json::json!({
+                "record_id": record_id,
+                "status": if reason == "expired" { "expired" } else { "revoked" },
+                "reason": reason,
+                "lift_notices": lift_notices,
+                "recipients": recipients,
+            }))
+            .map_err(|e| Problem::gateway(&e))?;
+            Ok(json_response(StatusCode::OK, body))
+        }
+        EndOutcome::NotFound => Err(not_found()),
+        EndOutcome::AlreadyEnded(status) => Err(Problem::caller(
+            StatusCode::CONFLICT,
+            "already_ended",
+            format!("the record is already {status}; its lift notices were sent then"),
+        )),
+    }
 }

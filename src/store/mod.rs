@@ -1,17 +1,86 @@
 //! Durable storage behind a use-case-level interface.
 //!
-//! Handlers and use cases speak in submissions and records, never SQL. The
-//! embedded default is SQLite (`sqlite.rs`); a PostgreSQL implementation of
-//! the same trait will serve several gateway instances. An implementation
-//! must only report success once the data is durable (fsync'd): the HTTP
-//! layer acknowledges on that basis.
+//! Handlers and use cases speak in submissions, notices and deliveries,
+//! never SQL. The embedded default is SQLite (`sqlite.rs`); a PostgreSQL
+//! implementation of the same trait will serve several gateway instances.
+//! An implementation must only report success once the data is durable
+//! (fsync'd): the HTTP layer acknowledges on that basis. Record bodies come
+//! back as [`RecordBody`], which only the `redact` module can open.
 
 pub mod sqlite;
 
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use time::{Date, OffsetDateTime};
 
-use crate::catalog::Finding;
+use crate::catalog::{Finding, Severity};
+use crate::redact::RecordBody;
+
+/// Kind of a notice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NoticeKind {
+    /// Joint punishment.
+    Punishment,
+    /// Joint incentive.
+    Incentive,
+    /// Ends the effect of an earlier notice.
+    Lift,
+}
+
+impl NoticeKind {
+    /// API spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NoticeKind::Punishment => "punishment",
+            NoticeKind::Incentive => "incentive",
+            NoticeKind::Lift => "lift",
+        }
+    }
+
+    fn parse(s: &str) -> Option<NoticeKind> {
+        match s {
+            "punishment" => Some(NoticeKind::Punishment),
+            "incentive" => Some(NoticeKind::Incentive),
+            "lift" => Some(NoticeKind::Lift),
+            _ => None,
+        }
+    }
+}
+
+/// A delivery to create with a notice.
+#[derive(Debug, Clone)]
+pub struct NewDelivery {
+    /// Delivery id.
+    pub id: String,
+    /// Subscription it serves.
+    pub subscription: String,
+    /// Receiving agency.
+    pub agency: String,
+    /// Push (true) or pull.
+    pub push: bool,
+}
+
+/// A notice to store with its deliveries (outbox).
+#[derive(Debug, Clone)]
+pub struct NewNotice {
+    /// Notice id (`webhook-id` of pushes).
+    pub id: String,
+    /// Punishment, incentive or lift.
+    pub kind: NoticeKind,
+    /// Severity.
+    pub severity: Severity,
+    /// Measure ids expected from recipients.
+    pub measures: Vec<String>,
+    /// Start of effect (decision date).
+    pub effective_from: Option<Date>,
+    /// End of effect.
+    pub effective_until: Option<Date>,
+    /// Division code of the subject.
+    pub region: Option<String>,
+    /// Deliveries, one per routed subscription.
+    pub deliveries: Vec<NewDelivery>,
+}
 
 /// An accepted record ready to be stored.
 #[derive(Debug, Clone)]
@@ -24,10 +93,14 @@ pub struct NewRecord {
     pub subject_key: Option<String>,
     /// Decision (or listing) date.
     pub decision_date: Option<Date>,
+    /// End of the record's effect (lift notice after it), if the item says.
+    pub effective_until: Option<Date>,
     /// The record as submitted (validated).
     pub body: Value,
     /// Warnings reported to the submitter.
     pub warnings: Vec<Finding>,
+    /// Notice derived from it, if any.
+    pub notice: Option<NewNotice>,
 }
 
 /// One `POST /v1/records` to store, with its response for idempotent replay.
@@ -51,7 +124,7 @@ pub struct NewSubmission {
     pub rejection_codes: Vec<(String, usize)>,
     /// `Idempotency-Key` and the digest of the request body.
     pub idempotency: Option<IdempotencyClaim>,
-    /// HTTP status and body sent for this submission.
+    /// HTTP status sent for this submission.
     pub response_status: u16,
     /// Response body (JSON).
     pub response_body: Vec<u8>,
@@ -99,18 +172,207 @@ pub struct StoredRecord {
     pub submitter: String,
     /// Subject type.
     pub subject_type: String,
-    /// USCC or pseudonym.
-    pub subject_key: Option<String>,
     /// Decision date.
     pub decision_date: Option<Date>,
+    /// End of effect.
+    pub effective_until: Option<Date>,
     /// Receive time.
     pub received_at: OffsetDateTime,
-    /// The record.
-    pub body: Value,
+    /// The record, to be opened only by `redact`.
+    pub body: RecordBody,
     /// Warnings given at submission.
     pub warnings: Vec<Finding>,
-    /// `active` until revoked or expired.
+    /// `active`, `revoked` or `expired`.
     pub status: String,
+    /// Why it stopped being active (`repaired`, `revoked`, `corrected`, `expired`).
+    pub end_reason: Option<String>,
+}
+
+/// A stored notice, without record data.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoredNotice {
+    /// Notice id.
+    pub notice_id: String,
+    /// Punishment, incentive or lift.
+    #[serde(rename = "type")]
+    pub kind: NoticeKind,
+    /// Catalog item.
+    pub item: String,
+    /// Item version of the record.
+    pub item_version: u32,
+    /// Record id.
+    pub record_id: String,
+    /// Submitting department.
+    pub source: String,
+    /// Severity.
+    pub severity: Severity,
+    /// Measure ids.
+    pub measures: Vec<String>,
+    /// Start of effect.
+    pub effective_from: Option<Date>,
+    /// End of effect.
+    pub effective_until: Option<Date>,
+    /// Creation time.
+    #[serde(with = "time::serde::rfc3339")]
+    pub issued_at: OffsetDateTime,
+    /// For a lift: the notice it lifts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lifts: Option<String>,
+    /// For a lift: why (`repaired`, `revoked`, `corrected`, `expired`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// A delivery on its way out, with what the egress step needs.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    /// Position in the agency's ordered stream (pull cursor).
+    pub seq: i64,
+    /// Delivery id.
+    pub delivery_id: String,
+    /// Subscription.
+    pub subscription: String,
+    /// Receiving agency.
+    pub agency: String,
+    /// Attempts so far (push).
+    pub attempts: u32,
+    /// The notice.
+    pub notice: StoredNotice,
+    /// The record it is about.
+    pub record: RecordBody,
+}
+
+/// How a push attempt ended.
+#[derive(Debug, Clone)]
+pub enum DeliveryResult {
+    /// The endpoint answered 2xx.
+    Delivered,
+    /// Try again at `at` (unix ms).
+    Retry {
+        /// Next attempt time, unix milliseconds.
+        at: i64,
+        /// What went wrong (no record data).
+        error: String,
+    },
+    /// Not attempted (endpoint paused): try at `at`, attempt not counted.
+    Deferred {
+        /// Next attempt time, unix milliseconds.
+        at: i64,
+    },
+    /// No more attempts.
+    Dead {
+        /// What went wrong.
+        error: String,
+    },
+}
+
+/// A delivery as administrators see it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeliveryInfo {
+    /// Delivery id.
+    pub id: String,
+    /// Notice id.
+    pub notice_id: String,
+    /// Notice type.
+    pub notice_type: NoticeKind,
+    /// Record id.
+    pub record_id: String,
+    /// Subscription.
+    pub subscription: String,
+    /// Agency.
+    pub agency: String,
+    /// `pull` or `push`.
+    pub mode: String,
+    /// `pending`, `inflight`, `delivered`, `dead`.
+    pub state: String,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Last error, if any.
+    pub last_error: Option<String>,
+}
+
+/// Feedback outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FeedbackOutcome {
+    /// The measure was applied.
+    Applied,
+    /// The measure does not apply (a note says why).
+    NotApplicable,
+    /// Not decided yet.
+    Pending,
+}
+
+/// One feedback entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Feedback {
+    /// Notice id.
+    pub notice_id: String,
+    /// Reporting agency.
+    pub agency: String,
+    /// Measure id.
+    pub measure: String,
+    /// Outcome.
+    pub outcome: FeedbackOutcome,
+    /// When the measure was applied (or decided).
+    pub date: Option<Date>,
+    /// Free-text note.
+    pub note: Option<String>,
+    /// When credgate received it.
+    #[serde(with = "time::serde::rfc3339")]
+    pub received_at: OffsetDateTime,
+}
+
+/// Result of storing feedback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeedbackStored {
+    /// Stored (new or replacing the agency's earlier answer for the measure).
+    Stored,
+    /// No such notice.
+    UnknownNotice,
+    /// The agency never received this notice.
+    NotRecipient,
+}
+
+/// A notice of a record with its deliveries and feedback.
+#[derive(Debug, Clone, Serialize)]
+pub struct NoticeHistory {
+    /// The notice.
+    #[serde(flatten)]
+    pub notice: StoredNotice,
+    /// Deliveries.
+    pub deliveries: Vec<DeliveryInfo>,
+    /// Feedback received.
+    pub feedback: Vec<Feedback>,
+}
+
+/// Result of ending a record's effect.
+#[derive(Debug, Clone)]
+pub enum EndOutcome {
+    /// Ended; lift notices created.
+    Ended {
+        /// The lift notices (one per lifted notice).
+        lift_notices: Vec<String>,
+        /// Agencies that will be told.
+        recipients: Vec<String>,
+    },
+    /// No such record.
+    NotFound,
+    /// Already revoked or expired.
+    AlreadyEnded(String),
+}
+
+/// Feedback figures of one agency.
+#[derive(Debug, Clone, Serialize)]
+pub struct AgencyFeedbackStats {
+    /// Agency.
+    pub agency: String,
+    /// Punishment/incentive notices routed to it in the period.
+    pub notices: u64,
+    /// Of those, notices with at least one feedback entry.
+    pub with_feedback: u64,
+    /// `with_feedback / notices` (0 when no notices).
+    pub feedback_rate: f64,
 }
 
 /// Storage failures. Always the gateway's side: the caller gets a 5xx
@@ -131,9 +393,9 @@ pub enum StoreError {
 /// The use cases storage serves.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Stores a submission's accepted records and its idempotency entry in
-    /// one durable transaction, or returns the earlier response when the
-    /// key was already used.
+    /// Stores a submission's accepted records, their notices and deliveries
+    /// and its idempotency entry in one durable transaction, or returns the
+    /// earlier response when the key was already used.
     async fn append_submission(
         &self,
         submission: NewSubmission,
@@ -149,9 +411,81 @@ pub trait Store: Send + Sync + 'static {
     /// One record by id.
     async fn record(&self, id: &str) -> Result<Option<StoredRecord>, StoreError>;
 
+    /// Notices of a record, with deliveries and feedback.
+    async fn record_notices(&self, record_id: &str) -> Result<Vec<NoticeHistory>, StoreError>;
+
+    /// Ends a record's effect (`reason`), and in the same transaction
+    /// creates a lift notice for each of its notices with one delivery to
+    /// every subscription that had a delivery of the original.
+    async fn end_record(
+        &self,
+        record_id: &str,
+        reason: &str,
+        note: Option<String>,
+    ) -> Result<EndOutcome, StoreError>;
+
+    /// Ends, with reason `expired`, every active record whose effective
+    /// period ended before `today`; returns how many.
+    async fn expire_due(&self, today: Date) -> Result<usize, StoreError>;
+
+    /// The agency's pull deliveries after `after`, in commit order.
+    async fn pull(
+        &self,
+        agency: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<Outbound>, StoreError>;
+
+    /// Stores the agency's acknowledged position (never moves backwards).
+    async fn ack(&self, agency: &str, position: i64) -> Result<(), StoreError>;
+
+    /// The agency's acknowledged position (0 if none).
+    async fn pull_position(&self, agency: &str) -> Result<i64, StoreError>;
+
+    /// A receiver that changes whenever deliveries were committed.
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64>;
+
+    /// Claims up to `limit` push deliveries due at `now_ms` for `lease_ms`.
+    async fn claim_due(
+        &self,
+        now_ms: i64,
+        limit: usize,
+        lease_ms: i64,
+    ) -> Result<Vec<Outbound>, StoreError>;
+
+    /// Records the result of a push attempt.
+    async fn finish_delivery(
+        &self,
+        delivery_id: &str,
+        result: DeliveryResult,
+    ) -> Result<(), StoreError>;
+
+    /// Deliveries in a state (`dead`, `pending`, …), oldest first.
+    async fn deliveries(&self, state: &str, limit: usize) -> Result<Vec<DeliveryInfo>, StoreError>;
+
+    /// Puts a dead delivery back in the queue; false if it is not dead.
+    async fn retry_delivery(&self, delivery_id: &str) -> Result<bool, StoreError>;
+
+    /// Stores an agency's feedback on a notice's measure.
+    async fn add_feedback(&self, feedback: Feedback) -> Result<FeedbackStored, StoreError>;
+
+    /// A notice by id.
+    async fn notice(&self, notice_id: &str) -> Result<Option<StoredNotice>, StoreError>;
+
+    /// Feedback rate per agency for notices issued in `[from, to)`.
+    async fn feedback_stats(
+        &self,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<Vec<AgencyFeedbackStats>, StoreError>;
+
     /// Whether the store can take writes now.
     async fn ready(&self) -> bool;
 
     /// Flushes and stops the writer; later writes fail with `Unavailable`.
     async fn close(&self);
+}
+
+pub(crate) fn parse_kind(s: &str) -> Result<NoticeKind, StoreError> {
+    NoticeKind::parse(s).ok_or_else(|| StoreError::Corrupt(format!("notice type {s:?}")))
 }

@@ -1,23 +1,32 @@
 //! SQLite store: one file in WAL mode with `synchronous=FULL`.
 //!
 //! A single writer thread owns the write connection and commits whatever
-//! submissions are queued in one transaction (group commit: one fsync for
-//! many concurrent requests). Each submission runs inside its own savepoint,
-//! so one failing submission never takes the others of its group down; a
-//! caller is answered only after the group's commit returned. Reads use a
-//! small pool of separate connections, which WAL lets run alongside the
-//! writer.
+//! jobs are queued in one transaction (group commit: one fsync for many
+//! concurrent requests). Each job runs inside its own savepoint, so one
+//! failing job never takes the others of its group down; a caller is
+//! answered only after the group's commit returned. Reads use a small pool
+//! of separate connections, which WAL lets run alongside the writer.
+//!
+//! Ordering: delivery `seq` comes from an AUTOINCREMENT key assigned by the
+//! single writer, so it is the commit order, which is what pull cursors
+//! promise.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension, Row, Savepoint, TransactionBehavior};
 use time::format_description::well_known::Rfc3339;
-use time::OffsetDateTime;
-use tokio::sync::{mpsc, oneshot};
+use time::{Date, OffsetDateTime};
+use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{AppendOutcome, NewSubmission, Store, StoreError, StoredRecord, StoredResponse};
+use super::{
+    parse_kind, AgencyFeedbackStats, AppendOutcome, DeliveryInfo, DeliveryResult, EndOutcome,
+    Feedback, FeedbackOutcome, FeedbackStored, NewNotice, NewSubmission, NoticeHistory, NoticeKind,
+    Outbound, Store, StoreError, StoredNotice, StoredRecord, StoredResponse,
+};
+use crate::catalog::Severity;
+use crate::redact::RecordBody;
 
 /// Schema migrations, applied in order at start-up. Never edit a shipped
 /// entry; append a new one.
@@ -61,19 +70,86 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (participant, key)
     );
     "#,
+    // 2: notices, deliveries (outbox), pull positions, feedback, record end
+    r#"
+    ALTER TABLE records ADD COLUMN effective_until TEXT;
+    ALTER TABLE records ADD COLUMN end_reason TEXT;
+    ALTER TABLE records ADD COLUMN end_note TEXT;
+    CREATE INDEX records_expiry ON records(effective_until) WHERE status = 'active' AND effective_until IS NOT NULL;
+    CREATE TABLE notices (
+        id              TEXT PRIMARY KEY,
+        kind            TEXT NOT NULL,
+        item            TEXT NOT NULL,
+        item_version    INTEGER NOT NULL,
+        record_id       TEXT NOT NULL REFERENCES records(id),
+        source          TEXT NOT NULL,
+        severity        TEXT NOT NULL,
+        region          TEXT,
+        measures        TEXT NOT NULL,
+        effective_from  TEXT,
+        effective_until TEXT,
+        issued_at       TEXT NOT NULL,
+        lifts           TEXT,
+        reason          TEXT
+    );
+    CREATE INDEX notices_record ON notices(record_id);
+    CREATE TABLE deliveries (
+        seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+        id              TEXT NOT NULL UNIQUE,
+        notice_id       TEXT NOT NULL REFERENCES notices(id),
+        subscription    TEXT NOT NULL,
+        agency          TEXT NOT NULL,
+        mode            TEXT NOT NULL,
+        state           TEXT NOT NULL,
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at INTEGER NOT NULL DEFAULT 0,
+        lease_until     INTEGER NOT NULL DEFAULT 0,
+        last_error      TEXT,
+        created_at      TEXT NOT NULL,
+        delivered_at    TEXT
+    );
+    CREATE INDEX deliveries_pull ON deliveries(agency, seq) WHERE mode = 'pull';
+    CREATE INDEX deliveries_due ON deliveries(next_attempt_at) WHERE mode = 'push' AND state IN ('pending', 'inflight');
+    CREATE INDEX deliveries_notice ON deliveries(notice_id, agency);
+    CREATE INDEX deliveries_state ON deliveries(state, seq);
+    CREATE TABLE pull_positions (
+        agency      TEXT PRIMARY KEY,
+        position    INTEGER NOT NULL,
+        updated_at  TEXT NOT NULL
+    );
+    CREATE TABLE feedback (
+        notice_id   TEXT NOT NULL REFERENCES notices(id),
+        agency      TEXT NOT NULL,
+        measure     TEXT NOT NULL,
+        outcome     TEXT NOT NULL,
+        date        TEXT,
+        note        TEXT,
+        received_at TEXT NOT NULL,
+        PRIMARY KEY (notice_id, agency, measure)
+    );
+    "#,
 ];
 
-enum WriteOp {
-    Append(
-        Box<NewSubmission>,
-        oneshot::Sender<Result<AppendOutcome, StoreError>>,
-    ),
+/// What a job tells the writer besides its result.
+struct JobDone {
+    /// Keep the job's savepoint.
+    ok: bool,
+    /// The job created deliveries: wake pullers and push workers.
+    wake: bool,
+    /// Answers the caller once the group's commit is known.
+    reply: Reply,
 }
+
+/// Answers a job's caller with the outcome of the commit.
+type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+/// A unit of work for the writer thread.
+type Job = Box<dyn FnOnce(&Savepoint<'_>) -> JobDone + Send>;
 
 /// The embedded SQLite store.
 pub struct SqliteStore {
     /// Queue to the writer thread; `None` once closed.
-    writer: Mutex<Option<mpsc::Sender<WriteOp>>>,
+    writer: Mutex<Option<mpsc::Sender<Job>>>,
     /// Joined on close so the last group is committed before exit.
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Idle read connections.
@@ -82,6 +158,8 @@ pub struct SqliteStore {
     path: PathBuf,
     /// How long idempotency keys are kept.
     idempotency_ttl: Duration,
+    /// Bumped after every commit that created deliveries.
+    changes: watch::Receiver<u64>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -94,6 +172,10 @@ impl std::fmt::Debug for SqliteStore {
 
 fn db_err(e: rusqlite::Error) -> StoreError {
     StoreError::Database(e.to_string())
+}
+
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
 }
 
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
@@ -136,19 +218,38 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_default()
+}
+
 fn now_text() -> String {
-    OffsetDateTime::now_utc()
-        .format(&Rfc3339)
-        .unwrap_or_default()
+    rfc3339(OffsetDateTime::now_utc())
 }
 
 fn unix_now() -> i64 {
     OffsetDateTime::now_utc().unix_timestamp()
 }
 
+fn parse_time(s: &str) -> Result<OffsetDateTime, StoreError> {
+    OffsetDateTime::parse(s, &Rfc3339).map_err(corrupt)
+}
+
+fn parse_date(s: Option<String>) -> Option<Date> {
+    s.as_deref().and_then(crate::codes::parse_iso_date)
+}
+
+fn severity_text(s: Severity) -> &'static str {
+    match s {
+        Severity::Minor => "minor",
+        Severity::General => "general",
+        Severity::Serious => "serious",
+    }
+}
+
 impl SqliteStore {
     /// Opens (creating if needed) `path`, runs migrations and starts the
-    /// writer thread.
+    /// writer thread. Push deliveries left in flight by a previous process
+    /// are put back in the queue.
     pub fn open(
         path: &Path,
         group_commit_max: usize,
@@ -161,15 +262,24 @@ impl SqliteStore {
         }
         let mut conn = open_connection(path)?;
         migrate(&mut conn)?;
+        // One process owns an SQLite store, so every lease is from a dead
+        // predecessor: its attempts may or may not have arrived, and
+        // receivers deduplicate by webhook-id.
+        conn.execute(
+            "UPDATE deliveries SET state = 'pending', lease_until = 0 WHERE state = 'inflight'",
+            [],
+        )
+        .map_err(db_err)?;
         let mut readers = Vec::with_capacity(read_connections);
         for _ in 0..read_connections {
             readers.push(open_connection(path)?);
         }
         let (tx, rx) = mpsc::channel(group_commit_max.max(1) * 4);
+        let (changes_tx, changes) = watch::channel(0u64);
         let ttl = idempotency_ttl;
         let thread = std::thread::Builder::new()
             .name("credgate-store-writer".into())
-            .spawn(move || writer_loop(conn, rx, group_commit_max.max(1), ttl))
+            .spawn(move || writer_loop(conn, rx, group_commit_max.max(1), ttl, changes_tx))
             .map_err(|e| StoreError::Database(format!("cannot start writer thread: {e}")))?;
         Ok(SqliteStore {
             writer: Mutex::new(Some(tx)),
@@ -177,15 +287,39 @@ impl SqliteStore {
             readers: Arc::new(Mutex::new(readers)),
             path: path.to_owned(),
             idempotency_ttl,
+            changes,
         })
     }
 
-    fn sender(&self) -> Result<mpsc::Sender<WriteOp>, StoreError> {
-        self.writer
+    /// Runs `f` in the writer's next group; answers after the commit.
+    async fn write<T, F>(&self, wake: bool, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Savepoint<'_>) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let job: Job = Box::new(move |sp| {
+            let result = f(sp);
+            let ok = result.is_ok();
+            JobDone {
+                ok,
+                wake: wake && ok,
+                reply: Box::new(move |commit| {
+                    let _ = reply_tx.send(commit.and(result));
+                }),
+            }
+        });
+        let sender = self
+            .writer
             .lock()
             .map_err(|_| StoreError::Unavailable)?
             .clone()
-            .ok_or(StoreError::Unavailable)
+            .ok_or(StoreError::Unavailable)?;
+        sender
+            .send(job)
+            .await
+            .map_err(|_| StoreError::Unavailable)?;
+        reply_rx.await.map_err(|_| StoreError::Unavailable)?
     }
 
     /// Runs `f` on a pooled read connection off the async runtime.
@@ -214,21 +348,24 @@ impl SqliteStore {
 
 fn writer_loop(
     mut conn: Connection,
-    mut rx: mpsc::Receiver<WriteOp>,
+    mut rx: mpsc::Receiver<Job>,
     group_max: usize,
     ttl: Duration,
+    changes: watch::Sender<u64>,
 ) {
     let mut last_purge = Instant::now() - Duration::from_secs(3600);
-    let mut group = Vec::with_capacity(group_max);
-    while let Some(op) = rx.blocking_recv() {
-        group.push(op);
+    let mut group: Vec<Job> = Vec::with_capacity(group_max);
+    while let Some(job) = rx.blocking_recv() {
+        group.push(job);
         while group.len() < group_max {
             match rx.try_recv() {
-                Ok(op) => group.push(op),
+                Ok(job) => group.push(job),
                 Err(_) => break,
             }
         }
-        commit_group(&mut conn, &mut group);
+        if commit_group(&mut conn, &mut group) {
+            changes.send_modify(|v| *v = v.wrapping_add(1));
+        }
         if last_purge.elapsed() > Duration::from_secs(600) {
             last_purge = Instant::now();
             let cutoff = unix_now() - ttl.as_secs() as i64;
@@ -238,59 +375,65 @@ fn writer_loop(
             }
         }
     }
-    // Channel closed: every queued op has been committed. Checkpoint the WAL
-    // so the database file is complete on its own.
+    // Channel closed: every queued job has been committed. Checkpoint the
+    // WAL so the database file is complete on its own.
     if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);") {
         tracing::warn!(error = %e, "final WAL checkpoint failed");
     }
 }
 
-fn commit_group(conn: &mut Connection, group: &mut Vec<WriteOp>) {
-    let mut replies = Vec::with_capacity(group.len());
+/// Commits one group; returns whether a job asked to wake delivery.
+fn commit_group(conn: &mut Connection, group: &mut Vec<Job>) -> bool {
     let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => {
-            let msg = e.to_string();
-            for WriteOp::Append(_, reply) in group.drain(..) {
-                let _ = reply.send(Err(StoreError::Database(msg.clone())));
-            }
-            return;
+            // Dropping a job unrun answers its caller with `Unavailable`.
+            tracing::error!(error = %e, "cannot begin a write transaction");
+            group.clear();
+            return false;
         }
     };
-    for WriteOp::Append(sub, reply) in group.drain(..) {
-        let result = append_in_savepoint(&mut tx, &sub);
-        replies.push((result, reply));
+    let mut replies: Vec<(Reply, Option<StoreError>)> = Vec::with_capacity(group.len());
+    let mut wake = false;
+    for job in group.drain(..) {
+        let sp = match tx.savepoint() {
+            Ok(sp) => sp,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot open a savepoint");
+                continue;
+            }
+        };
+        let done = job(&sp);
+        // A failed job's savepoint is rolled back when dropped.
+        let released = if done.ok {
+            sp.commit().err().map(db_err)
+        } else {
+            None
+        };
+        wake |= done.ok && released.is_none() && done.wake;
+        replies.push((done.reply, released));
     }
     match tx.commit() {
         Ok(()) => {
-            for (result, reply) in replies {
-                let _ = reply.send(result);
+            for (reply, released) in replies {
+                reply(released.map_or(Ok(()), Err));
             }
+            wake
         }
         Err(e) => {
             let msg = e.to_string();
             tracing::error!(error = %msg, "group commit failed; nothing in the group was acknowledged");
-            for (_, reply) in replies {
-                let _ = reply.send(Err(StoreError::Database(msg.clone())));
+            for (reply, _) in replies {
+                reply(Err(StoreError::Database(msg.clone())));
             }
+            false
         }
     }
 }
 
-fn append_in_savepoint(
-    tx: &mut rusqlite::Transaction<'_>,
-    sub: &NewSubmission,
-) -> Result<AppendOutcome, StoreError> {
-    let sp = tx.savepoint().map_err(db_err)?;
-    let outcome = append_one(&sp, sub)?;
-    sp.commit().map_err(db_err)?;
-    Ok(outcome)
-}
+// === impl writes ===
 
-fn append_one(
-    tx: &rusqlite::Savepoint<'_>,
-    sub: &NewSubmission,
-) -> Result<AppendOutcome, StoreError> {
+fn append_submission(tx: &Savepoint<'_>, sub: &NewSubmission) -> Result<AppendOutcome, StoreError> {
     if let Some(claim) = &sub.idempotency {
         let earlier = tx
             .query_row(
@@ -315,12 +458,8 @@ fn append_one(
         )
         .map_err(db_err)?;
     }
-    let received = sub
-        .received_at
-        .format(&Rfc3339)
-        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    let codes = serde_json::to_string(&sub.rejection_codes)
-        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let received = rfc3339(sub.received_at);
+    let codes = serde_json::to_string(&sub.rejection_codes).map_err(corrupt)?;
     tx.execute(
         "INSERT INTO submissions (id, participant, item, item_version, received_at, accepted, rejected, rejection_codes) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         params![sub.id, sub.participant, sub.item, sub.item_version, received, sub.records.len() as i64, sub.rejected as i64, codes],
@@ -328,14 +467,12 @@ fn append_one(
     .map_err(db_err)?;
     let mut stmt = tx
         .prepare_cached(
-            "INSERT INTO records (id, submission_id, item, item_version, submitter, subject_type, subject_key, decision_date, received_at, body, warnings) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            "INSERT INTO records (id, submission_id, item, item_version, submitter, subject_type, subject_key, decision_date, received_at, body, warnings, effective_until) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
         )
         .map_err(db_err)?;
     for r in &sub.records {
-        let body =
-            serde_json::to_string(&r.body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let warnings =
-            serde_json::to_string(&r.warnings).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let body = serde_json::to_string(&r.body).map_err(corrupt)?;
+        let warnings = serde_json::to_string(&r.warnings).map_err(corrupt)?;
         stmt.execute(params![
             r.id,
             sub.id,
@@ -347,11 +484,301 @@ fn append_one(
             r.decision_date.map(|d| d.to_string()),
             received,
             body,
-            warnings
+            warnings,
+            r.effective_until.map(|d| d.to_string()),
+        ])
+        .map_err(db_err)?;
+        if let Some(n) = &r.notice {
+            insert_notice(
+                tx,
+                n,
+                &sub.item,
+                sub.item_version,
+                &r.id,
+                &sub.participant,
+                &received,
+                None,
+                None,
+            )?;
+        }
+    }
+    Ok(AppendOutcome::Stored)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn insert_notice(
+    tx: &Savepoint<'_>,
+    n: &NewNotice,
+    item: &str,
+    item_version: u32,
+    record_id: &str,
+    source: &str,
+    issued_at: &str,
+    lifts: Option<&str>,
+    reason: Option<&str>,
+) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO notices (id, kind, item, item_version, record_id, source, severity, region, measures, effective_from, effective_until, issued_at, lifts, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+    )
+    .map_err(db_err)?
+    .execute(params![
+        n.id,
+        n.kind.as_str(),
+        item,
+        item_version,
+        record_id,
+        source,
+        severity_text(n.severity),
+        n.region,
+        serde_json::to_string(&n.measures).map_err(corrupt)?,
+        n.effective_from.map(|d| d.to_string()),
+        n.effective_until.map(|d| d.to_string()),
+        issued_at,
+        lifts,
+        reason,
+    ])
+    .map_err(db_err)?;
+    let mut stmt = tx
+        .prepare_cached(
+            "INSERT INTO deliveries (id, notice_id, subscription, agency, mode, state, created_at) VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6)",
+        )
+        .map_err(db_err)?;
+    for d in &n.deliveries {
+        stmt.execute(params![
+            d.id,
+            n.id,
+            d.subscription,
+            d.agency,
+            if d.push { "push" } else { "pull" },
+            issued_at
         ])
         .map_err(db_err)?;
     }
-    Ok(AppendOutcome::Stored)
+    Ok(())
+}
+
+/// Ends a record and creates the lift notices. Returns `None` when the
+/// record does not exist.
+fn end_record(
+    tx: &Savepoint<'_>,
+    record_id: &str,
+    reason: &str,
+    note: Option<&str>,
+) -> Result<EndOutcome, StoreError> {
+    let status: Option<String> = tx
+        .query_row(
+            "SELECT status FROM records WHERE id = ?1",
+            [record_id],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(db_err)?;
+    match status.as_deref() {
+        None => return Ok(EndOutcome::NotFound),
+        Some("active") => {}
+        Some(other) => return Ok(EndOutcome::AlreadyEnded(other.to_owned())),
+    }
+    let status = if reason == "expired" {
+        "expired"
+    } else {
+        "revoked"
+    };
+    tx.execute(
+        "UPDATE records SET status = ?2, end_reason = ?3, end_note = ?4 WHERE id = ?1",
+        params![record_id, status, reason, note],
+    )
+    .map_err(db_err)?;
+    let originals = {
+        let mut stmt = tx
+            .prepare_cached(&format!(
+                "{NOTICE_SELECT} WHERE record_id = ?1 AND kind != 'lift' ORDER BY issued_at"
+            ))
+            .map_err(db_err)?;
+        let rows = stmt
+            .query_map([record_id], notice_from_row)
+            .map_err(db_err)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(db_err)?
+    };
+    let now = OffsetDateTime::now_utc();
+    let today = crate::codes::today_cst();
+    let mut lift_notices = Vec::new();
+    let mut recipients = Vec::new();
+    for original in originals {
+        let original = original?;
+        let targets: Vec<(String, String, String)> = {
+            let mut stmt = tx
+                .prepare_cached("SELECT DISTINCT subscription, agency, mode FROM deliveries WHERE notice_id = ?1")
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map([&original.notice_id], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .map_err(db_err)?;
+            rows.collect::<Result<_, _>>().map_err(db_err)?
+        };
+        let lift = NewNotice {
+            id: uuid::Uuid::now_v7().to_string(),
+            kind: NoticeKind::Lift,
+            severity: original.severity,
+            measures: original.measures.clone(),
+            effective_from: original.effective_from,
+            effective_until: Some(today),
+            region: None,
+            deliveries: targets
+                .iter()
+                .map(|(subscription, agency, mode)| super::NewDelivery {
+                    id: uuid::Uuid::now_v7().to_string(),
+                    subscription: subscription.clone(),
+                    agency: agency.clone(),
+                    push: mode == "push",
+                })
+                .collect(),
+        };
+        insert_notice(
+            tx,
+            &lift,
+            &original.item,
+            original.item_version,
+            record_id,
+            &original.source,
+            &rfc3339(now),
+            Some(&original.notice_id),
+            Some(reason),
+        )?;
+        recipients.extend(targets.into_iter().map(|(_, agency, _)| agency));
+        lift_notices.push(lift.id);
+    }
+    recipients.sort();
+    recipients.dedup();
+    Ok(EndOutcome::Ended {
+        lift_notices,
+        recipients,
+    })
+}
+
+// === impl reads ===
+
+const NOTICE_SELECT: &str = "SELECT id, kind, item, item_version, record_id, source, severity, measures, effective_from, effective_until, issued_at, lifts, reason FROM notices";
+
+/// Decodes a notice row; the outer `Result` is SQLite's, the inner ours.
+fn notice_from_row(r: &Row<'_>) -> rusqlite::Result<Result<StoredNotice, StoreError>> {
+    notice_at(r, 0)
+}
+
+fn notice_at(r: &Row<'_>, o: usize) -> rusqlite::Result<Result<StoredNotice, StoreError>> {
+    let kind: String = r.get(o + 1)?;
+    let severity: String = r.get(o + 6)?;
+    let measures: String = r.get(o + 7)?;
+    let issued: String = r.get(o + 10)?;
+    let decode = move || -> Result<_, StoreError> {
+        Ok((
+            parse_kind(&kind)?,
+            Severity::parse(&severity).ok_or_else(|| corrupt(format!("severity {severity:?}")))?,
+            serde_json::from_str::<Vec<String>>(&measures).map_err(corrupt)?,
+            parse_time(&issued)?,
+        ))
+    };
+    let (kind, severity, measures, issued_at) = match decode() {
+        Ok(x) => x,
+        Err(e) => return Ok(Err(e)),
+    };
+    Ok(Ok(StoredNotice {
+        notice_id: r.get(o)?,
+        kind,
+        item: r.get(o + 2)?,
+        item_version: r.get(o + 3)?,
+        record_id: r.get(o + 4)?,
+        source: r.get(o + 5)?,
+        severity,
+        measures,
+        effective_from: parse_date(r.get(o + 8)?),
+        effective_until: parse_date(r.get(o + 9)?),
+        issued_at,
+        lifts: r.get(o + 11)?,
+        reason: r.get(o + 12)?,
+    }))
+}
+
+/// Outbound rows: delivery columns, then the notice, then the record body.
+const OUTBOUND_SELECT: &str = "SELECT d.seq, d.id, d.subscription, d.agency, d.attempts, \
+     n.id, n.kind, n.item, n.item_version, n.record_id, n.source, n.severity, n.measures, n.effective_from, n.effective_until, n.issued_at, n.lifts, n.reason, \
+     r.body FROM deliveries d JOIN notices n ON n.id = d.notice_id JOIN records r ON r.id = n.record_id";
+
+fn outbound_from_row(r: &Row<'_>) -> rusqlite::Result<Result<Outbound, StoreError>> {
+    let notice = match notice_at(r, 5)? {
+        Ok(n) => n,
+        Err(e) => return Ok(Err(e)),
+    };
+    let body: String = r.get(18)?;
+    let record = match serde_json::from_str(&body) {
+        Ok(v) => RecordBody::from_store(v),
+        Err(e) => return Ok(Err(corrupt(e))),
+    };
+    Ok(Ok(Outbound {
+        seq: r.get(0)?,
+        delivery_id: r.get(1)?,
+        subscription: r.get(2)?,
+        agency: r.get(3)?,
+        attempts: r.get(4)?,
+        notice,
+        record,
+    }))
+}
+
+fn collect<T>(
+    rows: impl Iterator<Item = rusqlite::Result<Result<T, StoreError>>>,
+) -> Result<Vec<T>, StoreError> {
+    let mut out = Vec::new();
+    for row in rows {
+        out.push(row.map_err(db_err)??);
+    }
+    Ok(out)
+}
+
+const DELIVERY_SELECT: &str = "SELECT d.id, d.notice_id, n.kind, n.record_id, d.subscription, d.agency, d.mode, d.state, d.attempts, d.last_error FROM deliveries d JOIN notices n ON n.id = d.notice_id";
+
+fn delivery_from_row(r: &Row<'_>) -> rusqlite::Result<Result<DeliveryInfo, StoreError>> {
+    let kind: String = r.get(2)?;
+    let kind = match parse_kind(&kind) {
+        Ok(k) => k,
+        Err(e) => return Ok(Err(e)),
+    };
+    Ok(Ok(DeliveryInfo {
+        id: r.get(0)?,
+        notice_id: r.get(1)?,
+        notice_type: kind,
+        record_id: r.get(3)?,
+        subscription: r.get(4)?,
+        agency: r.get(5)?,
+        mode: r.get(6)?,
+        state: r.get(7)?,
+        attempts: r.get(8)?,
+        last_error: r.get(9)?,
+    }))
+}
+
+fn feedback_from_row(r: &Row<'_>) -> rusqlite::Result<Result<Feedback, StoreError>> {
+    let outcome: String = r.get(3)?;
+    let received: String = r.get(6)?;
+    let outcome = match outcome.as_str() {
+        "applied" => FeedbackOutcome::Applied,
+        "not_applicable" => FeedbackOutcome::NotApplicable,
+        "pending" => FeedbackOutcome::Pending,
+        other => return Ok(Err(corrupt(format!("feedback outcome {other:?}")))),
+    };
+    let received_at = match parse_time(&received) {
+        Ok(t) => t,
+        Err(e) => return Ok(Err(e)),
+    };
+    Ok(Ok(Feedback {
+        notice_id: r.get(0)?,
+        agency: r.get(1)?,
+        measure: r.get(2)?,
+        outcome,
+        date: parse_date(r.get(4)?),
+        note: r.get(5)?,
+        received_at,
+    }))
 }
 
 #[async_trait::async_trait]
@@ -360,12 +787,12 @@ impl Store for SqliteStore {
         &self,
         submission: NewSubmission,
     ) -> Result<AppendOutcome, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.sender()?
-            .send(WriteOp::Append(Box::new(submission), reply))
+        let wake = submission
+            .records
+            .iter()
+            .any(|r| r.notice.as_ref().is_some_and(|n| !n.deliveries.is_empty()));
+        self.write(wake, move |sp| append_submission(sp, &submission))
             .await
-            .map_err(|_| StoreError::Unavailable)?;
-        answer.await.map_err(|_| StoreError::Unavailable)?
     }
 
     async fn idempotent_response(
@@ -398,43 +825,340 @@ impl Store for SqliteStore {
         self.read(move |conn| {
             let row = conn
                 .query_row(
-                    "SELECT id, item, item_version, submitter, subject_type, subject_key, decision_date, received_at, body, warnings, status FROM records WHERE id = ?1",
+                    "SELECT id, item, item_version, submitter, subject_type, decision_date, effective_until, received_at, body, warnings, status, end_reason FROM records WHERE id = ?1",
                     [&id],
                     |r| {
                         Ok((
-                            r.get::<_, String>(0)?,
-                            r.get::<_, String>(1)?,
-                            r.get::<_, u32>(2)?,
-                            r.get::<_, String>(3)?,
-                            r.get::<_, String>(4)?,
-                            r.get::<_, Option<String>>(5)?,
-                            r.get::<_, Option<String>>(6)?,
-                            r.get::<_, String>(7)?,
-                            r.get::<_, String>(8)?,
-                            r.get::<_, String>(9)?,
-                            r.get::<_, String>(10)?,
+                            (r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, u32>(2)?, r.get::<_, String>(3)?),
+                            (r.get::<_, String>(4)?, r.get::<_, Option<String>>(5)?, r.get::<_, Option<String>>(6)?),
+                            (r.get::<_, String>(7)?, r.get::<_, String>(8)?, r.get::<_, String>(9)?),
+                            (r.get::<_, String>(10)?, r.get::<_, Option<String>>(11)?),
                         ))
                     },
                 )
                 .optional()
                 .map_err(db_err)?;
-            let Some((id, item, item_version, submitter, subject_type, subject_key, decision, received, body, warnings, status)) = row else {
+            let Some(((id, item, item_version, submitter), (subject_type, decision, until), (received, body, warnings), (status, end_reason))) = row else {
                 return Ok(None);
             };
-            let corrupt = |e: &dyn std::fmt::Display| StoreError::Corrupt(format!("record {id}: {e}"));
             Ok(Some(StoredRecord {
-                decision_date: decision.as_deref().and_then(crate::codes::parse_iso_date),
-                received_at: OffsetDateTime::parse(&received, &Rfc3339).map_err(|e| corrupt(&e))?,
-                body: serde_json::from_str(&body).map_err(|e| corrupt(&e))?,
-                warnings: serde_json::from_str(&warnings).map_err(|e| corrupt(&e))?,
+                decision_date: parse_date(decision),
+                effective_until: parse_date(until),
+                received_at: parse_time(&received)?,
+                body: RecordBody::from_store(serde_json::from_str(&body).map_err(corrupt)?),
+                warnings: serde_json::from_str(&warnings).map_err(corrupt)?,
                 id,
                 item,
                 item_version,
                 submitter,
                 subject_type,
-                subject_key,
                 status,
+                end_reason,
             }))
+        })
+        .await
+    }
+
+    async fn record_notices(&self, record_id: &str) -> Result<Vec<NoticeHistory>, StoreError> {
+        let record_id = record_id.to_owned();
+        self.read(move |conn| {
+            let notices = {
+                let mut stmt = conn
+                    .prepare_cached(&format!("{NOTICE_SELECT} WHERE record_id = ?1 ORDER BY issued_at, id"))
+                    .map_err(db_err)?;
+                let rows = stmt.query_map([&record_id], notice_from_row).map_err(db_err)?;
+                collect(rows)?
+            };
+            let mut out = Vec::with_capacity(notices.len());
+            for notice in notices {
+                let deliveries = {
+                    let mut stmt = conn
+                        .prepare_cached(&format!("{DELIVERY_SELECT} WHERE d.notice_id = ?1 ORDER BY d.seq"))
+                        .map_err(db_err)?;
+                    let rows = stmt.query_map([&notice.notice_id], delivery_from_row).map_err(db_err)?;
+                    collect(rows)?
+                };
+                let feedback = {
+                    let mut stmt = conn
+                        .prepare_cached("SELECT notice_id, agency, measure, outcome, date, note, received_at FROM feedback WHERE notice_id = ?1 ORDER BY agency, measure")
+                        .map_err(db_err)?;
+                    let rows = stmt.query_map([&notice.notice_id], feedback_from_row).map_err(db_err)?;
+                    collect(rows)?
+                };
+                out.push(NoticeHistory {
+                    notice,
+                    deliveries,
+                    feedback,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn end_record(
+        &self,
+        record_id: &str,
+        reason: &str,
+        note: Option<String>,
+    ) -> Result<EndOutcome, StoreError> {
+        let (record_id, reason) = (record_id.to_owned(), reason.to_owned());
+        self.write(true, move |sp| {
+            end_record(sp, &record_id, &reason, note.as_deref())
+        })
+        .await
+    }
+
+    async fn expire_due(&self, today: Date) -> Result<usize, StoreError> {
+        let today = today.to_string();
+        let due: Vec<String> = self
+            .read(move |conn| {
+                let mut stmt = conn
+                    .prepare_cached("SELECT id FROM records WHERE status = 'active' AND effective_until IS NOT NULL AND effective_until < ?1 LIMIT 1000")
+                    .map_err(db_err)?;
+                let rows = stmt.query_map([&today], |r| r.get(0)).map_err(db_err)?;
+                rows.collect::<Result<_, _>>().map_err(db_err)
+            })
+            .await?;
+        let mut ended = 0;
+        for id in due {
+            // Re-checked inside the writer: a concurrent revocation wins once.
+            if let EndOutcome::Ended { .. } = self.end_record(&id, "expired", None).await? {
+                ended += 1;
+            }
+        }
+        Ok(ended)
+    }
+
+    async fn pull(
+        &self,
+        agency: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<Outbound>, StoreError> {
+        let agency = agency.to_owned();
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(&format!("{OUTBOUND_SELECT} WHERE d.agency = ?1 AND d.mode = 'pull' AND d.seq > ?2 ORDER BY d.seq LIMIT ?3"))
+                .map_err(db_err)?;
+            let rows = stmt.query_map(params![agency, after, limit as i64], outbound_from_row).map_err(db_err)?;
+            collect(rows)
+        })
+        .await
+    }
+
+    async fn ack(&self, agency: &str, position: i64) -> Result<(), StoreError> {
+        let agency = agency.to_owned();
+        self.write(false, move |sp| {
+            // Never past the agency's last delivery, so an ack cannot skip
+            // notices that do not exist yet.
+            let last: i64 = sp
+                .query_row("SELECT COALESCE(MAX(seq), 0) FROM deliveries WHERE agency = ?1 AND mode = 'pull'", [&agency], |r| r.get(0))
+                .map_err(db_err)?;
+            let position = position.min(last);
+            sp.execute(
+                "INSERT INTO pull_positions (agency, position, updated_at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT(agency) DO UPDATE SET position = MAX(position, excluded.position), updated_at = excluded.updated_at",
+                params![agency, position, now_text()],
+            )
+            .map_err(db_err)?;
+            sp.execute(
+                "UPDATE deliveries SET state = 'delivered', delivered_at = ?3 WHERE agency = ?1 AND mode = 'pull' AND state = 'pending' AND seq <= ?2",
+                params![agency, position, now_text()],
+            )
+            .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn pull_position(&self, agency: &str) -> Result<i64, StoreError> {
+        let agency = agency.to_owned();
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT position FROM pull_positions WHERE agency = ?1",
+                [agency],
+                |r| r.get(0),
+            )
+            .optional()
+            .map(|p| p.unwrap_or(0))
+            .map_err(db_err)
+        })
+        .await
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.clone()
+    }
+
+    async fn claim_due(
+        &self,
+        now_ms: i64,
+        limit: usize,
+        lease_ms: i64,
+    ) -> Result<Vec<Outbound>, StoreError> {
+        self.write(false, move |sp| {
+            let claimed = {
+                let mut stmt = sp
+                    .prepare_cached(&format!(
+                        "{OUTBOUND_SELECT} WHERE d.mode = 'push' AND ((d.state = 'pending' AND d.next_attempt_at <= ?1) OR (d.state = 'inflight' AND d.lease_until <= ?1)) ORDER BY d.next_attempt_at, d.seq LIMIT ?2"
+                    ))
+                    .map_err(db_err)?;
+                let rows = stmt.query_map(params![now_ms, limit as i64], outbound_from_row).map_err(db_err)?;
+                collect(rows)?
+            };
+            let mut stmt = sp
+                .prepare_cached("UPDATE deliveries SET state = 'inflight', lease_until = ?2, attempts = attempts + 1 WHERE id = ?1")
+                .map_err(db_err)?;
+            for o in &claimed {
+                stmt.execute(params![o.delivery_id, now_ms + lease_ms]).map_err(db_err)?;
+            }
+            Ok(claimed)
+        })
+        .await
+    }
+
+    async fn finish_delivery(
+        &self,
+        delivery_id: &str,
+        result: DeliveryResult,
+    ) -> Result<(), StoreError> {
+        let id = delivery_id.to_owned();
+        self.write(false, move |sp| {
+            match result {
+                DeliveryResult::Delivered => sp.execute(
+                    "UPDATE deliveries SET state = 'delivered', delivered_at = ?2, last_error = NULL WHERE id = ?1",
+                    params![id, now_text()],
+                ),
+                DeliveryResult::Retry { at, error } => sp.execute(
+                    "UPDATE deliveries SET state = 'pending', next_attempt_at = ?2, last_error = ?3 WHERE id = ?1",
+                    params![id, at, error],
+                ),
+                DeliveryResult::Deferred { at } => sp.execute(
+                    "UPDATE deliveries SET state = 'pending', next_attempt_at = ?2, attempts = MAX(attempts - 1, 0) WHERE id = ?1",
+                    params![id, at],
+                ),
+                DeliveryResult::Dead { error } => sp.execute(
+                    "UPDATE deliveries SET state = 'dead', last_error = ?2 WHERE id = ?1",
+                    params![id, error],
+                ),
+            }
+            .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn deliveries(&self, state: &str, limit: usize) -> Result<Vec<DeliveryInfo>, StoreError> {
+        let state = state.to_owned();
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "{DELIVERY_SELECT} WHERE d.state = ?1 ORDER BY d.seq LIMIT ?2"
+                ))
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map(params![state, limit as i64], delivery_from_row)
+                .map_err(db_err)?;
+            collect(rows)
+        })
+        .await
+    }
+
+    async fn retry_delivery(&self, delivery_id: &str) -> Result<bool, StoreError> {
+        let id = delivery_id.to_owned();
+        self.write(true, move |sp| {
+            let n = sp
+                .execute(
+                    "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = 0, lease_until = 0 WHERE id = ?1 AND state = 'dead'",
+                    [id],
+                )
+                .map_err(db_err)?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn add_feedback(&self, f: Feedback) -> Result<FeedbackStored, StoreError> {
+        self.write(false, move |sp| {
+            let exists: Option<i64> = sp
+                .query_row("SELECT 1 FROM notices WHERE id = ?1", [&f.notice_id], |r| r.get(0))
+                .optional()
+                .map_err(db_err)?;
+            if exists.is_none() {
+                return Ok(FeedbackStored::UnknownNotice);
+            }
+            let received: Option<i64> = sp
+                .query_row("SELECT 1 FROM deliveries WHERE notice_id = ?1 AND agency = ?2 LIMIT 1", params![f.notice_id, f.agency], |r| r.get(0))
+                .optional()
+                .map_err(db_err)?;
+            if received.is_none() {
+                return Ok(FeedbackStored::NotRecipient);
+            }
+            let outcome = match f.outcome {
+                FeedbackOutcome::Applied => "applied",
+                FeedbackOutcome::NotApplicable => "not_applicable",
+                FeedbackOutcome::Pending => "pending",
+            };
+            sp.execute(
+                "INSERT INTO feedback (notice_id, agency, measure, outcome, date, note, received_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+                 ON CONFLICT(notice_id, agency, measure) DO UPDATE SET outcome = excluded.outcome, date = excluded.date, note = excluded.note, received_at = excluded.received_at",
+                params![f.notice_id, f.agency, f.measure, outcome, f.date.map(|d| d.to_string()), f.note, rfc3339(f.received_at)],
+            )
+            .map_err(db_err)?;
+            Ok(FeedbackStored::Stored)
+        })
+        .await
+    }
+
+    async fn notice(&self, notice_id: &str) -> Result<Option<StoredNotice>, StoreError> {
+        let id = notice_id.to_owned();
+        self.read(move |conn| {
+            conn.query_row(
+                &format!("{NOTICE_SELECT} WHERE id = ?1"),
+                [id],
+                notice_from_row,
+            )
+            .optional()
+            .map_err(db_err)?
+            .transpose()
+        })
+        .await
+    }
+
+    async fn feedback_stats(
+        &self,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<Vec<AgencyFeedbackStats>, StoreError> {
+        let (from, to) = (rfc3339(from), rfc3339(to));
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT d.agency, COUNT(DISTINCT n.id), COUNT(DISTINCT f.notice_id) \
+                     FROM deliveries d JOIN notices n ON n.id = d.notice_id \
+                     LEFT JOIN feedback f ON f.notice_id = n.id AND f.agency = d.agency \
+                     WHERE n.kind != 'lift' AND n.issued_at >= ?1 AND n.issued_at < ?2 \
+                     GROUP BY d.agency ORDER BY d.agency",
+                )
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map(params![from, to], |r| {
+                    let notices: u64 = r.get::<_, i64>(1)?.max(0) as u64;
+                    let with: u64 = r.get::<_, i64>(2)?.max(0) as u64;
+                    Ok(AgencyFeedbackStats {
+                        agency: r.get(0)?,
+                        notices,
+                        with_feedback: with,
+                        feedback_rate: if notices == 0 {
+                            0.0
+                        } else {
+                            with as f64 / notices as f64
+                        },
+                    })
+                })
+                .map_err(db_err)?;
+            rows.collect::<Result<_, _>>().map_err(db_err)
         })
         .await
     }

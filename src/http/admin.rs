@@ -1,0 +1,144 @@
+//! Administrators: dead deliveries and their retry, feedback statistics.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use serde::Deserialize;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use super::{json_response, AppState, Caller};
+use crate::error::Problem;
+use crate::participants::{Kind, Participant};
+
+/// Refuses anyone but administrators.
+pub fn admin_only(caller: &Participant) -> Result<(), Problem> {
+    if caller.kind == Kind::Admin {
+        Ok(())
+    } else {
+        Err(Problem::caller(
+            StatusCode::FORBIDDEN,
+            "admins_only",
+            "this route is for administrators of the credit office",
+        ))
+    }
+}
+
+/// Query of the delivery list.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryQuery {
+    state: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /admin/v1/deliveries?state=dead`.
+pub async fn deliveries(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    query: Result<Query<DeliveryQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Problem> {
+    admin_only(&caller)?;
+    let bad = || {
+        Problem::caller(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            "state must be pending, inflight, delivered or dead; limit 1-1000",
+        )
+    };
+    let Query(q) = query.map_err(|_| bad())?;
+    let wanted = q.state.unwrap_or_else(|| "dead".into());
+    if !["pending", "inflight", "delivered", "dead"].contains(&wanted.as_str()) {
+        return Err(bad());
+    }
+    let limit = q.limit.unwrap_or(100);
+    if limit == 0 || limit > 1000 {
+        return Err(bad());
+    }
+    let list = state.ingest.store.deliveries(&wanted, limit).await?;
+    let body = serde_json::to_vec(&serde_json::json!({
+        "state": wanted,
+        "deliveries": list,
+        "paused_subscriptions": state.dispatcher.paused(),
+    }))
+    .map_err(|e| Problem::gateway(&e))?;
+    Ok(json_response(StatusCode::OK, body))
+}
+
+/// `POST /admin/v1/deliveries/{id}/retry`: a dead delivery back in the queue.
+pub async fn retry(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    admin_only(&caller)?;
+    if !state.ingest.store.retry_delivery(&id).await? {
+        return Err(Problem::caller(
+            StatusCode::NOT_FOUND,
+            "no_dead_delivery",
+            "no dead delivery with this id",
+        ));
+    }
+    tracing::info!(delivery = %id, admin = %caller.id, "dead delivery queued again by an administrator");
+    let body = serde_json::to_vec(&serde_json::json!({"id": id, "state": "pending"}))
+        .map_err(|e| Problem::gateway(&e))?;
+    Ok(json_response(StatusCode::OK, body))
+}
+
+/// Query of a statistics period.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeriodQuery {
+    from: Option<String>,
+    to: Option<String>,
+}
+
+fn period(q: PeriodQuery) -> Result<(OffsetDateTime, OffsetDateTime), Problem> {
+    let parse = |s: &str| {
+        crate::codes::parse_iso_date(s)
+            .map(|d| d.midnight().assume_utc())
+            .or_else(|| OffsetDateTime::parse(s, &Rfc3339).ok())
+            .ok_or_else(|| {
+                Problem::caller(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_query",
+                    "from and to must be YYYY-MM-DD or RFC 3339 times",
+                )
+            })
+    };
+    let from = q
+        .from
+        .as_deref()
+        .map(parse)
+        .transpose()?
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    let to =
+        q.to.as_deref()
+            .map(parse)
+            .transpose()?
+            .unwrap_or_else(|| OffsetDateTime::now_utc() + time::Duration::days(1));
+    Ok((from, to))
+}
+
+/// `GET /admin/v1/stats/feedback?from&to`: feedback rate per agency.
+pub async fn feedback_stats(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    query: Result<Query<PeriodQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Problem> {
+    admin_only(&caller)?;
+    let Query(q) = query.map_err(|_| {
+        Problem::caller(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            "allowed parameters: from, to",
+        )
+    })?;
+    let (from, to) = period(q)?;
+    let agencies = state.ingest.store.feedback_stats(from, to).await?;
+    let body = serde_json::to_vec(&serde_json::json!({"from": from.format(&Rfc3339).unwrap_or_default(), "to": to.format(&Rfc3339).unwrap_or_default(), "agencies": agencies}))
+        .map_err(|e| Problem::gateway(&e))?;
+    Ok(json_response(StatusCode::OK, body))
+}

@@ -1,0 +1,266 @@
+//! Agencies: `GET /v1/notices` (long-poll pull), `POST /v1/notices/ack`,
+//! `POST /v1/notices/{notice_id}/feedback`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{json_response, parse_json, read_json, AppState, Caller};
+use crate::error::Problem;
+use crate::participants::{Kind, Participant};
+use crate::redact::NoticeView;
+use crate::store::{Feedback, FeedbackOutcome, FeedbackStored, NoticeKind};
+
+/// Longest long-poll wait, seconds.
+pub const MAX_WAIT_SECS: u64 = 30;
+/// Most notices per pull.
+pub const MAX_LIMIT: usize = 1000;
+
+fn agency_only(caller: &Participant) -> Result<(), Problem> {
+    if caller.kind == Kind::Agency {
+        Ok(())
+    } else {
+        Err(Problem::caller(
+            StatusCode::FORBIDDEN,
+            "agencies_only",
+            "only agencies receive notices",
+        ))
+    }
+}
+
+fn bad_query(detail: impl Into<String>) -> Problem {
+    Problem::caller(StatusCode::BAD_REQUEST, "invalid_query", detail)
+}
+
+fn parse_cursor(s: &str) -> Result<i64, Problem> {
+    s.parse::<i64>()
+        .ok()
+        .filter(|n| *n >= 0)
+        .ok_or_else(|| bad_query("cursor must be a value returned as next_cursor"))
+}
+
+/// Query of a pull.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PullQuery {
+    after: Option<String>,
+    limit: Option<usize>,
+    wait: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct PullPage {
+    notices: Vec<NoticeView>,
+    next_cursor: String,
+}
+
+/// Notices for the caller after a cursor, redacted for its clearance;
+/// waits up to `wait` seconds when none are ready.
+pub async fn pull(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    query: Result<Query<PullQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Problem> {
+    agency_only(&caller)?;
+    let Query(q) = query.map_err(|_| {
+        bad_query("allowed parameters: after (cursor), limit (1-1000), wait (0-30 seconds)")
+    })?;
+    let limit = q.limit.unwrap_or(100);
+    if limit == 0 || limit > MAX_LIMIT {
+        return Err(bad_query(format!("limit must be 1-{MAX_LIMIT}")));
+    }
+    let wait = q.wait.unwrap_or(0);
+    if wait > MAX_WAIT_SECS {
+        return Err(bad_query(format!("wait must be 0-{MAX_WAIT_SECS} seconds")));
+    }
+    let store = state.ingest.store.clone();
+    let after = match q.after.as_deref() {
+        Some(c) => parse_cursor(c)?,
+        None => store.pull_position(&caller.id).await?,
+    };
+    // Subscribe before reading so a commit in between is not missed.
+    let mut changes = store.changes();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
+    let batch = loop {
+        let batch = store.pull(&caller.id, after, limit).await?;
+        if !batch.is_empty() || tokio::time::Instant::now() >= deadline {
+            break batch;
+        }
+        tokio::select! {
+            _ = changes.changed() => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = state.shutdown.cancelled() => break Vec::new(),
+        }
+    };
+    let catalog = state.ingest.catalog.load_full();
+    let next = batch.last().map_or(after, |o| o.seq);
+    let notices = batch
+        .iter()
+        .map(|o| {
+            state.redactor.notice_view(
+                catalog.get(&o.notice.item).map(|i| i.as_ref()),
+                &o.notice,
+                &o.record,
+                caller.clearance,
+                Some(o.seq.to_string()),
+            )
+        })
+        .collect();
+    let body = serde_json::to_vec(&PullPage {
+        notices,
+        next_cursor: next.to_string(),
+    })
+    .map_err(|e| Problem::gateway(&e))?;
+    Ok(json_response(StatusCode::OK, body))
+}
+
+/// Stores the caller's acknowledged position.
+pub async fn ack(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Problem> {
+    agency_only(&caller)?;
+    let raw = read_json(&headers, body, &state.limits).await?;
+    let doc = parse_json(&raw, state.limits.max_json_depth)?;
+    let cursor = match doc.get("cursor") {
+        Some(Value::String(c)) => {
+            parse_cursor(c).map_err(|p| p.at("/cursor", "must be a next_cursor value"))?
+        }
+        _ => {
+            return Err(Problem::caller(
+                StatusCode::BAD_REQUEST,
+                "invalid_document",
+                "\"cursor\" (string) is required",
+            )
+            .at("/cursor", "is required"))
+        }
+    };
+    state.ingest.store.ack(&caller.id, cursor).await?;
+    let position = state.ingest.store.pull_position(&caller.id).await?;
+    let body = serde_json::to_vec(&serde_json::json!({"acknowledged": position.to_string()}))
+        .map_err(|e| Problem::gateway(&e))?;
+    Ok(json_response(StatusCode::OK, body))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FeedbackBody {
+    measure: String,
+    outcome: FeedbackOutcome,
+    date: Option<String>,
+    note: Option<String>,
+}
+
+/// Longest feedback note.
+const MAX_NOTE: usize = 2000;
+
+/// An agency reports what it did about one measure of a notice it received.
+pub async fn feedback(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(notice_id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Problem> {
+    agency_only(&caller)?;
+    let raw = read_json(&headers, body, &state.limits).await?;
+    let doc = parse_json(&raw, state.limits.max_json_depth)?;
+    let invalid = |pointer: &str, msg: &str| {
+        Problem::caller(
+            StatusCode::BAD_REQUEST,
+            "invalid_feedback",
+            "the feedback document is not valid",
+        )
+        .at(pointer, msg)
+    };
+    let fb: FeedbackBody = serde_json::from_value(doc).map_err(|_| {
+        invalid("", "expected {\"measure\": string, \"outcome\": \"applied\"|\"not_applicable\"|\"pending\", \"date\": \"YYYY-MM-DD\", \"note\": string}")
+    })?;
+    let date = match fb.date.as_deref() {
+        None => None,
+        Some(d) => Some(
+            crate::codes::parse_iso_date(d)
+                .ok_or_else(|| invalid("/date", "must be a real date as YYYY-MM-DD"))?,
+        ),
+    };
+    if fb.outcome == FeedbackOutcome::Applied && date.is_none() {
+        return Err(invalid(
+            "/date",
+            "the date the measure was applied is required",
+        ));
+    }
+    if fb.outcome == FeedbackOutcome::NotApplicable
+        && fb.note.as_deref().is_none_or(|n| n.trim().is_empty())
+    {
+        return Err(invalid("/note", "say why the measure does not apply"));
+    }
+    if fb
+        .note
+        .as_deref()
+        .is_some_and(|n| n.chars().count() > MAX_NOTE)
+    {
+        return Err(invalid("/note", "at most 2000 characters"));
+    }
+    let not_found = || {
+        Problem::caller(
+            StatusCode::NOT_FOUND,
+            "notice_not_found",
+            "no notice with this id was sent to the caller",
+        )
+    };
+    let notice = state
+        .ingest
+        .store
+        .notice(&notice_id)
+        .await?
+        .ok_or_else(not_found)?;
+    if notice.kind == NoticeKind::Lift {
+        return Err(Problem::caller(
+            StatusCode::CONFLICT,
+            "lift_notice",
+            "feedback is given on punishment and incentive notices, not on lifts",
+        ));
+    }
+    if !notice.measures.contains(&fb.measure) {
+        return Err(invalid(
+            "/measure",
+            "not a measure of this notice; see the notice's measures",
+        ));
+    }
+    let stored = state
+        .ingest
+        .store
+        .add_feedback(Feedback {
+            notice_id: notice_id.clone(),
+            agency: caller.id.clone(),
+            measure: fb.measure,
+            outcome: fb.outcome,
+            date,
+            note: fb.note,
+            received_at: time::OffsetDateTime::now_utc(),
+        })
+        .await?;
+    match stored {
+        FeedbackStored::Stored => {
+            let body = serde_json::to_vec(
+                &serde_json::json!({"notice_id": notice_id, "status": "stored"}),
+            )
+            .map_err(|e| Problem::gateway(&e))?;
+            Ok(json_response(StatusCode::OK, body))
+        }
+        FeedbackStored::UnknownNotice => Err(not_found()),
+        FeedbackStored::NotRecipient => Err(Problem::caller(
+            StatusCode::FORBIDDEN,
+            "not_a_recipient",
+            "only an agency that received this notice may give feedback on it",
+        )),
+    }
+}
