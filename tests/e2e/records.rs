@@ -209,7 +209,9 @@ async fn accepted_records_read_back_and_survive_a_restart() {
     let record = admin["record"].as_object().expect("record");
     assert!(record.contains_key("decision_number"));
     // Secret fields reach a restricted-clearance admin only as pseudonyms.
-    let pseudonym = record["legal_representative_id_number"].as_str().expect("pseudonym");
+    let pseudonym = record["legal_representative_id_number"]
+        .as_str()
+        .expect("pseudonym");
     assert!(pseudonym.starts_with("pid:"), "{admin:#}");
     assert!(
         !String::from_utf8_lossy(&serde_json::to_vec(&admin).expect("json"))

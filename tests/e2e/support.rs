@@ -81,6 +81,11 @@ impl Pki {
             }
             write(id, &issued);
         }
+        // The gateway's client certificate for push deliveries.
+        write(
+            "gateway",
+            &ca.issue_client("credgate-gateway").expect("gateway"),
+        );
         // A valid certificate for a participant nobody registered.
         write("stranger", &ca.issue_client("stranger").expect("stranger"));
         std::fs::write(dir.join("crl.pem"), ca.crl(&revoked).expect("crl")).expect("write crl");
@@ -137,11 +142,22 @@ impl Env {
         config.participants.file = participants_file;
         config.store.data_dir = root.path().join("data");
         config.privacy.secret_file = secret;
+        config.subscriptions.file = root.path().join("subscriptions.toml");
+        std::fs::write(&config.subscriptions.file, "").expect("write subscriptions");
+        config.delivery.client_cert = certs.join("gateway.pem");
+        config.delivery.client_key = certs.join("gateway.key");
+        config.delivery.retry_schedule_secs = vec![1, 1, 1, 1, 1];
+        config.delivery.poll_interval_ms = 100;
         config.rate_limit.department = Quota {
             per_second: 10_000,
             burst: 10_000,
         };
         Env { root, config, pki }
+    }
+
+    /// Replaces the subscriptions file.
+    pub fn subscribe(&self, toml: &str) {
+        std::fs::write(&self.config.subscriptions.file, toml).expect("write subscriptions");
     }
 
     /// Path of the SQLite database.
