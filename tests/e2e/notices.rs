@@ -153,7 +153,7 @@ async fn full_cycle_routes_redacts_signs_retries_and_lifts() {
     // Credit service (public) gets only the red-list notice, public fields only.
     let (cs_notices, raw, _) = pull_all(&cs_client, "0").await;
     outgoing.extend(raw);
-    assert_eq!(ids(&cs_notices), [n5.clone()]);
+    assert_eq!(ids(&cs_notices), std::slice::from_ref(&n5));
     let cs_record = cs_notices[0]["record"].as_object().expect("record");
     assert!(cs_record.contains_key("awarding_department"));
     assert!(
@@ -176,7 +176,7 @@ async fn full_cycle_routes_redacts_signs_retries_and_lifts() {
     assert_eq!(fin_ids, expected);
     assert_eq!(
         land_got.iter().map(|r| r.id.clone()).collect::<Vec<_>>(),
-        [n3.clone()]
+        std::slice::from_ref(&n3)
     );
     for r in fin.requests() {
         assert!(verify(FIN_SECRET, &r), "finance signature does not verify");
