@@ -225,6 +225,30 @@ pub fn parse_iso_date(s: &str) -> Option<Date> {
     parse_compact_date(&compact)
 }
 
+/// Serde for `Option<Date>` as ISO `YYYY-MM-DD` (the API's date format).
+pub mod iso_date_opt {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use time::Date;
+
+    /// Serializes as `"YYYY-MM-DD"` or `null`.
+    pub fn serialize<S: Serializer>(d: &Option<Date>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.collect_str(d),
+            None => s.serialize_none(),
+        }
+    }
+
+    /// Parses `"YYYY-MM-DD"` or `null`.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Date>, D::Error> {
+        match Option::<String>::deserialize(d)? {
+            None => Ok(None),
+            Some(s) => super::parse_iso_date(&s)
+                .map(Some)
+                .ok_or_else(|| serde::de::Error::custom("expected a date as YYYY-MM-DD")),
+        }
+    }
+}
+
 /// Today's date in China Standard Time (UTC+8), the calendar the records use.
 pub fn today_cst() -> Date {
     let offset = time::UtcOffset::from_hms(8, 0, 0).unwrap_or(time::UtcOffset::UTC);

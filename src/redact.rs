@@ -163,7 +163,9 @@ pub struct NoticeView {
     severity: Severity,
     subject: SubjectView,
     measures: Vec<MeasureView>,
+    #[serde(with = "crate::codes::iso_date_opt")]
     effective_from: Option<Date>,
+    #[serde(with = "crate::codes::iso_date_opt")]
     effective_until: Option<Date>,
     record: RecordView,
     #[serde(with = "time::serde::rfc3339")]

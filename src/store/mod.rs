@@ -209,8 +209,10 @@ pub struct StoredNotice {
     /// Measure ids.
     pub measures: Vec<String>,
     /// Start of effect.
+    #[serde(with = "crate::codes::iso_date_opt")]
     pub effective_from: Option<Date>,
     /// End of effect.
+    #[serde(with = "crate::codes::iso_date_opt")]
     pub effective_until: Option<Date>,
     /// Creation time.
     #[serde(with = "time::serde::rfc3339")]
@@ -315,6 +317,7 @@ pub struct Feedback {
     /// Outcome.
     pub outcome: FeedbackOutcome,
     /// When the measure was applied (or decided).
+    #[serde(with = "crate::codes::iso_date_opt")]
     pub date: Option<Date>,
     /// Free-text note.
     pub note: Option<String>,

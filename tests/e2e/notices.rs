@@ -150,6 +150,11 @@ async fn full_cycle_routes_redacts_signs_retries_and_lifts() {
         .iter()
         .any(|m| m["id"] == "restrict_government_procurement"));
     assert_eq!(person["record"]["facts"], r3_record["facts"]);
+    assert_eq!(
+        person["effective_from"], r3_record["listing_date"],
+        "dates are YYYY-MM-DD"
+    );
+    assert_eq!(person["effective_until"], r3_record["planned_removal_date"]);
     // Credit service (public) gets only the red-list notice, public fields only.
     let (cs_notices, raw, _) = pull_all(&cs_client, "0").await;
     outgoing.extend(raw);

@@ -123,6 +123,105 @@ async fn kill_9_loses_no_acknowledged_record() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_a_dishonesty_burst_loses_no_notice() {
+    let env = Env::new();
+    let rx =
+        crate::receiver::Receiver::start(env.root.path(), "burst", &env.pki.dir.join("ca.pem"), 0)
+            .await;
+    env.subscribe(&format!(
+        "[[subscription]]\nid = \"land-push\"\nagency = \"agency-land\"\nmode = \"push\"\nendpoint = \"{}\"\nca_file = \"{}\"\nsigning_secret = \"whsec_c2VjcmV0LWZvci1sYW5kLWJ1cmVhdS1yZWNlaXZlcg==\"\nitems = [\"serious_dishonesty\"]\n\n\
+         [[subscription]]\nid = \"proc-pull\"\nagency = \"agency-procurement\"\nmode = \"pull\"\n",
+        rx.endpoint(),
+        rx.ca_file.display()
+    ));
+    let mut running = spawn(&env).await;
+    let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..8u64 {
+        let client = env.client(running.main, "dept-court");
+        let (acked, stop) = (acked.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            let Ok(mut conn) = client.connect(false).await else { return };
+            let mut n = w * 1_000_000;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let body = serde_json::to_vec(&json!({"item": "serious_dishonesty", "records": [synth::record("serious_dishonesty", n, "")]})).expect("json");
+                match conn.send("POST", "/v1/records", &[("content-type", "application/json")], body).await {
+                    Ok(r) if r.status == 200 => {
+                        let id = r.json()["results"][0]["notice_id"].as_str().map(str::to_owned);
+                        acked.lock().expect("lock").extend(id);
+                    }
+                    _ => return,
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    running.child.kill().expect("kill -9");
+    running.child.wait().expect("wait");
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        let _ = w.await;
+    }
+    let acked: std::collections::HashSet<String> =
+        acked.lock().expect("lock").iter().cloned().collect();
+    assert!(
+        acked.len() > 20,
+        "too few submissions before the kill: {}",
+        acked.len()
+    );
+
+    let mut running = spawn(&env).await;
+    // Push: every acknowledged notice arrives (at least once).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got: std::collections::HashSet<String> =
+            rx.accepted().into_iter().map(|r| r.id).collect();
+        let missing = acked.difference(&got).count();
+        if missing == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{missing} of {} acknowledged notices never pushed",
+            acked.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Pull: every acknowledged notice is in the agency's stream.
+    let agency = env.client(running.main, "agency-procurement");
+    let mut pulled = std::collections::HashSet::new();
+    let mut after = "0".to_owned();
+    loop {
+        let doc = agency
+            .get(&format!("/v1/notices?after={after}&limit=1000"))
+            .await
+            .json();
+        let page = doc["notices"].as_array().cloned().unwrap_or_default();
+        if page.is_empty() {
+            break;
+        }
+        pulled.extend(
+            page.iter()
+                .filter_map(|n| n["notice_id"].as_str().map(str::to_owned)),
+        );
+        after = doc["next_cursor"].as_str().expect("cursor").to_owned();
+    }
+    assert!(
+        acked.is_subset(&pulled),
+        "{} acknowledged notices missing from the pull stream",
+        acked.difference(&pulled).count()
+    );
+    signal(&running.child, "-TERM");
+    running.child.wait().expect("wait");
+    eprintln!(
+        "kill -9 burst: {} acknowledged dishonesty notices, all pushed and pullable after restart",
+        acked.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_exits_zero() {
     let env = Env::new();
     let mut running = spawn(&env).await;
