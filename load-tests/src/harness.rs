@@ -1,0 +1,197 @@
+//! A self-contained gateway for a load run: its own folder, participants,
+//! certificates (rcgen), subscriptions and configuration, and the real
+//! `credgate` binary started as a separate process so its CPU and memory
+//! can be read from /proc.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use credgate::config::{Config, Mode, Quota};
+
+use crate::report::ProcStats;
+
+/// Departments that submit in load runs.
+pub const DEPARTMENTS: [&str; 4] = ["dept-market", "dept-tax", "dept-ecology", "dept-court"];
+
+/// A prepared folder.
+pub struct Workspace {
+    /// Root folder (removed on drop).
+    pub dir: PathBuf,
+    /// Certificates (`ca.pem`, `<participant>.pem|key`).
+    pub certs: PathBuf,
+    /// Configuration the gateway runs with.
+    pub config: Config,
+}
+
+impl Drop for Workspace {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_addr() -> Result<SocketAddr, String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    l.local_addr().map_err(|e| e.to_string())
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+impl Workspace {
+    /// Creates a workspace with the four departments (with `quota`, or
+    /// unlimited) and `agencies` agencies (`agency-load-00`…, clearance
+    /// shared).
+    pub fn create(name: &str, agencies: usize, quota: Option<Quota>) -> Result<Workspace, String> {
+        let dir = std::env::temp_dir().join(format!("credgate-load-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let certs = dir.join("certs");
+        std::fs::create_dir_all(&certs).map_err(|e| e.to_string())?;
+        let mut participants = String::new();
+        let mut ids = Vec::new();
+        for d in DEPARTMENTS {
+            participants.push_str(&format!("[[participant]]\nid = \"{d}\"\nkind = \"department\"\nname = \"{d}\"\nname_zh = \"部门\"\n"));
+            if let Some(q) = quota {
+                participants.push_str(&format!(
+                    "quota = {{ per_second = {}, burst = {} }}\n",
+                    q.per_second, q.burst
+                ));
+            }
+            participants.push('\n');
+            ids.push(d.to_owned());
+        }
+        for i in 0..agencies {
+            let id = format!("agency-load-{i:02}");
+            participants.push_str(&format!(
+                "[[participant]]\nid = \"{id}\"\nkind = \"agency\"\nname = \"{id}\"\nname_zh = \"机构\"\nclearance = \"shared\"\nquota = {{ per_second = 100000, burst = 100000 }}\n\n"
+            ));
+            ids.push(id);
+        }
+        let participants_file = dir.join("participants.toml");
+        std::fs::write(&participants_file, participants).map_err(|e| e.to_string())?;
+        credgate::pki::init_dir(&certs, &ids).map_err(|e| e.to_string())?;
+        std::fs::write(
+            dir.join("gateway.secret"),
+            "load-test-secret-load-test-secret-0123456789",
+        )
+        .map_err(|e| e.to_string())?;
+        let mut config = Config {
+            mode: Mode::Production,
+            ..Config::default()
+        };
+        config.server.listen = free_addr()?;
+        config.server.ops_listen = free_addr()?;
+        config.server.shutdown_grace_secs = 5;
+        config.tls.client_ca = certs.join("ca.pem");
+        config.tls.cert = certs.join("server.pem");
+        config.tls.key = certs.join("server.key");
+        config.catalog.dir = repo().join("catalogs/credit");
+        config.participants.file = participants_file;
+        config.subscriptions.file = dir.join("subscriptions.toml");
+        config.delivery.client_cert = certs.join("gateway.pem");
+        config.delivery.client_key = certs.join("gateway.key");
+        config.delivery.poll_interval_ms = 50;
+        config.store.data_dir = dir.join("data");
+        config.privacy.secret_file = dir.join("gateway.secret");
+        let unlimited = Quota {
+            per_second: 10_000_000,
+            burst: 10_000_000,
+        };
+        config.rate_limit.department = quota.unwrap_or(unlimited);
+        config.rate_limit.agency = unlimited;
+        Ok(Workspace { dir, certs, config })
+    }
+
+    /// Writes the subscriptions file.
+    pub fn subscriptions(&self, toml: &str) -> Result<(), String> {
+        std::fs::write(&self.config.subscriptions.file, toml).map_err(|e| e.to_string())
+    }
+
+    /// Starts the gateway binary and waits until it is ready.
+    pub async fn start(&self) -> Result<GatewayProcess, String> {
+        let config_file = self.dir.join("credgate.toml");
+        std::fs::write(
+            &config_file,
+            toml::to_string(&self.config).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| e.to_string())?;
+        let bin = std::env::current_exe()
+            .map_err(|e| e.to_string())?
+            .with_file_name("credgate");
+        if !bin.is_file() {
+            return Err(format!(
+                "{} not found: build it with `cargo build --release --workspace`",
+                bin.display()
+            ));
+        }
+        let child = Command::new(&bin)
+            .args(["serve", "--config"])
+            .arg(&config_file)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("{}: {e}", bin.display()))?;
+        let process = GatewayProcess {
+            child,
+            addr: self.config.server.listen,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if ops_ready(self.config.server.ops_listen).await {
+                return Ok(process);
+            }
+            if Instant::now() > deadline {
+                return Err("the gateway did not become ready in 30 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+async fn ops_ready(addr: SocketAddr) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return false;
+    };
+    if s.write_all(b"GET /readyz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf).await;
+    buf.starts_with(b"HTTP/1.1 200")
+}
+
+/// A running gateway process.
+pub struct GatewayProcess {
+    child: Child,
+    /// Main listener.
+    pub addr: SocketAddr,
+}
+
+impl GatewayProcess {
+    /// CPU and memory figures now.
+    pub fn stats(&self) -> ProcStats {
+        ProcStats::read(self.child.id())
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,412 @@
+//! The scenarios: each prepares (or targets) a gateway, drives it, and
+//! returns a human summary and a JSON report.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+use crate::client::{connect, tls_config, Conn};
+use crate::harness::{GatewayProcess, Workspace, DEPARTMENTS};
+use crate::receiver::Receiver;
+use crate::report::{histogram, percentiles, Errors};
+use crate::Load;
+
+/// Request bodies prepared before the run so generating them does not
+/// compete with the gateway for CPU during it.
+fn bodies(item: &str, batch: usize, invalid: f64, seed: u64, count: usize) -> Vec<Bytes> {
+    let mut n = seed.wrapping_mul(1_000_003);
+    (0..count)
+        .map(|_| {
+            let records: Vec<Value> = (0..batch.max(1))
+                .map(|_| {
+                    n += 1;
+                    let mut r = credgate::synth::record(
+                        item,
+                        n,
+                        if n.is_multiple_of(10) {
+                            "serious"
+                        } else {
+                            "general"
+                        },
+                    );
+                    // Deterministic share of invalid records: a bad check character.
+                    if invalid > 0.0 && (n % 1000) < (invalid * 1000.0) as u64 {
+                        r["uscc"] = json!("914403001922038217");
+                        r["subject_type"] = json!("legal_entity");
+                    }
+                    r
+                })
+                .collect();
+            Bytes::from(
+                serde_json::to_vec(&json!({"item": item, "records": records})).unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+struct Drive {
+    ok: u64,
+    records: u64,
+    hist: hdrhistogram::Histogram<u64>,
+    errors: Errors,
+    secs: f64,
+}
+
+/// Runs `load` against `target` with the departments' certificates in `certs`.
+async fn drive(load: &Load, target: std::net::SocketAddr, certs: &Path) -> Result<Drive, String> {
+    let pool = Arc::new(bodies(
+        &load.item,
+        load.batch,
+        load.invalid,
+        load.seed,
+        2048,
+    ));
+    let deadline = Instant::now() + Duration::from_secs(load.duration);
+    let mut tasks = Vec::new();
+    for c in 0..load.connections {
+        let dept = DEPARTMENTS[c % DEPARTMENTS.len()];
+        let tls = tls_config(certs, dept, load.h2)?;
+        let first = connect(target, tls, load.h2)
+            .await
+            .map_err(|e| format!("connect {target}: {e}"))?;
+        let mut handles: Vec<Conn> = (1..load.streams.max(1))
+            .filter_map(|_| first.stream())
+            .collect();
+        handles.insert(0, first);
+        for (s, mut conn) in handles.into_iter().enumerate() {
+            let pool = pool.clone();
+            let offset = (c * 131 + s * 17) % pool.len();
+            tasks.push(tokio::spawn(async move {
+                let mut hist = histogram();
+                let mut errors = Errors::default();
+                let (mut ok, mut records) = (0u64, 0u64);
+                let mut i = offset;
+                while Instant::now() < deadline {
+                    let body = pool[i % pool.len()].clone();
+                    i += 1;
+                    let start = Instant::now();
+                    match conn.request("POST", "/v1/records", Some(body)).await {
+                        Ok((200, b)) => {
+                            let _ = hist.record(start.elapsed().as_micros().max(1) as u64);
+                            ok += 1;
+                            records += accepted_count(&b);
+                        }
+                        Ok((status, _)) => errors.add(format!("http_{status}")),
+                        Err(_) => {
+                            errors.add("io");
+                            break;
+                        }
+                    }
+                }
+                (ok, records, hist, errors)
+            }));
+        }
+    }
+    let started = Instant::now();
+    let mut total = Drive {
+        ok: 0,
+        records: 0,
+        hist: histogram(),
+        errors: Errors::default(),
+        secs: 0.0,
+    };
+    for t in tasks {
+        if let Ok((ok, records, hist, errors)) = t.await {
+            total.ok += ok;
+            total.records += records;
+            let _ = total.hist.add(&hist);
+            total.errors.merge(&errors);
+        }
+    }
+    total.secs = started.elapsed().as_secs_f64().max(0.001);
+    Ok(total)
+}
+
+/// Reads `"accepted": n` without a full parse.
+fn accepted_count(body: &[u8]) -> u64 {
+    let text = std::str::from_utf8(body).unwrap_or("");
+    text.split("\"accepted\":")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `ingest`: one or N records per request.
+pub async fn ingest(load: Load) -> Result<(String, Value), String> {
+    let workspace;
+    let gateway: Option<GatewayProcess>;
+    let (target, certs) = match load.target {
+        Some(t) => {
+            gateway = None;
+            (t, load.certs.clone())
+        }
+        None => {
+            workspace = Workspace::create("ingest", 0, None)?;
+            let g = workspace.start().await?;
+            let addr = g.addr;
+            gateway = Some(g);
+            (addr, workspace.certs.clone())
+        }
+    };
+    let before = gateway
+        .as_ref()
+        .map(GatewayProcess::stats)
+        .unwrap_or_default();
+    let d = drive(&load, target, &certs).await?;
+    let after = gateway
+        .as_ref()
+        .map(GatewayProcess::stats)
+        .unwrap_or_default();
+    if let Some(g) = gateway {
+        g.stop();
+    }
+    let cpu = after.cpu_secs - before.cpu_secs;
+    let json = json!({
+        "scenario": "ingest", "http2": load.h2, "connections": load.connections, "streams": load.streams,
+        "batch": load.batch, "item": load.item, "invalid_share": load.invalid, "seconds": d.secs,
+        "requests_ok": d.ok, "records_accepted": d.records,
+        "requests_per_s": d.ok as f64 / d.secs, "records_per_s": d.records as f64 / d.secs,
+        "latency_ms": percentiles(&d.hist), "errors": d.errors.json(),
+        "gateway": {"cpu_secs": cpu, "cpu_us_per_request": if d.ok > 0 { cpu * 1e6 / d.ok as f64 } else { 0.0 }, "peak_rss_mb": after.peak_rss as f64 / 1048576.0},
+    });
+    let summary = format!(
+        "ingest{} {}x{} batch {}: {:.0} req/s, {:.0} records/s; latency ms p50 {} p99 {} p99.9 {}; errors {}; gateway CPU {:.1} µs/request, peak RSS {:.0} MB",
+        if load.h2 { " h2" } else { "" },
+        load.connections,
+        load.streams,
+        load.batch,
+        d.ok as f64 / d.secs,
+        d.records as f64 / d.secs,
+        json["latency_ms"]["p50"],
+        json["latency_ms"]["p99"],
+        json["latency_ms"]["p999"],
+        d.errors.json(),
+        json["gateway"]["cpu_us_per_request"].as_f64().unwrap_or(0.0),
+        json["gateway"]["peak_rss_mb"].as_f64().unwrap_or(0.0),
+    );
+    Ok((summary, json))
+}
+
+/// `fanout`: dishonesty records to `subs` subscriptions (half push).
+pub async fn fanout(
+    subs: usize,
+    connections: usize,
+    rate: u64,
+    duration: u64,
+) -> Result<(String, Value), String> {
+    let subs = subs.max(2);
+    let pushes = subs / 2;
+    let ws = Workspace::create("fanout", subs, None)?;
+    // Receivers: their own CA and server certificate; they accept the gateway's CA.
+    let rca = credgate::pki::DevCa::generate("load receiver CA").map_err(|e| e.to_string())?;
+    let server = rca
+        .issue_server(&["localhost", "127.0.0.1"])
+        .map_err(|e| e.to_string())?;
+    let rca_file = ws.dir.join("receiver-ca.pem");
+    std::fs::write(&rca_file, &rca.cert_pem).map_err(|e| e.to_string())?;
+    let mut receivers = Vec::new();
+    for _ in 0..pushes {
+        receivers.push(
+            Receiver::start(&ws.certs.join("ca.pem"), &server.cert_pem, &server.key_pem).await?,
+        );
+    }
+    let mut toml = String::new();
+    for i in 0..subs {
+        let agency = format!("agency-load-{i:02}");
+        toml.push_str(&format!("[[subscription]]\nid = \"sub-{i:02}\"\nagency = \"{agency}\"\nitems = [\"serious_dishonesty\"]\n"));
+        if let Some(receiver) = receivers.get(i) {
+            toml.push_str(&format!(
+                "mode = \"push\"\nendpoint = \"https://localhost:{}/hook\"\nca_file = \"{}\"\nsigning_secret = \"whsec_bG9hZC10ZXN0LXNpZ25pbmctc2VjcmV0LTAxMjM0NTY3\"\nmax_in_flight = 32\nrate_per_second = 1000000\n\n",
+                receiver.addr.port(),
+                rca_file.display()
+            ));
+        } else {
+            toml.push_str("mode = \"pull\"\n\n");
+        }
+    }
+    ws.subscriptions(&toml)?;
+    let gateway = ws.start().await?;
+    let target = gateway.addr;
+
+    // Pullers: long-poll each pull agency, note arrivals, acknowledge.
+    let stop_pull = Arc::new(AtomicBool::new(false));
+    let mut pullers = Vec::new();
+    for i in pushes..subs {
+        let agency = format!("agency-load-{i:02}");
+        let tls = tls_config(&ws.certs, &agency, false)?;
+        let mut conn = connect(target, tls, false).await?;
+        let stop = stop_pull.clone();
+        pullers.push(tokio::spawn(async move {
+            let mut arrivals: HashMap<String, Instant> = HashMap::new();
+            let mut cursor = "0".to_owned();
+            loop {
+                let Ok((200, body)) = conn
+                    .request(
+                        "GET",
+                        &format!("/v1/notices?after={cursor}&limit=1000&wait=1"),
+                        None,
+                    )
+                    .await
+                else {
+                    break;
+                };
+                let now = Instant::now();
+                let page: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let notices = page["notices"].as_array().cloned().unwrap_or_default();
+                for n in &notices {
+                    if let Some(id) = n["notice_id"].as_str() {
+                        arrivals.entry(id.to_owned()).or_insert(now);
+                    }
+                }
+                if let Some(c) = page["next_cursor"].as_str() {
+                    if c != cursor {
+                        cursor = c.to_owned();
+                        let _ = conn
+                            .request(
+                                "POST",
+                                "/v1/notices/ack",
+                                Some(Bytes::from(format!("{{\"cursor\":\"{cursor}\"}}"))),
+                            )
+                            .await;
+                    }
+                }
+                if notices.is_empty() && stop.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
+            arrivals
+        }));
+    }
+
+    // Submitters, paced to `rate` in total when given.
+    let pool = Arc::new(bodies("serious_dishonesty", 1, 0.0, 7, 2048));
+    let acks: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let before = gateway.stats();
+    let deadline = Instant::now() + Duration::from_secs(duration);
+    let mut submitters = Vec::new();
+    for c in 0..connections.max(1) {
+        let tls = tls_config(&ws.certs, DEPARTMENTS[c % DEPARTMENTS.len()], false)?;
+        let mut conn: Conn = connect(target, tls, false).await?;
+        let (pool, acks) = (pool.clone(), acks.clone());
+        let interval =
+            (rate > 0).then(|| Duration::from_secs_f64(connections.max(1) as f64 / rate as f64));
+        submitters.push(tokio::spawn(async move {
+            let mut errors = Errors::default();
+            let mut i = c * 97;
+            let mut next = Instant::now();
+            while Instant::now() < deadline {
+                if let Some(every) = interval {
+                    next += every;
+                    tokio::time::sleep_until(next.into()).await;
+                }
+                let body = pool[i % pool.len()].clone();
+                i += 1;
+                match conn.request("POST", "/v1/records", Some(body)).await {
+                    Ok((200, b)) => {
+                        let now = Instant::now();
+                        let v: Value = serde_json::from_slice(&b).unwrap_or(Value::Null);
+                        if let Some(id) = v["results"][0]["notice_id"].as_str() {
+                            if let Ok(mut m) = acks.lock() {
+                                m.insert(id.to_owned(), now);
+                            }
+                        }
+                    }
+                    Ok((status, _)) => errors.add(format!("http_{status}")),
+                    Err(_) => {
+                        errors.add("io");
+                        break;
+                    }
+                }
+            }
+            errors
+        }));
+    }
+    let mut errors = Errors::default();
+    for s in submitters {
+        if let Ok(e) = s.await {
+            errors.merge(&e);
+        }
+    }
+    let submit_end = Instant::now();
+    let acked: HashMap<String, Instant> = acks.lock().map(|m| m.clone()).unwrap_or_default();
+    // Wait for pushes to drain (pulls drain as the pullers stop).
+    let drain_deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let done = receivers.iter().all(|r| {
+            r.arrivals
+                .lock()
+                .map(|m| acked.keys().all(|k| m.contains_key(k)))
+                .unwrap_or(true)
+        });
+        if done || Instant::now() > drain_deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop_pull.store(true, Ordering::Relaxed);
+    let mut pulled = Vec::new();
+    for p in pullers {
+        if let Ok(a) = p.await {
+            pulled.push(a);
+        }
+    }
+    let after = gateway.stats();
+    gateway.stop();
+
+    let (mut push_h, mut pull_h, mut all_h) = (histogram(), histogram(), histogram());
+    let (mut delivered, mut last) = (0u64, submit_end);
+    let mut record = |arrivals: &HashMap<String, Instant>,
+                      h: &mut hdrhistogram::Histogram<u64>,
+                      all: &mut hdrhistogram::Histogram<u64>| {
+        for (id, at) in arrivals {
+            if let Some(acked_at) = acked.get(id) {
+                let us = at.saturating_duration_since(*acked_at).as_micros().max(1) as u64;
+                let _ = h.record(us);
+                let _ = all.record(us);
+                delivered += 1;
+                last = last.max(*at);
+            }
+        }
+    };
+    for r in &receivers {
+        let m = r.arrivals.lock().map(|m| m.clone()).unwrap_or_default();
+        record(&m, &mut push_h, &mut all_h);
+    }
+    for m in &pulled {
+        record(m, &mut pull_h, &mut all_h);
+    }
+    let first = acked.values().min().copied().unwrap_or(submit_end);
+    let span = last
+        .saturating_duration_since(first)
+        .as_secs_f64()
+        .max(0.001);
+    let expected = acked.len() as u64 * subs as u64;
+    let json = json!({
+        "scenario": "fanout", "subscriptions": subs, "push": pushes, "pull": subs - pushes,
+        "target_rate": rate, "seconds": duration,
+        "records_acknowledged": acked.len(), "records_per_s": acked.len() as f64 / duration as f64,
+        "deliveries_expected": expected, "deliveries_received": delivered,
+        "deliveries_per_s": delivered as f64 / span,
+        "ack_to_received_ms": {"all": percentiles(&all_h), "push": percentiles(&push_h), "pull": percentiles(&pull_h)},
+        "errors": errors.json(),
+        "gateway": {"cpu_secs": after.cpu_secs - before.cpu_secs, "peak_rss_mb": after.peak_rss as f64 / 1048576.0},
+    });
+    let summary = format!(
+        "fanout {subs} subscriptions ({pushes} push): {} records ({:.0}/s), {delivered}/{expected} deliveries, {:.0} deliveries/s; ack→received ms p50 {} p99 {} (push p99 {}, pull p99 {}); errors {}",
+        acked.len(),
+        acked.len() as f64 / duration as f64,
+        delivered as f64 / span,
+        json["ack_to_received_ms"]["all"]["p50"],
+        json["ack_to_received_ms"]["all"]["p99"],
+        json["ack_to_received_ms"]["push"]["p99"],
+        json["ack_to_received_ms"]["pull"]["p99"],
+        errors.json(),
+    );
+    Ok((summary, json))
+}
