@@ -57,6 +57,27 @@ struct Drive {
     secs: f64,
 }
 
+/// The departments that may submit `item`, from the shipped catalog.
+fn providers(item: &str) -> Result<Vec<String>, String> {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../catalogs/credit/{item}.json"));
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let def: Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let list: Vec<String> = def["providers"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p.as_str().map(str::to_owned))
+                .filter(|p| DEPARTMENTS.contains(&p.as_str()))
+                .collect()
+        })
+        .unwrap_or_default();
+    if list.is_empty() {
+        return Err(format!("no load-test department provides {item}"));
+    }
+    Ok(list)
+}
+
 /// Runs `load` against `target` with the departments' certificates in `certs`.
 async fn drive(load: &Load, target: std::net::SocketAddr, certs: &Path) -> Result<Drive, String> {
     let pool = Arc::new(bodies(
@@ -66,10 +87,11 @@ async fn drive(load: &Load, target: std::net::SocketAddr, certs: &Path) -> Resul
         load.seed,
         2048,
     ));
+    let departments = providers(&load.item)?;
     let deadline = Instant::now() + Duration::from_secs(load.duration);
     let mut tasks = Vec::new();
     for c in 0..load.connections {
-        let dept = DEPARTMENTS[c % DEPARTMENTS.len()];
+        let dept = &departments[c % departments.len()];
         let tls = tls_config(certs, dept, load.h2)?;
         let first = connect(target, tls, load.h2)
             .await
@@ -286,12 +308,13 @@ pub async fn fanout(
 
     // Submitters, paced to `rate` in total when given.
     let pool = Arc::new(bodies("serious_dishonesty", 1, 0.0, 7, 2048));
+    let submitters_of = providers("serious_dishonesty")?;
     let acks: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let before = gateway.stats();
     let deadline = Instant::now() + Duration::from_secs(duration);
     let mut submitters = Vec::new();
     for c in 0..connections.max(1) {
-        let tls = tls_config(&ws.certs, DEPARTMENTS[c % DEPARTMENTS.len()], false)?;
+        let tls = tls_config(&ws.certs, &submitters_of[c % submitters_of.len()], false)?;
         let mut conn: Conn = connect(target, tls, false).await?;
         let (pool, acks) = (pool.clone(), acks.clone());
         let interval =
