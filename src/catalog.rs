@@ -265,6 +265,65 @@ pub struct DerivedNotice {
     pub measures: Vec<String>,
 }
 
+/// Reads every `*.json` item definition of a folder (not compiled).
+pub fn read_dir(dir: &Path) -> Result<Vec<(String, ItemDefinition)>, Vec<String>> {
+    match read_dir_lenient(dir) {
+        (defs, errors) if errors.is_empty() => Ok(defs),
+        (_, errors) => Err(errors),
+    }
+}
+
+/// Reads what parses, and lists the problems of the rest.
+fn read_dir_lenient(dir: &Path) -> (Vec<(String, ItemDefinition)>, Vec<String>) {
+    let mut errors = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) => {
+            return (
+                Vec::new(),
+                vec![format!("{}: cannot read folder: {e}", dir.display())],
+            )
+        }
+    };
+    let mut paths: Vec<_> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    paths.sort();
+    let mut defs = Vec::new();
+    for path in &paths {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => {
+                errors.push(format!("{}: cannot read: {e}", path.display()));
+                continue;
+            }
+        };
+        match serde_json::from_str::<ItemDefinition>(&text) {
+            Ok(def) => {
+                let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+                if stem != def.id {
+                    errors.push(format!(
+                        "{}: file name must be the item id ({}.json)",
+                        path.display(),
+                        def.id
+                    ));
+                }
+                defs.push((path.display().to_string(), def));
+            }
+            Err(e) => errors.push(format!("{}: {e}", path.display())),
+        }
+    }
+    if paths.is_empty() {
+        errors.push(format!(
+            "{}: no catalog items (*.json) found",
+            dir.display()
+        ));
+    }
+    (defs, errors)
+}
+
 /// A set of compiled items: the active catalog.
 #[derive(Debug, Default)]
 pub struct Catalog {
@@ -276,51 +335,27 @@ impl Catalog {
     /// Loads every `*.json` file of `dir` and compiles it. `providers` checks
     /// that listed providers exist; every problem of every file is reported.
     pub fn load_dir(dir: &Path, providers: &dyn Fn(&str) -> bool) -> Result<Catalog, Vec<String>> {
-        let mut errors = Vec::new();
-        let entries = match std::fs::read_dir(dir) {
-            Ok(e) => e,
-            Err(e) => return Err(vec![format!("{}: cannot read folder: {e}", dir.display())]),
-        };
-        let mut paths: Vec<_> = entries
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "json"))
-            .collect();
-        paths.sort();
-        let mut defs = Vec::new();
-        for path in &paths {
-            let text = match std::fs::read_to_string(path) {
-                Ok(t) => t,
-                Err(e) => {
-                    errors.push(format!("{}: cannot read: {e}", path.display()));
-                    continue;
-                }
-            };
-            match serde_json::from_str::<ItemDefinition>(&text) {
-                Ok(def) => {
-                    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
-                    if stem != def.id {
-                        errors.push(format!(
-                            "{}: file name must be the item id ({}.json)",
-                            path.display(),
-                            def.id
-                        ));
-                    }
-                    defs.push((path.display().to_string(), def));
-                }
-                Err(e) => errors.push(format!("{}: {e}", path.display())),
+        let (defs, mut errors) = read_dir_lenient(dir);
+        match Catalog::compile_all(defs, providers) {
+            Ok(c) if errors.is_empty() => Ok(c),
+            Ok(_) => Err(errors),
+            Err(e) => {
+                errors.extend(e);
+                Err(errors)
             }
         }
-        if paths.is_empty() {
-            errors.push(format!(
-                "{}: no catalog items (*.json) found",
-                dir.display()
-            ));
-        }
+    }
+
+    /// Compiles definitions (each with where it came from, for messages).
+    pub fn compile_all(
+        defs: Vec<(String, ItemDefinition)>,
+        providers: &dyn Fn(&str) -> bool,
+    ) -> Result<Catalog, Vec<String>> {
+        let mut errors = Vec::new();
         let mut items = Vec::new();
         for (origin, def) in defs {
             match CatalogItem::compile(def, providers) {
-                Ok(item) => items.push(item),
+                Ok(item) => items.push(Arc::new(item)),
                 Err(errs) => errors.extend(errs.into_iter().map(|e| format!("{origin}: {e}"))),
             }
         }
@@ -330,12 +365,24 @@ impl Catalog {
         Catalog::from_items(items).map_err(|e| vec![e])
     }
 
+    /// The same catalog with `item` added or replaced.
+    pub fn with_item(&self, item: Arc<CatalogItem>) -> Catalog {
+        let mut items: Vec<Arc<CatalogItem>> = self
+            .items
+            .values()
+            .filter(|i| i.def.id != item.def.id)
+            .cloned()
+            .collect();
+        items.push(item);
+        Catalog::from_items(items).unwrap_or_default()
+    }
+
     /// Builds a catalog from compiled items (ids must be unique).
-    pub fn from_items(list: Vec<CatalogItem>) -> Result<Catalog, String> {
+    pub fn from_items(list: Vec<Arc<CatalogItem>>) -> Result<Catalog, String> {
         let mut items = BTreeMap::new();
         for item in list {
             let id = item.def.id.clone();
-            if items.insert(id.clone(), Arc::new(item)).is_some() {
+            if items.insert(id.clone(), item).is_some() {
                 return Err(format!("item {id:?} is defined twice"));
             }
         }

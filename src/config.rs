@@ -43,6 +43,25 @@ pub struct Config {
     pub rate_limit: RateLimitConfig,
     /// Keys used to pseudonymise personal identifiers.
     pub privacy: PrivacyConfig,
+    /// Audit log checkpoints.
+    pub audit: AuditConfig,
+}
+
+/// Audit log settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// How often the chain head is checkpointed (signed), seconds; also at
+    /// shutdown.
+    pub checkpoint_secs: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            checkpoint_secs: 300,
+        }
+    }
 }
 
 /// Run mode.
@@ -339,6 +358,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             rate_limit: RateLimitConfig::default(),
             privacy: PrivacyConfig::default(),
+            audit: AuditConfig::default(),
         }
     }
 }
@@ -415,6 +435,7 @@ impl Config {
                 self.delivery.expiry_check_secs as usize,
             ),
             ("delivery.max_in_flight", self.delivery.max_in_flight),
+            ("audit.checkpoint_secs", self.audit.checkpoint_secs as usize),
             (
                 "delivery.pause_after_failures",
                 self.delivery.pause_after_failures as usize,
@@ -498,6 +519,7 @@ fn deserialize_collecting(table: toml::Table, errors: &mut Vec<String>) -> Optio
         "limits",
         "rate_limit",
         "privacy",
+        "audit",
     ]
     .into_iter()
     .map(|k| (k, ()))

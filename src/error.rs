@@ -38,6 +38,9 @@ pub struct Problem {
     pub headers: Vec<(&'static str, String)>,
     /// Who is at fault.
     pub side: Side,
+    /// Extension members (RFC 9457 §3.2), e.g. the changes of a refused
+    /// catalog version.
+    pub extensions: Option<Box<serde_json::Map<String, serde_json::Value>>>,
 }
 
 #[derive(Serialize)]
@@ -50,6 +53,8 @@ struct Body<'a> {
     code: &'a str,
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     errors: &'a [Finding],
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    extensions: Option<&'a serde_json::Map<String, serde_json::Value>>,
 }
 
 impl Problem {
@@ -63,6 +68,7 @@ impl Problem {
             retry_after: None,
             headers: Vec::new(),
             side: Side::Caller,
+            extensions: None,
         }
     }
 
@@ -80,12 +86,22 @@ impl Problem {
             retry_after: Some(5),
             headers: Vec::new(),
             side: Side::Gateway,
+            extensions: None,
         }
     }
 
     /// Adds field-level findings.
     pub fn with_errors(mut self, errors: Vec<Finding>) -> Problem {
         self.errors = errors;
+        self
+    }
+
+    /// Adds an extension member.
+    pub fn with(mut self, key: &str, value: impl serde::Serialize) -> Problem {
+        self.extensions.get_or_insert_with(Default::default).insert(
+            key.to_owned(),
+            serde_json::to_value(value).unwrap_or_default(),
+        );
         self
     }
 
@@ -109,6 +125,7 @@ impl Problem {
             detail: &self.detail,
             code: self.code,
             errors: &self.errors,
+            extensions: self.extensions.as_deref(),
         })
         .unwrap_or_default()
     }

@@ -8,9 +8,12 @@
 //! (`catalog` + `codes`) → `store`; `redact` is the one way record data
 //! leaves; `http` is a thin shell; `server` starts and stops it all.
 
+pub mod audit;
 pub mod catalog;
 pub mod codes;
+pub mod compat;
 pub mod config;
+pub mod control;
 pub mod delivery;
 pub mod error;
 pub mod http;

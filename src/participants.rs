@@ -62,6 +62,11 @@ pub struct Participant {
     /// A disabled participant's requests are refused with 403.
     #[serde(default = "yes")]
     pub enabled: bool,
+    /// Optional pins: SHA-256 fingerprints (hex) of the certificates this
+    /// participant may connect with. Empty = any certificate from the CA
+    /// naming the participant.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certificate_sha256: Vec<String>,
 }
 
 fn default_clearance() -> FieldClass {
@@ -116,6 +121,14 @@ impl Registry {
                     "participant[{i}].clearance: secret fields never leave the gateway; use restricted at most"
                 ));
             }
+            if p.certificate_sha256
+                .iter()
+                .any(|f| f.len() != 64 || !f.bytes().all(|b| b.is_ascii_hexdigit()))
+            {
+                errors.push(format!(
+                    "participant[{i}].certificate_sha256: each pin is 64 hex digits"
+                ));
+            }
             if let Some(q) = p.quota {
                 if q.per_second == 0 || q.burst == 0 {
                     errors.push(format!(
@@ -135,6 +148,11 @@ impl Registry {
         } else {
             Err(errors)
         }
+    }
+
+    /// All participants in order, as values (for storing and listing).
+    pub fn to_vec(&self) -> Vec<Participant> {
+        self.iter().map(|p| (**p).clone()).collect()
     }
 
     /// The participant with this id, if registered.
@@ -178,6 +196,7 @@ mod tests {
             clearance,
             quota: None,
             enabled: true,
+            certificate_sha256: vec![],
         };
         let errs = Registry::from_participants(vec![
             p("ok-1", FieldClass::Shared),

@@ -224,6 +224,8 @@ struct SubscriptionsFile {
 /// All subscriptions, checked against registry and catalog.
 #[derive(Debug, Default, Clone)]
 pub struct Subscriptions {
+    /// As written, for storing, listing and rebuilding.
+    specs: Vec<SubscriptionSpec>,
     list: Vec<Arc<Subscription>>,
     by_id: HashMap<String, Arc<Subscription>>,
 }
@@ -236,26 +238,16 @@ pub struct Route {
 }
 
 impl Subscriptions {
-    /// Loads a subscriptions file; a missing file means no subscriptions.
-    pub fn load(
-        path: &Path,
-        registry: &Registry,
-        catalog: &Catalog,
-    ) -> Result<Subscriptions, Vec<String>> {
+    /// Reads a subscriptions file; a missing file means none.
+    pub fn read_file(path: &Path) -> Result<Vec<SubscriptionSpec>, Vec<String>> {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(Subscriptions::default())
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(vec![format!("{}: cannot read: {e}", path.display())]),
         };
-        let file: SubscriptionsFile =
-            toml::from_str(&text).map_err(|e| vec![format!("{}: {e}", path.display())])?;
-        Subscriptions::build(file.subscription, registry, catalog).map_err(|errs| {
-            errs.into_iter()
-                .map(|e| format!("{}: {e}", path.display()))
-                .collect()
-        })
+        toml::from_str::<SubscriptionsFile>(&text)
+            .map(|f| f.subscription)
+            .map_err(|e| vec![format!("{}: {e}", path.display())])
     }
 
     /// Checks and indexes subscriptions; every problem is reported.
@@ -266,6 +258,7 @@ impl Subscriptions {
     ) -> Result<Subscriptions, Vec<String>> {
         let mut errors = Vec::new();
         let mut seen = HashSet::new();
+        let originals = specs.clone();
         let list: Vec<Subscription> = specs
             .into_iter()
             .enumerate()
@@ -380,7 +373,11 @@ impl Subscriptions {
         }
         let list: Vec<Arc<Subscription>> = list.into_iter().map(Arc::new).collect();
         let by_id = list.iter().map(|s| (s.id.clone(), s.clone())).collect();
-        Ok(Subscriptions { list, by_id })
+        Ok(Subscriptions {
+            specs: originals,
+            list,
+            by_id,
+        })
     }
 
     /// The subscriptions that receive a notice: every matching push
@@ -396,6 +393,11 @@ impl Subscriptions {
                 subscription: s.clone(),
             })
             .collect()
+    }
+
+    /// The subscriptions as written.
+    pub fn specs(&self) -> &[SubscriptionSpec] {
+        &self.specs
     }
 
     /// One subscription by id.
@@ -497,6 +499,7 @@ mod tests {
         .map(Arc::new)
         .collect();
         let subs = Subscriptions {
+            specs: vec![],
             by_id: list.iter().map(|s| (s.id.clone(), s.clone())).collect(),
             list,
         };

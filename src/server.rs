@@ -8,7 +8,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
@@ -18,6 +17,7 @@ use tower::ServiceExt;
 
 use crate::catalog::Catalog;
 use crate::config::{Config, Mode};
+use crate::control::Control;
 use crate::delivery::Dispatcher;
 use crate::http::{self, AppState, PeerId};
 use crate::ingest::Ingest;
@@ -152,17 +152,13 @@ impl Gateway {
             None => None,
         };
         let subscriptions = match (&registry, &catalog) {
-            (Some(reg), Some(cat)) => Subscriptions::load(&config.subscriptions.file, reg, cat)
-                .map_err(|e| errors.extend(e))
+            (Some(reg), Some(cat)) => Subscriptions::read_file(&config.subscriptions.file)
+                .and_then(|specs| Subscriptions::build(specs, reg, cat))
+                .map_err(|e| {
+                    let file = config.subscriptions.file.display();
+                    errors.extend(e.into_iter().map(|e| format!("{file}: {e}")))
+                })
                 .ok(),
-            _ => None,
-        };
-        let identity = match &subscriptions {
-            Some(subs) if subs.iter().any(|s| s.is_push()) => {
-                crate::delivery::load_identity(&config.delivery)
-                    .map_err(|e| errors.push(e))
-                    .ok()
-            }
             _ => None,
         };
         let tls = TlsState::new(config.tls.clone())
@@ -171,17 +167,17 @@ impl Gateway {
         let secret = load_secret(&config.privacy.secret_file)
             .map_err(|e| errors.push(e))
             .ok();
-        let store = if errors.is_empty() {
-            SqliteStore::open(
+        let store = match &secret {
+            Some(secret) if errors.is_empty() => SqliteStore::open(
                 &config.database_path(),
                 config.store.group_commit_max,
                 config.store.read_connections,
                 Duration::from_secs(config.store.idempotency_ttl_hours * 3600),
+                crate::audit::checkpoint_key(secret),
             )
             .map_err(|e| errors.push(format!("store: {}: {e}", config.database_path().display())))
-            .ok()
-        } else {
-            None
+            .ok(),
+            _ => None,
         };
         let (
             Some(registry),
@@ -195,22 +191,68 @@ impl Gateway {
             return Err(StartupErrors(errors));
         };
         let store: Arc<dyn Store> = Arc::new(store);
-        let catalog = Arc::new(ArcSwap::from_pointee(catalog));
-        let subscriptions = Arc::new(ArcSwap::from_pointee(subscriptions));
-        let registry = Arc::new(ArcSwap::from_pointee(registry));
+        // The files seed the store on first start; from then on the store
+        // is authoritative and administrators change it through the API.
+        let state = store
+            .seed_control(
+                catalog
+                    .items()
+                    .map(|i| serde_json::to_value(&i.def).unwrap_or_default())
+                    .collect(),
+                registry
+                    .iter()
+                    .map(|p| {
+                        (
+                            p.id.clone(),
+                            serde_json::to_value(p.as_ref()).unwrap_or_default(),
+                        )
+                    })
+                    .collect(),
+                subscriptions
+                    .specs()
+                    .iter()
+                    .map(|s| (s.id.clone(), serde_json::to_value(s).unwrap_or_default()))
+                    .collect(),
+            )
+            .await
+            .map_err(|e| {
+                StartupErrors(vec![format!(
+                    "store: seeding the control plane failed: {e}"
+                )])
+            })?;
+        for s in &state.seeded {
+            tracing::info!(seeded = %s, "stored from the configuration files (first start)");
+        }
+        let control = Arc::new(
+            Control::from_state(
+                store.clone(),
+                state.items,
+                state.participants,
+                state.subscriptions,
+            )
+            .map_err(StartupErrors)?,
+        );
+        let identity = if control.subscriptions.load().iter().any(|s| s.is_push()) {
+            Some(
+                crate::delivery::load_identity(&config.delivery)
+                    .map_err(|e| StartupErrors(vec![e]))?,
+            )
+        } else {
+            None
+        };
         let redactor = Arc::new(Redactor::new(config.privacy.redaction.clone(), secret));
         let dispatcher = Arc::new(Dispatcher::new(
             store.clone(),
-            subscriptions.clone(),
-            catalog.clone(),
-            registry.clone(),
+            control.subscriptions.clone(),
+            control.catalog.clone(),
+            control.registry.clone(),
             redactor.clone(),
             config.delivery.clone(),
             identity,
         ));
         let ingest = Ingest::new(
-            catalog,
-            subscriptions,
+            control.catalog.clone(),
+            control.subscriptions.clone(),
             store.clone(),
             redactor.clone(),
             config.limits.max_batch_records,
@@ -218,7 +260,8 @@ impl Gateway {
         let shutdown = CancellationToken::new();
         let state = Arc::new(AppState {
             ingest,
-            registry,
+            registry: control.registry.clone(),
+            control,
             limits: config.limits.clone(),
             rate: RateLimits::new(config.rate_limit.clone()),
             request_timeout: Duration::from_secs(config.server.request_timeout_secs),
@@ -236,21 +279,11 @@ impl Gateway {
         })
     }
 
-    /// Re-reads TLS material and the participants registry (SIGHUP).
+    /// Re-reads TLS material: certificates, key, CA bundle, CRLs (SIGHUP).
+    /// Participants, subscriptions and the catalog change through the
+    /// admin API.
     pub fn reload(&self) -> Result<(), Vec<String>> {
-        let mut errors = Vec::new();
-        if let Err(e) = self.tls.reload() {
-            errors.extend(e);
-        }
-        match Registry::load(&self.config.participants.file) {
-            Ok(r) => self.state.registry.store(Arc::new(r)),
-            Err(e) => errors.extend(e),
-        }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(errors)
-        }
+        self.tls.reload()
     }
 
     /// Serves until `shutdown` is cancelled, then drains and flushes.
@@ -273,6 +306,11 @@ impl Gateway {
         // Background work stops on the internal token, after HTTP drained.
         let push = tokio::spawn(self.dispatcher.clone().run_push(self.shutdown.clone()));
         let expiry = tokio::spawn(self.dispatcher.clone().run_expiry(self.shutdown.clone()));
+        let checkpoints = tokio::spawn(run_checkpoints(
+            self.store.clone(),
+            Duration::from_secs(self.config.audit.checkpoint_secs),
+            self.shutdown.clone(),
+        ));
         let main_addr = listeners.main.local_addr().ok();
         tracing::info!(listen = ?main_addr, "credgate serving (mTLS, HTTP/1.1 and HTTP/2)");
 
@@ -340,7 +378,17 @@ impl Gateway {
                     tracing::debug!(%peer, "client certificate names no participant");
                     return;
                 };
-                let peer_id = PeerId(Arc::from(id.as_str()));
+                let fingerprint = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|c| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(c.as_ref())))
+                    .unwrap_or_default();
+                let peer_id = PeerId {
+                    id: Arc::from(id.as_str()),
+                    fingerprint: Arc::from(fingerprint.as_str()),
+                };
                 let svc = router.map_request(
                     move |mut req: axum::extract::Request<hyper::body::Incoming>| {
                         req.extensions_mut().insert(peer_id.clone());
@@ -373,9 +421,27 @@ impl Gateway {
         let _ = ops.await;
         let _ = push.await;
         let _ = expiry.await;
+        let _ = checkpoints.await;
+        // The last checkpoint covers everything written before exit.
+        if let Err(e) = self.store.checkpoint().await {
+            tracing::error!(error = %e, "final audit checkpoint failed");
+        }
         self.store.close().await;
         tracing::info!("store flushed; bye");
         Ok(())
+    }
+}
+
+/// Writes a signed audit checkpoint every `every` until shutdown.
+async fn run_checkpoints(store: Arc<dyn Store>, every: Duration, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        if let Err(e) = store.checkpoint().await {
+            tracing::error!(error = %e, "audit checkpoint failed");
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 //! in `ingest`, `catalog` and `redact`.
 
 pub mod admin;
+pub mod admin_control;
 pub mod catalog;
 pub mod notices;
 pub mod ops;
@@ -29,9 +30,15 @@ use crate::participants::{Participant, Registry};
 use crate::ratelimit::{Decision, RateLimits};
 
 /// The participant id proven by the TLS handshake of the connection a
-/// request came on. Inserted by the accept loop only.
+/// request came on, and the SHA-256 (hex) of its certificate. Inserted by
+/// the accept loop only.
 #[derive(Debug, Clone)]
-pub struct PeerId(pub Arc<str>);
+pub struct PeerId {
+    /// Participant id from the certificate.
+    pub id: Arc<str>,
+    /// Fingerprint of the leaf certificate, for pinning.
+    pub fingerprint: Arc<str>,
+}
 
 /// Shared state of the main listener's handlers.
 pub struct AppState {
@@ -39,6 +46,8 @@ pub struct AppState {
     pub ingest: Ingest,
     /// Participants registry, swappable at run time.
     pub registry: Arc<ArcSwap<Registry>>,
+    /// Catalog, participants and subscriptions administration.
+    pub control: Arc<crate::control::Control>,
     /// Input limits.
     pub limits: LimitsConfig,
     /// Per-participant quotas.
@@ -71,6 +80,54 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/admin/v1/deliveries", get(admin::deliveries))
         .route("/admin/v1/deliveries/{id}/retry", post(admin::retry))
         .route("/admin/v1/stats/feedback", get(admin::feedback_stats))
+        .route(
+            "/admin/v1/stats/departments",
+            get(admin_control::department_stats),
+        )
+        .route("/admin/v1/audit", get(admin_control::audit))
+        .route("/admin/v1/catalog/items", get(admin_control::items))
+        .route(
+            "/admin/v1/catalog/items/{item_id}",
+            get(admin_control::item).put(admin_control::put_item),
+        )
+        .route(
+            "/admin/v1/catalog/items/{item_id}/versions",
+            get(admin_control::versions),
+        )
+        .route(
+            "/admin/v1/catalog/items/{item_id}/versions/{n}",
+            get(admin_control::version),
+        )
+        .route(
+            "/admin/v1/catalog/items/{item_id}/rollback",
+            post(admin_control::rollback),
+        )
+        .route("/admin/v1/participants", get(admin_control::participants))
+        .route(
+            "/admin/v1/participants/{id}",
+            get(admin_control::participant).put(admin_control::put_participant),
+        )
+        .route(
+            "/admin/v1/participants/{id}/disable",
+            post(admin_control::disable_participant),
+        )
+        .route(
+            "/admin/v1/participants/{id}/enable",
+            post(admin_control::enable_participant),
+        )
+        .route("/admin/v1/subscriptions", get(admin_control::subscriptions))
+        .route(
+            "/admin/v1/subscriptions/{id}",
+            get(admin_control::subscription).put(admin_control::put_subscription),
+        )
+        .route(
+            "/admin/v1/subscriptions/{id}/disable",
+            post(admin_control::disable_subscription),
+        )
+        .route(
+            "/admin/v1/subscriptions/{id}/enable",
+            post(admin_control::enable_subscription),
+        )
         .route("/v1/catalog", get(catalog::list))
         .route("/v1/catalog/items/{item_id}", get(catalog::item))
         .fallback(not_found)
@@ -98,7 +155,7 @@ async fn method_not_allowed() -> Problem {
 /// Resolves the connection's certificate identity to a registered,
 /// enabled participant, applies its quota, and bounds the request's time.
 async fn identify(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
-    let Some(PeerId(id)) = req.extensions().get::<PeerId>().cloned() else {
+    let Some(PeerId { id, fingerprint }) = req.extensions().get::<PeerId>().cloned() else {
         return Problem::caller(
             StatusCode::FORBIDDEN,
             "no_identity",
@@ -121,6 +178,31 @@ async fn identify(State(state): State<Arc<AppState>>, mut req: Request, next: Ne
             StatusCode::FORBIDDEN,
             "participant_disabled",
             "this participant is disabled; contact the credit office",
+        )
+        .into_response();
+    }
+    if !participant.certificate_sha256.is_empty()
+        && !participant
+            .certificate_sha256
+            .iter()
+            .any(|f| f.eq_ignore_ascii_case(&fingerprint))
+    {
+        tracing::warn!(participant = %id, "certificate is not among the participant's pinned certificates");
+        return Problem::caller(
+            StatusCode::FORBIDDEN,
+            "certificate_not_pinned",
+            "this certificate is not one the participant is registered with; ask the credit office to update the registration",
+        )
+        .into_response();
+    }
+    // Every /admin/ route is for administrators only, whatever the handler.
+    if req.uri().path().starts_with("/admin/")
+        && participant.kind != crate::participants::Kind::Admin
+    {
+        return Problem::caller(
+            StatusCode::FORBIDDEN,
+            "admins_only",
+            "this route is for administrators of the credit office",
         )
         .into_response();
     }

@@ -214,7 +214,7 @@ pub async fn revoke(
     match state
         .ingest
         .store
-        .end_record(&record_id, &reason, note)
+        .end_record(&record_id, &reason, note, &caller.id)
         .await?
     {
         EndOutcome::Ended {

@@ -8,6 +8,9 @@
 //! back as [`RecordBody`], which only the `redact` module can open.
 
 pub mod sqlite;
+mod sqlite_control;
+
+pub use sqlite_control::{active_items, verify_audit};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -378,6 +381,116 @@ pub struct AgencyFeedbackStats {
     pub feedback_rate: f64,
 }
 
+/// A catalog item version as administrators see it.
+#[derive(Debug, Clone, Serialize)]
+pub struct VersionInfo {
+    /// Version number.
+    pub version: u32,
+    /// When it was created.
+    pub created_at: String,
+    /// Who created it (`seed` for the files).
+    pub created_by: String,
+    /// Reason given (required for breaking changes).
+    pub reason: Option<String>,
+    /// Whether it was a forced breaking change.
+    pub breaking: bool,
+    /// Whether it is the active version.
+    pub active: bool,
+}
+
+/// Activation of an item version (new, or a rollback to an old one).
+#[derive(Debug, Clone)]
+pub struct ItemActivation {
+    /// Item id.
+    pub item: String,
+    /// Version to activate.
+    pub version: u32,
+    /// The definition for a new version; `None` re-activates a stored one.
+    pub definition: Option<Value>,
+    /// Administrator.
+    pub actor: String,
+    /// Reason (required when breaking).
+    pub reason: Option<String>,
+    /// Whether the change is breaking (and was forced).
+    pub breaking: bool,
+    /// The classified changes, for the audit log.
+    pub diff: Value,
+    /// SHA-256 of the definition before and after.
+    pub digests: (String, String),
+}
+
+/// Result of an activation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ActivateOutcome {
+    /// Active now.
+    Activated,
+    /// Another administrator created this version number first.
+    VersionTaken {
+        /// Latest version now.
+        latest: u32,
+    },
+    /// Rollback to a version that does not exist.
+    NoSuchVersion,
+}
+
+/// Kinds of registry documents administrators edit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DocKind {
+    /// A participant.
+    Participant,
+    /// A subscription.
+    Subscription,
+}
+
+impl DocKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            DocKind::Participant => "participant",
+            DocKind::Subscription => "subscription",
+        }
+    }
+}
+
+/// What the control plane runs on: active catalog definitions,
+/// participants and subscriptions.
+#[derive(Debug, Clone, Default)]
+pub struct ControlState {
+    /// Active item definitions.
+    pub items: Vec<Value>,
+    /// Participants.
+    pub participants: Vec<Value>,
+    /// Subscriptions.
+    pub subscriptions: Vec<Value>,
+    /// What seeding did (for the log).
+    pub seeded: Vec<String>,
+}
+
+/// Quality figures of one department and item.
+#[derive(Debug, Clone, Serialize)]
+pub struct DepartmentStats {
+    /// Department.
+    pub department: String,
+    /// Catalog item.
+    pub item: String,
+    /// Records submitted.
+    pub submitted: u64,
+    /// Accepted.
+    pub accepted: u64,
+    /// Rejected.
+    pub rejected: u64,
+    /// Rejections by error code (a record with two faults counts twice).
+    pub rejected_by_code: std::collections::BTreeMap<String, u64>,
+    /// accepted / submitted.
+    pub acceptance_rate: f64,
+    /// Median days from decision date to receipt.
+    pub timeliness_median_days: Option<f64>,
+    /// Worst (largest) days from decision date to receipt.
+    pub timeliness_worst_days: Option<i64>,
+    /// Share of accepted records received within 7 working days (Mon-Fri;
+    /// public holidays not counted — confirm with the operator).
+    pub within_7_working_days: Option<f64>,
+}
+
 /// Storage failures. Always the gateway's side: the caller gets a 5xx
 /// without detail, the log gets the cause.
 #[derive(Debug, thiserror::Error)]
@@ -425,6 +538,7 @@ pub trait Store: Send + Sync + 'static {
         record_id: &str,
         reason: &str,
         note: Option<String>,
+        actor: &str,
     ) -> Result<EndOutcome, StoreError>;
 
     /// Ends, with reason `expired`, every active record whose effective
@@ -467,7 +581,7 @@ pub trait Store: Send + Sync + 'static {
     async fn deliveries(&self, state: &str, limit: usize) -> Result<Vec<DeliveryInfo>, StoreError>;
 
     /// Puts a dead delivery back in the queue; false if it is not dead.
-    async fn retry_delivery(&self, delivery_id: &str) -> Result<bool, StoreError>;
+    async fn retry_delivery(&self, delivery_id: &str, actor: &str) -> Result<bool, StoreError>;
 
     /// Stores an agency's feedback on a notice's measure.
     async fn add_feedback(&self, feedback: Feedback) -> Result<FeedbackStored, StoreError>;
@@ -481,6 +595,57 @@ pub trait Store: Send + Sync + 'static {
         from: OffsetDateTime,
         to: OffsetDateTime,
     ) -> Result<Vec<AgencyFeedbackStats>, StoreError>;
+
+    /// Stores what is missing of the catalog files, participants and
+    /// subscriptions (first start) and returns the control state.
+    async fn seed_control(
+        &self,
+        items: Vec<Value>,
+        participants: Vec<(String, Value)>,
+        subscriptions: Vec<(String, Value)>,
+    ) -> Result<ControlState, StoreError>;
+
+    /// Versions of an item, oldest first.
+    async fn item_versions(&self, item: &str) -> Result<Vec<VersionInfo>, StoreError>;
+
+    /// One stored version of an item.
+    async fn item_version(&self, item: &str, version: u32) -> Result<Option<Value>, StoreError>;
+
+    /// Stores (if new) and activates an item version, with its audit entry.
+    async fn activate_item(
+        &self,
+        activation: ItemActivation,
+    ) -> Result<ActivateOutcome, StoreError>;
+
+    /// Creates or replaces a participant or subscription, with its audit
+    /// entry (`action`, `details`).
+    async fn put_document(
+        &self,
+        kind: DocKind,
+        id: &str,
+        body: Value,
+        actor: &str,
+        action: &str,
+        details: Value,
+    ) -> Result<(), StoreError>;
+
+    /// Audit entries after `after`, in order.
+    async fn audit_page(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<crate::audit::Entry>, StoreError>;
+
+    /// Writes a signed checkpoint of the audit chain head (if it moved).
+    async fn checkpoint(&self) -> Result<Option<crate::audit::Checkpoint>, StoreError>;
+
+    /// Quality figures per department and item for submissions received in
+    /// `[from, to)`.
+    async fn department_stats(
+        &self,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<Vec<DepartmentStats>, StoreError>;
 
     /// Whether the store can take writes now.
     async fn ready(&self) -> bool;

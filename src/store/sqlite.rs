@@ -16,14 +16,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, OptionalExtension, Row, Savepoint, TransactionBehavior};
+use serde_json::Value;
 use time::format_description::well_known::Rfc3339;
 use time::{Date, OffsetDateTime};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::sqlite_control;
 use super::{
-    parse_kind, AgencyFeedbackStats, AppendOutcome, DeliveryInfo, DeliveryResult, EndOutcome,
-    Feedback, FeedbackOutcome, FeedbackStored, NewNotice, NewSubmission, NoticeHistory, NoticeKind,
-    Outbound, Store, StoreError, StoredNotice, StoredRecord, StoredResponse,
+    parse_kind, ActivateOutcome, AgencyFeedbackStats, AppendOutcome, ControlState, DeliveryInfo,
+    DeliveryResult, DepartmentStats, DocKind, EndOutcome, Feedback, FeedbackOutcome,
+    FeedbackStored, ItemActivation, NewNotice, NewSubmission, NoticeHistory, NoticeKind, Outbound,
+    Store, StoreError, StoredNotice, StoredRecord, StoredResponse, VersionInfo,
 };
 use crate::catalog::Severity;
 use crate::redact::RecordBody;
@@ -128,6 +131,8 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (notice_id, agency, measure)
     );
     "#,
+    // 3: catalog versions, registry documents, audit chain
+    super::sqlite_control::MIGRATION,
 ];
 
 /// What a job tells the writer besides its result.
@@ -160,6 +165,8 @@ pub struct SqliteStore {
     idempotency_ttl: Duration,
     /// Bumped after every commit that created deliveries.
     changes: watch::Receiver<u64>,
+    /// Key of the audit checkpoints' MACs.
+    audit_key: Vec<u8>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -218,7 +225,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn rfc3339(t: OffsetDateTime) -> String {
+pub(super) fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&Rfc3339).unwrap_or_default()
 }
 
@@ -230,7 +237,7 @@ fn unix_now() -> i64 {
     OffsetDateTime::now_utc().unix_timestamp()
 }
 
-fn parse_time(s: &str) -> Result<OffsetDateTime, StoreError> {
+pub(super) fn parse_time(s: &str) -> Result<OffsetDateTime, StoreError> {
     OffsetDateTime::parse(s, &Rfc3339).map_err(corrupt)
 }
 
@@ -255,6 +262,7 @@ impl SqliteStore {
         group_commit_max: usize,
         read_connections: usize,
         idempotency_ttl: Duration,
+        audit_key: Vec<u8>,
     ) -> Result<SqliteStore, StoreError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
@@ -288,6 +296,7 @@ impl SqliteStore {
             path: path.to_owned(),
             idempotency_ttl,
             changes,
+            audit_key,
         })
     }
 
@@ -502,6 +511,21 @@ fn append_submission(tx: &Savepoint<'_>, sub: &NewSubmission) -> Result<AppendOu
             )?;
         }
     }
+    // Counts and ids only: never field values.
+    super::sqlite_control::audit(
+        tx,
+        &sub.participant,
+        "submission",
+        &sub.id,
+        &serde_json::json!({
+            "item": sub.item,
+            "item_version": sub.item_version,
+            "accepted": sub.records.len(),
+            "rejected": sub.rejected,
+            "record_ids": sub.records.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            "notice_ids": sub.records.iter().filter_map(|r| r.notice.as_ref().map(|n| n.id.as_str())).collect::<Vec<_>>(),
+        }),
+    )?;
     Ok(AppendOutcome::Stored)
 }
 
@@ -564,6 +588,7 @@ fn end_record(
     record_id: &str,
     reason: &str,
     note: Option<&str>,
+    actor: &str,
 ) -> Result<EndOutcome, StoreError> {
     let status: Option<String> = tx
         .query_row(
@@ -650,6 +675,13 @@ fn end_record(
     }
     recipients.sort();
     recipients.dedup();
+    super::sqlite_control::audit(
+        tx,
+        actor,
+        "record.end",
+        record_id,
+        &serde_json::json!({"reason": reason, "lift_notices": lift_notices, "recipients": recipients}),
+    )?;
     Ok(EndOutcome::Ended {
         lift_notices,
         recipients,
@@ -901,10 +933,12 @@ impl Store for SqliteStore {
         record_id: &str,
         reason: &str,
         note: Option<String>,
+        actor: &str,
     ) -> Result<EndOutcome, StoreError> {
-        let (record_id, reason) = (record_id.to_owned(), reason.to_owned());
+        let (record_id, reason, actor) =
+            (record_id.to_owned(), reason.to_owned(), actor.to_owned());
         self.write(true, move |sp| {
-            end_record(sp, &record_id, &reason, note.as_deref())
+            end_record(sp, &record_id, &reason, note.as_deref(), &actor)
         })
         .await
     }
@@ -923,7 +957,9 @@ impl Store for SqliteStore {
         let mut ended = 0;
         for id in due {
             // Re-checked inside the writer: a concurrent revocation wins once.
-            if let EndOutcome::Ended { .. } = self.end_record(&id, "expired", None).await? {
+            if let EndOutcome::Ended { .. } =
+                self.end_record(&id, "expired", None, "gateway").await?
+            {
                 ended += 1;
             }
         }
@@ -962,11 +998,21 @@ impl Store for SqliteStore {
                 params![agency, position, now_text()],
             )
             .map_err(db_err)?;
-            sp.execute(
-                "UPDATE deliveries SET state = 'delivered', delivered_at = ?3 WHERE agency = ?1 AND mode = 'pull' AND state = 'pending' AND seq <= ?2",
-                params![agency, position, now_text()],
-            )
-            .map_err(db_err)?;
+            let delivered = sp
+                .execute(
+                    "UPDATE deliveries SET state = 'delivered', delivered_at = ?3 WHERE agency = ?1 AND mode = 'pull' AND state = 'pending' AND seq <= ?2",
+                    params![agency, position, now_text()],
+                )
+                .map_err(db_err)?;
+            if delivered > 0 {
+                super::sqlite_control::audit(
+                    sp,
+                    &agency,
+                    "delivery.acknowledged",
+                    &agency,
+                    &serde_json::json!({"position": position, "deliveries": delivered}),
+                )?;
+            }
             Ok(())
         })
         .await
@@ -1025,7 +1071,7 @@ impl Store for SqliteStore {
     ) -> Result<(), StoreError> {
         let id = delivery_id.to_owned();
         self.write(false, move |sp| {
-            match result {
+            let outcome = match &result {
                 DeliveryResult::Delivered => sp.execute(
                     "UPDATE deliveries SET state = 'delivered', delivered_at = ?2, last_error = NULL WHERE id = ?1",
                     params![id, now_text()],
@@ -1042,9 +1088,28 @@ impl Store for SqliteStore {
                     "UPDATE deliveries SET state = 'dead', last_error = ?2 WHERE id = ?1",
                     params![id, error],
                 ),
-            }
-            .map_err(db_err)?;
-            Ok(())
+            };
+            outcome.map_err(db_err)?;
+            // Final outcomes go on the audit trail; retries do not.
+            let action = match &result {
+                DeliveryResult::Delivered => "delivery.delivered",
+                DeliveryResult::Dead { .. } => "delivery.dead",
+                _ => return Ok(()),
+            };
+            let (notice, agency, subscription, attempts): (String, String, String, i64) = sp
+                .query_row(
+                    "SELECT notice_id, agency, subscription, attempts FROM deliveries WHERE id = ?1",
+                    [&id],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                )
+                .map_err(db_err)?;
+            super::sqlite_control::audit(
+                sp,
+                "gateway",
+                action,
+                &id,
+                &serde_json::json!({"notice_id": notice, "agency": agency, "subscription": subscription, "attempts": attempts}),
+            )
         })
         .await
     }
@@ -1065,15 +1130,18 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn retry_delivery(&self, delivery_id: &str) -> Result<bool, StoreError> {
-        let id = delivery_id.to_owned();
+    async fn retry_delivery(&self, delivery_id: &str, actor: &str) -> Result<bool, StoreError> {
+        let (id, actor) = (delivery_id.to_owned(), actor.to_owned());
         self.write(true, move |sp| {
             let n = sp
                 .execute(
                     "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = 0, lease_until = 0 WHERE id = ?1 AND state = 'dead'",
-                    [id],
+                    [&id],
                 )
                 .map_err(db_err)?;
+            if n == 1 {
+                super::sqlite_control::audit(sp, &actor, "delivery.retry", &id, &serde_json::json!({}))?;
+            }
             Ok(n == 1)
         })
         .await
@@ -1106,6 +1174,13 @@ impl Store for SqliteStore {
                 params![f.notice_id, f.agency, f.measure, outcome, f.date.map(|d| d.to_string()), f.note, rfc3339(f.received_at)],
             )
             .map_err(db_err)?;
+            super::sqlite_control::audit(
+                sp,
+                &f.agency,
+                "feedback",
+                &f.notice_id,
+                &serde_json::json!({"measure": f.measure, "outcome": outcome, "date": f.date.map(|d| d.to_string())}),
+            )?;
             Ok(FeedbackStored::Stored)
         })
         .await
@@ -1161,6 +1236,91 @@ impl Store for SqliteStore {
             rows.collect::<Result<_, _>>().map_err(db_err)
         })
         .await
+    }
+
+    async fn seed_control(
+        &self,
+        items: Vec<Value>,
+        participants: Vec<(String, Value)>,
+        subscriptions: Vec<(String, Value)>,
+    ) -> Result<ControlState, StoreError> {
+        self.write(false, move |sp| {
+            sqlite_control::seed(sp, &items, &participants, &subscriptions)
+        })
+        .await
+    }
+
+    async fn item_versions(&self, item: &str) -> Result<Vec<VersionInfo>, StoreError> {
+        let item = item.to_owned();
+        self.read(move |conn| sqlite_control::item_versions(conn, &item))
+            .await
+    }
+
+    async fn item_version(&self, item: &str, version: u32) -> Result<Option<Value>, StoreError> {
+        let item = item.to_owned();
+        self.read(move |conn| sqlite_control::item_version(conn, &item, version))
+            .await
+    }
+
+    async fn activate_item(
+        &self,
+        activation: ItemActivation,
+    ) -> Result<ActivateOutcome, StoreError> {
+        self.write(false, move |sp| sqlite_control::activate(sp, &activation))
+            .await
+    }
+
+    async fn put_document(
+        &self,
+        kind: DocKind,
+        id: &str,
+        body: Value,
+        actor: &str,
+        action: &str,
+        details: Value,
+    ) -> Result<(), StoreError> {
+        let (id, actor, action) = (id.to_owned(), actor.to_owned(), action.to_owned());
+        self.write(false, move |sp| {
+            sqlite_control::put_document(sp, kind, &id, &body, &actor, &action, &details)
+        })
+        .await
+    }
+
+    async fn audit_page(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<crate::audit::Entry>, StoreError> {
+        self.read(move |conn| sqlite_control::audit_page(conn, after, limit))
+            .await
+    }
+
+    async fn checkpoint(&self) -> Result<Option<crate::audit::Checkpoint>, StoreError> {
+        let key = self.audit_key.clone();
+        let cp = self
+            .write(false, move |sp| sqlite_control::checkpoint(sp, &key))
+            .await?;
+        if let Some(cp) = &cp {
+            // Written after the commit: a checkpoint in the file always
+            // covers entries that exist.
+            let path = self.path.clone();
+            let cp = cp.clone();
+            tokio::task::spawn_blocking(move || crate::audit::append_checkpoint_file(&path, &cp))
+                .await
+                .map_err(|e| StoreError::Database(e.to_string()))?
+                .map_err(|e| StoreError::Database(format!("audit checkpoint file: {e}")))?;
+        }
+        Ok(cp)
+    }
+
+    async fn department_stats(
+        &self,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<Vec<DepartmentStats>, StoreError> {
+        let (from, to) = (rfc3339(from), rfc3339(to));
+        self.read(move |conn| sqlite_control::department_stats(conn, &from, &to))
+            .await
     }
 
     async fn ready(&self) -> bool {
