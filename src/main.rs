@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use credgate::catalog::Catalog;
+use credgate::catalog::{Catalog, ItemDefinition};
 use credgate::config::Config;
 use credgate::participants::{Kind, Registry};
 
@@ -41,6 +41,22 @@ enum Command {
         #[command(subcommand)]
         command: CatalogCommand,
     },
+    /// Audit log tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCommand {
+    /// Check the whole hash chain and every signed checkpoint offline;
+    /// report the first broken link (exit code 1) or that all is intact.
+    Verify {
+        /// Configuration of the gateway whose database to check.
+        #[arg(long, short, default_value = "config/credgate.toml")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -68,6 +84,26 @@ enum CatalogCommand {
         /// Participants registry used to check providers; skipped if the file is missing.
         #[arg(long, default_value = "config/participants.toml")]
         participants: PathBuf,
+    },
+    /// Classify the changes from OLD to NEW (item files or catalog folders):
+    /// exit code 0 = compatible, 1 = breaking, 2 = cannot compare.
+    Diff {
+        /// The current item file or catalog folder.
+        old: PathBuf,
+        /// The proposed item file or catalog folder.
+        new: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the active catalog versions from the database into a folder,
+    /// one file per item (the format `catalog check` and the seed read).
+    Export {
+        /// Target folder.
+        dir: PathBuf,
+        /// Configuration of the gateway whose database to read.
+        #[arg(long, short, default_value = "config/credgate.toml")]
+        config: PathBuf,
     },
 }
 
@@ -97,18 +133,22 @@ fn main() -> ExitCode {
         Command::Catalog {
             command: CatalogCommand::Check { dir, participants },
         } => catalog_check(&dir, &participants),
+        Command::Catalog {
+            command: CatalogCommand::Diff { old, new, json },
+        } => catalog_diff(&old, &new, json),
+        Command::Catalog {
+            command: CatalogCommand::Export { dir, config },
+        } => catalog_export(&dir, &config),
+        Command::Audit {
+            command: AuditCommand::Verify { config },
+        } => audit_verify(&config),
     }
 }
 
 fn serve(path: PathBuf) -> ExitCode {
-    let env = std::env::vars()
-        .filter(|(k, _)| k.starts_with(credgate::config::ENV_PREFIX) && k != "CREDGATE_LOG_FORMAT");
-    let config = match Config::load(&path, false, env) {
+    let config = match load_config(&path) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -240,6 +280,177 @@ fn catalog_check(dir: &std::path::Path, participants: &std::path::Path) -> ExitC
                 eprintln!("  - {e}");
             }
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
+    let env = std::env::vars()
+        .filter(|(k, _)| k.starts_with(credgate::config::ENV_PREFIX) && k != "CREDGATE_LOG_FORMAT");
+    Config::load(path, false, env).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(2)
+    })
+}
+
+/// Reads an item file or every item of a folder, by id.
+fn read_items(
+    path: &std::path::Path,
+) -> Result<std::collections::BTreeMap<String, ItemDefinition>, String> {
+    if path.is_dir() {
+        credgate::catalog::read_dir(path)
+            .map(|defs| defs.into_iter().map(|(_, d)| (d.id.clone(), d)).collect())
+            .map_err(|e| e.join("\n"))
+    } else {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let def: ItemDefinition =
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(std::collections::BTreeMap::from([(def.id.clone(), def)]))
+    }
+}
+
+fn catalog_diff(old: &std::path::Path, new: &std::path::Path, json: bool) -> ExitCode {
+    let (old, new) = match (read_items(old), read_items(new)) {
+        (Ok(o), Ok(n)) => (o, n),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut report = serde_json::Map::new();
+    let mut breaking = false;
+    for (id, n) in &new {
+        let diff = match old.get(id) {
+            Some(o) => credgate::compat::diff(o, n),
+            None => {
+                let mut d = credgate::compat::Diff::default();
+                d.changes.push(credgate::compat::Change {
+                    field: "*".into(),
+                    change: "added_item",
+                    breaking: false,
+                    detail: "new catalog item".into(),
+                });
+                d
+            }
+        };
+        breaking |= diff.breaking;
+        report.insert(id.clone(), serde_json::to_value(&diff).unwrap_or_default());
+    }
+    for id in old.keys().filter(|id| !new.contains_key(*id)) {
+        breaking = true;
+        report.insert(
+            id.clone(),
+            serde_json::json!({"breaking": true, "changes": [{"field": "*", "change": "removed_item", "breaking": true, "detail": "catalog item removed"}]}),
+        );
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"breaking": breaking, "items": report})
+        );
+    } else {
+        for (id, d) in &report {
+            let changes = d["changes"].as_array().cloned().unwrap_or_default();
+            if changes.is_empty() {
+                println!("{id}: no changes");
+                continue;
+            }
+            println!("{id}:");
+            for c in changes {
+                println!(
+                    "  {} {:<28} {:<24} {}",
+                    if c["breaking"] == true {
+                        "BREAKING  "
+                    } else {
+                        "compatible"
+                    },
+                    c["change"].as_str().unwrap_or(""),
+                    c["field"].as_str().unwrap_or(""),
+                    c["detail"].as_str().unwrap_or("")
+                );
+            }
+        }
+        println!(
+            "{}",
+            if breaking {
+                "result: BREAKING (activation needs \"force\": true and a reason)"
+            } else {
+                "result: compatible"
+            }
+        );
+    }
+    if breaking {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn catalog_export(dir: &std::path::Path, config: &std::path::Path) -> ExitCode {
+    let config = match load_config(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let items = match credgate::store::active_items(&config.database_path()) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        eprintln!("{}: {e}", dir.display());
+        return ExitCode::from(2);
+    }
+    for item in items {
+        let id = item["id"].as_str().unwrap_or("item").to_owned();
+        let path = dir.join(format!("{id}.json"));
+        let text = serde_json::to_string_pretty(&item).unwrap_or_default() + "\n";
+        if let Err(e) = std::fs::write(&path, text) {
+            eprintln!("{}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+        println!("wrote {} (v{})", path.display(), item["version"]);
+    }
+    ExitCode::SUCCESS
+}
+
+fn audit_verify(config: &std::path::Path) -> ExitCode {
+    let config = match load_config(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let secret = match std::fs::read_to_string(&config.privacy.secret_file) {
+        Ok(s) => s.trim().as_bytes().to_vec(),
+        Err(e) => {
+            eprintln!(
+                "privacy.secret_file: {}: {e}",
+                config.privacy.secret_file.display()
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let key = credgate::audit::checkpoint_key(&secret);
+    match credgate::store::verify_audit(&config.database_path(), &key) {
+        Ok(report) => match &report.problem {
+            None => {
+                println!(
+                    "audit log intact: {} entries, {} checkpoint(s) verified",
+                    report.entries, report.checkpoints
+                );
+                ExitCode::SUCCESS
+            }
+            Some(problem) => {
+                println!(
+                    "audit log BROKEN after checking {} entries: {problem}",
+                    report.entries
+                );
+                ExitCode::from(1)
+            }
+        },
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(2)
         }
     }
 }
