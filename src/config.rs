@@ -457,7 +457,7 @@ impl Config {
                 ));
             }
         }
-        if self.server.listen == self.server.ops_listen {
+        if self.server.listen == self.server.ops_listen && self.server.listen.port() != 0 {
             errors.push("server.ops_listen: must differ from server.listen".into());
         }
         // In dev mode missing certificates and secrets are generated; in

@@ -90,6 +90,28 @@ fn departments(reg: &Registry) -> impl Fn(&str) -> bool + '_ {
     move |id| reg.get(id).is_some_and(|p| p.kind == Kind::Department)
 }
 
+/// JSON Merge Patch (RFC 7396): objects merge, `null` removes, anything
+/// else replaces.
+pub fn merge_patch(target: &mut Value, patch: Value) {
+    match patch {
+        Value::Object(p) => {
+            if !target.is_object() {
+                *target = Value::Object(serde_json::Map::new());
+            }
+            if let Some(t) = target.as_object_mut() {
+                for (k, v) in p {
+                    if v.is_null() {
+                        t.remove(&k);
+                    } else {
+                        merge_patch(t.entry(k).or_insert(Value::Null), v);
+                    }
+                }
+            }
+        }
+        other => *target = other,
+    }
+}
+
 /// Compiles on a blocking thread: schema compilation is CPU work that must
 /// not stall request handling.
 async fn compile(def: ItemDefinition, registry: Arc<Registry>) -> Result<CatalogItem, Vec<String>> {
@@ -172,10 +194,46 @@ impl Control {
         &self,
         actor: &str,
         item_id: &str,
-        mut body: Value,
+        body: Value,
         dry_run: bool,
     ) -> Result<ItemChange, Refusal> {
         let _guard = self.lock.lock().await;
+        self.put_item_locked(actor, item_id, body, dry_run).await
+    }
+
+    /// Applies a JSON Merge Patch (RFC 7396) to the active definition and
+    /// handles the result as the next version, like [`Control::put_item`].
+    pub async fn patch_item(
+        &self,
+        actor: &str,
+        item_id: &str,
+        patch: Value,
+        dry_run: bool,
+    ) -> Result<ItemChange, Refusal> {
+        let _guard = self.lock.lock().await;
+        let catalog = self.catalog.load_full();
+        let Some(active) = catalog.get(item_id) else {
+            return Err(Refusal::NotFound(format!("no catalog item {item_id}")));
+        };
+        let mut def =
+            serde_json::to_value(&active.def).map_err(|e| Refusal::Invalid(vec![e.to_string()]))?;
+        merge_patch(&mut def, patch);
+        if let Some(obj) = def.as_object_mut() {
+            // The patched document is the next version unless the patch says.
+            if obj.get("version").and_then(Value::as_u64) == Some(u64::from(active.def.version)) {
+                obj.remove("version");
+            }
+        }
+        self.put_item_locked(actor, item_id, def, dry_run).await
+    }
+
+    async fn put_item_locked(
+        &self,
+        actor: &str,
+        item_id: &str,
+        mut body: Value,
+        dry_run: bool,
+    ) -> Result<ItemChange, Refusal> {
         let Some(obj) = body.as_object_mut() else {
             return Err(Refusal::Invalid(vec![
                 "the body must be an item definition object".into(),

@@ -176,6 +176,32 @@ pub async fn put_item(
     ok(&change)
 }
 
+/// `PATCH /admin/v1/catalog/items/{item_id}[?dry_run=true]`: a JSON Merge
+/// Patch of the active definition, handled as the next version.
+pub async fn patch_item(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(item_id): Path<String>,
+    query: Result<Query<PutQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Problem> {
+    let Query(q) = query.map_err(|_| {
+        Problem::caller(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            "the only parameter is dry_run=true|false",
+        )
+    })?;
+    let doc = body_json(&state, &headers, body).await?;
+    let change = state
+        .control
+        .patch_item(&caller.id, &item_id, doc, q.dry_run)
+        .await
+        .map_err(refused)?;
+    ok(&change)
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RollbackBody {

@@ -88,7 +88,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/admin/v1/catalog/items", get(admin_control::items))
         .route(
             "/admin/v1/catalog/items/{item_id}",
-            get(admin_control::item).put(admin_control::put_item),
+            get(admin_control::item)
+                .put(admin_control::put_item)
+                .patch(admin_control::patch_item),
         )
         .route(
             "/admin/v1/catalog/items/{item_id}/versions",
@@ -250,6 +252,10 @@ async fn identify(State(state): State<Arc<AppState>>, mut req: Request, next: Ne
     resp
 }
 
+/// How much of an oversized body is read and discarded so the client gets
+/// its 413 cleanly.
+const DRAIN_LIMIT: u64 = 1024 * 1024;
+
 /// Reads a JSON request body within the limits: media type (415), size
 /// (413), nesting depth and syntax (400). Returns the raw bytes too, for
 /// the idempotency digest.
@@ -267,7 +273,8 @@ pub async fn read_json(
         .unwrap_or("")
         .trim()
         .to_ascii_lowercase();
-    if media != "application/json" {
+    // Merge patches (admin PATCH) are JSON too.
+    if media != "application/json" && media != "application/merge-patch+json" {
         return Err(Problem::caller(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
@@ -289,6 +296,15 @@ pub async fn read_json(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limits.max_body_bytes as u64) {
+        // A client that is still sending would see a reset instead of the
+        // 413 if the connection closed under it; read and discard a
+        // moderate excess first, refuse a huge one at once.
+        if declared.is_some_and(|n| n <= limits.max_body_bytes as u64 + DRAIN_LIMIT) {
+            let _ =
+                http_body_util::Limited::new(body, limits.max_body_bytes + DRAIN_LIMIT as usize)
+                    .collect()
+                    .await;
+        }
         return Err(too_large());
     }
     match http_body_util::Limited::new(body, limits.max_body_bytes)

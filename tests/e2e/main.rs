@@ -1,6 +1,7 @@
 //! End-to-end tests: the real gateway over real mTLS, real SQLite files,
 //! certificates generated at test time. One binary, modules by concern.
 
+mod admin;
 mod notices;
 mod process;
 mod receiver;
