@@ -151,10 +151,13 @@ pub struct PutQuery {
     dry_run: bool,
 }
 
-/// `PUT /admin/v1/catalog/items/{item_id}[?dry_run=true]`.
-pub async fn put_item(
+/// `PUT /admin/v1/catalog/items/{item_id}[?dry_run=true]` (a whole
+/// definition) and `PATCH` (a JSON Merge Patch of the active one): the
+/// result is validated, classified and, unless a dry run, activated.
+pub async fn change_item(
     State(state): State<Arc<AppState>>,
     caller: Caller,
+    method: axum::http::Method,
     Path(item_id): Path<String>,
     query: Result<Query<PutQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
@@ -168,38 +171,15 @@ pub async fn put_item(
         )
     })?;
     let doc = body_json(&state, &headers, body).await?;
-    let change = state
-        .control
-        .put_item(&caller.id, &item_id, doc, q.dry_run)
-        .await
-        .map_err(refused)?;
-    ok(&change)
-}
-
-/// `PATCH /admin/v1/catalog/items/{item_id}[?dry_run=true]`: a JSON Merge
-/// Patch of the active definition, handled as the next version.
-pub async fn patch_item(
-    State(state): State<Arc<AppState>>,
-    caller: Caller,
-    Path(item_id): Path<String>,
-    query: Result<Query<PutQuery>, axum::extract::rejection::QueryRejection>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, Problem> {
-    let Query(q) = query.map_err(|_| {
-        Problem::caller(
-            StatusCode::BAD_REQUEST,
-            "invalid_query",
-            "the only parameter is dry_run=true|false",
-        )
-    })?;
-    let doc = body_json(&state, &headers, body).await?;
-    let change = state
-        .control
-        .patch_item(&caller.id, &item_id, doc, q.dry_run)
-        .await
-        .map_err(refused)?;
-    ok(&change)
+    let control = &state.control;
+    let change = if method == axum::http::Method::PATCH {
+        control
+            .patch_item(&caller.id, &item_id, doc, q.dry_run)
+            .await
+    } else {
+        control.put_item(&caller.id, &item_id, doc, q.dry_run).await
+    };
+    ok(&change.map_err(refused)?)
 }
 
 #[derive(Debug, Deserialize)]

@@ -89,8 +89,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(
             "/admin/v1/catalog/items/{item_id}",
             get(admin_control::item)
-                .put(admin_control::put_item)
-                .patch(admin_control::patch_item),
+                .put(admin_control::change_item)
+                .patch(admin_control::change_item),
         )
         .route(
             "/admin/v1/catalog/items/{item_id}/versions",

@@ -55,25 +55,45 @@ fn signal(child: &Child, sig: &str) {
     assert!(status.success());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_loses_no_acknowledged_record() {
-    let env = Env::new();
-    let mut running = spawn(&env).await;
+/// Submits single records of `item` from `workers` connections of `dept`
+/// for 1.5 s, then kills the gateway with SIGKILL; returns the `field`
+/// (record_id or notice_id) of every acknowledged record.
+async fn burst_then_kill(
+    env: &Env,
+    running: &mut Running,
+    dept: &str,
+    item: &'static str,
+    workers: u64,
+    field: &'static str,
+) -> Vec<String> {
     let acked: Arc<Mutex<Vec<String>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
-    let mut workers = Vec::new();
-    for w in 0..16u64 {
-        let client = env.client(running.main, "dept-market");
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let client = env.client(running.main, dept);
         let (acked, stop) = (acked.clone(), stop.clone());
-        workers.push(tokio::spawn(async move {
-            let Ok(mut conn) = client.connect(false).await else { return };
+        tasks.push(tokio::spawn(async move {
+            let Ok(mut conn) = client.connect(false).await else {
+                return;
+            };
             let mut n = w * 1_000_000;
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
-                let body = serde_json::to_vec(&json!({"item": "administrative_penalty", "records": [synth::record("administrative_penalty", n, "general")]})).expect("json");
-                match conn.send("POST", "/v1/records", &[("content-type", "application/json")], body).await {
+                let body = serde_json::to_vec(
+                    &json!({"item": item, "records": [synth::record(item, n, "general")]}),
+                )
+                .expect("json");
+                match conn
+                    .send(
+                        "POST",
+                        "/v1/records",
+                        &[("content-type", "application/json")],
+                        body,
+                    )
+                    .await
+                {
                     Ok(r) if r.status == 200 => {
-                        let id = r.json()["results"][0]["record_id"].as_str().map(str::to_owned);
+                        let id = r.json()["results"][0][field].as_str().map(str::to_owned);
                         acked.lock().expect("lock").extend(id);
                     }
                     // The connection died with the process: stop this worker.
@@ -87,10 +107,26 @@ async fn kill_9_loses_no_acknowledged_record() {
     running.child.kill().expect("kill -9");
     running.child.wait().expect("wait");
     stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        let _ = w.await;
+    for t in tasks {
+        let _ = t.await;
     }
     let acked = acked.lock().expect("lock").clone();
+    acked
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_loses_no_acknowledged_record() {
+    let env = Env::new();
+    let mut running = spawn(&env).await;
+    let acked = burst_then_kill(
+        &env,
+        &mut running,
+        "dept-market",
+        "administrative_penalty",
+        16,
+        "record_id",
+    )
+    .await;
     assert!(
         acked.len() > 50,
         "too few submissions before the kill: {}",
@@ -135,37 +171,17 @@ async fn kill_9_during_a_dishonesty_burst_loses_no_notice() {
         rx.ca_file.display()
     ));
     let mut running = spawn(&env).await;
-    let acked: Arc<Mutex<Vec<String>>> = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut workers = Vec::new();
-    for w in 0..8u64 {
-        let client = env.client(running.main, "dept-court");
-        let (acked, stop) = (acked.clone(), stop.clone());
-        workers.push(tokio::spawn(async move {
-            let Ok(mut conn) = client.connect(false).await else { return };
-            let mut n = w * 1_000_000;
-            while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                let body = serde_json::to_vec(&json!({"item": "serious_dishonesty", "records": [synth::record("serious_dishonesty", n, "")]})).expect("json");
-                match conn.send("POST", "/v1/records", &[("content-type", "application/json")], body).await {
-                    Ok(r) if r.status == 200 => {
-                        let id = r.json()["results"][0]["notice_id"].as_str().map(str::to_owned);
-                        acked.lock().expect("lock").extend(id);
-                    }
-                    _ => return,
-                }
-            }
-        }));
-    }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    running.child.kill().expect("kill -9");
-    running.child.wait().expect("wait");
-    stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        let _ = w.await;
-    }
-    let acked: std::collections::HashSet<String> =
-        acked.lock().expect("lock").iter().cloned().collect();
+    let acked: std::collections::HashSet<String> = burst_then_kill(
+        &env,
+        &mut running,
+        "dept-court",
+        "serious_dishonesty",
+        8,
+        "notice_id",
+    )
+    .await
+    .into_iter()
+    .collect();
     assert!(
         acked.len() > 20,
         "too few submissions before the kill: {}",
