@@ -167,6 +167,92 @@ async fn ops_ready(addr: SocketAddr) -> bool {
     buf.starts_with(b"HTTP/1.1 200")
 }
 
+/// An nginx serving the same certificates as an mTLS static responder:
+/// the reference every figure is compared with.
+pub struct Nginx {
+    child: Child,
+    /// Listening address.
+    pub addr: SocketAddr,
+}
+
+impl Workspace {
+    /// Starts nginx (Debian package) on a free port with this workspace's
+    /// CA and server certificate, answering every request with a static 202.
+    pub async fn start_nginx(&self) -> Result<Nginx, String> {
+        let addr = free_addr()?;
+        let dir = self.dir.join("nginx");
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let conf = format!(
+            r#"worker_processes auto;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+worker_rlimit_nofile 40000;
+events {{ worker_connections 20000; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    client_max_body_size 16m;
+    client_body_buffer_size 1m;
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+    server {{
+        listen {addr} ssl http2;
+        ssl_certificate {certs}/server.pem;
+        ssl_certificate_key {certs}/server.key;
+        ssl_client_certificate {certs}/ca.pem;
+        ssl_verify_client on;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_session_tickets off;
+        ssl_session_cache off;
+        location / {{
+            default_type application/json;
+            return 202 '{{"accepted":1}}';
+        }}
+    }}
+}}
+"#,
+            dir = dir.display(),
+            certs = self.certs.display(),
+        );
+        let conf_file = dir.join("nginx.conf");
+        std::fs::write(&conf_file, conf).map_err(|e| e.to_string())?;
+        let child = Command::new("nginx")
+            .arg("-c")
+            .arg(&conf_file)
+            .arg("-p")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("cannot start nginx (apt-get install nginx-light): {e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            if Instant::now() > deadline {
+                return Err("nginx did not start listening in 10 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Nginx { child, addr })
+    }
+}
+
+impl Nginx {
+    /// CPU and memory of the master and its workers.
+    pub fn stats(&self) -> ProcStats {
+        ProcStats::read_tree(self.child.id())
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-QUIT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
 /// A running gateway process.
 pub struct GatewayProcess {
     child: Child,

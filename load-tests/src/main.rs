@@ -7,7 +7,9 @@
 //! participants, subscriptions) and starts the `credgate` binary next to
 //! this one; `--target` points `ingest` at a gateway already running.
 
+mod bench;
 mod client;
+mod drive;
 mod harness;
 mod receiver;
 mod report;
@@ -30,7 +32,7 @@ struct Cli {
 }
 
 /// Options shared by the request-driving scenarios.
-#[derive(clap::Args, Debug, Clone)]
+#[derive(clap::Args, Debug, Clone, Default)]
 pub struct Load {
     /// Use a gateway already running at this address (with `--certs`)
     /// instead of starting one.
@@ -67,8 +69,35 @@ pub struct Load {
 
 #[derive(Subcommand, Debug, Clone)]
 enum Scenario {
-    /// One or N records per request over keep-alive connections.
-    Ingest(Load),
+    /// `POST /v1/records` over keep-alive connections; `--batch 100` is the
+    /// batch scenario, `--h2 --connections 8 --streams 8` the HTTP/2 one.
+    Ingest {
+        #[command(flatten)]
+        load: Load,
+        /// Serve with credgate or the nginx reference.
+        #[arg(long, value_enum, default_value = "credgate")]
+        against: bench::Against,
+    },
+    /// A full mTLS handshake (no resumption) for every request.
+    Handshake {
+        #[command(flatten)]
+        load: Load,
+        /// Serve with credgate or the nginx reference.
+        #[arg(long, value_enum, default_value = "credgate")]
+        against: bench::Against,
+    },
+    /// Many idle mTLS connections held open while ingest runs; compared
+    /// with ingest alone in the same run.
+    Idle {
+        #[command(flatten)]
+        load: Load,
+        /// Serve with credgate or the nginx reference.
+        #[arg(long, value_enum, default_value = "credgate")]
+        against: bench::Against,
+        /// Idle connections.
+        #[arg(long, default_value_t = 10_000)]
+        idle: usize,
+    },
     /// Dishonesty records routed to N subscriptions, half pull and half
     /// push to in-process mTLS receivers; measures acknowledged → received.
     Fanout {
@@ -85,20 +114,78 @@ enum Scenario {
         #[arg(long, default_value_t = 10)]
         duration: u64,
     },
+    /// One department floods at N× its quota while two submit steadily.
+    Fairness {
+        /// Seconds per phase (without, then with the flood).
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        /// Every department's quota, requests per second.
+        #[arg(long, default_value_t = 500)]
+        quota: u32,
+        /// The flooder's rate as a multiple of the quota.
+        #[arg(long, default_value_t = 10)]
+        factor: u32,
+        /// Requests per second of the steady departments together.
+        #[arg(long, default_value_t = 200.0)]
+        steady_rate: f64,
+    },
+    /// Every comparable scenario against credgate and nginx, alternating,
+    /// several runs; medians and ratios.
+    Compare {
+        /// Runs per target and scenario.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Seconds per run.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        /// Idle connections in the idle scenario.
+        #[arg(long, default_value_t = 10_000)]
+        idle: usize,
+        /// Only these scenarios (ingest, h2, handshake, batch, idle).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+    },
+    /// A few seconds of every scenario with small numbers; exit code 1 on
+    /// any error (run in CI).
+    Smoke,
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = Cli::parse();
+    let report = |r: Result<bench::Report, String>| r.map(|r| (r.summary, r.json));
     let result = match cli.scenario.clone() {
-        Scenario::Ingest(load) => scenarios::ingest(load).await,
+        Scenario::Ingest { load, against } => {
+            report(bench::requests("ingest", &load, against, false).await)
+        }
+        Scenario::Handshake { load, against } => {
+            report(bench::requests("handshake", &load, against, true).await)
+        }
+        Scenario::Idle {
+            load,
+            against,
+            idle,
+        } => report(bench::idle(&load, against, idle).await),
         Scenario::Fanout {
             subscriptions,
             connections,
             rate,
             duration,
         } => scenarios::fanout(subscriptions, connections, rate, duration).await,
+        Scenario::Fairness {
+            duration,
+            quota,
+            factor,
+            steady_rate,
+        } => report(bench::fairness(duration, quota, factor, steady_rate).await),
+        Scenario::Compare {
+            runs,
+            duration,
+            idle,
+            only,
+        } => bench::compare(runs, duration, idle, &only).await,
+        Scenario::Smoke => bench::smoke().await,
     };
     match result {
         Ok((summary, json)) => {

@@ -55,6 +55,34 @@ pub struct ProcStats {
 }
 
 impl ProcStats {
+    /// Figures of `pid` and its direct children, summed (peak RSS too).
+    pub fn read_tree(pid: u32) -> ProcStats {
+        let mut total = ProcStats::read(pid);
+        if let Ok(dir) = std::fs::read_dir("/proc") {
+            for entry in dir.flatten() {
+                let Some(child) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                let stat =
+                    std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+                let ppid = stat
+                    .rsplit_once(')')
+                    .and_then(|(_, r)| r.split_whitespace().nth(1))
+                    .and_then(|p| p.parse::<u32>().ok());
+                if ppid == Some(pid) {
+                    let s = ProcStats::read(child);
+                    total.cpu_secs += s.cpu_secs;
+                    total.peak_rss += s.peak_rss;
+                }
+            }
+        }
+        total
+    }
+
     /// Reads the figures of `pid`.
     pub fn read(pid: u32) -> ProcStats {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();

@@ -11,14 +11,13 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 
 use crate::client::{connect, tls_config, Conn};
-use crate::harness::{GatewayProcess, Workspace, DEPARTMENTS};
+use crate::harness::{Workspace, DEPARTMENTS};
 use crate::receiver::Receiver;
 use crate::report::{histogram, percentiles, Errors};
-use crate::Load;
 
 /// Request bodies prepared before the run so generating them does not
 /// compete with the gateway for CPU during it.
-fn bodies(item: &str, batch: usize, invalid: f64, seed: u64, count: usize) -> Vec<Bytes> {
+pub fn bodies(item: &str, batch: usize, invalid: f64, seed: u64, count: usize) -> Vec<Bytes> {
     let mut n = seed.wrapping_mul(1_000_003);
     (0..count)
         .map(|_| {
@@ -49,16 +48,8 @@ fn bodies(item: &str, batch: usize, invalid: f64, seed: u64, count: usize) -> Ve
         .collect()
 }
 
-struct Drive {
-    ok: u64,
-    records: u64,
-    hist: hdrhistogram::Histogram<u64>,
-    errors: Errors,
-    secs: f64,
-}
-
 /// The departments that may submit `item`, from the shipped catalog.
-fn providers(item: &str) -> Result<Vec<String>, String> {
+pub fn providers(item: &str) -> Result<Vec<String>, String> {
     let path =
         Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../catalogs/credit/{item}.json"));
     let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -76,143 +67,6 @@ fn providers(item: &str) -> Result<Vec<String>, String> {
         return Err(format!("no load-test department provides {item}"));
     }
     Ok(list)
-}
-
-/// Runs `load` against `target` with the departments' certificates in `certs`.
-async fn drive(load: &Load, target: std::net::SocketAddr, certs: &Path) -> Result<Drive, String> {
-    let pool = Arc::new(bodies(
-        &load.item,
-        load.batch,
-        load.invalid,
-        load.seed,
-        2048,
-    ));
-    let departments = providers(&load.item)?;
-    let deadline = Instant::now() + Duration::from_secs(load.duration);
-    let mut tasks = Vec::new();
-    for c in 0..load.connections {
-        let dept = &departments[c % departments.len()];
-        let tls = tls_config(certs, dept, load.h2)?;
-        let first = connect(target, tls, load.h2)
-            .await
-            .map_err(|e| format!("connect {target}: {e}"))?;
-        let mut handles: Vec<Conn> = (1..load.streams.max(1))
-            .filter_map(|_| first.stream())
-            .collect();
-        handles.insert(0, first);
-        for (s, mut conn) in handles.into_iter().enumerate() {
-            let pool = pool.clone();
-            let offset = (c * 131 + s * 17) % pool.len();
-            tasks.push(tokio::spawn(async move {
-                let mut hist = histogram();
-                let mut errors = Errors::default();
-                let (mut ok, mut records) = (0u64, 0u64);
-                let mut i = offset;
-                while Instant::now() < deadline {
-                    let body = pool[i % pool.len()].clone();
-                    i += 1;
-                    let start = Instant::now();
-                    match conn.request("POST", "/v1/records", Some(body)).await {
-                        Ok((200, b)) => {
-                            let _ = hist.record(start.elapsed().as_micros().max(1) as u64);
-                            ok += 1;
-                            records += accepted_count(&b);
-                        }
-                        Ok((status, _)) => errors.add(format!("http_{status}")),
-                        Err(_) => {
-                            errors.add("io");
-                            break;
-                        }
-                    }
-                }
-                (ok, records, hist, errors)
-            }));
-        }
-    }
-    let started = Instant::now();
-    let mut total = Drive {
-        ok: 0,
-        records: 0,
-        hist: histogram(),
-        errors: Errors::default(),
-        secs: 0.0,
-    };
-    for t in tasks {
-        if let Ok((ok, records, hist, errors)) = t.await {
-            total.ok += ok;
-            total.records += records;
-            let _ = total.hist.add(&hist);
-            total.errors.merge(&errors);
-        }
-    }
-    total.secs = started.elapsed().as_secs_f64().max(0.001);
-    Ok(total)
-}
-
-/// Reads `"accepted": n` without a full parse.
-fn accepted_count(body: &[u8]) -> u64 {
-    let text = std::str::from_utf8(body).unwrap_or("");
-    text.split("\"accepted\":")
-        .nth(1)
-        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
-
-/// `ingest`: one or N records per request.
-pub async fn ingest(load: Load) -> Result<(String, Value), String> {
-    let workspace;
-    let gateway: Option<GatewayProcess>;
-    let (target, certs) = match load.target {
-        Some(t) => {
-            gateway = None;
-            (t, load.certs.clone())
-        }
-        None => {
-            workspace = Workspace::create("ingest", 0, None)?;
-            let g = workspace.start().await?;
-            let addr = g.addr;
-            gateway = Some(g);
-            (addr, workspace.certs.clone())
-        }
-    };
-    let before = gateway
-        .as_ref()
-        .map(GatewayProcess::stats)
-        .unwrap_or_default();
-    let d = drive(&load, target, &certs).await?;
-    let after = gateway
-        .as_ref()
-        .map(GatewayProcess::stats)
-        .unwrap_or_default();
-    if let Some(g) = gateway {
-        g.stop();
-    }
-    let cpu = after.cpu_secs - before.cpu_secs;
-    let json = json!({
-        "scenario": "ingest", "http2": load.h2, "connections": load.connections, "streams": load.streams,
-        "batch": load.batch, "item": load.item, "invalid_share": load.invalid, "seconds": d.secs,
-        "requests_ok": d.ok, "records_accepted": d.records,
-        "requests_per_s": d.ok as f64 / d.secs, "records_per_s": d.records as f64 / d.secs,
-        "latency_ms": percentiles(&d.hist), "errors": d.errors.json(),
-        "gateway": {"cpu_secs": cpu, "cpu_us_per_request": if d.ok > 0 { cpu * 1e6 / d.ok as f64 } else { 0.0 }, "peak_rss_mb": after.peak_rss as f64 / 1048576.0},
-    });
-    let summary = format!(
-        "ingest{} {}x{} batch {}: {:.0} req/s, {:.0} records/s; latency ms p50 {} p99 {} p99.9 {}; errors {}; gateway CPU {:.1} µs/request, peak RSS {:.0} MB",
-        if load.h2 { " h2" } else { "" },
-        load.connections,
-        load.streams,
-        load.batch,
-        d.ok as f64 / d.secs,
-        d.records as f64 / d.secs,
-        json["latency_ms"]["p50"],
-        json["latency_ms"]["p99"],
-        json["latency_ms"]["p999"],
-        d.errors.json(),
-        json["gateway"]["cpu_us_per_request"].as_f64().unwrap_or(0.0),
-        json["gateway"]["peak_rss_mb"].as_f64().unwrap_or(0.0),
-    );
-    Ok((summary, json))
 }
 
 /// `fanout`: dishonesty records to `subs` subscriptions (half push).

@@ -274,7 +274,7 @@ impl SqliteStore {
         // predecessor: its attempts may or may not have arrived, and
         // receivers deduplicate by webhook-id.
         conn.execute(
-            "UPDATE deliveries SET state = 'pending', lease_until = 0 WHERE state = 'inflight'",
+            "UPDATE deliveries SET state = 'pending', lease_until = 0, next_attempt_at = 0 WHERE state = 'inflight'",
             [],
         )
         .map_err(db_err)?;
@@ -1047,14 +1047,14 @@ impl Store for SqliteStore {
             let claimed = {
                 let mut stmt = sp
                     .prepare_cached(&format!(
-                        "{OUTBOUND_SELECT} WHERE d.mode = 'push' AND ((d.state = 'pending' AND d.next_attempt_at <= ?1) OR (d.state = 'inflight' AND d.lease_until <= ?1)) ORDER BY d.next_attempt_at, d.seq LIMIT ?2"
+                        "{OUTBOUND_SELECT} WHERE d.mode = 'push' AND d.state IN ('pending', 'inflight') AND d.next_attempt_at <= ?1 ORDER BY d.next_attempt_at, d.seq LIMIT ?2"
                     ))
                     .map_err(db_err)?;
                 let rows = stmt.query_map(params![now_ms, limit as i64], outbound_from_row).map_err(db_err)?;
                 collect(rows)?
             };
             let mut stmt = sp
-                .prepare_cached("UPDATE deliveries SET state = 'inflight', lease_until = ?2, attempts = attempts + 1 WHERE id = ?1")
+                .prepare_cached("UPDATE deliveries SET state = 'inflight', lease_until = ?2, next_attempt_at = ?2, attempts = attempts + 1 WHERE id = ?1")
                 .map_err(db_err)?;
             for o in &claimed {
                 stmt.execute(params![o.delivery_id, now_ms + lease_ms]).map_err(db_err)?;
