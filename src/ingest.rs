@@ -344,8 +344,8 @@ impl Ingest {
                 subject_key,
                 decision_date,
                 effective_until: derived.and_then(|d| d.effective_until),
-                body: record,
-                warnings: v.warnings,
+                body: serde_json::to_string(&record).map_err(|e| Problem::gateway(&e))?,
+                warnings: serde_json::to_string(&v.warnings).map_err(|e| Problem::gateway(&e))?,
                 notice,
             });
         }

@@ -98,10 +98,11 @@ pub struct NewRecord {
     pub decision_date: Option<Date>,
     /// End of the record's effect (lift notice after it), if the item says.
     pub effective_until: Option<Date>,
-    /// The record as submitted (validated).
-    pub body: Value,
-    /// Warnings reported to the submitter.
-    pub warnings: Vec<Finding>,
+    /// The record as submitted (validated), as JSON text: serialized on
+    /// the request's task, not on the single writer thread.
+    pub body: String,
+    /// Warnings reported to the submitter (JSON array).
+    pub warnings: String,
     /// Notice derived from it, if any.
     pub notice: Option<NewNotice>,
 }

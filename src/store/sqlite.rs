@@ -133,6 +133,9 @@ const MIGRATIONS: &[&str] = &[
     "#,
     // 3: catalog versions, registry documents, audit chain
     super::sqlite_control::MIGRATION,
+    // 4: no subject index until something queries by subject: its random
+    // keys dirtied one index page per record on every commit.
+    "DROP INDEX IF EXISTS records_subject;",
 ];
 
 /// What a job tells the writer besides its result.
@@ -185,10 +188,37 @@ fn corrupt(e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(e.to_string())
 }
 
+/// Runs WAL checkpoints on its own connection and thread, so copying WAL
+/// pages into the database file never delays the writer's next commit.
+fn checkpointer(path: PathBuf, stop: std::sync::mpsc::Receiver<()>) {
+    let conn = match open_connection(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "WAL checkpointer cannot open the database");
+            return;
+        }
+    };
+    loop {
+        match stop.recv_timeout(Duration::from_millis(500)) {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            _ => return,
+        }
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "WAL checkpoint failed");
+        }
+    }
+}
+
+/// Executes a statement through the connection's statement cache.
+fn exec(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize> {
+    conn.prepare_cached(sql)?.execute(params)
+}
+
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path).map_err(db_err)?;
+    conn.set_prepared_statement_cache_capacity(64);
     conn.execute_batch(
-        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=10000;",
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=10000; PRAGMA temp_store=MEMORY;",
     )
     .map_err(db_err)?;
     Ok(conn)
@@ -215,7 +245,8 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
         let tx = conn.transaction().map_err(db_err)?;
         tx.execute_batch(sql).map_err(db_err)?;
-        tx.execute(
+        exec(
+            &tx,
             "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)",
             params![i as i64 + 1, now_text()],
         )
@@ -285,9 +316,20 @@ impl SqliteStore {
         let (tx, rx) = mpsc::channel(group_commit_max.max(1) * 4);
         let (changes_tx, changes) = watch::channel(0u64);
         let ttl = idempotency_ttl;
+        conn.execute_batch("PRAGMA wal_autocheckpoint=0;")
+            .map_err(db_err)?;
+        let (stop_checkpoints, stopped) = std::sync::mpsc::channel::<()>();
+        let checkpoint_path = path.to_owned();
+        std::thread::Builder::new()
+            .name("credgate-store-checkpointer".into())
+            .spawn(move || checkpointer(checkpoint_path, stopped))
+            .map_err(|e| StoreError::Database(format!("cannot start checkpointer thread: {e}")))?;
         let thread = std::thread::Builder::new()
             .name("credgate-store-writer".into())
-            .spawn(move || writer_loop(conn, rx, group_commit_max.max(1), ttl, changes_tx))
+            .spawn(move || {
+                writer_loop(conn, rx, group_commit_max.max(1), ttl, changes_tx);
+                drop(stop_checkpoints);
+            })
             .map_err(|e| StoreError::Database(format!("cannot start writer thread: {e}")))?;
         Ok(SqliteStore {
             writer: Mutex::new(Some(tx)),
@@ -412,15 +454,30 @@ fn commit_group(conn: &mut Connection, group: &mut Vec<Job>) -> bool {
                 continue;
             }
         };
+        let pending = sqlite_control::deferred_len();
         let done = job(&sp);
-        // A failed job's savepoint is rolled back when dropped.
+        // A failed job's savepoint is rolled back when dropped, and its
+        // deferred audit items with it.
         let released = if done.ok {
             sp.commit().err().map(db_err)
         } else {
             None
         };
+        if !done.ok || released.is_some() {
+            sqlite_control::truncate_deferred(pending);
+        }
         wake |= done.ok && released.is_none() && done.wake;
         replies.push((done.reply, released));
+    }
+    // The group's hot-path audit items (submissions, delivery outcomes)
+    // become one chained entry per action, in the same transaction.
+    if let Err(e) = sqlite_control::flush_deferred(&tx) {
+        tracing::error!(error = %e, "writing the group's audit entries failed; nothing in the group was acknowledged");
+        drop(tx);
+        for (reply, _) in replies {
+            reply(Err(StoreError::Database(e.to_string())));
+        }
+        return false;
     }
     match tx.commit() {
         Ok(()) => {
@@ -461,7 +518,7 @@ fn append_submission(tx: &Savepoint<'_>, sub: &NewSubmission) -> Result<AppendOu
         if let Some(earlier) = earlier {
             return Ok(AppendOutcome::Replay(earlier));
         }
-        tx.execute(
+        exec(tx,
             "INSERT INTO idempotency (participant, key, request_hash, status, response, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![sub.participant, claim.key, claim.request_hash, sub.response_status, sub.response_body, unix_now()],
         )
@@ -469,7 +526,7 @@ fn append_submission(tx: &Savepoint<'_>, sub: &NewSubmission) -> Result<AppendOu
     }
     let received = rfc3339(sub.received_at);
     let codes = serde_json::to_string(&sub.rejection_codes).map_err(corrupt)?;
-    tx.execute(
+    exec(tx,
         "INSERT INTO submissions (id, participant, item, item_version, received_at, accepted, rejected, rejection_codes) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         params![sub.id, sub.participant, sub.item, sub.item_version, received, sub.records.len() as i64, sub.rejected as i64, codes],
     )
@@ -480,8 +537,6 @@ fn append_submission(tx: &Savepoint<'_>, sub: &NewSubmission) -> Result<AppendOu
         )
         .map_err(db_err)?;
     for r in &sub.records {
-        let body = serde_json::to_string(&r.body).map_err(corrupt)?;
-        let warnings = serde_json::to_string(&r.warnings).map_err(corrupt)?;
         stmt.execute(params![
             r.id,
             sub.id,
@@ -492,8 +547,8 @@ fn append_submission(tx: &Savepoint<'_>, sub: &NewSubmission) -> Result<AppendOu
             r.subject_key,
             r.decision_date.map(|d| d.to_string()),
             received,
-            body,
-            warnings,
+            r.body,
+            r.warnings,
             r.effective_until.map(|d| d.to_string()),
         ])
         .map_err(db_err)?;
@@ -511,21 +566,20 @@ fn append_submission(tx: &Savepoint<'_>, sub: &NewSubmission) -> Result<AppendOu
             )?;
         }
     }
-    // Counts and ids only: never field values.
-    super::sqlite_control::audit(
-        tx,
+    // Counts and ids only: never field values. One entry per group.
+    sqlite_control::audit_deferred(
         &sub.participant,
-        "submission",
+        "submissions",
         &sub.id,
-        &serde_json::json!({
+        serde_json::json!({
             "item": sub.item,
             "item_version": sub.item_version,
             "accepted": sub.records.len(),
             "rejected": sub.rejected,
             "record_ids": sub.records.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
-            "notice_ids": sub.records.iter().filter_map(|r| r.notice.as_ref().map(|n| n.id.as_str())).collect::<Vec<_>>(),
+                        "notice_ids": sub.records.iter().filter_map(|r| r.notice.as_ref().map(|n| n.id.as_str())).collect::<Vec<_>>(),
         }),
-    )?;
+    );
     Ok(AppendOutcome::Stored)
 }
 
@@ -608,7 +662,8 @@ fn end_record(
     } else {
         "revoked"
     };
-    tx.execute(
+    exec(
+        tx,
         "UPDATE records SET status = ?2, end_reason = ?3, end_note = ?4 WHERE id = ?1",
         params![record_id, status, reason, note],
     )
@@ -992,7 +1047,7 @@ impl Store for SqliteStore {
                 .query_row("SELECT COALESCE(MAX(seq), 0) FROM deliveries WHERE agency = ?1 AND mode = 'pull'", [&agency], |r| r.get(0))
                 .map_err(db_err)?;
             let position = position.min(last);
-            sp.execute(
+            exec(sp,
                 "INSERT INTO pull_positions (agency, position, updated_at) VALUES (?1, ?2, ?3) \
                  ON CONFLICT(agency) DO UPDATE SET position = MAX(position, excluded.position), updated_at = excluded.updated_at",
                 params![agency, position, now_text()],
@@ -1072,19 +1127,19 @@ impl Store for SqliteStore {
         let id = delivery_id.to_owned();
         self.write(false, move |sp| {
             let outcome = match &result {
-                DeliveryResult::Delivered => sp.execute(
+                DeliveryResult::Delivered => exec(sp,
                     "UPDATE deliveries SET state = 'delivered', delivered_at = ?2, last_error = NULL WHERE id = ?1",
                     params![id, now_text()],
                 ),
-                DeliveryResult::Retry { at, error } => sp.execute(
+                DeliveryResult::Retry { at, error } => exec(sp,
                     "UPDATE deliveries SET state = 'pending', next_attempt_at = ?2, last_error = ?3 WHERE id = ?1",
                     params![id, at, error],
                 ),
-                DeliveryResult::Deferred { at } => sp.execute(
+                DeliveryResult::Deferred { at } => exec(sp,
                     "UPDATE deliveries SET state = 'pending', next_attempt_at = ?2, attempts = MAX(attempts - 1, 0) WHERE id = ?1",
                     params![id, at],
                 ),
-                DeliveryResult::Dead { error } => sp.execute(
+                DeliveryResult::Dead { error } => exec(sp,
                     "UPDATE deliveries SET state = 'dead', last_error = ?2 WHERE id = ?1",
                     params![id, error],
                 ),
@@ -1103,13 +1158,13 @@ impl Store for SqliteStore {
                     |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
                 )
                 .map_err(db_err)?;
-            super::sqlite_control::audit(
-                sp,
+                        sqlite_control::audit_deferred(
                 "gateway",
                 action,
                 &id,
-                &serde_json::json!({"notice_id": notice, "agency": agency, "subscription": subscription, "attempts": attempts}),
-            )
+                serde_json::json!({"notice_id": notice, "agency": agency, "subscription": subscription, "attempts": attempts}),
+            );
+            Ok(())
         })
         .await
     }
@@ -1168,7 +1223,7 @@ impl Store for SqliteStore {
                 FeedbackOutcome::NotApplicable => "not_applicable",
                 FeedbackOutcome::Pending => "pending",
             };
-            sp.execute(
+            exec(sp,
                 "INSERT INTO feedback (notice_id, agency, measure, outcome, date, note, received_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
                  ON CONFLICT(notice_id, agency, measure) DO UPDATE SET outcome = excluded.outcome, date = excluded.date, note = excluded.note, received_at = excluded.received_at",
                 params![f.notice_id, f.agency, f.measure, outcome, f.date.map(|d| d.to_string()), f.note, rfc3339(f.received_at)],

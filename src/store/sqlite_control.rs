@@ -94,6 +94,60 @@ pub(super) fn audit(
     Ok(())
 }
 
+thread_local! {
+    /// Audit items of the writer's current group, written as one entry per
+    /// action when the group commits (see [`flush_deferred`]).
+    static DEFERRED: std::cell::RefCell<Vec<(String, String, String, Value)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Queues an audit item of a high-volume action (submissions, delivery
+/// outcomes) for the current group.
+pub(super) fn audit_deferred(actor: &str, action: &str, subject: &str, details: Value) {
+    DEFERRED.with(|d| {
+        d.borrow_mut().push((
+            actor.to_owned(),
+            action.to_owned(),
+            subject.to_owned(),
+            details,
+        ))
+    });
+}
+
+/// How many items are queued (to undo a failed job's).
+pub(super) fn deferred_len() -> usize {
+    DEFERRED.with(|d| d.borrow().len())
+}
+
+/// Drops the items queued after position `n`.
+pub(super) fn truncate_deferred(n: usize) {
+    DEFERRED.with(|d| d.borrow_mut().truncate(n));
+}
+
+/// Writes the queued items: one chained entry per action, holding every
+/// item (actor, subject, details) in order.
+pub(super) fn flush_deferred(conn: &Connection) -> Result<(), StoreError> {
+    let items = DEFERRED.with(|d| std::mem::take(&mut *d.borrow_mut()));
+    let mut by_action: Vec<(String, Vec<Value>)> = Vec::new();
+    for (actor, action, subject, details) in items {
+        let item = serde_json::json!({"actor": actor, "subject": subject, "details": details});
+        match by_action.iter_mut().find(|(a, _)| *a == action) {
+            Some((_, list)) => list.push(item),
+            None => by_action.push((action, vec![item])),
+        }
+    }
+    for (action, list) in by_action {
+        let subject = format!("{} item(s)", list.len());
+        audit(
+            conn,
+            "gateway",
+            &action,
+            &subject,
+            &serde_json::json!({"items": list}),
+        )?;
+    }
+    Ok(())
+}
+
 /// Reads audit entries after `after`.
 pub(super) fn audit_page(
     conn: &Connection,

@@ -640,7 +640,11 @@ async fn audit_verify_detects_changes_deletions_and_truncation() {
     }
 
     let (code, out) = verify_copy(&env, "byte", |db| {
-        db.execute("UPDATE audit SET actor = 'dept-markeT' WHERE seq = (SELECT MIN(seq) FROM audit WHERE action = 'submission')", []).expect("update");
+        // One byte of one entry: a submitter's name inside the details.
+        let n = db
+            .execute("UPDATE audit SET details = replace(details, 'dept-market', 'dept-markeT') WHERE seq = (SELECT MIN(seq) FROM audit WHERE action = 'submissions')", [])
+            .expect("update");
+        assert_eq!(n, 1);
     });
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("was changed"), "{out}");
