@@ -10,6 +10,12 @@ use credgate::catalog::{Catalog, ItemDefinition};
 use credgate::config::Config;
 use credgate::participants::{Kind, Registry};
 
+/// mimalloc: the request path allocates many small, short-lived objects
+/// on several threads at once, where glibc's allocator contends on its
+/// arena locks (about a fifth of the request CPU in profiles).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// credgate: mTLS gateway of the provincial public credit information system.
 ///
 /// Departments submit records against the credit information collection
