@@ -18,7 +18,7 @@ use hmac::{Hmac, Mac};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::Sha256;
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;
@@ -26,7 +26,7 @@ use crate::config::DeliveryConfig;
 use crate::participants::Registry;
 use crate::redact::Redactor;
 use crate::routing::{DeliveryMode, Subscription, Subscriptions};
-use crate::store::{DeliveryResult, Outbound, Store};
+use crate::store::{DeliveryResult, Finished, Outbound, Store};
 
 /// Decodes a Standard Webhooks secret `whsec_<base64>` into key bytes.
 pub fn signing_key(secret: &str) -> Result<Vec<u8>, String> {
@@ -231,6 +231,8 @@ impl Dispatcher {
         let lease_ms = (self.cfg.request_timeout_secs as i64 + 30) * 1000;
         let poll = Duration::from_millis(self.cfg.poll_interval_ms);
         let mut tasks = tokio::task::JoinSet::new();
+        let (done, results) = mpsc::channel(4096);
+        let finisher = tokio::spawn(Self::run_finisher(self.store.clone(), results));
         loop {
             if shutdown.is_cancelled() {
                 break;
@@ -252,10 +254,10 @@ impl Dispatcher {
                 let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
                     break;
                 };
-                let this = self.clone();
+                let (this, done) = (self.clone(), done.clone());
                 tasks.spawn(async move {
                     let _permit = permit;
-                    this.attempt(o).await;
+                    this.attempt(o, &done).await;
                 });
             }
             while tasks.try_join_next().is_some() {}
@@ -276,18 +278,44 @@ impl Dispatcher {
             while tasks.join_next().await.is_some() {}
         })
         .await;
+        tasks.abort_all();
+        // The finisher stores the last results once every sender is gone.
+        drop(done);
+        let _ = finisher.await;
     }
 
-    async fn finish(&self, o: &Outbound, result: DeliveryResult) {
-        if let Err(e) = self.store.finish_delivery(&o.delivery_id, result).await {
-            tracing::error!(delivery = %o.delivery_id, error = %e, "storing a delivery result failed; it will be sent again");
+    /// Hands a result to the finisher, which stores results in batches.
+    async fn finish(done: &mpsc::Sender<Finished>, o: &Outbound, result: DeliveryResult) {
+        let finished = Finished {
+            delivery_id: o.delivery_id.clone(),
+            notice_id: o.notice.notice_id.clone(),
+            agency: o.agency.clone(),
+            subscription: o.subscription.clone(),
+            attempts: o.attempts + 1,
+            result,
+        };
+        if done.send(finished).await.is_err() {
+            tracing::error!(delivery = %o.delivery_id, "delivery result lost at shutdown; it will be sent again");
         }
     }
 
-    async fn attempt(&self, o: Outbound) {
+    /// Stores results as they come, many per transaction, until every
+    /// sender is gone.
+    async fn run_finisher(store: Arc<dyn Store>, mut results: mpsc::Receiver<Finished>) {
+        let mut batch = Vec::with_capacity(512);
+        while results.recv_many(&mut batch, 512).await > 0 {
+            let n = batch.len();
+            if let Err(e) = store.finish_deliveries(std::mem::take(&mut batch)).await {
+                tracing::error!(results = n, error = %e, "storing delivery results failed; those deliveries will be sent again");
+            }
+        }
+    }
+
+    async fn attempt(&self, o: Outbound, done: &mpsc::Sender<Finished>) {
         let subs = self.subscriptions.load_full();
         let Some(sub) = subs.get(&o.subscription).cloned() else {
-            self.finish(
+            Self::finish(
+                done,
                 &o,
                 DeliveryResult::Dead {
                     error: "subscription no longer exists".into(),
@@ -300,20 +328,21 @@ impl Dispatcher {
             Ok(e) => e,
             Err(e) => {
                 tracing::error!(subscription = %sub.id, error = %e, "push endpoint unusable");
-                self.finish(&o, DeliveryResult::Dead { error: e }).await;
+                Self::finish(done, &o, DeliveryResult::Dead { error: e }).await;
                 return;
             }
         };
         if let Some(until) = endpoint.health.lock().ok().and_then(|h| h.paused_until) {
             if until > Instant::now() {
                 let at = now_ms() + until.duration_since(Instant::now()).as_millis() as i64;
-                self.finish(&o, DeliveryResult::Deferred { at }).await;
+                Self::finish(done, &o, DeliveryResult::Deferred { at }).await;
                 return;
             }
         }
         let clearance = self.registry.load().get(&sub.agency).map(|p| p.clearance);
         let Some(clearance) = clearance else {
-            self.finish(
+            Self::finish(
+                done,
                 &o,
                 DeliveryResult::Dead {
                     error: "agency no longer registered".into(),
@@ -333,7 +362,8 @@ impl Dispatcher {
         let body = match serde_json::to_vec(&view) {
             Ok(b) => b,
             Err(e) => {
-                self.finish(
+                Self::finish(
+                    done,
                     &o,
                     DeliveryResult::Dead {
                         error: e.to_string(),
@@ -385,7 +415,7 @@ impl Dispatcher {
             if let Ok(mut h) = endpoint.health.lock() {
                 *h = Health::default();
             }
-            self.finish(&o, DeliveryResult::Delivered).await;
+            Self::finish(done, &o, DeliveryResult::Delivered).await;
             return;
         }
         self.note_failure(&sub, &endpoint, &error);
@@ -399,7 +429,7 @@ impl Dispatcher {
                 DeliveryResult::Dead { error }
             }
         };
-        self.finish(&o, result).await;
+        Self::finish(done, &o, result).await;
     }
 
     fn note_failure(&self, sub: &Subscription, endpoint: &Endpoint, error: &str) {

@@ -272,6 +272,23 @@ pub enum DeliveryResult {
     },
 }
 
+/// The result of one push attempt, with what the audit entry names.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    /// Delivery id.
+    pub delivery_id: String,
+    /// Notice id.
+    pub notice_id: String,
+    /// Receiving agency.
+    pub agency: String,
+    /// Subscription.
+    pub subscription: String,
+    /// Attempts including this one.
+    pub attempts: u32,
+    /// How it ended.
+    pub result: DeliveryResult,
+}
+
 /// A delivery as administrators see it.
 #[derive(Debug, Clone, Serialize)]
 pub struct DeliveryInfo {
@@ -571,12 +588,8 @@ pub trait Store: Send + Sync + 'static {
         lease_ms: i64,
     ) -> Result<Vec<Outbound>, StoreError>;
 
-    /// Records the result of a push attempt.
-    async fn finish_delivery(
-        &self,
-        delivery_id: &str,
-        result: DeliveryResult,
-    ) -> Result<(), StoreError>;
+    /// Records the results of push attempts, many in one transaction.
+    async fn finish_deliveries(&self, finished: Vec<Finished>) -> Result<(), StoreError>;
 
     /// Deliveries in a state (`dead`, `pending`, …), oldest first.
     async fn deliveries(&self, state: &str, limit: usize) -> Result<Vec<DeliveryInfo>, StoreError>;

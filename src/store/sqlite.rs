@@ -25,8 +25,8 @@ use super::sqlite_control;
 use super::{
     parse_kind, ActivateOutcome, AgencyFeedbackStats, AppendOutcome, ControlState, DeliveryInfo,
     DeliveryResult, DepartmentStats, DocKind, EndOutcome, Feedback, FeedbackOutcome,
-    FeedbackStored, ItemActivation, NewNotice, NewSubmission, NoticeHistory, NoticeKind, Outbound,
-    Store, StoreError, StoredNotice, StoredRecord, StoredResponse, VersionInfo,
+    FeedbackStored, Finished, ItemActivation, NewNotice, NewSubmission, NoticeHistory, NoticeKind,
+    Outbound, Store, StoreError, StoredNotice, StoredRecord, StoredResponse, VersionInfo,
 };
 use crate::catalog::Severity;
 use crate::redact::RecordBody;
@@ -1047,26 +1047,38 @@ impl Store for SqliteStore {
                 .query_row("SELECT COALESCE(MAX(seq), 0) FROM deliveries WHERE agency = ?1 AND mode = 'pull'", [&agency], |r| r.get(0))
                 .map_err(db_err)?;
             let position = position.min(last);
-            exec(sp,
+            let previous: i64 = sp
+                .prepare_cached("SELECT position FROM pull_positions WHERE agency = ?1")
+                .map_err(db_err)?
+                .query_row([&agency], |r| r.get(0))
+                .optional()
+                .map_err(db_err)?
+                .unwrap_or(0);
+            if position <= previous {
+                return Ok(());
+            }
+            exec(
+                sp,
                 "INSERT INTO pull_positions (agency, position, updated_at) VALUES (?1, ?2, ?3) \
-                 ON CONFLICT(agency) DO UPDATE SET position = MAX(position, excluded.position), updated_at = excluded.updated_at",
+                 ON CONFLICT(agency) DO UPDATE SET position = excluded.position, updated_at = excluded.updated_at",
                 params![agency, position, now_text()],
             )
             .map_err(db_err)?;
-            let delivered = sp
-                .execute(
-                    "UPDATE deliveries SET state = 'delivered', delivered_at = ?3 WHERE agency = ?1 AND mode = 'pull' AND state = 'pending' AND seq <= ?2",
-                    params![agency, position, now_text()],
-                )
-                .map_err(db_err)?;
+            // Only the range since the last acknowledgement: the agency's
+            // whole history would make every ack slower than the one before.
+            let delivered = exec(
+                sp,
+                "UPDATE deliveries SET state = 'delivered', delivered_at = ?4 WHERE agency = ?1 AND mode = 'pull' AND seq > ?2 AND seq <= ?3 AND state = 'pending'",
+                params![agency, previous, position, now_text()],
+            )
+            .map_err(db_err)?;
             if delivered > 0 {
-                super::sqlite_control::audit(
-                    sp,
+                sqlite_control::audit_deferred(
                     &agency,
                     "delivery.acknowledged",
                     &agency,
-                    &serde_json::json!({"position": position, "deliveries": delivered}),
-                )?;
+                    serde_json::json!({"position": position, "deliveries": delivered}),
+                );
             }
             Ok(())
         })
@@ -1119,51 +1131,43 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn finish_delivery(
-        &self,
-        delivery_id: &str,
-        result: DeliveryResult,
-    ) -> Result<(), StoreError> {
-        let id = delivery_id.to_owned();
+    async fn finish_deliveries(&self, finished: Vec<Finished>) -> Result<(), StoreError> {
         self.write(false, move |sp| {
-            let outcome = match &result {
-                DeliveryResult::Delivered => exec(sp,
-                    "UPDATE deliveries SET state = 'delivered', delivered_at = ?2, last_error = NULL WHERE id = ?1",
-                    params![id, now_text()],
-                ),
-                DeliveryResult::Retry { at, error } => exec(sp,
-                    "UPDATE deliveries SET state = 'pending', next_attempt_at = ?2, last_error = ?3 WHERE id = ?1",
-                    params![id, at, error],
-                ),
-                DeliveryResult::Deferred { at } => exec(sp,
-                    "UPDATE deliveries SET state = 'pending', next_attempt_at = ?2, attempts = MAX(attempts - 1, 0) WHERE id = ?1",
-                    params![id, at],
-                ),
-                DeliveryResult::Dead { error } => exec(sp,
-                    "UPDATE deliveries SET state = 'dead', last_error = ?2 WHERE id = ?1",
-                    params![id, error],
-                ),
-            };
-            outcome.map_err(db_err)?;
-            // Final outcomes go on the audit trail; retries do not.
-            let action = match &result {
-                DeliveryResult::Delivered => "delivery.delivered",
-                DeliveryResult::Dead { .. } => "delivery.dead",
-                _ => return Ok(()),
-            };
-            let (notice, agency, subscription, attempts): (String, String, String, i64) = sp
-                .query_row(
-                    "SELECT notice_id, agency, subscription, attempts FROM deliveries WHERE id = ?1",
-                    [&id],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-                )
+            let now = now_text();
+            for f in &finished {
+                let id = &f.delivery_id;
+                match &f.result {
+                    DeliveryResult::Delivered => exec(
+                        sp,
+                        "UPDATE deliveries SET state = 'delivered', delivered_at = ?2, last_error = NULL WHERE id = ?1",
+                        params![id, now],
+                    ),
+                    DeliveryResult::Retry { at, error } => exec(
+                        sp,
+                        "UPDATE deliveries SET state = 'pending', next_attempt_at = ?2, last_error = ?3 WHERE id = ?1",
+                        params![id, at, error],
+                    ),
+                    DeliveryResult::Deferred { at } => exec(
+                        sp,
+                        "UPDATE deliveries SET state = 'pending', next_attempt_at = ?2, attempts = MAX(attempts - 1, 0) WHERE id = ?1",
+                        params![id, at],
+                    ),
+                    DeliveryResult::Dead { error } => exec(sp, "UPDATE deliveries SET state = 'dead', last_error = ?2 WHERE id = ?1", params![id, error]),
+                }
                 .map_err(db_err)?;
-                        sqlite_control::audit_deferred(
-                "gateway",
-                action,
-                &id,
-                serde_json::json!({"notice_id": notice, "agency": agency, "subscription": subscription, "attempts": attempts}),
-            );
+                // Final outcomes go on the audit trail; retries do not.
+                let action = match &f.result {
+                    DeliveryResult::Delivered => "delivery.delivered",
+                    DeliveryResult::Dead { .. } => "delivery.dead",
+                    _ => continue,
+                };
+                sqlite_control::audit_deferred(
+                    "gateway",
+                    action,
+                    id,
+                    serde_json::json!({"notice_id": f.notice_id, "agency": f.agency, "subscription": f.subscription, "attempts": f.attempts}),
+                );
+            }
             Ok(())
         })
         .await
