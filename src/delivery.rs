@@ -72,6 +72,9 @@ pub fn backoff(schedule: &[u64], attempt: u32) -> Option<Duration> {
 
 /// State of one push endpoint (one subscription).
 struct Endpoint {
+    /// The delivery settings it was built from; a changed subscription
+    /// (new endpoint, CA or secret) gets a new `Endpoint`.
+    built_from: DeliveryMode,
     client: reqwest::Client,
     key: Vec<u8>,
     url: String,
@@ -182,7 +185,7 @@ impl Dispatcher {
             .endpoints
             .lock()
             .map_err(|_| "endpoint table poisoned".to_owned())?;
-        if let Some(e) = map.get(&sub.id) {
+        if let Some(e) = map.get(&sub.id).filter(|e| e.built_from == sub.delivery) {
             return Ok(e.clone());
         }
         let DeliveryMode::Push {
@@ -210,6 +213,7 @@ impl Dispatcher {
         };
         let rate = NonZeroU32::new(*rate_per_second).unwrap_or(NonZeroU32::MIN);
         let e = Arc::new(Endpoint {
+            built_from: sub.delivery.clone(),
             client: endpoint_client(
                 ca_file,
                 identity,

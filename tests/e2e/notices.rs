@@ -596,3 +596,66 @@ async fn a_record_past_its_effective_period_is_lifted_once() {
     assert_eq!(rec["status"], "expired");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_push_subscription_is_used_at_once() {
+    let env = Env::new();
+    let first = Receiver::start(env.root.path(), "first", &env.pki.dir.join("ca.pem"), 0).await;
+    let second = Receiver::start(env.root.path(), "second", &env.pki.dir.join("ca.pem"), 0).await;
+    env.subscribe(&push_sub(
+        "land-push",
+        "agency-land",
+        &first,
+        LAND_SECRET,
+        "items = [\"serious_dishonesty\"]",
+    ));
+    let server = Server::start(&env).await;
+    let court = env.client(server.addr, "dept-court");
+    let one = submit(
+        &court,
+        "serious_dishonesty",
+        synth::record("serious_dishonesty", 1, ""),
+    )
+    .await;
+    assert_eq!(
+        first.wait_for(1, 10).await[0].id,
+        one["notice_id"].as_str().expect("id")
+    );
+    // The administrator moves the subscription to another endpoint, with
+    // another CA and another secret.
+    let admin = env.client(server.addr, "admin-credit-office");
+    let moved = json!({
+        "agency": "agency-land", "mode": "push", "items": ["serious_dishonesty"],
+        "endpoint": second.endpoint(), "ca_file": second.ca_file, "signing_secret": FIN_SECRET,
+    });
+    let r = admin
+        .send(
+            "PUT",
+            "/admin/v1/subscriptions/land-push",
+            &[("content-type", "application/json")],
+            serde_json::to_vec(&moved).expect("json"),
+        )
+        .await
+        .expect("put");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.json()["signing_secret"],
+        "(set)",
+        "the secret is never shown"
+    );
+    let two = submit(
+        &court,
+        "serious_dishonesty",
+        synth::record("serious_dishonesty", 2, ""),
+    )
+    .await;
+    let got = second.wait_for(1, 10).await;
+    assert_eq!(got[0].id, two["notice_id"].as_str().expect("id"));
+    assert!(verify(FIN_SECRET, &got[0]), "signed with the new secret");
+    assert_eq!(
+        first.accepted().len(),
+        1,
+        "nothing more went to the old endpoint"
+    );
+    server.stop().await;
+}
