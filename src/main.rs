@@ -19,7 +19,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// credgate: mTLS gateway of the provincial public credit information system.
 ///
 /// Departments submit records against the credit information collection
-/// catalog; credgate validates them and stores them durably. Start with
+/// catalog; credgate validates them, stores them durably, and routes
+/// dishonesty notices to subscribed agencies (pull or signed push), each
+/// redacted for its clearance. The credit office administers the catalog,
+/// participants and subscriptions at run time (/admin/v1/...). Start with
 /// `credgate serve`: on the default config it generates development
 /// certificates under certs/dev and listens on https://127.0.0.1:8443.
 #[derive(Parser, Debug)]
@@ -31,7 +34,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the gateway until SIGTERM or SIGINT (SIGHUP reloads TLS files and participants).
+    /// Run the gateway until SIGTERM or SIGINT (SIGHUP reloads certificates, CA bundle and CRLs).
     Serve {
         /// Configuration file; CREDGATE_SECTION__KEY environment variables override it.
         #[arg(long, short, default_value = "config/credgate.toml")]
@@ -208,7 +211,7 @@ async fn watch_signals(shutdown: CancellationToken, gateway: std::sync::Arc<cred
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => match gateway.reload() {
-                Ok(()) => tracing::info!("reloaded TLS material and participants"),
+                Ok(()) => tracing::info!("reloaded TLS material"),
                 Err(e) => tracing::error!(problems = ?e, "reload failed; the previous configuration stays in force"),
             },
         }
