@@ -146,6 +146,7 @@ pub struct Dispatcher {
     cfg: DeliveryConfig,
     identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
     endpoints: Mutex<HashMap<String, Arc<Endpoint>>>,
+    metrics: Arc<crate::metrics::Metrics>,
     in_flight: Arc<Semaphore>,
 }
 
@@ -159,24 +160,24 @@ impl Dispatcher {
     /// A dispatcher; `identity` is required once any push subscription exists.
     pub fn new(
         store: Arc<dyn Store>,
-        subscriptions: Arc<ArcSwap<Subscriptions>>,
-        catalog: Arc<ArcSwap<Catalog>>,
-        registry: Arc<ArcSwap<Registry>>,
+        control: &crate::control::Control,
         redactor: Arc<Redactor>,
         cfg: DeliveryConfig,
         identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Dispatcher {
         let in_flight = Arc::new(Semaphore::new(cfg.max_in_flight));
         Dispatcher {
             store,
-            subscriptions,
-            catalog,
-            registry,
+            subscriptions: control.subscriptions.clone(),
+            catalog: control.catalog.clone(),
+            registry: control.registry.clone(),
             redactor,
             cfg,
             identity,
             endpoints: Mutex::new(HashMap::new()),
             in_flight,
+            metrics,
         }
     }
 
@@ -289,7 +290,22 @@ impl Dispatcher {
     }
 
     /// Hands a result to the finisher, which stores results in batches.
-    async fn finish(done: &mpsc::Sender<Finished>, o: &Outbound, result: DeliveryResult) {
+    async fn finish(
+        done: &mpsc::Sender<Finished>,
+        metrics: &crate::metrics::Metrics,
+        o: &Outbound,
+        result: DeliveryResult,
+    ) {
+        let outcome = match &result {
+            DeliveryResult::Delivered => "delivered",
+            DeliveryResult::Retry { .. } => "retry",
+            DeliveryResult::Deferred { .. } => "deferred",
+            DeliveryResult::Dead { .. } => "dead",
+        };
+        metrics
+            .push_attempts
+            .get_or_create(&crate::metrics::PushLabels { outcome })
+            .inc();
         let finished = Finished {
             delivery_id: o.delivery_id.clone(),
             notice_id: o.notice.notice_id.clone(),
@@ -320,6 +336,7 @@ impl Dispatcher {
         let Some(sub) = subs.get(&o.subscription).cloned() else {
             Self::finish(
                 done,
+                &self.metrics,
                 &o,
                 DeliveryResult::Dead {
                     error: "subscription no longer exists".into(),
@@ -332,14 +349,14 @@ impl Dispatcher {
             Ok(e) => e,
             Err(e) => {
                 tracing::error!(subscription = %sub.id, error = %e, "push endpoint unusable");
-                Self::finish(done, &o, DeliveryResult::Dead { error: e }).await;
+                Self::finish(done, &self.metrics, &o, DeliveryResult::Dead { error: e }).await;
                 return;
             }
         };
         if let Some(until) = endpoint.health.lock().ok().and_then(|h| h.paused_until) {
             if until > Instant::now() {
                 let at = now_ms() + until.duration_since(Instant::now()).as_millis() as i64;
-                Self::finish(done, &o, DeliveryResult::Deferred { at }).await;
+                Self::finish(done, &self.metrics, &o, DeliveryResult::Deferred { at }).await;
                 return;
             }
         }
@@ -347,6 +364,7 @@ impl Dispatcher {
         let Some(clearance) = clearance else {
             Self::finish(
                 done,
+                &self.metrics,
                 &o,
                 DeliveryResult::Dead {
                     error: "agency no longer registered".into(),
@@ -368,6 +386,7 @@ impl Dispatcher {
             Err(e) => {
                 Self::finish(
                     done,
+                    &self.metrics,
                     &o,
                     DeliveryResult::Dead {
                         error: e.to_string(),
@@ -419,7 +438,7 @@ impl Dispatcher {
             if let Ok(mut h) = endpoint.health.lock() {
                 *h = Health::default();
             }
-            Self::finish(done, &o, DeliveryResult::Delivered).await;
+            Self::finish(done, &self.metrics, &o, DeliveryResult::Delivered).await;
             return;
         }
         self.note_failure(&sub, &endpoint, &error);
@@ -433,7 +452,7 @@ impl Dispatcher {
                 DeliveryResult::Dead { error }
             }
         };
-        Self::finish(done, &o, result).await;
+        Self::finish(done, &self.metrics, &o, result).await;
     }
 
     fn note_failure(&self, sub: &Subscription, endpoint: &Endpoint, error: &str) {

@@ -75,6 +75,8 @@ pub struct Ingest {
     pub redactor: Arc<Redactor>,
     /// Most records per batch.
     max_batch: usize,
+    /// This gateway's metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Recently given answers by (participant, key), in front of the store.
     replays: moka::sync::Cache<(String, String), Arc<StoredResponse>>,
 }
@@ -100,8 +102,10 @@ impl Ingest {
         store: Arc<dyn Store>,
         redactor: Arc<Redactor>,
         max_batch: usize,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Ingest {
         Ingest {
+            metrics,
             catalog,
             subscriptions,
             store,
@@ -379,6 +383,15 @@ impl Ingest {
         };
         match self.store.append_submission(submission).await? {
             AppendOutcome::Stored => {
+                let m = &self.metrics;
+                for (outcome, n) in [("accepted", accepted), ("rejected", rejected)] {
+                    m.records
+                        .get_or_create(&crate::metrics::RecordLabels {
+                            item: item.def.id.clone(),
+                            outcome,
+                        })
+                        .inc_by(n as u64);
+                }
                 if let (Some(k), Some(request_hash)) = (claim_key, hash) {
                     self.replays.insert(
                         k,

@@ -18,6 +18,7 @@ pub mod delivery;
 pub mod error;
 pub mod http;
 pub mod ingest;
+pub mod metrics;
 pub mod participants;
 pub mod pki;
 pub mod ratelimit;

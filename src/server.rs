@@ -167,6 +167,7 @@ impl Gateway {
         let secret = load_secret(&config.privacy.secret_file)
             .map_err(|e| errors.push(e))
             .ok();
+        let metrics = Arc::new(crate::metrics::Metrics::new());
         let store = match &secret {
             Some(secret) if errors.is_empty() => SqliteStore::open(
                 &config.database_path(),
@@ -174,6 +175,7 @@ impl Gateway {
                 config.store.read_connections,
                 Duration::from_secs(config.store.idempotency_ttl_hours * 3600),
                 crate::audit::checkpoint_key(secret),
+                metrics.clone(),
             )
             .map_err(|e| errors.push(format!("store: {}: {e}", config.database_path().display())))
             .ok(),
@@ -243,12 +245,11 @@ impl Gateway {
         let redactor = Arc::new(Redactor::new(config.privacy.redaction.clone(), secret));
         let dispatcher = Arc::new(Dispatcher::new(
             store.clone(),
-            control.subscriptions.clone(),
-            control.catalog.clone(),
-            control.registry.clone(),
+            &control,
             redactor.clone(),
             config.delivery.clone(),
             identity,
+            metrics.clone(),
         ));
         let ingest = Ingest::new(
             control.catalog.clone(),
@@ -256,6 +257,7 @@ impl Gateway {
             store.clone(),
             redactor.clone(),
             config.limits.max_batch_records,
+            metrics.clone(),
         );
         let shutdown = CancellationToken::new();
         let state = Arc::new(AppState {
@@ -268,6 +270,7 @@ impl Gateway {
             redactor,
             dispatcher: dispatcher.clone(),
             shutdown: shutdown.clone(),
+            metrics,
         });
         Ok(Gateway {
             config,
@@ -295,6 +298,7 @@ impl Gateway {
         let ops_state = http::ops::OpsState {
             store: self.store.clone(),
             shutdown: shutdown.clone(),
+            metrics: self.state.metrics.clone(),
         };
         let ops_shutdown = shutdown.clone();
         let ops = tokio::spawn(async move {
@@ -354,6 +358,7 @@ impl Gateway {
             let router = router.clone();
             let builder = builder.clone();
             let watcher = graceful.watcher();
+            let metrics = self.state.metrics.clone();
             tokio::spawn(async move {
                 let _permit = permit;
                 let stream =
@@ -361,10 +366,12 @@ impl Gateway {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "TLS handshake refused");
+                            handshake_failed(&metrics, "refused");
                             return;
                         }
                         Err(_) => {
                             tracing::debug!(%peer, "TLS handshake timed out");
+                            handshake_failed(&metrics, "timeout");
                             return;
                         }
                     };
@@ -398,7 +405,11 @@ impl Gateway {
                 let conn = builder
                     .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
                     .into_owned();
-                if let Err(e) = watcher.watch(conn).await {
+                let open = &metrics.connections;
+                open.inc();
+                let served = watcher.watch(conn).await;
+                open.dec();
+                if let Err(e) = served {
                     tracing::debug!(%peer, error = %e, "connection ended with an error");
                 }
             });
@@ -430,6 +441,13 @@ impl Gateway {
         tracing::info!("store flushed; bye");
         Ok(())
     }
+}
+
+fn handshake_failed(metrics: &crate::metrics::Metrics, reason: &'static str) {
+    metrics
+        .handshake_failures
+        .get_or_create(&crate::metrics::HandshakeLabels { reason })
+        .inc();
 }
 
 /// Writes a signed audit checkpoint every `every` until shutdown.

@@ -60,6 +60,8 @@ pub struct AppState {
     pub dispatcher: Arc<crate::delivery::Dispatcher>,
     /// Cancelled at shutdown: long polls return at once.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// This gateway's metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -236,6 +238,11 @@ async fn identify(State(state): State<Arc<AppState>>, mut req: Request, next: Ne
     } else {
         state.request_timeout
     };
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let started = std::time::Instant::now();
     let mut resp = match tokio::time::timeout(limit, next.run(req)).await {
         Ok(r) => r,
         Err(_) => Problem::caller(
@@ -245,6 +252,16 @@ async fn identify(State(state): State<Arc<AppState>>, mut req: Request, next: Ne
         )
         .into_response(),
     };
+    let m = &state.metrics;
+    m.http_requests
+        .get_or_create(&crate::metrics::HttpLabels {
+            route: route.clone(),
+            status: resp.status().as_u16(),
+        })
+        .inc();
+    m.http_duration
+        .get_or_create(&crate::metrics::RouteLabels { route })
+        .observe(started.elapsed().as_secs_f64());
     let (quota, left) = remaining;
     let h = resp.headers_mut();
     h.insert("ratelimit-limit", quota.burst.into());

@@ -1,5 +1,6 @@
 //! The operations listener (plain HTTP, loopback by default): liveness and
-//! readiness for orchestrators and load balancers. It serves no record data.
+//! readiness for orchestrators and load balancers, Prometheus metrics. It
+//! serves no record data.
 
 use std::sync::Arc;
 
@@ -19,6 +20,8 @@ pub struct OpsState {
     pub store: Arc<dyn Store>,
     /// Cancelled when shutdown starts: not ready any more.
     pub shutdown: CancellationToken,
+    /// Served at `/metrics`.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// `/healthz` and `/readyz`.
@@ -26,6 +29,18 @@ pub fn router(state: OpsState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(ready))
+        .route(
+            "/metrics",
+            get(|State(s): State<OpsState>| async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    s.metrics.render(),
+                )
+            }),
+        )
         .with_state(state)
 }
 

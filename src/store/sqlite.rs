@@ -294,6 +294,7 @@ impl SqliteStore {
         read_connections: usize,
         idempotency_ttl: Duration,
         audit_key: Vec<u8>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Result<SqliteStore, StoreError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
@@ -327,7 +328,7 @@ impl SqliteStore {
         let thread = std::thread::Builder::new()
             .name("credgate-store-writer".into())
             .spawn(move || {
-                writer_loop(conn, rx, group_commit_max.max(1), ttl, changes_tx);
+                writer_loop(conn, rx, group_commit_max.max(1), ttl, changes_tx, &metrics);
                 drop(stop_checkpoints);
             })
             .map_err(|e| StoreError::Database(format!("cannot start writer thread: {e}")))?;
@@ -403,6 +404,7 @@ fn writer_loop(
     group_max: usize,
     ttl: Duration,
     changes: watch::Sender<u64>,
+    metrics: &crate::metrics::Metrics,
 ) {
     let mut last_purge = Instant::now() - Duration::from_secs(3600);
     let mut group: Vec<Job> = Vec::with_capacity(group_max);
@@ -414,6 +416,10 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
+        let jobs = group.len();
+        let m = metrics;
+        m.store_commits.inc();
+        m.store_group_size.observe(jobs as f64);
         if commit_group(&mut conn, &mut group) {
             changes.send_modify(|v| *v = v.wrapping_add(1));
         }

@@ -625,3 +625,33 @@ async fn catalog_endpoints_list_items_with_etag() {
     assert_eq!(client.get("/v1/catalog/items/nope").await.status, 404);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_requests_and_records_without_record_data() {
+    let env = Env::new();
+    let server = Server::start(&env).await;
+    let client = env.client(server.addr, "dept-market");
+    let record = synth::record("red_list", 1, "");
+    let mut bad = synth::record("red_list", 2, "");
+    bad["award_date"] = json!("2026-02-30");
+    client
+        .post_json("/v1/records", &batch("red_list", vec![record.clone(), bad]))
+        .await;
+    client.get("/v1/catalog").await;
+    let (status, text) = ops_get(server.ops, "/metrics").await.expect("metrics");
+    assert_eq!(status, 200);
+    for needle in [
+        r#"credgate_http_requests_total{route="/v1/records",status="200"} 1"#,
+        r#"credgate_records_total{item="red_list",outcome="accepted"} 1"#,
+        r#"credgate_records_total{item="red_list",outcome="rejected"} 1"#,
+        "credgate_store_commits_total",
+        "credgate_connections",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from:\n{text}");
+    }
+    assert!(
+        !text.contains(record["subject_name"].as_str().expect("name")),
+        "no record data in metrics"
+    );
+    server.stop().await;
+}
