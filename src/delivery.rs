@@ -360,8 +360,21 @@ impl Dispatcher {
                 return;
             }
         }
-        let clearance = self.registry.load().get(&sub.agency).map(|p| p.clearance);
-        let Some(clearance) = clearance else {
+        let agency = self.registry.load().get(&sub.agency).cloned();
+        if agency.as_ref().is_some_and(|a| !a.enabled) {
+            // A disabled agency's queued notices wait until it is enabled.
+            Self::finish(
+                done,
+                &self.metrics,
+                &o,
+                DeliveryResult::Deferred {
+                    at: now_ms() + 60_000,
+                },
+            )
+            .await;
+            return;
+        }
+        let Some(clearance) = agency.map(|a| a.clearance) else {
             Self::finish(
                 done,
                 &self.metrics,

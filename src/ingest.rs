@@ -71,6 +71,8 @@ pub struct Ingest {
     pub store: Arc<dyn Store>,
     /// Active subscriptions; loaded once per request.
     pub subscriptions: Arc<ArcSwap<Subscriptions>>,
+    /// Participants: a disabled agency gets no new deliveries.
+    registry: Arc<ArcSwap<crate::participants::Registry>>,
     /// Keyed pseudonyms of personal IDs (subject keys).
     pub redactor: Arc<Redactor>,
     /// Most records per batch.
@@ -97,8 +99,7 @@ pub fn request_hash(raw: &[u8]) -> String {
 impl Ingest {
     /// Builds the use case.
     pub fn new(
-        catalog: Arc<ArcSwap<Catalog>>,
-        subscriptions: Arc<ArcSwap<Subscriptions>>,
+        control: &crate::control::Control,
         store: Arc<dyn Store>,
         redactor: Arc<Redactor>,
         max_batch: usize,
@@ -106,8 +107,9 @@ impl Ingest {
     ) -> Ingest {
         Ingest {
             metrics,
-            catalog,
-            subscriptions,
+            catalog: control.catalog.clone(),
+            subscriptions: control.subscriptions.clone(),
+            registry: control.registry.clone(),
             store,
             redactor,
             max_batch,
@@ -220,6 +222,7 @@ impl Ingest {
         };
         let catalog = self.catalog.load_full();
         let subscriptions = self.subscriptions.load_full();
+        let registry = self.registry.load_full();
         let Some(item) = catalog.get(&item_id).cloned() else {
             return Err(Problem::caller(
                 StatusCode::NOT_FOUND,
@@ -305,13 +308,20 @@ impl Ingest {
                     .get("subject_type")
                     .cloned()
                     .and_then(|v| serde_json::from_value::<SubjectType>(v).ok());
-                let routes = subscriptions.route(&NoticeFacts {
-                    item: &item.def.id,
-                    notice_type: d.notice_type,
-                    severity: d.severity,
-                    subject_type,
-                    region: region.as_deref(),
-                });
+                let routes = subscriptions
+                    .route(&NoticeFacts {
+                        item: &item.def.id,
+                        notice_type: d.notice_type,
+                        severity: d.severity,
+                        subject_type,
+                        region: region.as_deref(),
+                    })
+                    .into_iter()
+                    .filter(|r| {
+                        registry
+                            .get(&r.subscription.agency)
+                            .is_some_and(|a| a.enabled)
+                    });
                 NewNotice {
                     id: uuid::Uuid::now_v7().to_string(),
                     kind: match d.notice_type {

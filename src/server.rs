@@ -252,8 +252,7 @@ impl Gateway {
             metrics.clone(),
         ));
         let ingest = Ingest::new(
-            control.catalog.clone(),
-            control.subscriptions.clone(),
+            &control,
             store.clone(),
             redactor.clone(),
             config.limits.max_batch_records,

@@ -506,6 +506,32 @@ async fn participants_and_subscriptions_change_at_once() {
         pulled["notices"][0]["notice_id"],
         first["results"][0]["notice_id"]
     );
+    // A disabled agency gets no new notices, even after it is enabled again.
+    admin
+        .send(
+            "POST",
+            "/admin/v1/participants/agency-land/disable",
+            &[],
+            bytes::Bytes::new(),
+        )
+        .await
+        .expect("disable");
+    court.post_json("/v1/records", &json!({"item": "serious_dishonesty", "records": [synth::record("serious_dishonesty", 5, "")]})).await;
+    admin
+        .send(
+            "POST",
+            "/admin/v1/participants/agency-land/enable",
+            &[],
+            bytes::Bytes::new(),
+        )
+        .await
+        .expect("enable");
+    let pulled = land.get("/v1/notices?after=0").await.json();
+    assert_eq!(
+        pulled["notices"].as_array().map(Vec::len),
+        Some(1),
+        "{pulled:#}"
+    );
     // An invalid subscription is refused with the reason.
     let bad = json!({"agency": "dept-market", "mode": "pull"});
     let r = send_json(&admin, "PUT", "/admin/v1/subscriptions/bad", &bad).await;
