@@ -2,9 +2,10 @@
 //!
 //! A single writer thread owns the write connection and commits whatever
 //! jobs are queued in one transaction (group commit: one fsync for many
-//! concurrent requests). Each job runs inside its own savepoint, so one
-//! failing job never takes the others of its group down; a caller is
-//! answered only after the group's commit returned. Reads use a small pool
+//! concurrent requests). A job fails only on I/O or corrupt data (caller
+//! input is validated before it reaches the store), and then the whole
+//! group is rolled back and every caller in it is told that nothing was
+//! stored; a caller is answered only after the group's commit returned. Reads use a small pool
 //! of separate connections, which WAL lets run alongside the writer.
 //!
 //! Ordering: delivery `seq` comes from an AUTOINCREMENT key assigned by the
@@ -15,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rusqlite::{params, Connection, OptionalExtension, Row, Savepoint, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 use serde_json::Value;
 use time::format_description::well_known::Rfc3339;
 use time::{Date, OffsetDateTime};
@@ -140,7 +141,7 @@ const MIGRATIONS: &[&str] = &[
 
 /// What a job tells the writer besides its result.
 struct JobDone {
-    /// Keep the job's savepoint.
+    /// The job succeeded (otherwise the whole group is rolled back).
     ok: bool,
     /// The job created deliveries: wake pullers and push workers.
     wake: bool,
@@ -152,7 +153,7 @@ struct JobDone {
 type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 
 /// A unit of work for the writer thread.
-type Job = Box<dyn FnOnce(&Savepoint<'_>) -> JobDone + Send>;
+type Job = Box<dyn FnOnce(&Connection) -> JobDone + Send>;
 
 /// The embedded SQLite store.
 pub struct SqliteStore {
@@ -347,7 +348,7 @@ impl SqliteStore {
     async fn write<T, F>(&self, wake: bool, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&Savepoint<'_>) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
         let (reply_tx, reply_rx) = oneshot::channel();
         let job: Job = Box::new(move |sp| {
@@ -441,7 +442,7 @@ fn writer_loop(
 
 /// Commits one group; returns whether a job asked to wake delivery.
 fn commit_group(conn: &mut Connection, group: &mut Vec<Job>) -> bool {
-    let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+    let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => {
             // Dropping a job unrun answers its caller with `Unavailable`.
@@ -450,52 +451,43 @@ fn commit_group(conn: &mut Connection, group: &mut Vec<Job>) -> bool {
             return false;
         }
     };
-    let mut replies: Vec<(Reply, Option<StoreError>)> = Vec::with_capacity(group.len());
+    // No savepoint per job (each costs statement parsing and page
+    // sub-journaling): jobs fail only on I/O or corruption, never on
+    // caller input, so a failure rolls back the whole group and every
+    // caller in it is told that nothing was stored.
+    let mut replies: Vec<Reply> = Vec::with_capacity(group.len());
+    let mut failed = false;
     let mut wake = false;
     for job in group.drain(..) {
-        let sp = match tx.savepoint() {
-            Ok(sp) => sp,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot open a savepoint");
-                continue;
-            }
-        };
-        let pending = sqlite_control::deferred_len();
-        let done = job(&sp);
-        // A failed job's savepoint is rolled back when dropped, and its
-        // deferred audit items with it.
-        let released = if done.ok {
-            sp.commit().err().map(db_err)
-        } else {
-            None
-        };
-        if !done.ok || released.is_some() {
-            sqlite_control::truncate_deferred(pending);
+        if failed {
+            // Dropping a job unrun answers its caller with `Unavailable`.
+            continue;
         }
-        wake |= done.ok && released.is_none() && done.wake;
-        replies.push((done.reply, released));
+        let done = job(&tx);
+        failed = !done.ok;
+        wake |= done.wake;
+        replies.push(done.reply);
     }
     // The group's hot-path audit items (submissions, delivery outcomes)
     // become one chained entry per action, in the same transaction.
-    if let Err(e) = sqlite_control::flush_deferred(&tx) {
-        tracing::error!(error = %e, "writing the group's audit entries failed; nothing in the group was acknowledged");
-        drop(tx);
-        for (reply, _) in replies {
-            reply(Err(StoreError::Database(e.to_string())));
-        }
-        return false;
-    }
-    match tx.commit() {
+    let outcome = if failed {
+        sqlite_control::truncate_deferred(0);
+        Err("a change in the same commit group failed".to_owned())
+    } else {
+        sqlite_control::flush_deferred(&tx)
+            .map_err(|e| e.to_string())
+            .and_then(|()| tx.commit().map_err(|e| e.to_string()))
+    };
+    match outcome {
         Ok(()) => {
-            for (reply, released) in replies {
-                reply(released.map_or(Ok(()), Err));
+            for reply in replies {
+                reply(Ok(()));
             }
             wake
         }
-        Err(e) => {
-            let msg = e.to_string();
+        Err(msg) => {
             tracing::error!(error = %msg, "group commit failed; nothing in the group was acknowledged");
-            for (reply, _) in replies {
+            for reply in replies {
                 reply(Err(StoreError::Database(msg.clone())));
             }
             false
@@ -505,7 +497,7 @@ fn commit_group(conn: &mut Connection, group: &mut Vec<Job>) -> bool {
 
 // === impl writes ===
 
-fn append_submission(tx: &Savepoint<'_>, sub: &NewSubmission) -> Result<AppendOutcome, StoreError> {
+fn append_submission(tx: &Connection, sub: &NewSubmission) -> Result<AppendOutcome, StoreError> {
     if let Some(claim) = &sub.idempotency {
         let earlier = tx
             .query_row(
@@ -591,7 +583,7 @@ fn append_submission(tx: &Savepoint<'_>, sub: &NewSubmission) -> Result<AppendOu
 
 #[allow(clippy::too_many_arguments)]
 fn insert_notice(
-    tx: &Savepoint<'_>,
+    tx: &Connection,
     n: &NewNotice,
     item: &str,
     item_version: u32,
@@ -644,7 +636,7 @@ fn insert_notice(
 /// Ends a record and creates the lift notices. Returns `None` when the
 /// record does not exist.
 fn end_record(
-    tx: &Savepoint<'_>,
+    tx: &Connection,
     record_id: &str,
     reason: &str,
     note: Option<&str>,

@@ -113,12 +113,7 @@ pub(super) fn audit_deferred(actor: &str, action: &str, subject: &str, details: 
     });
 }
 
-/// How many items are queued (to undo a failed job's).
-pub(super) fn deferred_len() -> usize {
-    DEFERRED.with(|d| d.borrow().len())
-}
-
-/// Drops the items queued after position `n`.
+/// Drops the items queued after position `n` (0: all, for a failed group).
 pub(super) fn truncate_deferred(n: usize) {
     DEFERRED.with(|d| d.borrow_mut().truncate(n));
 }
