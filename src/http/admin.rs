@@ -37,10 +37,7 @@ pub async fn deliveries(
     if !["pending", "inflight", "delivered", "dead"].contains(&wanted.as_str()) {
         return Err(bad());
     }
-    let limit = q.limit.unwrap_or(100);
-    if limit == 0 || limit > 1000 {
-        return Err(bad());
-    }
+    let limit = super::admin_control::page_limit(q.limit).ok_or_else(bad)?;
     let list = state.ingest.store.deliveries(&wanted, limit).await?;
     let body = serde_json::to_vec(&serde_json::json!({
         "state": wanted,

@@ -78,6 +78,24 @@ async fn body_json(state: &AppState, headers: &HeaderMap, body: Body) -> Result<
     parse_json(&raw, state.limits.max_json_depth)
 }
 
+/// `enable` → true, `disable` → false; anything else is not a route.
+fn enabled_by(action: &str) -> Result<bool, Problem> {
+    match action {
+        "enable" => Ok(true),
+        "disable" => Ok(false),
+        _ => Err(Problem::caller(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such resource; the actions are enable and disable",
+        )),
+    }
+}
+
+/// A `limit` query parameter: 1-1000, default 100.
+pub fn page_limit(limit: Option<usize>) -> Option<usize> {
+    Some(limit.unwrap_or(100)).filter(|l| (1..=1000).contains(l))
+}
+
 // === catalog ===
 
 /// `GET /admin/v1/catalog/items`.
@@ -285,22 +303,13 @@ async fn set_participant_enabled(
     ok(&p)
 }
 
-/// `POST /admin/v1/participants/{id}/disable`: refused at once from now on.
-pub async fn disable_participant(
+/// `POST /admin/v1/participants/{id}/disable` and `…/enable`.
+pub async fn switch_participant(
     State(state): State<Arc<AppState>>,
     caller: Caller,
-    Path(id): Path<String>,
+    Path((id, action)): Path<(String, String)>,
 ) -> Result<Response, Problem> {
-    set_participant_enabled(&state, &caller.id, &id, false).await
-}
-
-/// `POST /admin/v1/participants/{id}/enable`.
-pub async fn enable_participant(
-    State(state): State<Arc<AppState>>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Response, Problem> {
-    set_participant_enabled(&state, &caller.id, &id, true).await
+    set_participant_enabled(&state, &caller.id, &id, enabled_by(&action)?).await
 }
 
 /// A subscription as shown to administrators: the signing secret is never
@@ -387,22 +396,13 @@ async fn set_subscription_enabled(
     ok(&shown(&s))
 }
 
-/// `POST /admin/v1/subscriptions/{id}/disable`: no new deliveries.
-pub async fn disable_subscription(
+/// `POST /admin/v1/subscriptions/{id}/disable` and `…/enable`.
+pub async fn switch_subscription(
     State(state): State<Arc<AppState>>,
     caller: Caller,
-    Path(id): Path<String>,
+    Path((id, action)): Path<(String, String)>,
 ) -> Result<Response, Problem> {
-    set_subscription_enabled(&state, &caller.id, &id, false).await
-}
-
-/// `POST /admin/v1/subscriptions/{id}/enable`.
-pub async fn enable_subscription(
-    State(state): State<Arc<AppState>>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Response, Problem> {
-    set_subscription_enabled(&state, &caller.id, &id, true).await
+    set_subscription_enabled(&state, &caller.id, &id, enabled_by(&action)?).await
 }
 
 // === audit and statistics ===
@@ -428,10 +428,7 @@ pub async fn audit(
         )
     };
     let Query(q) = query.map_err(|_| bad())?;
-    let limit = q.limit.unwrap_or(100);
-    if limit == 0 || limit > 1000 {
-        return Err(bad());
-    }
+    let limit = page_limit(q.limit).ok_or_else(bad)?;
     let after = q.after.unwrap_or(0);
     let entries = state.ingest.store.audit_page(after, limit).await?;
     let next = entries.last().map_or(after, |e| e.seq);

@@ -112,12 +112,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(admin_control::participant).put(admin_control::put_participant),
         )
         .route(
-            "/admin/v1/participants/{id}/disable",
-            post(admin_control::disable_participant),
-        )
-        .route(
-            "/admin/v1/participants/{id}/enable",
-            post(admin_control::enable_participant),
+            "/admin/v1/participants/{id}/{action}",
+            post(admin_control::switch_participant),
         )
         .route("/admin/v1/subscriptions", get(admin_control::subscriptions))
         .route(
@@ -125,12 +121,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(admin_control::subscription).put(admin_control::put_subscription),
         )
         .route(
-            "/admin/v1/subscriptions/{id}/disable",
-            post(admin_control::disable_subscription),
-        )
-        .route(
-            "/admin/v1/subscriptions/{id}/enable",
-            post(admin_control::enable_subscription),
+            "/admin/v1/subscriptions/{id}/{action}",
+            post(admin_control::switch_subscription),
         )
         .route("/v1/catalog", get(catalog::list))
         .route("/v1/catalog/items/{item_id}", get(catalog::item))
