@@ -286,6 +286,22 @@ pub async fn fairness(
     })
 }
 
+/// Penalty records to a gateway this tool starts, with the given shape.
+fn preset(connections: usize, streams: usize, h2: bool, batch: usize, duration: u64) -> Load {
+    Load {
+        target: None,
+        certs: "certs/dev".into(),
+        connections,
+        streams,
+        h2,
+        batch,
+        item: "administrative_penalty".into(),
+        invalid: 0.0,
+        duration,
+        seed: 1,
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     match v.len() {
@@ -303,18 +319,7 @@ pub async fn compare(
     idle_n: usize,
     only: &[String],
 ) -> Result<(String, Value), String> {
-    let base = |connections: usize, streams: usize, h2: bool, batch: usize| Load {
-        target: None,
-        certs: "certs/dev".into(),
-        connections,
-        streams,
-        h2,
-        batch,
-        item: "administrative_penalty".into(),
-        invalid: 0.0,
-        duration,
-        seed: 1,
-    };
+    let base = |connections, streams, h2, batch| preset(connections, streams, h2, batch, duration);
     let cases: Vec<(&str, Load, bool)> = vec![
         ("ingest", base(64, 1, false, 1), false),
         ("h2", base(8, 8, true, 1), false),
@@ -395,18 +400,7 @@ pub async fn compare(
 /// `smoke`: every scenario for a few seconds with small numbers; fails on
 /// any error or an empty result. Keeps the harness from rotting in CI.
 pub async fn smoke() -> Result<(String, Value), String> {
-    let load = |connections: usize, streams: usize, h2: bool, batch: usize| Load {
-        target: None,
-        certs: "certs/dev".into(),
-        connections,
-        streams,
-        h2,
-        batch,
-        item: "administrative_penalty".into(),
-        invalid: 0.0,
-        duration: 2,
-        seed: 1,
-    };
+    let load = |connections, streams, h2, batch| preset(connections, streams, h2, batch, 2);
     let mut lines = Vec::new();
     let mut all = Vec::new();
     let mut failures = Vec::new();

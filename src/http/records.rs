@@ -92,33 +92,47 @@ struct RecordDocument {
     notices: Vec<NoticeHistory>,
 }
 
-/// Reads one record back: the submitter sees it whole, an administrator as
-/// far as its clearance allows; for anyone else it does not exist.
-pub async fn read(
-    State(state): State<Arc<AppState>>,
-    caller: Caller,
-    Path(record_id): Path<String>,
-) -> Result<Response, Problem> {
-    let not_found = || {
-        Problem::caller(
-            StatusCode::NOT_FOUND,
-            "record_not_found",
-            "no record with this id is visible to the caller",
-        )
-    };
-    if uuid::Uuid::parse_str(&record_id).is_err() {
-        return Err(not_found());
+fn record_not_found() -> Problem {
+    Problem::caller(
+        StatusCode::NOT_FOUND,
+        "record_not_found",
+        "no record with this id is visible to the caller",
+    )
+}
+
+/// The record if the caller may see it — its submitter (whole) or an
+/// administrator (up to its clearance); for anyone else it does not exist.
+async fn visible_record(
+    state: &AppState,
+    caller: &crate::participants::Participant,
+    record_id: &str,
+) -> Result<(crate::store::StoredRecord, Audience), Problem> {
+    if uuid::Uuid::parse_str(record_id).is_err() {
+        return Err(record_not_found());
     }
-    let Some(rec) = state.ingest.store.record(&record_id).await? else {
-        return Err(not_found());
-    };
+    let rec = state
+        .ingest
+        .store
+        .record(record_id)
+        .await?
+        .ok_or_else(record_not_found)?;
     let audience = if rec.submitter == caller.id {
         Audience::Originator
     } else if caller.kind == Kind::Admin {
         Audience::Cleared(caller.clearance)
     } else {
-        return Err(not_found());
+        return Err(record_not_found());
     };
+    Ok((rec, audience))
+}
+
+/// Reads one record back (see [`visible_record`] for who sees what).
+pub async fn read(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(record_id): Path<String>,
+) -> Result<Response, Problem> {
+    let (rec, audience) = visible_record(&state, &caller, &record_id).await?;
     let catalog = state.ingest.catalog.load();
     let view = state.redactor.record_view(
         catalog.get(&rec.item).map(|i| i.as_ref()),
@@ -160,13 +174,6 @@ pub async fn revoke(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Problem> {
-    let not_found = || {
-        Problem::caller(
-            StatusCode::NOT_FOUND,
-            "record_not_found",
-            "no record with this id is visible to the caller",
-        )
-    };
     let raw = read_json(&headers, body, &state.limits).await?;
     let doc = parse_json(&raw, state.limits.max_json_depth)?;
     let invalid = |pointer: &str, msg: &str| {
@@ -202,15 +209,8 @@ pub async fn revoke(
             ))
         }
     };
-    if uuid::Uuid::parse_str(&record_id).is_err() {
-        return Err(not_found());
-    }
-    let Some(rec) = state.ingest.store.record(&record_id).await? else {
-        return Err(not_found());
-    };
-    if rec.submitter != caller.id && caller.kind != Kind::Admin {
-        return Err(not_found());
-    }
+    // Only the submitter or an administrator may end a record's effect.
+    visible_record(&state, &caller, &record_id).await?;
     match state
         .ingest
         .store
@@ -232,7 +232,7 @@ pub async fn revoke(
             .map_err(|e| Problem::gateway(&e))?;
             Ok(json_response(StatusCode::OK, body))
         }
-        EndOutcome::NotFound => Err(not_found()),
+        EndOutcome::NotFound => Err(record_not_found()),
         EndOutcome::AlreadyEnded(status) => Err(Problem::caller(
             StatusCode::CONFLICT,
             "already_ended",
