@@ -548,14 +548,54 @@ impl CatalogItem {
         }
     }
 
-    /// Validates one record against this item version.
-    pub fn validate(&self, record: &Value) -> Validation {
+    /// Validates one record against this item version, listing at most
+    /// `max_findings` errors (then one `too_many_errors` with the count).
+    ///
+    /// The work is bounded by the record's size, not by how wrong it is:
+    /// a valid record costs one pass; an invalid one is explained from a
+    /// copy whose arrays are cut just past their `maxItems`, so a
+    /// million-item array yields one `max_items` finding and a handful of
+    /// item findings, never a million.
+    pub fn validate(&self, record: &Value, max_findings: usize) -> Validation {
         let mut out = Validation::default();
-        for e in self.validator.iter_errors(record) {
-            out.errors.push(finding_from(&e));
+        // Schema errors past the limit, and whether arrays were cut to
+        // explain them (then the count is a lower bound).
+        let (mut more, mut cut_any) = (0, false);
+        if !self.validator.is_valid(record) {
+            let cut = cut_arrays(record, &self.def.schema);
+            cut_any = cut.is_some();
+            let mut errors = self.validator.iter_errors(cut.as_ref().unwrap_or(record));
+            out.errors
+                .extend(errors.by_ref().take(max_findings).map(|e| finding_from(&e)));
+            more = errors.count();
+            if out.errors.is_empty() {
+                // Only possible if cutting an array hid the fault.
+                out.errors.push(Finding {
+                    pointer: String::new(),
+                    code: "invalid".into(),
+                    message: "does not match the catalog item's schema".into(),
+                });
+            }
         }
+        self.check_rules(record, &mut out);
+        more += out.errors.len().saturating_sub(max_findings);
+        if more > 0 {
+            out.errors.truncate(max_findings);
+            out.errors.push(too_many_errors(
+                "",
+                format!(
+                    "{}{more} more error(s) not listed",
+                    if cut_any { "at least " } else { "" }
+                ),
+            ));
+        }
+        out
+    }
+
+    /// Cross-field rules and, for an otherwise valid record, warnings.
+    fn check_rules(&self, record: &Value, out: &mut Validation) {
         let Some(obj) = record.as_object() else {
-            return out;
+            return;
         };
         // Domain rules run only on fields that are valid dates; the schema
         // has already reported the others.
@@ -605,7 +645,6 @@ impl CatalogItem {
                 }
             }
         }
-        out
     }
 
     /// The notice an accepted record produces under this item's rule, if any.
@@ -759,6 +798,84 @@ pub fn build_validator(schema: &Value) -> Result<jsonschema::Validator, String> 
         .map_err(|e| e.masked().to_string())
 }
 
+/// The summary finding that replaces findings past a limit.
+pub fn too_many_errors(pointer: &str, message: String) -> Finding {
+    Finding {
+        pointer: pointer.to_owned(),
+        code: "too_many_errors".into(),
+        message,
+    }
+}
+
+/// Items of an array without `maxItems` in its schema that are examined
+/// to explain a rejection.
+const ARRAY_SCAN_LIMIT: usize = 1000;
+
+/// A copy of `value` with every array longer than its schema's `maxItems`
+/// (or [`ARRAY_SCAN_LIMIT`]) cut to one item past it, so the limit still
+/// fails; `None` when no array is that long. The schema guides the walk
+/// through `properties`, `additionalProperties` and `items`.
+fn cut_arrays(value: &Value, schema: &Value) -> Option<Value> {
+    match value {
+        Value::Array(items) => {
+            let limit = schema
+                .get("maxItems")
+                .and_then(Value::as_u64)
+                .map_or(ARRAY_SCAN_LIMIT, |m| {
+                    usize::try_from(m).unwrap_or(usize::MAX)
+                })
+                .saturating_add(1);
+            let item_schema = schema.get("items").unwrap_or(&Value::Null);
+            let kept = &items[..items.len().min(limit)];
+            let cut: Vec<Option<Value>> = kept.iter().map(|v| cut_arrays(v, item_schema)).collect();
+            if kept.len() == items.len() && cut.iter().all(Option::is_none) {
+                return None;
+            }
+            Some(Value::Array(
+                kept.iter()
+                    .zip(cut)
+                    .map(|(v, c)| c.unwrap_or_else(|| v.clone()))
+                    .collect(),
+            ))
+        }
+        Value::Object(fields) => {
+            let props = schema.get("properties");
+            let other = schema.get("additionalProperties").unwrap_or(&Value::Null);
+            let mut changed = None::<serde_json::Map<String, Value>>;
+            for (k, v) in fields {
+                let sub = props.and_then(|p| p.get(k)).unwrap_or(other);
+                if let Some(c) = cut_arrays(v, sub) {
+                    changed
+                        .get_or_insert_with(|| fields.clone())
+                        .insert(k.clone(), c);
+                }
+            }
+            changed.map(Value::Object)
+        }
+        _ => None,
+    }
+}
+
+/// Field names listed in an `unknown_field` message, each cut to
+/// [`NAME_CHARS`] characters: the message stays small whatever was sent.
+const LISTED_NAMES: usize = 10;
+const NAME_CHARS: usize = 64;
+
+fn list_names(names: &[String]) -> String {
+    let mut out: Vec<String> = names
+        .iter()
+        .take(LISTED_NAMES)
+        .map(|n| match n.char_indices().nth(NAME_CHARS) {
+            Some((at, _)) => format!("{}…", &n[..at]),
+            None => n.clone(),
+        })
+        .collect();
+    if names.len() > LISTED_NAMES {
+        out.push(format!("and {} more", names.len() - LISTED_NAMES));
+    }
+    out.join(", ")
+}
+
 /// Turns a schema error into a finding without echoing the value.
 fn finding_from(e: &jsonschema::ValidationError<'_>) -> Finding {
     use jsonschema::error::ValidationErrorKind as K;
@@ -803,7 +920,7 @@ fn finding_from(e: &jsonschema::ValidationError<'_>) -> Finding {
         }
         K::AdditionalProperties { unexpected } | K::UnevaluatedProperties { unexpected } => (
             "unknown_field".into(),
-            format!("unknown field(s): {}", unexpected.join(", ")),
+            format!("unknown field(s): {}", list_names(unexpected)),
         ),
         _ => (
             camel_to_snake(kind.keyword()),
@@ -895,13 +1012,16 @@ mod tests {
     #[test]
     fn findings_point_at_fields_and_never_echo_values() {
         let item = item(schema(json!({}))).expect("valid");
-        let v = item.validate(&json!({
-            "subject_name": "SECRETVALUE",
-            "subject_type": "SECRETVALUE2",
-            "uscc": "914403001922038217",
-            "decision_date": "2024-02-30",
-            "extra": "SECRETVALUE3"
-        }));
+        let v = item.validate(
+            &json!({
+                "subject_name": "SECRETVALUE",
+                "subject_type": "SECRETVALUE2",
+                "uscc": "914403001922038217",
+                "decision_date": "2024-02-30",
+                "extra": "SECRETVALUE3"
+            }),
+            20,
+        );
         let pointers: HashSet<_> = v.errors.iter().map(|f| f.pointer.as_str()).collect();
         assert!(pointers.contains("/uscc"), "{v:?}");
         assert!(pointers.contains("/decision_date"), "{v:?}");
@@ -921,7 +1041,10 @@ mod tests {
     #[test]
     fn required_points_at_the_missing_field() {
         let item = item(schema(json!({}))).expect("valid");
-        let v = item.validate(&json!({"subject_name": "x", "subject_type": "legal_entity"}));
+        let v = item.validate(
+            &json!({"subject_name": "x", "subject_type": "legal_entity"}),
+            20,
+        );
         assert_eq!(v.errors.len(), 1);
         assert_eq!(v.errors[0].pointer, "/uscc");
         assert_eq!(v.errors[0].code, "required");
@@ -932,10 +1055,64 @@ mod tests {
         let item = item(schema(json!({}))).expect("valid");
         let body = "91350100M000100Y5";
         let code = format!("{body}{}", codes::uscc_check_char(body).expect("alphabet"));
-        let v = item
-            .validate(&json!({"subject_name": "x", "subject_type": "legal_entity", "uscc": code}));
+        let v = item.validate(
+            &json!({"subject_name": "x", "subject_type": "legal_entity", "uscc": code}),
+            20,
+        );
         assert!(v.errors.is_empty(), "{v:?}");
         assert_eq!(v.warnings.len(), 1);
         assert_eq!(v.warnings[0].code, "uscc_org_code_check");
+    }
+
+    #[test]
+    fn findings_are_bounded_however_wrong_the_record_is() {
+        let item = item(schema(json!({
+            "tags": {"type": "array", "maxItems": 3, "items": {"enum": ["a", "b"]},
+                     "x-class": "public", "x-zh": "标签"}
+        })))
+        .expect("valid");
+        let many: Vec<u32> = vec![1; 200_000];
+        let v = item.validate(
+            &json!({"subject_name": "x", "subject_type": "legal_entity", "tags": many}),
+            5,
+        );
+        // 5 listed, then one summary; the array's length is among the listed.
+        assert_eq!(v.errors.len(), 6, "{v:?}");
+        assert_eq!(v.errors[5].code, "too_many_errors");
+        assert!(v.errors[5].message.starts_with("at least"), "{v:?}");
+        assert!(v.errors.iter().any(|e| e.code == "max_items"), "{v:?}");
+        // Under the limit, everything is listed and nothing summarised.
+        let v = item.validate(
+            &json!({"subject_name": "x", "subject_type": "legal_entity", "tags": [1, 2]}),
+            5,
+        );
+        assert!(
+            v.errors.iter().all(|e| e.code != "too_many_errors"),
+            "{v:?}"
+        );
+        assert!(
+            v.errors
+                .iter()
+                .filter(|e| e.pointer.starts_with("/tags/"))
+                .count()
+                == 2,
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn unknown_field_messages_stay_small() {
+        let item = item(schema(json!({}))).expect("valid");
+        let mut record = json!({"subject_name": "x", "subject_type": "legal_entity", "uscc": "91350100M000100Y43"});
+        for i in 0..5000 {
+            record[format!("{}{i}", "k".repeat(300))] = json!(1);
+        }
+        let v = item.validate(&record, 20);
+        let total: usize = v.errors.iter().map(|e| e.message.len()).sum();
+        assert!(total < 2000, "{total} bytes of messages");
+        assert!(
+            v.errors.iter().any(|e| e.message.contains("and 4990 more")),
+            "{v:?}"
+        );
     }
 }

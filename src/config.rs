@@ -92,6 +92,17 @@ pub struct ServerConfig {
     pub shutdown_grace_secs: u64,
     /// Connections above this number wait in the accept queue.
     pub max_connections: usize,
+    /// A connection with no request in progress for this long is closed
+    /// (HTTP/2 with a GOAWAY; HTTP/1.1 keep-alive between requests).
+    pub idle_timeout_secs: u64,
+    /// A connection older than this is told to go away once its current
+    /// requests finish (HTTP/2 GOAWAY, HTTP/1.1 `Connection: close`), so no
+    /// client holds a connection slot for ever.
+    pub max_connection_age_secs: u64,
+    /// HTTP/2 keep-alive: a PING is sent after this long without frames …
+    pub http2_keepalive_interval_secs: u64,
+    /// … and the connection is closed if the PING is not answered in time.
+    pub http2_keepalive_timeout_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -103,6 +114,10 @@ impl Default for ServerConfig {
             request_timeout_secs: 30,
             shutdown_grace_secs: 20,
             max_connections: 20_000,
+            idle_timeout_secs: 120,
+            max_connection_age_secs: 3600,
+            http2_keepalive_interval_secs: 30,
+            http2_keepalive_timeout_secs: 10,
         }
     }
 }
@@ -122,6 +137,10 @@ pub struct TlsConfig {
     /// Also accept the participant id from a SAN URI
     /// `urn:credgate:participant:<id>` (it wins over the subject CN).
     pub accept_san_uri: bool,
+    /// In production, the gateway refuses to start (or to reload) with a
+    /// server or push client certificate that expires within this many
+    /// days, and warns 30 days before.
+    pub min_validity_days: u64,
 }
 
 impl Default for TlsConfig {
@@ -132,6 +151,7 @@ impl Default for TlsConfig {
             key: "certs/dev/server.key".into(),
             crls: Vec::new(),
             accept_san_uri: true,
+            min_validity_days: 14,
         }
     }
 }
@@ -271,6 +291,19 @@ pub struct LimitsConfig {
     pub max_batch_records: usize,
     /// Deepest JSON nesting accepted in a request body.
     pub max_json_depth: usize,
+    /// Most items in any one JSON array of a request (the batch's own
+    /// `records` array may always hold `max_batch_records`); longer gets
+    /// `413 too_many_items` before the array is built in memory.
+    pub max_array_items: usize,
+    /// Most findings (errors and warnings) listed for one record; past it,
+    /// one `too_many_errors` entry gives the count.
+    pub max_findings_per_record: usize,
+    /// Most findings listed in one answer; records past it carry only a
+    /// `too_many_errors` entry. Bounds every answer's size.
+    pub max_findings_per_answer: usize,
+    /// Memory (bytes) of the in-process cache of recent answers for
+    /// `Idempotency-Key` replay; older answers are read from the store.
+    pub replay_cache_bytes: u64,
 }
 
 impl Default for LimitsConfig {
@@ -279,6 +312,10 @@ impl Default for LimitsConfig {
             max_body_bytes: 4 * 1024 * 1024,
             max_batch_records: 500,
             max_json_depth: 32,
+            max_array_items: 10_000,
+            max_findings_per_record: 20,
+            max_findings_per_answer: 1000,
+            replay_cache_bytes: 32 * 1024 * 1024,
         }
     }
 }
@@ -422,6 +459,31 @@ impl Config {
             ("limits.max_body_bytes", self.limits.max_body_bytes),
             ("limits.max_batch_records", self.limits.max_batch_records),
             ("limits.max_json_depth", self.limits.max_json_depth),
+            ("limits.max_array_items", self.limits.max_array_items),
+            (
+                "limits.max_findings_per_record",
+                self.limits.max_findings_per_record,
+            ),
+            (
+                "limits.max_findings_per_answer",
+                self.limits.max_findings_per_answer,
+            ),
+            (
+                "server.idle_timeout_secs",
+                self.server.idle_timeout_secs as usize,
+            ),
+            (
+                "server.max_connection_age_secs",
+                self.server.max_connection_age_secs as usize,
+            ),
+            (
+                "server.http2_keepalive_interval_secs",
+                self.server.http2_keepalive_interval_secs as usize,
+            ),
+            (
+                "server.http2_keepalive_timeout_secs",
+                self.server.http2_keepalive_timeout_secs as usize,
+            ),
             (
                 "delivery.request_timeout_secs",
                 self.delivery.request_timeout_secs as usize,
@@ -457,6 +519,7 @@ impl Config {
                 ));
             }
         }
+        errors.extend(self.privacy.redaction.problems());
         if self.server.listen == self.server.ops_listen && self.server.listen.port() != 0 {
             errors.push("server.ops_listen: must differ from server.listen".into());
         }
@@ -612,6 +675,28 @@ mod tests {
         assert!(text.contains("server.listen"), "{text}");
         assert!(text.contains("store"), "{text}");
         assert!(text.contains("nonsense: unknown key"), "{text}");
+    }
+
+    #[test]
+    fn mask_is_refused_for_secret_fields() {
+        let f = write(
+            "[privacy.redaction.secret]\npublic = \"drop\"\nshared = \"mask\"\nrestricted = \"mask\"\n",
+        );
+        let err = Config::load(f.path(), false, vec![]).expect_err("invalid");
+        let text = err.to_string();
+        assert!(text.contains("privacy.redaction.secret.shared"), "{text}");
+        assert!(
+            text.contains("privacy.redaction.secret.restricted"),
+            "{text}"
+        );
+        assert!(!text.contains("privacy.redaction.secret.public"), "{text}");
+        // Masking restricted fields (names) stays allowed.
+        let f = write("[privacy.redaction.restricted]\npublic = \"drop\"\nshared = \"mask\"\n");
+        let text = Config::load(f.path(), false, vec![])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(!text.contains("privacy.redaction"), "{text}");
     }
 
     #[test]

@@ -36,6 +36,10 @@ pub enum Refusal {
     },
     /// No such item, version, participant or subscription.
     NotFound(String),
+    /// A push subscription the gateway could not deliver to (no client
+    /// certificate, unusable CA or secret): refused rather than accepted
+    /// and left failing.
+    PushUnavailable(String),
     /// The store failed.
     Store(StoreError),
 }
@@ -74,7 +78,18 @@ pub struct Control {
     store: Arc<dyn Store>,
     /// One administrative change at a time (per process).
     lock: tokio::sync::Mutex<()>,
+    /// Seals subscription signing secrets before they are stored.
+    sealer: Arc<crate::sealed::Sealer>,
+    /// Subscriptions whose stored secret is still in clear (stored before
+    /// sealing existed); [`Control::seal_stored_secrets`] fixes them.
+    clear_secrets: std::sync::Mutex<Vec<String>>,
+    /// Whether the push side can serve a subscription (set once the
+    /// dispatcher exists): checked before a push subscription is stored.
+    push_check: std::sync::OnceLock<PushCheck>,
 }
+
+/// Checks that a push subscription can be delivered to.
+pub type PushCheck = Box<dyn Fn(&crate::routing::Subscription) -> Result<(), String> + Send + Sync>;
 
 impl std::fmt::Debug for Control {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -124,11 +139,13 @@ impl Control {
     /// Builds the control state from what the store holds.
     pub fn from_state(
         store: Arc<dyn Store>,
+        sealer: Arc<crate::sealed::Sealer>,
         items: Vec<Value>,
         participants: Vec<Value>,
         subscriptions: Vec<Value>,
     ) -> Result<Control, Vec<String>> {
         let mut errors = Vec::new();
+        let mut clear_secrets = Vec::new();
         let participants: Vec<Participant> = participants
             .into_iter()
             .filter_map(|v| {
@@ -156,9 +173,22 @@ impl Control {
             .collect();
         let specs: Vec<SubscriptionSpec> = subscriptions
             .into_iter()
-            .filter_map(|v| {
+            .filter_map(|mut v| {
+                let id = v
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .unwrap_or("?")
+                    .to_owned();
+                match sealer.open_doc(&mut v) {
+                    Ok(true) => clear_secrets.push(id.clone()),
+                    Ok(false) => {}
+                    Err(e) => {
+                        errors.push(format!("stored subscription {id}: signing_secret: {e}"));
+                        return None;
+                    }
+                }
                 serde_json::from_value(v)
-                    .map_err(|e| errors.push(format!("stored subscription: {e}")))
+                    .map_err(|e| errors.push(format!("stored subscription {id}: {e}")))
                     .ok()
             })
             .collect();
@@ -181,6 +211,9 @@ impl Control {
                 subscriptions: Arc::new(ArcSwap::from_pointee(subscriptions)),
                 store,
                 lock: tokio::sync::Mutex::new(()),
+                sealer,
+                clear_secrets: std::sync::Mutex::new(clear_secrets),
+                push_check: std::sync::OnceLock::new(),
             }),
             _ => Err(errors),
         }
@@ -493,13 +526,19 @@ impl Control {
         let subscriptions =
             Subscriptions::build(specs, &self.registry.load_full(), &self.catalog.load_full())
                 .map_err(Refusal::Invalid)?;
+        if let (Some(sub), Some(check)) = (subscriptions.get(id), self.push_check.get()) {
+            if sub.is_push() && sub.enabled {
+                check(sub).map_err(Refusal::PushUnavailable)?;
+            }
+        }
         let action = match &before {
             None => "subscription.create",
             Some(b) if b.enabled && !spec.enabled => "subscription.disable",
             Some(_) => "subscription.update",
         };
-        let stored =
+        let mut stored =
             serde_json::to_value(&spec).map_err(|e| Refusal::Invalid(vec![e.to_string()]))?;
+        self.sealer.seal_doc(&mut stored);
         let details = serde_json::json!({
             "agency": spec.agency,
             "mode": spec.mode,
@@ -513,5 +552,46 @@ impl Control {
         self.subscriptions.store(Arc::new(subscriptions));
         tracing::info!(subscription = %id, %actor, %action, "subscription changed");
         Ok(spec)
+    }
+
+    /// Installs the check that a push subscription can be served; called
+    /// once, when the dispatcher exists.
+    pub fn set_push_check(&self, check: PushCheck) {
+        let _ = self.push_check.set(check);
+    }
+
+    /// Stores sealed every subscription secret still stored in clear (by a
+    /// version before sealing); audited as `subscription.secret_sealed`.
+    pub async fn seal_stored_secrets(&self) -> Result<usize, StoreError> {
+        let _guard = self.lock.lock().await;
+        let ids = std::mem::take(
+            &mut *self
+                .clear_secrets
+                .lock()
+                .map_err(|_| StoreError::Unavailable)?,
+        );
+        let current = self.subscriptions.load_full();
+        let mut n = 0;
+        for id in ids {
+            let Some(spec) = current.specs().iter().find(|s| s.id == id) else {
+                continue;
+            };
+            let mut stored =
+                serde_json::to_value(spec).map_err(|e| StoreError::Database(e.to_string()))?;
+            self.sealer.seal_doc(&mut stored);
+            let details = serde_json::json!({"agency": spec.agency, "after_digest": digest(spec)});
+            self.store
+                .put_document(
+                    DocKind::Subscription,
+                    &id,
+                    stored,
+                    "gateway",
+                    "subscription.secret_sealed",
+                    details,
+                )
+                .await?;
+            n += 1;
+        }
+        Ok(n)
     }
 }

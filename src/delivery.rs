@@ -9,16 +9,17 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::Sha256;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;
@@ -75,11 +76,18 @@ struct Endpoint {
     /// The delivery settings it was built from; a changed subscription
     /// (new endpoint, CA or secret) gets a new `Endpoint`.
     built_from: DeliveryMode,
+    /// Generation of the gateway's client identity it was built with; a
+    /// reloaded identity (SIGHUP) gets endpoints rebuilt.
+    identity_generation: u64,
     client: reqwest::Client,
     key: Vec<u8>,
     url: String,
+    /// Free slots = requests this endpoint may still have in flight.
     in_flight: Arc<Semaphore>,
     rate: governor::DefaultDirectRateLimiter,
+    /// Rate tokens taken for a claim that found fewer deliveries due; the
+    /// next claim uses them first (governor cannot give tokens back).
+    prepaid: AtomicU32,
     /// Consecutive failures and the pause, kept in memory: a restart gives
     /// a paused endpoint a fresh chance.
     health: Mutex<Health>,
@@ -91,11 +99,15 @@ struct Health {
     paused_until: Option<Instant>,
 }
 
+/// The gateway's client certificate chain and key, presented to push
+/// endpoints.
+pub type Identity = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
 /// Builds the HTTPS client of one push subscription: trusts only the
 /// subscription's CA and presents the gateway's client certificate.
 fn endpoint_client(
     ca_file: &std::path::Path,
-    identity: &(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
+    identity: &Identity,
     timeout: Duration,
 ) -> Result<reqwest::Client, String> {
     let mut roots = rustls::RootCertStore::empty();
@@ -105,6 +117,9 @@ fn endpoint_client(
         roots
             .add(c.map_err(|e| format!("{}: {e}", ca_file.display()))?)
             .map_err(|e| format!("{}: {e}", ca_file.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{}: holds no CA certificate", ca_file.display()));
     }
     let mut tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -124,19 +139,35 @@ fn endpoint_client(
 }
 
 /// Loads the gateway's client identity for pushes.
-pub fn load_identity(
-    cfg: &DeliveryConfig,
-) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
+pub fn load_identity(cfg: &DeliveryConfig) -> Result<Identity, String> {
     let chain = CertificateDer::pem_file_iter(&cfg.client_cert)
         .map_err(|e| format!("delivery.client_cert: {}: {e}", cfg.client_cert.display()))?
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("delivery.client_cert: {}: {e}", cfg.client_cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!(
+            "delivery.client_cert: {} holds no certificate",
+            cfg.client_cert.display()
+        ));
+    }
     let key = PrivateKeyDer::from_pem_file(&cfg.client_key)
         .map_err(|e| format!("delivery.client_key: {}: {e}", cfg.client_key.display()))?;
     Ok((chain, key))
 }
 
 /// The push side of delivery.
+///
+/// Fairness: the dispatcher claims, per subscription, only what that
+/// endpoint can send now (its free slots and rate budget, and its share of
+/// the global `delivery.max_in_flight`), so an attempt starts as soon as it
+/// is claimed and holds only its own endpoint's slot. A slow or failing
+/// endpoint fills its own slots and nothing else; other agencies' notices
+/// are never queued behind it.
+///
+/// Fencing: every claim takes a new claim number (the lease token); a
+/// result is stored only if the delivery still carries the claim it was
+/// attempted under, and this gateway never starts a second attempt of a
+/// delivery whose first attempt is still open.
 pub struct Dispatcher {
     store: Arc<dyn Store>,
     subscriptions: Arc<ArcSwap<Subscriptions>>,
@@ -144,16 +175,38 @@ pub struct Dispatcher {
     registry: Arc<ArcSwap<Registry>>,
     redactor: Arc<Redactor>,
     cfg: DeliveryConfig,
-    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    /// The gateway's client identity, loaded at start-up when its files
+    /// exist, on demand when a push subscription needs it, and on SIGHUP.
+    identity: ArcSwapOption<Identity>,
+    /// Bumped whenever `identity` changes; endpoints built with an older
+    /// identity are rebuilt.
+    identity_generation: AtomicU64,
     endpoints: Mutex<HashMap<String, Arc<Endpoint>>>,
     metrics: Arc<crate::metrics::Metrics>,
+    /// Global bound on push attempts in flight (`delivery.max_in_flight`).
     in_flight: Arc<Semaphore>,
+    /// Deliveries this gateway is attempting now, with the claim number
+    /// their result will be stored under.
+    open_attempts: Mutex<HashMap<String, Arc<AtomicI64>>>,
+    /// Where the next round of claims starts, so scarce global capacity
+    /// goes round the subscriptions instead of to the first ones.
+    rotation: AtomicUsize,
 }
 
 impl std::fmt::Debug for Dispatcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Dispatcher").finish_non_exhaustive()
     }
+}
+
+/// What one subscription may claim in one round, with the slots held for it.
+struct Grant {
+    sub: Arc<Subscription>,
+    endpoint: Result<Arc<Endpoint>, String>,
+    /// One endpoint slot and one global permit per delivery to claim.
+    permits: Vec<(Option<OwnedSemaphorePermit>, OwnedSemaphorePermit)>,
+    /// Rate tokens taken for this round.
+    tokens: u32,
 }
 
 impl Dispatcher {
@@ -163,7 +216,7 @@ impl Dispatcher {
         control: &crate::control::Control,
         redactor: Arc<Redactor>,
         cfg: DeliveryConfig,
-        identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+        identity: Option<Identity>,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Dispatcher {
         let in_flight = Arc::new(Semaphore::new(cfg.max_in_flight));
@@ -174,19 +227,52 @@ impl Dispatcher {
             registry: control.registry.clone(),
             redactor,
             cfg,
-            identity,
+            identity: ArcSwapOption::new(identity.map(Arc::new)),
+            identity_generation: AtomicU64::new(0),
             endpoints: Mutex::new(HashMap::new()),
             in_flight,
             metrics,
+            open_attempts: Mutex::new(HashMap::new()),
+            rotation: AtomicUsize::new(0),
         }
     }
 
+    /// The client identity, loaded from `delivery.client_cert` /
+    /// `.client_key` now if it was not loaded before.
+    fn identity(&self) -> Result<Arc<Identity>, String> {
+        if let Some(id) = self.identity.load_full() {
+            return Ok(id);
+        }
+        let id = Arc::new(load_identity(&self.cfg)?);
+        self.identity.store(Some(id.clone()));
+        self.identity_generation.fetch_add(1, Ordering::AcqRel);
+        tracing::info!("push client certificate loaded");
+        Ok(id)
+    }
+
+    /// Replaces the client identity (SIGHUP); every endpoint is rebuilt
+    /// with it on its next use.
+    pub fn set_identity(&self, identity: Identity) {
+        self.identity.store(Some(Arc::new(identity)));
+        self.identity_generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Whether the gateway can deliver to `sub` now: client identity, CA
+    /// bundle and signing secret all usable. The admin API refuses a push
+    /// subscription for which this fails.
+    pub fn check_push(&self, sub: &Subscription) -> Result<(), String> {
+        self.endpoint(sub).map(|_| ())
+    }
+
     fn endpoint(&self, sub: &Subscription) -> Result<Arc<Endpoint>, String> {
-        let mut map = self
+        let generation = self.identity_generation.load(Ordering::Acquire);
+        if let Some(e) = self
             .endpoints
             .lock()
-            .map_err(|_| "endpoint table poisoned".to_owned())?;
-        if let Some(e) = map.get(&sub.id).filter(|e| e.built_from == sub.delivery) {
+            .map_err(|_| "endpoint table poisoned".to_owned())?
+            .get(&sub.id)
+            .filter(|e| e.built_from == sub.delivery && e.identity_generation == generation)
+        {
             return Ok(e.clone());
         }
         let DeliveryMode::Push {
@@ -201,11 +287,10 @@ impl Dispatcher {
             return Err("not a push subscription".into());
         };
         let identity = self
-            .identity
-            .as_ref()
-            .ok_or("no gateway client certificate (delivery.client_cert)")?;
+            .identity()
+            .map_err(|e| format!("no gateway client certificate for push deliveries ({e})"))?;
         let secret = match (signing_secret, signing_secret_file) {
-            (Some(s), _) => s.clone(),
+            (Some(s), _) => s.expose().to_owned(),
             (None, Some(f)) => std::fs::read_to_string(f)
                 .map_err(|e| format!("{}: {e}", f.display()))?
                 .trim()
@@ -215,19 +300,106 @@ impl Dispatcher {
         let rate = NonZeroU32::new(*rate_per_second).unwrap_or(NonZeroU32::MIN);
         let e = Arc::new(Endpoint {
             built_from: sub.delivery.clone(),
+            identity_generation: self.identity_generation.load(Ordering::Acquire),
             client: endpoint_client(
                 ca_file,
-                identity,
+                &identity,
                 Duration::from_secs(self.cfg.request_timeout_secs),
             )?,
             key: signing_key(&secret)?,
             url: endpoint.clone(),
             in_flight: Arc::new(Semaphore::new((*max_in_flight).max(1))),
             rate: governor::RateLimiter::direct(governor::Quota::per_second(rate)),
+            prepaid: AtomicU32::new(0),
             health: Mutex::new(Health::default()),
         });
-        map.insert(sub.id.clone(), e.clone());
+        // A rebuilt endpoint (changed subscription or identity) starts
+        // with fresh slots; attempts still open on the old one finish there.
+        self.endpoints
+            .lock()
+            .map_err(|_| "endpoint table poisoned".to_owned())?
+            .insert(sub.id.clone(), e.clone());
         Ok(e)
+    }
+
+    /// What each push subscription may claim now: free endpoint slots,
+    /// rate tokens and a fair share of the global permits. Paused
+    /// endpoints and disabled agencies get nothing (their deliveries wait
+    /// in the store, unleased). Also returns how soon a rate-limited or
+    /// paused endpoint can take more.
+    fn grants(&self) -> (Vec<Grant>, Option<Duration>) {
+        let subs = self.subscriptions.load_full();
+        let registry = self.registry.load_full();
+        let mut push: Vec<Arc<Subscription>> = subs
+            .iter()
+            .filter(|s| s.is_push())
+            .filter(|s| registry.get(&s.agency).is_some_and(|a| a.enabled))
+            .cloned()
+            .collect();
+        let mut wake: Option<Duration> = None;
+        let mut soonest = |d: Duration| wake = Some(wake.map_or(d, |w| w.min(d)));
+        if push.is_empty() {
+            return (Vec::new(), None);
+        }
+        let start = self.rotation.fetch_add(1, Ordering::Relaxed) % push.len();
+        push.rotate_left(start);
+        let share = (self.in_flight.available_permits() / push.len()).max(1);
+        let mut grants = Vec::new();
+        for sub in push {
+            let endpoint = self.endpoint(&sub);
+            let mut permits = Vec::new();
+            let mut tokens = 0;
+            match &endpoint {
+                Ok(e) => {
+                    let paused = e.health.lock().ok().and_then(|h| h.paused_until);
+                    if let Some(until) = paused.filter(|t| *t > Instant::now()) {
+                        soonest(until.duration_since(Instant::now()));
+                        continue;
+                    }
+                    let mut prepaid = e.prepaid.swap(0, Ordering::AcqRel);
+                    while permits.len() < share {
+                        let Ok(slot) = e.in_flight.clone().try_acquire_owned() else {
+                            break;
+                        };
+                        if prepaid > 0 {
+                            prepaid -= 1;
+                        } else if let Err(not_until) = e.rate.check() {
+                            soonest(not_until.wait_time_from(governor::clock::Clock::now(
+                                &governor::clock::DefaultClock::default(),
+                            )));
+                            break;
+                        }
+                        let Ok(global) = self.in_flight.clone().try_acquire_owned() else {
+                            // Not sent: the token stays for the next round.
+                            prepaid += 1;
+                            break;
+                        };
+                        tokens += 1;
+                        permits.push((Some(slot), global));
+                    }
+                    e.prepaid.fetch_add(prepaid, Ordering::AcqRel);
+                }
+                // An endpoint that cannot be built: claim a few so they are
+                // retried (and finally dead) with the reason on record.
+                Err(_) => {
+                    while permits.len() < share.min(8) {
+                        let Ok(global) = self.in_flight.clone().try_acquire_owned() else {
+                            break;
+                        };
+                        permits.push((None, global));
+                    }
+                }
+            }
+            if !permits.is_empty() {
+                grants.push(Grant {
+                    sub,
+                    endpoint,
+                    permits,
+                    tokens,
+                });
+            }
+        }
+        (grants, wake)
     }
 
     /// Runs until `shutdown`: claims due push deliveries and sends them.
@@ -242,11 +414,15 @@ impl Dispatcher {
             if shutdown.is_cancelled() {
                 break;
             }
-            let free = self.in_flight.available_permits().min(512);
-            let due = if free == 0 {
+            let (grants, wake) = self.grants();
+            let wants: Vec<(String, usize)> = grants
+                .iter()
+                .map(|g| (g.sub.id.clone(), g.permits.len()))
+                .collect();
+            let due = if wants.is_empty() {
                 Vec::new()
             } else {
-                match self.store.claim_due(now_ms(), free, lease_ms).await {
+                match self.store.claim_due(now_ms(), &wants, lease_ms).await {
                     Ok(d) => d,
                     Err(e) => {
                         tracing::error!(error = %e, "claiming push deliveries failed");
@@ -254,25 +430,51 @@ impl Dispatcher {
                     }
                 }
             };
-            let full = !due.is_empty() && due.len() == free;
+            let mut more = false;
+            let mut by_sub: HashMap<String, Vec<Outbound>> = HashMap::new();
             for o in due {
-                let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
-                    break;
-                };
-                let (this, done) = (self.clone(), done.clone());
-                tasks.spawn(async move {
-                    let _permit = permit;
-                    this.attempt(o, &done).await;
-                });
+                by_sub.entry(o.subscription.clone()).or_default().push(o);
+            }
+            for mut grant in grants {
+                let claimed = by_sub.remove(&grant.sub.id).unwrap_or_default();
+                more |= claimed.len() == grant.permits.len();
+                let unused_tokens = grant.tokens.saturating_sub(claimed.len() as u32);
+                if let Ok(e) = &grant.endpoint {
+                    e.prepaid.fetch_add(unused_tokens, Ordering::AcqRel);
+                }
+                for o in claimed {
+                    let Some(permits) = grant.permits.pop() else {
+                        break;
+                    };
+                    let Some(token) = self.open_attempt(&o) else {
+                        // Its first attempt is still open here: that one now
+                        // stores its result under the new claim.
+                        continue;
+                    };
+                    let (this, done, endpoint) =
+                        (self.clone(), done.clone(), grant.endpoint.clone());
+                    tasks.spawn(async move {
+                        let _permits = permits;
+                        let id = o.delivery_id.clone();
+                        this.attempt(o, endpoint, token, &done).await;
+                        if let Ok(mut open) = this.open_attempts.lock() {
+                            open.remove(&id);
+                        }
+                    });
+                }
+                // Unused permits are released here.
             }
             while tasks.try_join_next().is_some() {}
-            if full {
+            if more {
                 continue;
             }
+            let wait = wake
+                .map_or(poll, |w| w.min(poll))
+                .max(Duration::from_millis(1));
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = changes.changed() => {}
-                _ = tokio::time::sleep(poll) => {}
+                _ = tokio::time::sleep(wait) => {}
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             }
         }
@@ -289,11 +491,26 @@ impl Dispatcher {
         let _ = finisher.await;
     }
 
+    /// Registers an attempt of `o` under its claim; `None` if this gateway
+    /// is still attempting it (then the open attempt takes the new claim).
+    fn open_attempt(&self, o: &Outbound) -> Option<Arc<AtomicI64>> {
+        let mut open = self.open_attempts.lock().ok()?;
+        if let Some(token) = open.get(&o.delivery_id) {
+            token.store(o.claim, Ordering::Release);
+            tracing::warn!(delivery = %o.delivery_id, "lease lapsed while the attempt was still open; not sent again");
+            return None;
+        }
+        let token = Arc::new(AtomicI64::new(o.claim));
+        open.insert(o.delivery_id.clone(), token.clone());
+        Some(token)
+    }
+
     /// Hands a result to the finisher, which stores results in batches.
     async fn finish(
         done: &mpsc::Sender<Finished>,
         metrics: &crate::metrics::Metrics,
         o: &Outbound,
+        claim: &AtomicI64,
         result: DeliveryResult,
     ) {
         let outcome = match &result {
@@ -312,6 +529,7 @@ impl Dispatcher {
             agency: o.agency.clone(),
             subscription: o.subscription.clone(),
             attempts: o.attempts + 1,
+            claim: claim.load(Ordering::Acquire),
             result,
         };
         if done.send(finished).await.is_err() {
@@ -331,58 +549,55 @@ impl Dispatcher {
         }
     }
 
-    async fn attempt(&self, o: Outbound, done: &mpsc::Sender<Finished>) {
+    /// One attempt of a claimed delivery; its endpoint slot and rate token
+    /// were taken before the claim, so it starts sending at once.
+    async fn attempt(
+        &self,
+        o: Outbound,
+        endpoint: Result<Arc<Endpoint>, String>,
+        claim: Arc<AtomicI64>,
+        done: &mpsc::Sender<Finished>,
+    ) {
+        let finish = |result| Self::finish(done, &self.metrics, &o, &claim, result);
         let subs = self.subscriptions.load_full();
         let Some(sub) = subs.get(&o.subscription).cloned() else {
-            Self::finish(
-                done,
-                &self.metrics,
-                &o,
-                DeliveryResult::Dead {
-                    error: "subscription no longer exists".into(),
-                },
-            )
+            finish(DeliveryResult::Dead {
+                error: "subscription no longer exists".into(),
+            })
             .await;
             return;
         };
-        let endpoint = match self.endpoint(&sub) {
+        let endpoint = match endpoint {
             Ok(e) => e,
-            Err(e) => {
-                tracing::error!(subscription = %sub.id, error = %e, "push endpoint unusable");
-                Self::finish(done, &self.metrics, &o, DeliveryResult::Dead { error: e }).await;
+            Err(error) => {
+                tracing::error!(subscription = %sub.id, %error, "push endpoint unusable");
+                let result = match backoff(&self.cfg.retry_schedule_secs, o.attempts + 1) {
+                    Some(wait) => DeliveryResult::Retry {
+                        at: now_ms() + wait.as_millis() as i64,
+                        error: format!("push endpoint unusable: {error}"),
+                    },
+                    None => DeliveryResult::Dead {
+                        error: format!("push endpoint unusable: {error}"),
+                    },
+                };
+                finish(result).await;
                 return;
             }
         };
-        if let Some(until) = endpoint.health.lock().ok().and_then(|h| h.paused_until) {
-            if until > Instant::now() {
-                let at = now_ms() + until.duration_since(Instant::now()).as_millis() as i64;
-                Self::finish(done, &self.metrics, &o, DeliveryResult::Deferred { at }).await;
-                return;
-            }
-        }
         let agency = self.registry.load().get(&sub.agency).cloned();
         if agency.as_ref().is_some_and(|a| !a.enabled) {
-            // A disabled agency's queued notices wait until it is enabled.
-            Self::finish(
-                done,
-                &self.metrics,
-                &o,
-                DeliveryResult::Deferred {
-                    at: now_ms() + 60_000,
-                },
-            )
+            // Disabled since the claim: its queued notices wait until it is
+            // enabled again.
+            finish(DeliveryResult::Deferred {
+                at: now_ms() + 60_000,
+            })
             .await;
             return;
         }
         let Some(clearance) = agency.map(|a| a.clearance) else {
-            Self::finish(
-                done,
-                &self.metrics,
-                &o,
-                DeliveryResult::Dead {
-                    error: "agency no longer registered".into(),
-                },
-            )
+            finish(DeliveryResult::Dead {
+                error: "agency no longer registered".into(),
+            })
             .await;
             return;
         };
@@ -397,22 +612,13 @@ impl Dispatcher {
         let body = match serde_json::to_vec(&view) {
             Ok(b) => b,
             Err(e) => {
-                Self::finish(
-                    done,
-                    &self.metrics,
-                    &o,
-                    DeliveryResult::Dead {
-                        error: e.to_string(),
-                    },
-                )
+                finish(DeliveryResult::Dead {
+                    error: e.to_string(),
+                })
                 .await;
                 return;
             }
         };
-        let Ok(_slot) = endpoint.in_flight.acquire().await else {
-            return;
-        };
-        endpoint.rate.until_ready().await;
         let timestamp = time::OffsetDateTime::now_utc().unix_timestamp();
         let signature = sign(&endpoint.key, view.id(), timestamp, &body);
         let sent = endpoint
@@ -451,7 +657,7 @@ impl Dispatcher {
             if let Ok(mut h) = endpoint.health.lock() {
                 *h = Health::default();
             }
-            Self::finish(done, &self.metrics, &o, DeliveryResult::Delivered).await;
+            finish(DeliveryResult::Delivered).await;
             return;
         }
         self.note_failure(&sub, &endpoint, &error);
@@ -465,7 +671,7 @@ impl Dispatcher {
                 DeliveryResult::Dead { error }
             }
         };
-        Self::finish(done, &self.metrics, &o, result).await;
+        finish(result).await;
     }
 
     fn note_failure(&self, sub: &Subscription, endpoint: &Endpoint, error: &str) {

@@ -75,8 +75,8 @@ pub struct Ingest {
     registry: Arc<ArcSwap<crate::participants::Registry>>,
     /// Keyed pseudonyms of personal IDs (subject keys).
     pub redactor: Arc<Redactor>,
-    /// Most records per batch.
-    max_batch: usize,
+    /// Input limits: batch size and findings per record and per answer.
+    limits: crate::config::LimitsConfig,
     /// This gateway's metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Recently given answers by (participant, key), in front of the store.
@@ -86,7 +86,7 @@ pub struct Ingest {
 impl std::fmt::Debug for Ingest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ingest")
-            .field("max_batch", &self.max_batch)
+            .field("max_batch", &self.limits.max_batch_records)
             .finish_non_exhaustive()
     }
 }
@@ -102,7 +102,7 @@ impl Ingest {
         control: &crate::control::Control,
         store: Arc<dyn Store>,
         redactor: Arc<Redactor>,
-        max_batch: usize,
+        limits: crate::config::LimitsConfig,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Ingest {
         Ingest {
@@ -112,11 +112,17 @@ impl Ingest {
             registry: control.registry.clone(),
             store,
             redactor,
-            max_batch,
+            // Bounded in bytes, not entries: one answer can be much larger
+            // than another. An answer evicted here is read from the store.
             replays: moka::sync::Cache::builder()
-                .max_capacity(50_000)
+                .max_capacity(limits.replay_cache_bytes)
+                .weigher(|k: &(String, String), v: &Arc<StoredResponse>| {
+                    let bytes = k.0.len() + k.1.len() + v.request_hash.len() + v.body.len() + 64;
+                    u32::try_from(bytes).unwrap_or(u32::MAX)
+                })
                 .time_to_live(std::time::Duration::from_secs(600))
                 .build(),
+            limits,
         }
     }
 
@@ -163,6 +169,20 @@ impl Ingest {
         doc: Value,
         idempotency: Option<IdempotencyClaim>,
     ) -> Result<Answer, Problem> {
+        let prepared = self.prepare(who, doc, idempotency, None)?;
+        self.store(prepared).await
+    }
+
+    /// The CPU half of a submission: authorise, validate every record,
+    /// derive notices and build the answer. No I/O, so a large batch can
+    /// run off the async workers; past `deadline` it stops with `408`.
+    pub fn prepare(
+        &self,
+        who: &Participant,
+        doc: Value,
+        idempotency: Option<IdempotencyClaim>,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<Prepared, Problem> {
         let Value::Object(mut doc) = doc else {
             return Err(Problem::caller(
                 StatusCode::BAD_REQUEST,
@@ -250,18 +270,18 @@ impl Ingest {
             )
             .at("/records", "must hold at least one record"));
         }
-        if records.len() > self.max_batch {
+        if records.len() > self.limits.max_batch_records {
             return Err(Problem::caller(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "too_many_records",
                 format!(
                     "a batch may hold at most {} records; split it",
-                    self.max_batch
+                    self.limits.max_batch_records
                 ),
             )
             .at(
                 "/records",
-                format!("holds more than {} records", self.max_batch),
+                format!("holds more than {} records", self.limits.max_batch_records),
             ));
         }
 
@@ -270,8 +290,18 @@ impl Ingest {
         let mut results = Vec::with_capacity(records.len());
         let mut stored = Vec::new();
         let mut rejection_codes: BTreeMap<String, usize> = BTreeMap::new();
+        // Findings this answer may still list; the answer's size is bounded
+        // however many records are wrong and however wrong they are.
+        let mut budget = self.limits.max_findings_per_answer;
         for (index, record) in records.into_iter().enumerate() {
-            let v = item.validate(&record);
+            if deadline.is_some_and(|d| std::time::Instant::now() > d) {
+                return Err(Problem::caller(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    "the batch took too long to validate; nothing was stored; send smaller batches",
+                ));
+            }
+            let v = item.validate(&record, self.limits.max_findings_per_record);
             let prefix = |f: Finding| Finding {
                 pointer: format!("/records/{index}{}", f.pointer),
                 ..f
@@ -280,12 +310,25 @@ impl Ingest {
                 for e in &v.errors {
                     *rejection_codes.entry(e.code.clone()).or_default() += 1;
                 }
+                let listed = v.errors.len().min(budget);
+                let mut errors: Vec<Finding> =
+                    v.errors.into_iter().take(listed).map(prefix).collect();
+                budget -= listed;
+                if errors.is_empty() {
+                    errors.push(crate::catalog::too_many_errors(
+                        &format!("/records/{index}"),
+                        format!(
+                            "rejected; its errors are not listed because this answer already lists {} findings: correct the records above and send it again",
+                            self.limits.max_findings_per_answer
+                        ),
+                    ));
+                }
                 results.push(RecordResult {
                     index,
                     status: "rejected",
                     record_id: None,
                     notice_id: None,
-                    errors: v.errors.into_iter().map(prefix).collect(),
+                    errors,
                     warnings: Vec::new(),
                 });
                 continue;
@@ -350,7 +393,17 @@ impl Ingest {
                 record_id: Some(id.clone()),
                 notice_id: notice.as_ref().map(|n| n.id.clone()),
                 errors: Vec::new(),
-                warnings: v.warnings.iter().cloned().map(prefix).collect(),
+                // Warnings past the budget are still stored with the record.
+                warnings: {
+                    let listed = v.warnings.len().min(budget);
+                    budget -= listed;
+                    v.warnings
+                        .iter()
+                        .take(listed)
+                        .cloned()
+                        .map(prefix)
+                        .collect()
+                },
             });
             stored.push(NewRecord {
                 id,
@@ -391,13 +444,34 @@ impl Ingest {
             response_status: 200,
             response_body: body.clone(),
         };
+        Ok(Prepared {
+            submission,
+            accepted,
+            rejected,
+            body,
+            claim_key,
+            hash,
+        })
+    }
+
+    /// The I/O half: stores a prepared submission durably, then answers.
+    pub async fn store(&self, prepared: Prepared) -> Result<Answer, Problem> {
+        let Prepared {
+            submission,
+            accepted,
+            rejected,
+            body,
+            claim_key,
+            hash,
+        } = prepared;
+        let item_id = submission.item.clone();
         match self.store.append_submission(submission).await? {
             AppendOutcome::Stored => {
                 let m = &self.metrics;
                 for (outcome, n) in [("accepted", accepted), ("rejected", rejected)] {
                     m.records
                         .get_or_create(&crate::metrics::RecordLabels {
-                            item: item.def.id.clone(),
+                            item: item_id.clone(),
                             outcome,
                         })
                         .inc_by(n as u64);
@@ -423,5 +497,26 @@ impl Ingest {
                 self.answer_replay(&earlier, hash.as_deref().unwrap_or_default())
             }
         }
+    }
+}
+
+/// A validated submission with its answer, ready for [`Ingest::store`].
+pub struct Prepared {
+    submission: NewSubmission,
+    accepted: usize,
+    rejected: usize,
+    body: Vec<u8>,
+    claim_key: Option<(String, String)>,
+    hash: Option<String>,
+}
+
+impl std::fmt::Debug for Prepared {
+    // Never the records' field values.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("submission", &self.submission.id)
+            .field("accepted", &self.accepted)
+            .field("rejected", &self.rejected)
+            .finish_non_exhaustive()
     }
 }

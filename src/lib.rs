@@ -24,6 +24,7 @@ pub mod pki;
 pub mod ratelimit;
 pub mod redact;
 pub mod routing;
+pub mod sealed;
 pub mod server;
 pub mod store;
 pub mod synth;

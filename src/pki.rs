@@ -59,6 +59,12 @@ impl std::fmt::Debug for DevCa {
     }
 }
 
+/// Longest validity of a development certificate (CA, server, clients):
+/// 825 days, the CA/Browser Forum's former ceiling for server certificates.
+pub const MAX_DEV_VALIDITY_DAYS: i64 = 825;
+
+/// A random positive 128-bit serial (RFC 5280 §4.1.2.2: positive, at most
+/// 20 octets), encoded without a leading zero octet.
 fn random_serial() -> SerialNumber {
     let mut bytes: [u8; 16] = rand::random();
     bytes[0] &= 0x7f; // positive
@@ -83,7 +89,7 @@ impl DevCa {
         ];
         params.serial_number = Some(random_serial());
         params.not_before = OffsetDateTime::now_utc() - Duration::days(1);
-        params.not_after = OffsetDateTime::now_utc() + Duration::days(3650);
+        params.not_after = OffsetDateTime::now_utc() + Duration::days(MAX_DEV_VALIDITY_DAYS);
         params.key_identifier_method = KeyIdMethod::Sha256;
         let cert = params.self_signed(&key)?;
         let cert_pem = cert.pem();
@@ -117,7 +123,12 @@ impl DevCa {
         );
         params.distinguished_name = dn;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        self.sign(params, OffsetDateTime::now_utc() + Duration::days(825))
+        let now = OffsetDateTime::now_utc();
+        self.sign(
+            params,
+            now - Duration::days(1),
+            now + Duration::days(MAX_DEV_VALIDITY_DAYS),
+        )
     }
 
     /// A client certificate naming `participant_id` as subject CN (and, if
@@ -140,32 +151,32 @@ impl DevCa {
             )];
         }
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.not_before = not_before;
-        self.sign(params, not_after)
+        self.sign(params, not_before, not_after)
     }
 
-    /// A client certificate valid for two years from yesterday.
+    /// A client certificate valid from yesterday for
+    /// [`MAX_DEV_VALIDITY_DAYS`].
     pub fn issue_client(&self, participant_id: &str) -> Result<Issued, PkiError> {
         let now = OffsetDateTime::now_utc();
         self.issue_client_until(
             participant_id,
             true,
             now - Duration::days(1),
-            now + Duration::days(730),
+            now + Duration::days(MAX_DEV_VALIDITY_DAYS),
         )
     }
 
     fn sign(
         &self,
         mut params: CertificateParams,
+        not_before: OffsetDateTime,
         not_after: OffsetDateTime,
     ) -> Result<Issued, PkiError> {
         let key = KeyPair::generate()?;
         let serial = random_serial();
         params.serial_number = Some(serial.clone());
-        if params.not_before > OffsetDateTime::now_utc() - Duration::hours(1) {
-            params.not_before = OffsetDateTime::now_utc() - Duration::days(1);
-        }
+        // Always explicit: rcgen's default validity starts in 1975.
+        params.not_before = not_before;
         params.not_after = not_after;
         params.use_authority_key_identifier_extension = true;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -269,4 +280,42 @@ pub fn init_dir(dir: &Path, participant_ids: &[String]) -> Result<Vec<PathBuf>, 
         written.extend([cert, key]);
     }
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+    use x509_parser::prelude::{FromDer, X509Certificate};
+
+    #[test]
+    fn dev_certificates_are_short_lived_with_positive_serials() {
+        let dir = tempfile::tempdir().expect("tmp");
+        init_dir(dir.path(), &["dept-market".to_owned()]).expect("init");
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        for name in ["ca", "server", "gateway", "dept-market"] {
+            let der =
+                CertificateDer::from_pem_file(dir.path().join(format!("{name}.pem"))).expect("pem");
+            let (_, cert) = X509Certificate::from_der(der.as_ref()).expect("x509");
+            let v = cert.validity();
+            let (from, until) = (v.not_before.timestamp(), v.not_after.timestamp());
+            let days = (until - from) / 86_400;
+            assert!(
+                days <= MAX_DEV_VALIDITY_DAYS + 1,
+                "{name}: valid for {days} days"
+            );
+            assert!(
+                from >= now - 2 * 86_400 && from <= now,
+                "{name}: starts at {from}"
+            );
+            let serial = cert.tbs_certificate.raw_serial();
+            assert!(
+                !serial.is_empty() && serial[0] & 0x80 == 0,
+                "{name}: negative serial"
+            );
+            assert!(serial[0] != 0, "{name}: serial with a leading zero octet");
+            assert!(serial.len() <= 20, "{name}: serial longer than 20 octets");
+        }
+    }
 }

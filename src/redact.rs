@@ -89,6 +89,26 @@ pub struct Policy {
     pub mask_keep_end: usize,
 }
 
+impl Policy {
+    /// Problems that make the policy unsafe, with their config keys.
+    pub fn problems(&self) -> Vec<String> {
+        let secret = &self.secret;
+        [
+            ("public", secret.public),
+            ("shared", secret.shared),
+            ("restricted", secret.restricted),
+        ]
+        .into_iter()
+        .filter(|(_, a)| *a == Action::Mask)
+        .map(|(clearance, _)| {
+            format!(
+                "privacy.redaction.secret.{clearance}: \"mask\" is not allowed for secret fields (a masked 18-digit ID keeps its region, birth date and check character); use \"drop\" or \"pseudonym\""
+            )
+        })
+        .collect()
+    }
+}
+
 impl Default for Policy {
     fn default() -> Self {
         Policy {

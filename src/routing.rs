@@ -28,7 +28,7 @@ pub enum DeliveryMode {
         ca_file: PathBuf,
         /// Standard Webhooks signing secret, `whsec_<base64>` (never shown).
         #[serde(skip_serializing)]
-        signing_secret: Option<String>,
+        signing_secret: Option<SigningSecret>,
         /// File holding the signing secret.
         signing_secret_file: Option<PathBuf>,
         /// Most requests in flight to this endpoint.
@@ -36,6 +36,31 @@ pub enum DeliveryMode {
         /// Most requests per second to this endpoint.
         rate_per_second: u32,
     },
+}
+
+/// A Standard Webhooks signing secret. It never appears in `Debug` output
+/// or logs, the admin API shows only `(set)`, and the store keeps it sealed
+/// (see [`crate::sealed`]).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SigningSecret(String);
+
+impl SigningSecret {
+    /// Wraps a secret.
+    pub fn new(secret: impl Into<String>) -> SigningSecret {
+        SigningSecret(secret.into())
+    }
+
+    /// The secret itself, for signing.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SigningSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SigningSecret(redacted)")
+    }
 }
 
 /// Delivery modes as written in the file.
@@ -81,7 +106,7 @@ pub struct SubscriptionSpec {
     pub ca_file: Option<PathBuf>,
     /// Push: signing secret `whsec_<base64>`.
     #[serde(default)]
-    pub signing_secret: Option<String>,
+    pub signing_secret: Option<SigningSecret>,
     /// Push: file holding the signing secret.
     #[serde(default)]
     pub signing_secret_file: Option<PathBuf>,
@@ -346,7 +371,7 @@ impl Subscriptions {
                         "{at}: a push subscription needs signing_secret or signing_secret_file"
                     )),
                     (Some(s), None) => {
-                        if let Err(e) = crate::delivery::signing_key(s) {
+                        if let Err(e) = crate::delivery::signing_key(s.expose()) {
                             errors.push(format!("{at}.signing_secret: {e}"));
                         }
                     }

@@ -161,7 +161,7 @@ impl Gateway {
                 .ok(),
             _ => None,
         };
-        let tls = TlsState::new(config.tls.clone())
+        let tls = TlsState::new(config.tls.clone(), config.mode == Mode::Production)
             .map_err(|e| errors.extend(e))
             .ok();
         let secret = load_secret(&config.privacy.secret_file)
@@ -193,6 +193,7 @@ impl Gateway {
             return Err(StartupErrors(errors));
         };
         let store: Arc<dyn Store> = Arc::new(store);
+        let sealer = Arc::new(crate::sealed::Sealer::new(&secret));
         // The files seed the store on first start; from then on the store
         // is authoritative and administrators change it through the API.
         let state = store
@@ -213,7 +214,11 @@ impl Gateway {
                 subscriptions
                     .specs()
                     .iter()
-                    .map(|s| (s.id.clone(), serde_json::to_value(s).unwrap_or_default()))
+                    .map(|s| {
+                        let mut doc = serde_json::to_value(s).unwrap_or_default();
+                        sealer.seal_doc(&mut doc);
+                        (s.id.clone(), doc)
+                    })
                     .collect(),
             )
             .await
@@ -228,20 +233,44 @@ impl Gateway {
         let control = Arc::new(
             Control::from_state(
                 store.clone(),
+                sealer,
                 state.items,
                 state.participants,
                 state.subscriptions,
             )
             .map_err(StartupErrors)?,
         );
-        let identity = if control.subscriptions.load().iter().any(|s| s.is_push()) {
-            Some(
-                crate::delivery::load_identity(&config.delivery)
-                    .map_err(|e| StartupErrors(vec![e]))?,
-            )
-        } else {
-            None
+        match control.seal_stored_secrets().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(subscriptions = n, "stored signing secrets sealed"),
+            Err(e) => {
+                return Err(StartupErrors(vec![format!(
+                    "store: sealing stored signing secrets failed: {e}"
+                )]))
+            }
+        }
+        // The push client identity is loaded whenever its files exist, so
+        // a push subscription added at run time can be served; it is
+        // required only once a push subscription exists.
+        let identity = match crate::delivery::load_identity(&config.delivery) {
+            Ok(id) => Some(id),
+            Err(e) if control.subscriptions.load().iter().any(|s| s.is_push()) => {
+                return Err(StartupErrors(vec![e]))
+            }
+            Err(e) => {
+                tracing::info!(reason = %e, "no push client certificate loaded; push subscriptions will be refused until it is there (SIGHUP reloads it)");
+                None
+            }
         };
+        if let Some(id) = &identity {
+            crate::tls::check_validity(
+                config.mode == Mode::Production,
+                config.tls.min_validity_days,
+                "delivery.client_cert",
+                &id.0,
+            )
+            .map_err(|e| StartupErrors(vec![e]))?;
+        }
         let redactor = Arc::new(Redactor::new(config.privacy.redaction.clone(), secret));
         let dispatcher = Arc::new(Dispatcher::new(
             store.clone(),
@@ -251,11 +280,15 @@ impl Gateway {
             identity,
             metrics.clone(),
         ));
+        {
+            let d = dispatcher.clone();
+            control.set_push_check(Box::new(move |sub| d.check_push(sub)));
+        }
         let ingest = Ingest::new(
             &control,
             store.clone(),
             redactor.clone(),
-            config.limits.max_batch_records,
+            config.limits.clone(),
             metrics.clone(),
         );
         let shutdown = CancellationToken::new();
@@ -266,6 +299,9 @@ impl Gateway {
             limits: config.limits.clone(),
             rate: RateLimits::new(config.rate_limit.clone()),
             request_timeout: Duration::from_secs(config.server.request_timeout_secs),
+            validation_slots: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            ),
             redactor,
             dispatcher: dispatcher.clone(),
             shutdown: shutdown.clone(),
@@ -285,7 +321,38 @@ impl Gateway {
     /// Participants, subscriptions and the catalog change through the
     /// admin API.
     pub fn reload(&self) -> Result<(), Vec<String>> {
-        self.tls.reload()
+        let mut errors = Vec::new();
+        if let Err(e) = self.tls.reload() {
+            errors.extend(e);
+        }
+        // The push client identity is reloaded with the rest; a failure
+        // keeps the old one in force (and is an error only if a push
+        // subscription needs it).
+        let push_needed = self
+            .state
+            .control
+            .subscriptions
+            .load()
+            .iter()
+            .any(|s| s.is_push());
+        match crate::delivery::load_identity(&self.config.delivery).and_then(|id| {
+            crate::tls::check_validity(
+                self.config.mode == Mode::Production,
+                self.config.tls.min_validity_days,
+                "delivery.client_cert",
+                &id.0,
+            )
+            .map(|()| id)
+        }) {
+            Ok(id) => self.dispatcher.set_identity(id),
+            Err(e) if push_needed => errors.push(e),
+            Err(_) => {}
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
     }
 
     /// Serves until `shutdown` is cancelled, then drains and flushes.
@@ -312,6 +379,10 @@ impl Gateway {
         let checkpoints = tokio::spawn(run_checkpoints(
             self.store.clone(),
             Duration::from_secs(self.config.audit.checkpoint_secs),
+            self.shutdown.clone(),
+        ));
+        let purge = tokio::spawn(run_idempotency_purge(
+            self.store.clone(),
             self.shutdown.clone(),
         ));
         let main_addr = listeners.main.local_addr().ok();
@@ -432,6 +503,7 @@ impl Gateway {
         let _ = push.await;
         let _ = expiry.await;
         let _ = checkpoints.await;
+        let _ = purge.await;
         // The last checkpoint covers everything written before exit.
         if let Err(e) = self.store.checkpoint().await {
             tracing::error!(error = %e, "final audit checkpoint failed");
@@ -447,6 +519,42 @@ fn handshake_failed(metrics: &crate::metrics::Metrics, reason: &'static str) {
         .handshake_failures
         .get_or_create(&crate::metrics::HandshakeLabels { reason })
         .inc();
+}
+
+/// How often expired idempotency keys are purged, and how many one write
+/// job deletes: small batches, so submissions queued behind a purge wait
+/// for one short job, never for a scan of the whole table.
+const PURGE_EVERY: Duration = Duration::from_secs(600);
+const PURGE_BATCH: usize = 1000;
+
+/// Deletes expired idempotency keys in batches until shutdown.
+async fn run_idempotency_purge(store: Arc<dyn Store>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(PURGE_EVERY) => {}
+        }
+        let mut total = 0;
+        loop {
+            match store.purge_idempotency(PURGE_BATCH).await {
+                Ok(n) => {
+                    total += n;
+                    if n < PURGE_BATCH || shutdown.is_cancelled() {
+                        break;
+                    }
+                    // Let submissions have the writer between batches.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "purging expired idempotency keys failed");
+                    break;
+                }
+            }
+        }
+        if total > 0 {
+            tracing::info!(keys = total, "expired idempotency keys purged");
+        }
+    }
 }
 
 /// Writes a signed audit checkpoint every `every` until shutdown.

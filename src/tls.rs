@@ -32,7 +32,7 @@ pub fn install_default_provider() {
 
 /// Builds the main listener's server configuration. Every problem with the
 /// files is reported.
-pub fn server_config(cfg: &TlsConfig) -> Result<Arc<ServerConfig>, Vec<String>> {
+pub fn server_config(cfg: &TlsConfig, production: bool) -> Result<Arc<ServerConfig>, Vec<String>> {
     let mut errors = Vec::new();
     let mut roots = RootCertStore::empty();
     match CertificateDer::pem_file_iter(&cfg.client_ca) {
@@ -95,6 +95,9 @@ pub fn server_config(cfg: &TlsConfig) -> Result<Arc<ServerConfig>, Vec<String>> 
             None
         }
     };
+    if let Err(e) = check_validity(production, cfg.min_validity_days, "tls.cert", &chain) {
+        errors.push(e);
+    }
     if !errors.is_empty() {
         return Err(errors);
     }
@@ -121,21 +124,68 @@ pub fn server_config(cfg: &TlsConfig) -> Result<Arc<ServerConfig>, Vec<String>> 
     Ok(Arc::new(config))
 }
 
+/// Days before expiry from which a warning is logged at start-up and reload.
+pub const EXPIRY_WARNING_DAYS: i64 = 30;
+
+/// Checks the leaf certificate of `chain` (found under config key `key`)
+/// for its remaining validity: in production, less than `min_days` left
+/// (or already expired) is an error; less than
+/// [`EXPIRY_WARNING_DAYS`] (or `min_days`, if larger) is a warning.
+pub fn check_validity(
+    production: bool,
+    min_days: u64,
+    key: &str,
+    chain: &[CertificateDer<'_>],
+) -> Result<(), String> {
+    let Some(leaf) = chain.first() else {
+        return Err(format!("{key}: holds no certificate"));
+    };
+    let (_, cert) = X509Certificate::from_der(leaf.as_ref())
+        .map_err(|e| format!("{key}: not a valid X.509 certificate: {e}"))?;
+    let not_after = cert.validity().not_after.timestamp();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let days_left = (not_after - now).div_euclid(86_400);
+    let min_days = i64::try_from(min_days).unwrap_or(i64::MAX);
+    if production && days_left < min_days {
+        return Err(if days_left < 0 {
+            format!(
+                "{key}: the certificate expired {} day(s) ago; renew it",
+                -days_left
+            )
+        } else {
+            format!(
+                "{key}: the certificate expires in {days_left} day(s), less than tls.min_validity_days ({min_days}); renew it"
+            )
+        });
+    }
+    if days_left < EXPIRY_WARNING_DAYS.max(min_days) {
+        tracing::warn!(
+            certificate = key,
+            days_left,
+            "certificate expires soon; renew it and send SIGHUP"
+        );
+    }
+    Ok(())
+}
+
 /// The current server configuration, swappable at run time (certificate
 /// renewal, new CRLs) without dropping connections.
 #[derive(Debug)]
 pub struct TlsState {
     current: ArcSwap<ServerConfig>,
     cfg: TlsConfig,
+    /// Production mode: certificates about to expire are refused.
+    production: bool,
 }
 
 impl TlsState {
     /// Builds the initial configuration.
-    pub fn new(cfg: TlsConfig) -> Result<TlsState, Vec<String>> {
-        let config = server_config(&cfg)?;
+    pub fn new(cfg: TlsConfig, production: bool) -> Result<TlsState, Vec<String>> {
+        let config = server_config(&cfg, production)?;
         Ok(TlsState {
             current: ArcSwap::new(config),
             cfg,
+            production,
         })
     }
 
@@ -147,7 +197,7 @@ impl TlsState {
     /// Re-reads certificates, key, CA bundle and CRLs; on error the old
     /// configuration stays in force.
     pub fn reload(&self) -> Result<(), Vec<String>> {
-        let config = server_config(&self.cfg)?;
+        let config = server_config(&self.cfg, self.production)?;
         self.current.store(config);
         Ok(())
     }

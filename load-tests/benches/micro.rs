@@ -26,7 +26,7 @@ fn validation(c: &mut Criterion) {
         let item = catalog.get(id).expect("item").clone();
         let record = synth::record(id, 2, "serious");
         g.bench_with_input(BenchmarkId::from_parameter(id), &record, |b, r| {
-            b.iter(|| item.validate(r))
+            b.iter(|| item.validate(r, 20))
         });
     }
     g.finish();

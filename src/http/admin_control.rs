@@ -69,13 +69,18 @@ fn refused(r: Refusal) -> Problem {
         )
         .with("latest_version", latest),
         Refusal::NotFound(what) => Problem::caller(StatusCode::NOT_FOUND, "not_found", what),
+        Refusal::PushUnavailable(why) => Problem::caller(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "push_unavailable",
+            format!("the gateway cannot deliver to this push subscription, so it was not stored: {why}"),
+        ),
         Refusal::Store(e) => Problem::gateway(&e),
     }
 }
 
 async fn body_json(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Value, Problem> {
     let raw = read_json(headers, body, &state.limits).await?;
-    parse_json(&raw, state.limits.max_json_depth)
+    parse_json(&raw, &state.limits)
 }
 
 /// `enable` → true, `disable` → false; anything else is not a route.

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod admin_control;
+mod bounded;
 pub mod catalog;
 pub mod notices;
 pub mod ops;
@@ -54,6 +55,9 @@ pub struct AppState {
     pub rate: RateLimits,
     /// Per-request time limit.
     pub request_timeout: Duration,
+    /// Large submissions validated at once on the blocking pool; more wait
+    /// (within their deadline), so hostile bodies cannot take every core.
+    pub validation_slots: tokio::sync::Semaphore,
     /// The egress choke point.
     pub redactor: Arc<crate::redact::Redactor>,
     /// Push delivery (for its operational state).
@@ -335,11 +339,13 @@ pub async fn read_json(
     }
 }
 
-/// Parses JSON and enforces the nesting limit. serde_json refuses documents
-/// deeper than 128 levels itself (so the parser's stack is safe); the
-/// stricter configured limit is checked on the parsed value, without
-/// recursion — cheaper than scanning every byte beforehand.
-pub fn parse_json(raw: &[u8], max_depth: usize) -> Result<Value, Problem> {
+/// Parses JSON within the structural limits, enforced while parsing (so a
+/// hostile body never becomes a huge in-memory document): nesting depth
+/// (`400 too_deep`) and items per array (`413 too_many_items`, with the
+/// pointer to the array). serde_json's own recursion limit (128) keeps the
+/// parser's stack safe whatever the configured depth.
+pub fn parse_json(raw: &[u8], limits: &LimitsConfig) -> Result<Value, Problem> {
+    let max_depth = limits.max_json_depth;
     let too_deep = || {
         Problem::caller(
             StatusCode::BAD_REQUEST,
@@ -347,34 +353,27 @@ pub fn parse_json(raw: &[u8], max_depth: usize) -> Result<Value, Problem> {
             format!("the document nests deeper than {max_depth} levels"),
         )
     };
-    let value: Value = serde_json::from_slice(raw).map_err(|e| {
-        if e.to_string().starts_with("recursion limit exceeded") {
-            too_deep()
-        } else {
-            Problem::caller(
-                StatusCode::BAD_REQUEST,
-                "malformed_json",
-                format!(
-                    "the body is not valid JSON (line {}, column {})",
-                    e.line(),
-                    e.column()
-                ),
-            )
-        }
-    })?;
-    let mut stack = vec![(&value, 1usize)];
-    while let Some((v, depth)) = stack.pop() {
-        let children: Box<dyn Iterator<Item = &Value>> = match v {
-            Value::Array(a) => Box::new(a.iter()),
-            Value::Object(o) => Box::new(o.values()),
-            _ => continue,
-        };
-        if depth > max_depth {
-            return Err(too_deep());
-        }
-        stack.extend(children.map(|c| (c, depth + 1)));
-    }
-    Ok(value)
+    // A batch's own records array may always be as long as a batch.
+    let max_items = limits.max_array_items.max(limits.max_batch_records);
+    bounded::parse(raw, max_depth, max_items).map_err(|e| match e {
+        Ok(bounded::Exceeded::Depth) => too_deep(),
+        Ok(bounded::Exceeded::ArrayItems(pointer)) => Problem::caller(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_items",
+            format!("an array in the body holds more than {max_items} items"),
+        )
+        .at(pointer, format!("holds more than {max_items} items")),
+        Err(e) if e.to_string().starts_with("recursion limit exceeded") => too_deep(),
+        Err(e) => Problem::caller(
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            format!(
+                "the body is not valid JSON (line {}, column {})",
+                e.line(),
+                e.column()
+            ),
+        ),
+    })
 }
 
 /// A JSON response with the given status.
@@ -396,19 +395,38 @@ mod tests {
 
     #[test]
     fn depth_limit_ignores_brackets_in_strings() {
-        assert!(parse_json(br#"{"a":"[[[[[[[[[[[[[[[["}"#, 3).is_ok());
-        assert!(parse_json(br#"{"a":[[[1]]]}"#, 3).is_err());
-        assert!(parse_json(br#"{"a":"\"[[[["}"#, 2).is_ok());
+        let limits = |depth| LimitsConfig {
+            max_json_depth: depth,
+            ..LimitsConfig::default()
+        };
+        assert!(parse_json(br#"{"a":"[[[[[[[[[[[[[[[["}"#, &limits(3)).is_ok());
+        assert!(parse_json(br#"{"a":[[[1]]]}"#, &limits(3)).is_err());
+        assert!(parse_json(br#"{"a":"\"[[[["}"#, &limits(2)).is_ok());
         let deeper_than_serde = format!("{}{}", "[".repeat(200), "]".repeat(200));
         assert_eq!(
-            parse_json(deeper_than_serde.as_bytes(), 32)
+            parse_json(deeper_than_serde.as_bytes(), &limits(32))
                 .err()
                 .map(|p| p.code),
             Some("too_deep")
         );
         assert_eq!(
-            parse_json(b"{", 3).err().map(|p| p.code),
+            parse_json(b"{", &limits(3)).err().map(|p| p.code),
             Some("malformed_json")
         );
+    }
+
+    #[test]
+    fn long_arrays_are_refused_with_their_pointer() {
+        let limits = LimitsConfig {
+            max_array_items: 10,
+            max_batch_records: 5,
+            ..LimitsConfig::default()
+        };
+        let doc = format!(r#"{{"records": [{{"tags": [{}]}}]}}"#, ["1"; 11].join(","));
+        let p = parse_json(doc.as_bytes(), &limits).expect_err("too long");
+        assert_eq!((p.code, p.status.as_u16()), ("too_many_items", 413));
+        assert_eq!(p.errors[0].pointer, "/records/0/tags");
+        let ok = format!(r#"{{"tags": [{}]}}"#, ["1"; 10].join(","));
+        assert!(parse_json(ok.as_bytes(), &limits).is_ok());
     }
 }

@@ -129,7 +129,7 @@ pub async fn ack(
 ) -> Result<Response, Problem> {
     agency_only(&caller)?;
     let raw = read_json(&headers, body, &state.limits).await?;
-    let doc = parse_json(&raw, state.limits.max_json_depth)?;
+    let doc = parse_json(&raw, &state.limits)?;
     let cursor = match doc.get("cursor") {
         Some(Value::String(c)) => {
             parse_cursor(c).map_err(|p| p.at("/cursor", "must be a next_cursor value"))?
@@ -172,7 +172,7 @@ pub async fn feedback(
 ) -> Result<Response, Problem> {
     agency_only(&caller)?;
     let raw = read_json(&headers, body, &state.limits).await?;
-    let doc = parse_json(&raw, state.limits.max_json_depth)?;
+    let doc = parse_json(&raw, &state.limits)?;
     let invalid = |pointer: &str, msg: &str| {
         Problem::caller(
             StatusCode::BAD_REQUEST,
@@ -209,6 +209,9 @@ pub async fn feedback(
     {
         return Err(invalid("/note", "at most 2000 characters"));
     }
+    // Whether the caller received it comes first, and "no such notice"
+    // and "not sent to you" get the same answer: nothing about other
+    // agencies' notices (existence, type, measures) is revealed.
     let not_found = || {
         Problem::caller(
             StatusCode::NOT_FOUND,
@@ -219,7 +222,7 @@ pub async fn feedback(
     let notice = state
         .ingest
         .store
-        .notice(&notice_id)
+        .received_notice(&notice_id, &caller.id)
         .await?
         .ok_or_else(not_found)?;
     if notice.kind == NoticeKind::Lift {
@@ -256,11 +259,6 @@ pub async fn feedback(
             .map_err(|e| Problem::gateway(&e))?;
             Ok(json_response(StatusCode::OK, body))
         }
-        FeedbackStored::UnknownNotice => Err(not_found()),
-        FeedbackStored::NotRecipient => Err(Problem::caller(
-            StatusCode::FORBIDDEN,
-            "not_a_recipient",
-            "only an agency that received this notice may give feedback on it",
-        )),
+        FeedbackStored::UnknownNotice | FeedbackStored::NotRecipient => Err(not_found()),
     }
 }

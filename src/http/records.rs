@@ -17,6 +17,10 @@ use crate::participants::Kind;
 use crate::redact::{Audience, RecordView};
 use crate::store::{EndOutcome, IdempotencyClaim, NoticeHistory};
 
+/// Bodies up to this size are parsed and validated on the async worker
+/// (microseconds); larger ones on the blocking pool.
+const INLINE_BODY_BYTES: usize = 64 * 1024;
+
 /// Submits a batch of records of one catalog item.
 pub async fn submit(
     State(state): State<Arc<AppState>>,
@@ -61,9 +65,29 @@ pub async fn submit(
     };
     let answer = match answer {
         Some(a) => a,
-        None => {
-            let doc = parse_json(&raw, state.limits.max_json_depth)?;
+        None if raw.len() <= INLINE_BODY_BYTES => {
+            let doc = parse_json(&raw, &state.limits)?;
             state.ingest.submit(&caller, doc, claim).await?
+        }
+        None => {
+            // Parsing and validating a large body takes milliseconds of
+            // CPU: do it on the blocking pool, a few at a time, within the
+            // request's deadline, so the async workers keep serving
+            // everyone else.
+            let deadline = std::time::Instant::now() + state.request_timeout;
+            let _slot = state
+                .validation_slots
+                .acquire()
+                .await
+                .map_err(|e| Problem::gateway(&e))?;
+            let (st, who) = (state.clone(), caller.0.clone());
+            let prepared = tokio::task::spawn_blocking(move || {
+                let doc = parse_json(&raw, &st.limits)?;
+                st.ingest.prepare(&who, doc, claim, Some(deadline))
+            })
+            .await
+            .map_err(|e| Problem::gateway(&e))??;
+            state.ingest.store(prepared).await?
         }
     };
     let mut resp = json_response(answer.status, answer.body);
@@ -175,7 +199,7 @@ pub async fn revoke(
     body: Body,
 ) -> Result<Response, Problem> {
     let raw = read_json(&headers, body, &state.limits).await?;
-    let doc = parse_json(&raw, state.limits.max_json_depth)?;
+    let doc = parse_json(&raw, &state.limits)?;
     let invalid = |pointer: &str, msg: &str| {
         Problem::caller(
             StatusCode::BAD_REQUEST,

@@ -242,6 +242,9 @@ pub struct Outbound {
     pub agency: String,
     /// Attempts so far (push).
     pub attempts: u32,
+    /// Claim number (lease token) this delivery was claimed under; a
+    /// result is stored only while the delivery still carries it.
+    pub claim: i64,
     /// The notice.
     pub notice: StoredNotice,
     /// The record it is about.
@@ -285,6 +288,9 @@ pub struct Finished {
     pub subscription: String,
     /// Attempts including this one.
     pub attempts: u32,
+    /// The claim the attempt was made under: a delivery claimed again
+    /// since (its lease lapsed) ignores this result.
+    pub claim: i64,
     /// How it ended.
     pub result: DeliveryResult,
 }
@@ -580,16 +586,24 @@ pub trait Store: Send + Sync + 'static {
     /// A receiver that changes whenever deliveries were committed.
     fn changes(&self) -> tokio::sync::watch::Receiver<u64>;
 
-    /// Claims up to `limit` push deliveries due at `now_ms` for `lease_ms`.
+    /// Claims, for each `(subscription, limit)`, up to `limit` of its push
+    /// deliveries due at `now_ms`, for `lease_ms`; each claim takes a new
+    /// claim number.
     async fn claim_due(
         &self,
         now_ms: i64,
-        limit: usize,
+        wants: &[(String, usize)],
         lease_ms: i64,
     ) -> Result<Vec<Outbound>, StoreError>;
 
-    /// Records the results of push attempts, many in one transaction.
+    /// Records the results of push attempts, many in one transaction; a
+    /// result whose claim is no longer the delivery's current one (it was
+    /// claimed again after its lease lapsed) is ignored.
     async fn finish_deliveries(&self, finished: Vec<Finished>) -> Result<(), StoreError>;
+
+    /// Deletes up to `batch` idempotency entries older than the configured
+    /// time to live (oldest first, through an index); returns how many.
+    async fn purge_idempotency(&self, batch: usize) -> Result<usize, StoreError>;
 
     /// Deliveries in a state (`dead`, `pending`, …), oldest first.
     async fn deliveries(&self, state: &str, limit: usize) -> Result<Vec<DeliveryInfo>, StoreError>;
@@ -599,6 +613,15 @@ pub trait Store: Send + Sync + 'static {
 
     /// Stores an agency's feedback on a notice's measure.
     async fn add_feedback(&self, feedback: Feedback) -> Result<FeedbackStored, StoreError>;
+
+    /// The notice if `agency` was sent it (by push or pull); `None` both
+    /// when it does not exist and when it went to others, so a caller
+    /// cannot tell the two apart.
+    async fn received_notice(
+        &self,
+        notice_id: &str,
+        agency: &str,
+    ) -> Result<Option<StoredNotice>, StoreError>;
 
     /// A notice by id.
     async fn notice(&self, notice_id: &str) -> Result<Option<StoredNotice>, StoreError>;

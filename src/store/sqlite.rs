@@ -14,7 +14,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 use serde_json::Value;
@@ -137,11 +137,19 @@ const MIGRATIONS: &[&str] = &[
     // 4: no subject index until something queries by subject: its random
     // keys dirtied one index page per record on every commit.
     "DROP INDEX IF EXISTS records_subject;",
+    // 5: fenced, per-subscription claims; an indexed idempotency purge.
+    r#"
+    ALTER TABLE deliveries ADD COLUMN claims INTEGER NOT NULL DEFAULT 0;
+    DROP INDEX IF EXISTS deliveries_due;
+    CREATE INDEX deliveries_due ON deliveries(subscription, next_attempt_at) WHERE mode = 'push' AND state IN ('pending', 'inflight');
+    CREATE INDEX idempotency_created ON idempotency(created_at);
+    "#,
 ];
 
 /// What a job tells the writer besides its result.
 struct JobDone {
-    /// The job succeeded (otherwise the whole group is rolled back).
+    /// The job succeeded (otherwise the group is rolled back and its other
+    /// jobs run again without it).
     ok: bool,
     /// The job created deliveries: wake pullers and push workers.
     wake: bool,
@@ -152,8 +160,10 @@ struct JobDone {
 /// Answers a job's caller with the outcome of the commit.
 type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 
-/// A unit of work for the writer thread.
-type Job = Box<dyn FnOnce(&Connection) -> JobDone + Send>;
+/// A unit of work for the writer thread. It may run twice: when another
+/// job of its group fails, the group is rolled back and the survivors run
+/// again, each in its own savepoint.
+type Job = Box<dyn FnMut(&Connection) -> JobDone + Send>;
 
 /// The embedded SQLite store.
 pub struct SqliteStore {
@@ -317,7 +327,6 @@ impl SqliteStore {
         }
         let (tx, rx) = mpsc::channel(group_commit_max.max(1) * 4);
         let (changes_tx, changes) = watch::channel(0u64);
-        let ttl = idempotency_ttl;
         conn.execute_batch("PRAGMA wal_autocheckpoint=0;")
             .map_err(db_err)?;
         let (stop_checkpoints, stopped) = std::sync::mpsc::channel::<()>();
@@ -329,7 +338,7 @@ impl SqliteStore {
         let thread = std::thread::Builder::new()
             .name("credgate-store-writer".into())
             .spawn(move || {
-                writer_loop(conn, rx, group_commit_max.max(1), ttl, changes_tx, &metrics);
+                writer_loop(conn, rx, group_commit_max.max(1), changes_tx, &metrics);
                 drop(stop_checkpoints);
             })
             .map_err(|e| StoreError::Database(format!("cannot start writer thread: {e}")))?;
@@ -345,20 +354,26 @@ impl SqliteStore {
     }
 
     /// Runs `f` in the writer's next group; answers after the commit.
-    async fn write<T, F>(&self, wake: bool, f: F) -> Result<T, StoreError>
+    async fn write<T, F>(&self, wake: bool, mut f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        F: FnMut(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
         let (reply_tx, reply_rx) = oneshot::channel();
+        // Shared by every run of the job; the run whose outcome is final
+        // answers. Dropped unanswered, the caller gets `Unavailable`.
+        let reply_tx = Arc::new(Mutex::new(Some(reply_tx)));
         let job: Job = Box::new(move |sp| {
             let result = f(sp);
             let ok = result.is_ok();
+            let reply_tx = reply_tx.clone();
             JobDone {
                 ok,
                 wake: wake && ok,
                 reply: Box::new(move |commit| {
-                    let _ = reply_tx.send(commit.and(result));
+                    if let Some(tx) = reply_tx.lock().ok().and_then(|mut t| t.take()) {
+                        let _ = tx.send(commit.and(result));
+                    }
                 }),
             }
         });
@@ -403,11 +418,9 @@ fn writer_loop(
     mut conn: Connection,
     mut rx: mpsc::Receiver<Job>,
     group_max: usize,
-    ttl: Duration,
     changes: watch::Sender<u64>,
     metrics: &crate::metrics::Metrics,
 ) {
-    let mut last_purge = Instant::now() - Duration::from_secs(3600);
     let mut group: Vec<Job> = Vec::with_capacity(group_max);
     while let Some(job) = rx.blocking_recv() {
         group.push(job);
@@ -424,14 +437,6 @@ fn writer_loop(
         if commit_group(&mut conn, &mut group) {
             changes.send_modify(|v| *v = v.wrapping_add(1));
         }
-        if last_purge.elapsed() > Duration::from_secs(600) {
-            last_purge = Instant::now();
-            let cutoff = unix_now() - ttl.as_secs() as i64;
-            if let Err(e) = conn.execute("DELETE FROM idempotency WHERE created_at < ?1", [cutoff])
-            {
-                tracing::warn!(error = %e, "purging expired idempotency keys failed");
-            }
-        }
     }
     // Channel closed: every queued job has been committed. Checkpoint the
     // WAL so the database file is complete on its own.
@@ -441,58 +446,123 @@ fn writer_loop(
 }
 
 /// Commits one group; returns whether a job asked to wake delivery.
+///
+/// The fast path runs every job in one transaction without savepoints
+/// (each costs statement parsing and page sub-journaling). If a job fails,
+/// the group is rolled back, that job's caller alone is told nothing was
+/// stored, and the other jobs run again in a new transaction, each in its
+/// own savepoint: one poison job costs only its own caller a 503.
 fn commit_group(conn: &mut Connection, group: &mut Vec<Job>) -> bool {
+    let mut jobs: Vec<Job> = std::mem::take(group);
+    let failed_at = match run_group(conn, &mut jobs) {
+        Ok(wake) => return wake,
+        Err(None) => return false,
+        Err(Some(at)) => at,
+    };
+    // The poison job's reply has been sent; drop it and retry the rest.
+    drop(jobs.remove(failed_at));
+    if jobs.is_empty() {
+        return false;
+    }
+    tracing::warn!(
+        jobs = jobs.len(),
+        "a change failed and rolled back its commit group; committing the others again, one savepoint each"
+    );
+    run_group_isolated(conn, &mut jobs)
+}
+
+/// Answers every reply with the commit's outcome.
+fn answer(replies: Vec<Reply>, outcome: Result<(), String>) {
+    for reply in replies {
+        reply(outcome.clone().map_err(StoreError::Database));
+    }
+}
+
+/// Fast path: `Ok(wake)` when all committed; `Err(Some(i))` when job `i`
+/// failed (its caller is answered, the rest are not, nothing committed);
+/// `Err(None)` when the transaction could not begin or commit (everyone
+/// answered).
+fn run_group(conn: &mut Connection, jobs: &mut [Job]) -> Result<bool, Option<usize>> {
     let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => {
-            // Dropping a job unrun answers its caller with `Unavailable`.
             tracing::error!(error = %e, "cannot begin a write transaction");
-            group.clear();
-            return false;
+            // Dropping the jobs unrun answers their callers `Unavailable`.
+            return Err(None);
         }
     };
-    // No savepoint per job (each costs statement parsing and page
-    // sub-journaling): jobs fail only on I/O or corruption, never on
-    // caller input, so a failure rolls back the whole group and every
-    // caller in it is told that nothing was stored.
-    let mut replies: Vec<Reply> = Vec::with_capacity(group.len());
-    let mut failed = false;
+    let mut replies: Vec<Reply> = Vec::with_capacity(jobs.len());
     let mut wake = false;
-    for job in group.drain(..) {
-        if failed {
-            // Dropping a job unrun answers its caller with `Unavailable`.
-            continue;
-        }
+    for (i, job) in jobs.iter_mut().enumerate() {
         let done = job(&tx);
-        failed = !done.ok;
+        if !done.ok {
+            sqlite_control::truncate_deferred(0);
+            drop(tx);
+            (done.reply)(Ok(()));
+            return Err(Some(i));
+        }
         wake |= done.wake;
         replies.push(done.reply);
     }
     // The group's hot-path audit items (submissions, delivery outcomes)
     // become one chained entry per action, in the same transaction.
-    let outcome = if failed {
-        sqlite_control::truncate_deferred(0);
-        Err("a change in the same commit group failed".to_owned())
-    } else {
-        sqlite_control::flush_deferred(&tx)
-            .map_err(|e| e.to_string())
-            .and_then(|()| tx.commit().map_err(|e| e.to_string()))
-    };
-    match outcome {
-        Ok(()) => {
-            for reply in replies {
-                reply(Ok(()));
-            }
-            wake
+    let outcome = sqlite_control::flush_deferred(&tx)
+        .map_err(|e| e.to_string())
+        .and_then(|()| tx.commit().map_err(|e| e.to_string()));
+    if let Err(msg) = &outcome {
+        tracing::error!(error = %msg, "group commit failed; nothing in the group was acknowledged");
+        answer(replies, outcome);
+        return Err(None);
+    }
+    answer(replies, Ok(()));
+    Ok(wake)
+}
+
+/// Slow path after a failure: each job in its own savepoint, so a failing
+/// job rolls back only its own changes.
+fn run_group_isolated(conn: &mut Connection, jobs: &mut [Job]) -> bool {
+    let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot begin a write transaction");
+            return false;
         }
-        Err(msg) => {
-            tracing::error!(error = %msg, "group commit failed; nothing in the group was acknowledged");
-            for reply in replies {
-                reply(Err(StoreError::Database(msg.clone())));
+    };
+    let mut replies: Vec<Reply> = Vec::with_capacity(jobs.len());
+    let mut wake = false;
+    for job in jobs.iter_mut() {
+        let queued = sqlite_control::deferred_len();
+        let mut sp = match tx.savepoint() {
+            Ok(sp) => sp,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot open a savepoint");
+                return false;
             }
-            false
+        };
+        let done = job(&sp);
+        if done.ok {
+            if let Err(e) = sp.commit() {
+                tracing::error!(error = %e, "cannot release a savepoint");
+                return false;
+            }
+            wake |= done.wake;
+            replies.push(done.reply);
+        } else {
+            let _ = sp.rollback();
+            drop(sp);
+            sqlite_control::truncate_deferred(queued);
+            (done.reply)(Ok(()));
         }
     }
+    let outcome = sqlite_control::flush_deferred(&tx)
+        .map_err(|e| e.to_string())
+        .and_then(|()| tx.commit().map_err(|e| e.to_string()));
+    let ok = outcome.is_ok();
+    if let Err(msg) = &outcome {
+        tracing::error!(error = %msg, "group commit failed; nothing in the group was acknowledged");
+    }
+    answer(replies, outcome);
+    ok && wake
 }
 
 // === impl writes ===
@@ -787,7 +857,7 @@ fn notice_at(r: &Row<'_>, o: usize) -> rusqlite::Result<Result<StoredNotice, Sto
 /// Outbound rows: delivery columns, then the notice, then the record body.
 const OUTBOUND_SELECT: &str = "SELECT d.seq, d.id, d.subscription, d.agency, d.attempts, \
      n.id, n.kind, n.item, n.item_version, n.record_id, n.source, n.severity, n.measures, n.effective_from, n.effective_until, n.issued_at, n.lifts, n.reason, \
-     r.body FROM deliveries d JOIN notices n ON n.id = d.notice_id JOIN records r ON r.id = n.record_id";
+     r.body, d.claims FROM deliveries d JOIN notices n ON n.id = d.notice_id JOIN records r ON r.id = n.record_id";
 
 fn outbound_from_row(r: &Row<'_>) -> rusqlite::Result<Result<Outbound, StoreError>> {
     let notice = match notice_at(r, 5)? {
@@ -805,6 +875,7 @@ fn outbound_from_row(r: &Row<'_>) -> rusqlite::Result<Result<Outbound, StoreErro
         subscription: r.get(2)?,
         agency: r.get(3)?,
         attempts: r.get(4)?,
+        claim: r.get(19)?,
         notice,
         record,
     }))
@@ -1105,24 +1176,30 @@ impl Store for SqliteStore {
     async fn claim_due(
         &self,
         now_ms: i64,
-        limit: usize,
+        wants: &[(String, usize)],
         lease_ms: i64,
     ) -> Result<Vec<Outbound>, StoreError> {
+        let wants = wants.to_vec();
         self.write(false, move |sp| {
-            let claimed = {
-                let mut stmt = sp
-                    .prepare_cached(&format!(
-                        "{OUTBOUND_SELECT} WHERE d.mode = 'push' AND d.state IN ('pending', 'inflight') AND d.next_attempt_at <= ?1 ORDER BY d.next_attempt_at, d.seq LIMIT ?2"
-                    ))
-                    .map_err(db_err)?;
-                let rows = stmt.query_map(params![now_ms, limit as i64], outbound_from_row).map_err(db_err)?;
-                collect(rows)?
-            };
-            let mut stmt = sp
-                .prepare_cached("UPDATE deliveries SET state = 'inflight', lease_until = ?2, next_attempt_at = ?2, attempts = attempts + 1 WHERE id = ?1")
+            let mut claimed = Vec::new();
+            let mut select = sp
+                .prepare_cached(&format!(
+                    "{OUTBOUND_SELECT} WHERE d.subscription = ?1 AND d.mode = 'push' AND d.state IN ('pending', 'inflight') AND d.next_attempt_at <= ?2 ORDER BY d.next_attempt_at, d.seq LIMIT ?3"
+                ))
                 .map_err(db_err)?;
-            for o in &claimed {
-                stmt.execute(params![o.delivery_id, now_ms + lease_ms]).map_err(db_err)?;
+            for (sub, limit) in &wants {
+                let rows = select
+                    .query_map(params![sub, now_ms, *limit as i64], outbound_from_row)
+                    .map_err(db_err)?;
+                claimed.extend(collect(rows)?);
+            }
+            let mut update = sp
+                .prepare_cached("UPDATE deliveries SET state = 'inflight', lease_until = ?2, next_attempt_at = ?2, attempts = attempts + 1, claims = claims + 1 WHERE id = ?1 RETURNING claims")
+                .map_err(db_err)?;
+            for o in &mut claimed {
+                o.claim = update
+                    .query_row(params![o.delivery_id, now_ms + lease_ms], |r| r.get(0))
+                    .map_err(db_err)?;
             }
             Ok(claimed)
         })
@@ -1133,26 +1210,32 @@ impl Store for SqliteStore {
         self.write(false, move |sp| {
             let now = now_text();
             for f in &finished {
-                let id = &f.delivery_id;
-                match &f.result {
+                let (id, claim) = (&f.delivery_id, f.claim);
+                // Fenced: only the attempt holding the current claim of an
+                // in-flight delivery may set its outcome.
+                let changed = match &f.result {
                     DeliveryResult::Delivered => exec(
                         sp,
-                        "UPDATE deliveries SET state = 'delivered', delivered_at = ?2, last_error = NULL WHERE id = ?1",
-                        params![id, now],
+                        "UPDATE deliveries SET state = 'delivered', delivered_at = ?2, last_error = NULL WHERE id = ?1 AND claims = ?3 AND state = 'inflight'",
+                        params![id, now, claim],
                     ),
                     DeliveryResult::Retry { at, error } => exec(
                         sp,
-                        "UPDATE deliveries SET state = 'pending', next_attempt_at = ?2, last_error = ?3 WHERE id = ?1",
-                        params![id, at, error],
+                        "UPDATE deliveries SET state = 'pending', next_attempt_at = ?2, last_error = ?3 WHERE id = ?1 AND claims = ?4 AND state = 'inflight'",
+                        params![id, at, error, claim],
                     ),
                     DeliveryResult::Deferred { at } => exec(
                         sp,
-                        "UPDATE deliveries SET state = 'pending', next_attempt_at = ?2, attempts = MAX(attempts - 1, 0) WHERE id = ?1",
-                        params![id, at],
+                        "UPDATE deliveries SET state = 'pending', next_attempt_at = ?2, attempts = MAX(attempts - 1, 0) WHERE id = ?1 AND claims = ?3 AND state = 'inflight'",
+                        params![id, at, claim],
                     ),
-                    DeliveryResult::Dead { error } => exec(sp, "UPDATE deliveries SET state = 'dead', last_error = ?2 WHERE id = ?1", params![id, error]),
+                    DeliveryResult::Dead { error } => exec(sp, "UPDATE deliveries SET state = 'dead', last_error = ?2 WHERE id = ?1 AND claims = ?3 AND state = 'inflight'", params![id, error, claim]),
                 }
                 .map_err(db_err)?;
+                if changed == 0 {
+                    tracing::debug!(delivery = %id, claim, "result of a superseded attempt ignored");
+                    continue;
+                }
                 // Final outcomes go on the audit trail; retries do not.
                 let action = match &f.result {
                     DeliveryResult::Delivered => "delivery.delivered",
@@ -1167,6 +1250,19 @@ impl Store for SqliteStore {
                 );
             }
             Ok(())
+        })
+        .await
+    }
+
+    async fn purge_idempotency(&self, batch: usize) -> Result<usize, StoreError> {
+        let cutoff = unix_now() - self.idempotency_ttl.as_secs() as i64;
+        self.write(false, move |sp| {
+            exec(
+                sp,
+                "DELETE FROM idempotency WHERE rowid IN (SELECT rowid FROM idempotency WHERE created_at < ?1 ORDER BY created_at LIMIT ?2)",
+                params![cutoff, batch as i64],
+            )
+            .map_err(db_err)
         })
         .await
     }
@@ -1239,6 +1335,25 @@ impl Store for SqliteStore {
                 &serde_json::json!({"measure": f.measure, "outcome": outcome, "date": f.date.map(|d| d.to_string())}),
             )?;
             Ok(FeedbackStored::Stored)
+        })
+        .await
+    }
+
+    async fn received_notice(
+        &self,
+        notice_id: &str,
+        agency: &str,
+    ) -> Result<Option<StoredNotice>, StoreError> {
+        let (id, agency) = (notice_id.to_owned(), agency.to_owned());
+        self.read(move |conn| {
+            conn.query_row(
+                &format!("{NOTICE_SELECT} WHERE id = ?1 AND EXISTS (SELECT 1 FROM deliveries d WHERE d.notice_id = ?1 AND d.agency = ?2)"),
+                params![id, agency],
+                notice_from_row,
+            )
+            .optional()
+            .map_err(db_err)?
+            .transpose()
         })
         .await
     }

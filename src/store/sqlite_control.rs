@@ -114,6 +114,11 @@ pub(super) fn audit_deferred(actor: &str, action: &str, subject: &str, details: 
 }
 
 /// Drops the items queued after position `n` (0: all, for a failed group).
+/// How many audit items are queued (to drop one job's items if it fails).
+pub(super) fn deferred_len() -> usize {
+    DEFERRED.with(|d| d.borrow().len())
+}
+
 pub(super) fn truncate_deferred(n: usize) {
     DEFERRED.with(|d| d.borrow_mut().truncate(n));
 }

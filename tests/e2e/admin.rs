@@ -11,7 +11,7 @@ use credgate::synth;
 
 const BIN: &str = env!("CARGO_BIN_EXE_credgate");
 
-async fn send_json(client: &Client, method: &str, path: &str, body: &Value) -> Resp {
+pub(crate) async fn send_json(client: &Client, method: &str, path: &str, body: &Value) -> Resp {
     client
         .send(
             method,

@@ -2,6 +2,7 @@
 //! certificates generated at test time. One binary, modules by concern.
 
 mod admin;
+mod hardening;
 mod notices;
 mod process;
 mod receiver;

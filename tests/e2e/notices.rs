@@ -14,11 +14,11 @@ use crate::receiver::{Received, Receiver};
 use crate::support::{Client, Env, Server};
 use credgate::synth;
 
-const FIN_SECRET: &str = "whsec_c2VjcmV0LWZvci1maW5hbmNlLXB1c2gtcmVjZWl2ZXI=";
-const LAND_SECRET: &str = "whsec_c2VjcmV0LWZvci1sYW5kLWJ1cmVhdS1yZWNlaXZlcg==";
+pub(crate) const FIN_SECRET: &str = "whsec_c2VjcmV0LWZvci1maW5hbmNlLXB1c2gtcmVjZWl2ZXI=";
+pub(crate) const LAND_SECRET: &str = "whsec_c2VjcmV0LWZvci1sYW5kLWJ1cmVhdS1yZWNlaXZlcg==";
 
 /// Verifies a Standard Webhooks signature independently of credgate.
-fn verify(secret: &str, r: &Received) -> bool {
+pub(crate) fn verify(secret: &str, r: &Received) -> bool {
     let key = base64::engine::general_purpose::STANDARD
         .decode(secret.trim_start_matches("whsec_"))
         .expect("secret");
@@ -31,7 +31,13 @@ fn verify(secret: &str, r: &Received) -> bool {
         .any(|s| s == format!("v1,{expected}"))
 }
 
-fn push_sub(id: &str, agency: &str, receiver: &Receiver, secret: &str, filters: &str) -> String {
+pub(crate) fn push_sub(
+    id: &str,
+    agency: &str,
+    receiver: &Receiver,
+    secret: &str,
+    filters: &str,
+) -> String {
     format!(
         "[[subscription]]\nid = \"{id}\"\nagency = \"{agency}\"\nmode = \"push\"\nendpoint = \"{}\"\nca_file = \"{}\"\nsigning_secret = \"{secret}\"\n{filters}\n\n",
         receiver.endpoint(),
@@ -53,7 +59,7 @@ fn record_about(item: &str, subject_type: &str, severity: &str) -> Value {
         .expect("synth yields every subject type")
 }
 
-async fn submit(client: &Client, item: &str, record: Value) -> Value {
+pub(crate) async fn submit(client: &Client, item: &str, record: Value) -> Value {
     let resp = client
         .post_json("/v1/records", &json!({"item": item, "records": [record]}))
         .await;
@@ -211,12 +217,29 @@ async fn full_cycle_routes_redacts_signs_retries_and_lifts() {
         .post_json(&format!("/v1/notices/{n1}/feedback"), &fb)
         .await;
     assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
-    let resp = env
-        .client(server.addr, "agency-land")
+    // A non-recipient learns nothing: the same answer as for a notice that
+    // does not exist, even with a measure the notice does not have.
+    let land_client = env.client(server.addr, "agency-land");
+    let not_yours = land_client
         .post_json(&format!("/v1/notices/{n1}/feedback"), &fb)
         .await;
-    assert_eq!(resp.status, 403);
-    assert_eq!(resp.json()["code"], "not_a_recipient");
+    let mut wrong_measure = fb.clone();
+    wrong_measure["measure"] = json!("no_such_measure");
+    let not_yours_wrong_measure = land_client
+        .post_json(&format!("/v1/notices/{n1}/feedback"), &wrong_measure)
+        .await;
+    let missing = land_client
+        .post_json(
+            "/v1/notices/01900000-0000-7000-8000-000000000000/feedback",
+            &fb,
+        )
+        .await;
+    for resp in [&not_yours, &not_yours_wrong_measure, &missing] {
+        assert_eq!(resp.status, 404, "{}", String::from_utf8_lossy(&resp.body));
+        assert_eq!(resp.json()["code"], "notice_not_found");
+    }
+    assert_eq!(not_yours.body, missing.body, "indistinguishable answers");
+    assert_eq!(not_yours_wrong_measure.body, missing.body);
     let bad = json!({"measure": "no_such_measure", "outcome": "applied", "date": "2026-11-20"});
     assert_eq!(
         proc_client

@@ -19,13 +19,24 @@ fn free_addr() -> SocketAddr {
     l.local_addr().expect("addr")
 }
 
-struct Running {
-    child: Child,
-    main: SocketAddr,
-    ops: SocketAddr,
+pub(crate) struct Running {
+    pub(crate) child: Child,
+    pub(crate) main: SocketAddr,
+    pub(crate) ops: SocketAddr,
 }
 
-async fn spawn(env: &Env) -> Running {
+impl Drop for Running {
+    // A failed test must not leave a gateway running (it would also hold
+    // the test harness's output pipe open).
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+pub(crate) async fn spawn(env: &Env) -> Running {
     let (main, ops) = (free_addr(), free_addr());
     let config = env.write_config(main, ops);
     let child = Command::new(BIN)

@@ -30,6 +30,8 @@ pub struct Received {
     pub body: Bytes,
     /// Status the receiver answered.
     pub status: u16,
+    /// When the request arrived (before any configured delay).
+    pub arrived: std::time::Instant,
 }
 
 impl Received {
@@ -45,6 +47,8 @@ struct Behaviour {
     fail_first: usize,
     /// Answer 500 to everything.
     always_fail: bool,
+    /// Take this long before answering.
+    delay: Duration,
 }
 
 /// A running receiver.
@@ -55,6 +59,9 @@ pub struct Receiver {
     pub ca_file: PathBuf,
     seen: Arc<Mutex<Vec<Received>>>,
     behaviour: Arc<Mutex<Behaviour>>,
+    /// `webhook-id`s of requests being answered now, and every id that
+    /// arrived again while an earlier request with it was still open.
+    open: Arc<Mutex<(Vec<String>, Vec<String>)>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -104,23 +111,30 @@ impl Receiver {
         let seen: Arc<Mutex<Vec<Received>>> = Arc::default();
         let behaviour = Arc::new(Mutex::new(Behaviour {
             fail_first,
-            always_fail: false,
+            ..Behaviour::default()
         }));
-        let (seen2, behaviour2) = (seen.clone(), behaviour.clone());
+        let open: Arc<Mutex<(Vec<String>, Vec<String>)>> = Arc::default();
+        let (seen2, behaviour2, open2) = (seen.clone(), behaviour.clone(), open.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     return;
                 };
-                let (acceptor, seen, behaviour) =
-                    (acceptor.clone(), seen2.clone(), behaviour2.clone());
+                let (acceptor, seen, behaviour, open) = (
+                    acceptor.clone(),
+                    seen2.clone(),
+                    behaviour2.clone(),
+                    open2.clone(),
+                );
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
                     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                        let (seen, behaviour) = (seen.clone(), behaviour.clone());
+                        let (seen, behaviour, open) =
+                            (seen.clone(), behaviour.clone(), open.clone());
                         async move {
+                            let arrived = std::time::Instant::now();
                             let header = |n: &str| {
                                 req.headers()
                                     .get(n)
@@ -139,6 +153,17 @@ impl Receiver {
                                 .await
                                 .map(|c| c.to_bytes())
                                 .unwrap_or_default();
+                            {
+                                let mut o = open.lock().expect("lock");
+                                if o.0.contains(&id) {
+                                    o.1.push(id.clone());
+                                }
+                                o.0.push(id.clone());
+                            }
+                            let delay = behaviour.lock().expect("lock").delay;
+                            if !delay.is_zero() {
+                                tokio::time::sleep(delay).await;
+                            }
                             let status = {
                                 let mut b = behaviour.lock().expect("lock");
                                 if b.always_fail {
@@ -150,12 +175,19 @@ impl Receiver {
                                     204
                                 }
                             };
+                            {
+                                let mut o = open.lock().expect("lock");
+                                if let Some(at) = o.0.iter().position(|x| *x == id) {
+                                    o.0.swap_remove(at);
+                                }
+                            }
                             seen.lock().expect("lock").push(Received {
                                 id,
                                 timestamp,
                                 signature,
                                 body,
                                 status,
+                                arrived,
                             });
                             let mut resp = hyper::Response::new(Full::new(Bytes::new()));
                             *resp.status_mut() =
@@ -180,6 +212,7 @@ impl Receiver {
             ca_file,
             seen,
             behaviour,
+            open,
             task,
         }
     }
@@ -192,6 +225,17 @@ impl Receiver {
     /// Makes every request fail (500) or stops doing so.
     pub fn set_always_fail(&self, fail: bool) {
         self.behaviour.lock().expect("lock").always_fail = fail;
+    }
+
+    /// Makes every answer take `delay` (zero: answer at once).
+    pub fn set_delay(&self, delay: Duration) {
+        self.behaviour.lock().expect("lock").delay = delay;
+    }
+
+    /// Ids that arrived while an earlier request with the same id was
+    /// still being answered (a delivery sent twice concurrently).
+    pub fn concurrent_duplicates(&self) -> Vec<String> {
+        self.open.lock().expect("lock").1.clone()
     }
 
     /// Every request so far.
