@@ -548,4 +548,27 @@ mod tests {
         );
         assert_eq!(region_of(Some("9135A100M000100Y43"), None), None);
     }
+
+    #[test]
+    fn signing_secrets_never_appear_in_debug_output() {
+        let secret = "whsec_c2VjcmV0LWZvci1maW5hbmNlLXB1c2gtcmVjZWl2ZXI=";
+        let spec: SubscriptionSpec = toml::from_str(&format!(
+            "id = \"s\"\nagency = \"a\"\nmode = \"push\"\nendpoint = \"https://x\"\nca_file = \"ca.pem\"\nsigning_secret = \"{secret}\"\n"
+        ))
+        .expect("spec");
+        let mut errors = Vec::new();
+        let sub = spec.clone().into_subscription("s", &mut errors);
+        for text in [
+            format!("{spec:?}"),
+            format!("{sub:?}"),
+            format!("{:#?}", sub.delivery),
+        ] {
+            assert!(!text.contains("c2VjcmV0"), "{text}");
+            assert!(text.contains("redacted"), "{text}");
+        }
+        assert_eq!(
+            spec.signing_secret.as_ref().map(SigningSecret::expose),
+            Some(secret)
+        );
+    }
 }

@@ -389,7 +389,11 @@ impl Gateway {
         tracing::info!(listen = ?main_addr, "credgate serving (mTLS, HTTP/1.1 and HTTP/2)");
 
         let router = http::router(self.state.clone());
-        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let connections = tokio_util::task::TaskTracker::new();
+        let lifetime = ConnectionLifetime {
+            idle: Duration::from_secs(self.config.server.idle_timeout_secs),
+            max_age: Duration::from_secs(self.config.server.max_connection_age_secs),
+        };
         let permits = Arc::new(tokio::sync::Semaphore::new(
             self.config.server.max_connections,
         ));
@@ -402,7 +406,13 @@ impl Gateway {
         builder
             .http2()
             .timer(TokioTimer::new())
-            .max_concurrent_streams(256);
+            .max_concurrent_streams(256)
+            .keep_alive_interval(Some(Duration::from_secs(
+                self.config.server.http2_keepalive_interval_secs,
+            )))
+            .keep_alive_timeout(Duration::from_secs(
+                self.config.server.http2_keepalive_timeout_secs,
+            ));
         let builder = Arc::new(builder);
 
         loop {
@@ -427,9 +437,9 @@ impl Gateway {
             let accept_san = self.tls.accept_san_uri();
             let router = router.clone();
             let builder = builder.clone();
-            let watcher = graceful.watcher();
+            let stop = shutdown.clone();
             let metrics = self.state.metrics.clone();
-            tokio::spawn(async move {
+            connections.spawn(async move {
                 let _permit = permit;
                 let stream =
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
@@ -466,18 +476,29 @@ impl Gateway {
                     id: Arc::from(id.as_str()),
                     fingerprint: Arc::from(fingerprint.as_str()),
                 };
-                let svc = router.map_request(
-                    move |mut req: axum::extract::Request<hyper::body::Incoming>| {
-                        req.extensions_mut().insert(peer_id.clone());
-                        req
-                    },
-                );
+                let activity = Arc::new(Activity::new());
+                let tracked = activity.clone();
+                let svc = router
+                    .map_request(
+                        move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+                            req.extensions_mut().insert(peer_id.clone());
+                            req
+                        },
+                    )
+                    .map_future(move |response| {
+                        let busy = Activity::begin(&tracked);
+                        async move {
+                            let r = response.await;
+                            drop(busy);
+                            r
+                        }
+                    });
                 let conn = builder
                     .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
                     .into_owned();
                 let open = &metrics.connections;
                 open.inc();
-                let served = watcher.watch(conn).await;
+                let served = lifetime.serve(conn, &activity, &stop).await;
                 open.dec();
                 if let Err(e) = served {
                     tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -490,7 +511,8 @@ impl Gateway {
         // Long polls return now rather than at the end of their wait.
         self.shutdown.cancel();
         let grace = Duration::from_secs(self.config.server.shutdown_grace_secs);
-        if tokio::time::timeout(grace, graceful.shutdown())
+        connections.close();
+        if tokio::time::timeout(grace, connections.wait())
             .await
             .is_err()
         {
@@ -511,6 +533,115 @@ impl Gateway {
         self.store.close().await;
         tracing::info!("store flushed; bye");
         Ok(())
+    }
+}
+
+/// Requests in progress on one connection, and when the last one ended.
+struct Activity {
+    opened: std::time::Instant,
+    in_flight: std::sync::atomic::AtomicUsize,
+    /// Milliseconds after `opened` when the last request ended.
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+/// Held while a request is being answered.
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        let a = &self.0;
+        a.last_ms
+            .store(a.opened.elapsed().as_millis() as u64, Ordering::Release);
+        a.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            opened: std::time::Instant::now(),
+            in_flight: Default::default(),
+            last_ms: Default::default(),
+        }
+    }
+
+    fn begin(this: &Arc<Activity>) -> Busy {
+        this.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Busy(this.clone())
+    }
+
+    /// How long no request has been in progress (`None` while one is).
+    fn idle_for(&self) -> Option<Duration> {
+        use std::sync::atomic::Ordering;
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Acquire));
+        Some(self.opened.elapsed().saturating_sub(last))
+    }
+}
+
+/// When a connection is told to go away: after `idle` without a request in
+/// progress, at `max_age`, and at shutdown. Going away is graceful (HTTP/2
+/// GOAWAY, HTTP/1.1 close after the current response), so no request in
+/// progress is cut.
+#[derive(Clone, Copy)]
+struct ConnectionLifetime {
+    idle: Duration,
+    max_age: Duration,
+}
+
+impl ConnectionLifetime {
+    async fn serve<C>(
+        self,
+        conn: C,
+        activity: &Activity,
+        shutdown: &CancellationToken,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+    where
+        C: std::future::Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>
+            + GracefulConnection,
+    {
+        let mut conn = std::pin::pin!(conn);
+        let idle = async {
+            loop {
+                match activity.idle_for() {
+                    Some(d) if d >= self.idle => return "idle",
+                    Some(d) => tokio::time::sleep(self.idle - d).await,
+                    None => tokio::time::sleep(self.idle).await,
+                }
+            }
+        };
+        let reason = tokio::select! {
+            r = conn.as_mut() => return r,
+            _ = shutdown.cancelled() => "shutdown",
+            r = idle => r,
+            _ = tokio::time::sleep(self.max_age) => "max_age",
+        };
+        tracing::trace!(reason, "connection told to go away");
+        conn.as_mut().go_away();
+        conn.await
+    }
+}
+
+/// A served connection that can be closed gracefully.
+trait GracefulConnection {
+    fn go_away(self: std::pin::Pin<&mut Self>);
+}
+
+impl<I, S, E> GracefulConnection for hyper_util::server::conn::auto::Connection<'static, I, S, E>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::ResBody: hyper::body::Body + Send + 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, S::ResBody>,
+{
+    fn go_away(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
     }
 }
 

@@ -1514,3 +1514,143 @@ impl Store for SqliteStore {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{NewRecord, NewSubmission};
+
+    fn open(dir: &Path) -> SqliteStore {
+        SqliteStore::open(
+            &dir.join("credgate.db"),
+            512,
+            2,
+            Duration::from_secs(3600),
+            vec![7; 32],
+            Arc::new(crate::metrics::Metrics::new()),
+        )
+        .expect("open store")
+    }
+
+    fn submission(id: &str, record_id: &str) -> NewSubmission {
+        NewSubmission {
+            id: id.to_owned(),
+            participant: "dept-market".into(),
+            item: "administrative_penalty".into(),
+            item_version: 1,
+            received_at: OffsetDateTime::now_utc(),
+            records: vec![NewRecord {
+                id: record_id.to_owned(),
+                subject_type: "legal_entity".into(),
+                subject_key: None,
+                decision_date: None,
+                effective_until: None,
+                body: "{}".into(),
+                warnings: "[]".into(),
+                notice: None,
+            }],
+            rejected: 0,
+            rejection_codes: vec![],
+            idempotency: None,
+            response_status: 200,
+            response_body: b"{}".to_vec(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_poison_job_costs_only_its_own_caller() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Arc::new(open(dir.path()));
+        store
+            .append_submission(submission("s-first", "r-taken"))
+            .await
+            .expect("first");
+        for round in 0..5 {
+            // 40 at once, so they share commit groups; one reuses a record
+            // id and fails inside the transaction.
+            let tasks: Vec<_> = (0..40)
+                .map(|i| {
+                    let store = store.clone();
+                    let record = if i == 17 {
+                        "r-taken".to_owned()
+                    } else {
+                        format!("r-{round}-{i}")
+                    };
+                    tokio::spawn(async move {
+                        store
+                            .append_submission(submission(&format!("s-{round}-{i}"), &record))
+                            .await
+                    })
+                })
+                .collect();
+            for (i, t) in tasks.into_iter().enumerate() {
+                let result = t.await.expect("task");
+                assert_eq!(
+                    result.is_ok(),
+                    i != 17,
+                    "round {round}, job {i}: {result:?}"
+                );
+            }
+        }
+        let n: i64 = store
+            .read(|c| {
+                c.query_row("SELECT COUNT(*) FROM records", [], |r| r.get(0))
+                    .map_err(db_err)
+            })
+            .await
+            .expect("count");
+        assert_eq!(n, 1 + 5 * 39);
+        // The poison jobs left nothing behind, not even an audit item.
+        let audited: String = store
+            .read(|c| {
+                c.query_row("SELECT group_concat(details, '') FROM audit", [], |r| {
+                    r.get(0)
+                })
+                .map_err(db_err)
+            })
+            .await
+            .expect("audit");
+        assert_eq!(audited.matches("r-taken").count(), 1, "audited once");
+        store.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn expired_idempotency_keys_are_purged_in_indexed_batches() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = open(dir.path());
+        let old = unix_now() - 7200;
+        store
+            .write(false, move |c| {
+                let mut stmt = c
+                    .prepare("INSERT INTO idempotency (participant, key, request_hash, status, response, created_at) VALUES ('p', ?1, 'h', 200, x'00', ?2)")
+                    .map_err(db_err)?;
+                for i in 0..2500 {
+                    let at = if i < 2300 { old } else { unix_now() };
+                    stmt.execute(params![format!("k{i}"), at]).map_err(db_err)?;
+                }
+                Ok(())
+            })
+            .await
+            .expect("seed");
+        let plan: String = store
+            .read(|c| {
+                c.query_row(
+                    "EXPLAIN QUERY PLAN SELECT rowid FROM idempotency WHERE created_at < 1 ORDER BY created_at LIMIT 10",
+                    [],
+                    |r| r.get(3),
+                )
+                .map_err(db_err)
+            })
+            .await
+            .expect("plan");
+        assert!(plan.contains("idempotency_created"), "{plan}");
+        let batches = [
+            store.purge_idempotency(1000).await.expect("purge"),
+            store.purge_idempotency(1000).await.expect("purge"),
+            store.purge_idempotency(1000).await.expect("purge"),
+        ];
+        assert_eq!(batches, [1000, 1000, 300]);
+        assert_eq!(store.purge_idempotency(1000).await.expect("purge"), 0);
+        store.close().await;
+    }
+}

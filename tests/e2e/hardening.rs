@@ -343,3 +343,137 @@ async fn one_slow_endpoint_does_not_delay_the_others_and_nothing_is_sent_twice_a
         assert_eq!(r.concurrent_duplicates(), Vec::<String>::new());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_old_connections_are_closed_without_cutting_a_request() {
+    let mut env = Env::new();
+    env.config.server.idle_timeout_secs = 1;
+    env.config.server.max_connection_age_secs = 3;
+    let server = Server::start(&env).await;
+    let client = env.client(server.addr, "dept-market");
+    for h2 in [false, true] {
+        // Idle: one request, then nothing for longer than the timeout.
+        let mut conn = client.connect(h2).await.expect("connect");
+        let r = conn
+            .send("GET", "/v1/catalog", &[], "")
+            .await
+            .expect("first");
+        assert_eq!(r.status, 200);
+        tokio::time::sleep(Duration::from_millis(1800)).await;
+        assert!(
+            conn.send("GET", "/v1/catalog", &[], "").await.is_err(),
+            "h2={h2}: an idle connection stays open"
+        );
+        // Busy: never idle, but told to go away at its maximum age; every
+        // request before that is answered.
+        let mut conn = client.connect(h2).await.expect("connect");
+        let opened = Instant::now();
+        let mut answered = 0;
+        while let Ok(r) = conn.send("GET", "/v1/catalog", &[], "").await {
+            assert_eq!(r.status, 200);
+            answered += 1;
+            assert!(
+                opened.elapsed() < Duration::from_secs(8),
+                "h2={h2}: never closed"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let age = opened.elapsed();
+        assert!(
+            age >= Duration::from_millis(2900) && answered >= 10,
+            "h2={h2}: closed after {age:?} and {answered} requests"
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_secrets_are_sealed_at_rest_and_still_sign_after_a_restart() {
+    let env = Env::new();
+    let ca = env.pki.dir.join("ca.pem");
+    let seeded = Receiver::start(env.root.path(), "seeded", &ca, 0).await;
+    let added = Receiver::start(env.root.path(), "added", &ca, 0).await;
+    // One from the file (seeded into the store on first start) …
+    env.subscribe(&push_sub(
+        "land-push",
+        "agency-land",
+        &seeded,
+        LAND_SECRET,
+        "items = [\"administrative_penalty\"]",
+    ));
+    let server = Server::start(&env).await;
+    // … and one added through the admin API.
+    let admin = env.client(server.addr, "admin-credit-office");
+    let r = put(
+        &admin,
+        "/admin/v1/subscriptions/finance-push",
+        &push_body("agency-finance", &added, FIN_SECRET),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    server.stop().await;
+    let db = std::fs::read(env.db()).expect("database file");
+    for secret in [FIN_SECRET, LAND_SECRET] {
+        let key = secret.trim_start_matches("whsec_");
+        assert!(
+            !db.windows(key.len()).any(|w| w == key.as_bytes()),
+            "a signing secret is stored in clear"
+        );
+    }
+    // After a restart both still sign with the right secret.
+    let server = Server::start(&env).await;
+    let dept = env.client(server.addr, "dept-market");
+    submit(
+        &dept,
+        "administrative_penalty",
+        synth::record("administrative_penalty", 9, "serious"),
+    )
+    .await;
+    assert!(verify(LAND_SECRET, &seeded.wait_for(1, 10).await[0]));
+    assert!(verify(FIN_SECRET, &added.wait_for(1, 10).await[0]));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn production_refuses_certificates_about_to_expire() {
+    let mut env = Env::new();
+    let ca = credgate::pki::DevCa::generate("short-lived test CA").expect("ca");
+    let now = time::OffsetDateTime::now_utc();
+    let soon = ca
+        .issue_client_until(
+            "credgate-gateway",
+            false,
+            now - time::Duration::days(1),
+            now + time::Duration::days(5),
+        )
+        .expect("cert");
+    let (cert, key) = (
+        env.root.path().join("soon.pem"),
+        env.root.path().join("soon.key"),
+    );
+    std::fs::write(&cert, &soon.cert_pem).expect("write");
+    std::fs::write(&key, &soon.key_pem).expect("write");
+    env.config.tls.cert = cert.clone();
+    env.config.tls.key = key.clone();
+    env.config.delivery.client_cert = cert;
+    env.config.delivery.client_key = key;
+    let receiver = Receiver::start(env.root.path(), "r", &env.pki.dir.join("ca.pem"), 0).await;
+    env.subscribe(&push_sub(
+        "land-push",
+        "agency-land",
+        &receiver,
+        LAND_SECRET,
+        "",
+    ));
+    let err = credgate::Gateway::build(env.config.clone())
+        .await
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        err.contains("tls.cert") && err.contains("expires in"),
+        "{err}"
+    );
+    // A lower threshold lets it start (with a warning in the log).
+    env.config.tls.min_validity_days = 2;
+    assert!(credgate::Gateway::build(env.config.clone()).await.is_ok());
+}
