@@ -182,6 +182,10 @@ pub struct Dispatcher {
     /// identity are rebuilt.
     identity_generation: AtomicU64,
     endpoints: Mutex<HashMap<String, Arc<Endpoint>>>,
+    /// Endpoints that could not be built, and why: not rebuilt (files
+    /// read, CA parsed) on every round, only after [`REBUILD_AFTER`] or when
+    /// the subscription or identity changes.
+    unusable: Mutex<HashMap<String, Unusable>>,
     metrics: Arc<crate::metrics::Metrics>,
     /// Global bound on push attempts in flight (`delivery.max_in_flight`).
     in_flight: Arc<Semaphore>,
@@ -197,6 +201,17 @@ impl std::fmt::Debug for Dispatcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Dispatcher").finish_non_exhaustive()
     }
+}
+
+/// How long an endpoint that could not be built is left alone.
+const REBUILD_AFTER: Duration = Duration::from_secs(10);
+
+/// A failed endpoint build.
+struct Unusable {
+    built_from: DeliveryMode,
+    identity_generation: u64,
+    at: Instant,
+    error: String,
 }
 
 /// What one subscription may claim in one round, with the slots held for it.
@@ -230,6 +245,7 @@ impl Dispatcher {
             identity: ArcSwapOption::new(identity.map(Arc::new)),
             identity_generation: AtomicU64::new(0),
             endpoints: Mutex::new(HashMap::new()),
+            unusable: Mutex::new(HashMap::new()),
             in_flight,
             metrics,
             open_attempts: Mutex::new(HashMap::new()),
@@ -259,13 +275,50 @@ impl Dispatcher {
 
     /// Whether the gateway can deliver to `sub` now: client identity, CA
     /// bundle and signing secret all usable. The admin API refuses a push
-    /// subscription for which this fails.
+    /// subscription for which this fails (always checked afresh).
     pub fn check_push(&self, sub: &Subscription) -> Result<(), String> {
-        self.endpoint(sub).map(|_| ())
+        let generation = self.identity_generation.load(Ordering::Acquire);
+        self.build_endpoint(sub, generation).map(|_| ())
     }
 
     fn endpoint(&self, sub: &Subscription) -> Result<Arc<Endpoint>, String> {
         let generation = self.identity_generation.load(Ordering::Acquire);
+        if let Some(u) = self
+            .unusable
+            .lock()
+            .map_err(|_| "endpoint table poisoned".to_owned())?
+            .get(&sub.id)
+            .filter(|u| {
+                u.built_from == sub.delivery
+                    && u.identity_generation == generation
+                    && u.at.elapsed() < REBUILD_AFTER
+            })
+        {
+            return Err(u.error.clone());
+        }
+        let built = self.build_endpoint(sub, generation);
+        if let Ok(mut unusable) = self.unusable.lock() {
+            match &built {
+                Ok(_) => {
+                    unusable.remove(&sub.id);
+                }
+                Err(error) => {
+                    unusable.insert(
+                        sub.id.clone(),
+                        Unusable {
+                            built_from: sub.delivery.clone(),
+                            identity_generation: generation,
+                            at: Instant::now(),
+                            error: error.clone(),
+                        },
+                    );
+                }
+            }
+        }
+        built
+    }
+
+    fn build_endpoint(&self, sub: &Subscription, generation: u64) -> Result<Arc<Endpoint>, String> {
         if let Some(e) = self
             .endpoints
             .lock()
@@ -300,7 +353,9 @@ impl Dispatcher {
         let rate = NonZeroU32::new(*rate_per_second).unwrap_or(NonZeroU32::MIN);
         let e = Arc::new(Endpoint {
             built_from: sub.delivery.clone(),
-            identity_generation: self.identity_generation.load(Ordering::Acquire),
+            // The generation read before `identity()`: if a reload raced
+            // with this build, the next use rebuilds.
+            identity_generation: generation,
             client: endpoint_client(
                 ca_file,
                 &identity,

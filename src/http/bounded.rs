@@ -19,12 +19,18 @@ pub enum Exceeded {
     ArrayItems(String),
 }
 
+/// One step of the path to the value being parsed.
+enum Step {
+    Key(String),
+    Index(usize),
+}
+
 /// Parsing state shared by the nested seeds.
 struct Limits {
     max_depth: usize,
     max_items: usize,
-    /// Path to the value being parsed (keys and indices).
-    path: RefCell<Vec<String>>,
+    /// Path to the value being parsed (no allocation per array item).
+    path: RefCell<Vec<Step>>,
     exceeded: RefCell<Option<Exceeded>>,
 }
 
@@ -38,7 +44,10 @@ impl Limits {
         self.path
             .borrow()
             .iter()
-            .map(|p| format!("/{}", p.replace('~', "~0").replace('/', "~1")))
+            .map(|p| match p {
+                Step::Key(k) => format!("/{}", k.replace('~', "~0").replace('/', "~1")),
+                Step::Index(i) => format!("/{i}"),
+            })
             .collect()
     }
 }
@@ -132,7 +141,7 @@ impl<'de> Visitor<'de> for Seed<'_> {
         }
         let mut items = Vec::new();
         loop {
-            l.path.borrow_mut().push(items.len().to_string());
+            l.path.borrow_mut().push(Step::Index(items.len()));
             let next = seq.next_element_seed(Seed {
                 limits: l,
                 depth: self.depth + 1,
@@ -157,13 +166,14 @@ impl<'de> Visitor<'de> for Seed<'_> {
         }
         let mut out = Map::new();
         while let Some(key) = map.next_key::<String>()? {
-            l.path.borrow_mut().push(key);
+            l.path.borrow_mut().push(Step::Key(key));
             let v = map.next_value_seed(Seed {
                 limits: l,
                 depth: self.depth + 1,
             })?;
-            let key = l.path.borrow_mut().pop().unwrap_or_default();
-            out.insert(key, v);
+            if let Some(Step::Key(key)) = l.path.borrow_mut().pop() {
+                out.insert(key, v);
+            }
         }
         Ok(Value::Object(out))
     }
