@@ -84,6 +84,11 @@ struct Endpoint {
     url: String,
     /// Free slots = requests this endpoint may still have in flight.
     in_flight: Arc<Semaphore>,
+    /// Deliveries claimed to go out next, as soon as one of the endpoint's
+    /// slots frees (as many as it has slots): a fast endpoint's pipeline
+    /// never waits for a claim round trip, and a slow one holds at most
+    /// twice its slots.
+    next_in_line: Arc<Semaphore>,
     rate: governor::DefaultDirectRateLimiter,
     /// Rate tokens taken for a claim that found fewer deliveries due; the
     /// next claim uses them first (governor cannot give tokens back).
@@ -214,12 +219,23 @@ struct Unusable {
     error: String,
 }
 
+/// Where a claimed delivery stands at its endpoint.
+enum Slot {
+    /// Holds a slot and a rate token: sends at once.
+    Now(OwnedSemaphorePermit),
+    /// Next in line: takes a slot and a rate token as soon as they free.
+    Next(OwnedSemaphorePermit),
+    /// The endpoint cannot be built: the attempt records why.
+    Unusable,
+}
+
 /// What one subscription may claim in one round, with the slots held for it.
 struct Grant {
     sub: Arc<Subscription>,
     endpoint: Result<Arc<Endpoint>, String>,
-    /// One endpoint slot and one global permit per delivery to claim.
-    permits: Vec<(Option<OwnedSemaphorePermit>, OwnedSemaphorePermit)>,
+    /// One endpoint slot (or place in line) and one global permit per
+    /// delivery to claim; slots first.
+    permits: Vec<(Slot, OwnedSemaphorePermit)>,
     /// Rate tokens taken for this round.
     tokens: u32,
 }
@@ -364,6 +380,7 @@ impl Dispatcher {
             key: signing_key(&secret)?,
             url: endpoint.clone(),
             in_flight: Arc::new(Semaphore::new((*max_in_flight).max(1))),
+            next_in_line: Arc::new(Semaphore::new((*max_in_flight).max(1))),
             rate: governor::RateLimiter::direct(governor::Quota::per_second(rate)),
             prepaid: AtomicU32::new(0),
             health: Mutex::new(Health::default()),
@@ -430,9 +447,21 @@ impl Dispatcher {
                             break;
                         };
                         tokens += 1;
-                        permits.push((Some(slot), global));
+                        permits.push((Slot::Now(slot), global));
                     }
                     e.prepaid.fetch_add(prepaid, Ordering::AcqRel);
+                    // Every slot busy (not rate-limited): line up the next ones.
+                    if e.in_flight.available_permits() == 0 {
+                        while permits.len() < share {
+                            let Ok(next) = e.next_in_line.clone().try_acquire_owned() else {
+                                break;
+                            };
+                            let Ok(global) = self.in_flight.clone().try_acquire_owned() else {
+                                break;
+                            };
+                            permits.push((Slot::Next(next), global));
+                        }
+                    }
                 }
                 // An endpoint that cannot be built: claim a few so they are
                 // retried (and finally dead) with the reason on record.
@@ -441,7 +470,7 @@ impl Dispatcher {
                         let Ok(global) = self.in_flight.clone().try_acquire_owned() else {
                             break;
                         };
-                        permits.push((None, global));
+                        permits.push((Slot::Unusable, global));
                     }
                 }
             }
@@ -490,15 +519,16 @@ impl Dispatcher {
             for o in due {
                 by_sub.entry(o.subscription.clone()).or_default().push(o);
             }
-            for mut grant in grants {
+            for grant in grants {
                 let claimed = by_sub.remove(&grant.sub.id).unwrap_or_default();
                 more |= claimed.len() == grant.permits.len();
                 let unused_tokens = grant.tokens.saturating_sub(claimed.len() as u32);
                 if let Ok(e) = &grant.endpoint {
                     e.prepaid.fetch_add(unused_tokens, Ordering::AcqRel);
                 }
+                let mut permits_left = grant.permits.into_iter();
                 for o in claimed {
-                    let Some(permits) = grant.permits.pop() else {
+                    let Some(permits) = permits_left.next() else {
                         break;
                     };
                     let Some(token) = self.open_attempt(&o) else {
@@ -509,7 +539,17 @@ impl Dispatcher {
                     let (this, done, endpoint) =
                         (self.clone(), done.clone(), grant.endpoint.clone());
                     tasks.spawn(async move {
-                        let _permits = permits;
+                        let (slot, _global) = permits;
+                        let _slot = match (slot, &endpoint) {
+                            (Slot::Next(place), Ok(e)) => {
+                                let slot = e.in_flight.clone().acquire_owned().await.ok();
+                                drop(place);
+                                e.rate.until_ready().await;
+                                slot
+                            }
+                            (Slot::Now(slot), _) => Some(slot),
+                            _ => None,
+                        };
                         let id = o.delivery_id.clone();
                         this.attempt(o, endpoint, token, &done).await;
                         if let Ok(mut open) = this.open_attempts.lock() {
