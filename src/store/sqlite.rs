@@ -1653,4 +1653,98 @@ mod tests {
         assert_eq!(store.purge_idempotency(1000).await.expect("purge"), 0);
         store.close().await;
     }
+
+    fn now_ms() -> i64 {
+        (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_the_current_claim_may_store_a_result() {
+        use crate::store::{DeliveryResult, Finished, NewDelivery, NewNotice, NoticeKind};
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = open(dir.path());
+        let mut sub = submission("s-1", "r-1");
+        sub.records[0].notice = Some(NewNotice {
+            id: "n-1".into(),
+            kind: NoticeKind::Punishment,
+            severity: Severity::Serious,
+            measures: vec![],
+            effective_from: None,
+            effective_until: None,
+            region: None,
+            deliveries: vec![NewDelivery {
+                id: "d-1".into(),
+                subscription: "push-1".into(),
+                agency: "agency-finance".into(),
+                push: true,
+            }],
+        });
+        store.append_submission(sub).await.expect("stored");
+        let wants = vec![("push-1".to_owned(), 8)];
+        let first = store.claim_due(now_ms(), &wants, 1).await.expect("claim");
+        assert_eq!(first.len(), 1);
+        // Nothing else for another subscription.
+        let other = vec![("push-2".to_owned(), 8)];
+        assert!(store
+            .claim_due(now_ms(), &other, 1)
+            .await
+            .expect("claim")
+            .is_empty());
+        // The 1 ms lease lapses; the delivery is claimed again.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let second = store
+            .claim_due(now_ms(), &wants, 60_000)
+            .await
+            .expect("claim");
+        assert_eq!(second.len(), 1);
+        assert!(second[0].claim > first[0].claim);
+        let finished = |claim, result| Finished {
+            delivery_id: "d-1".into(),
+            notice_id: "n-1".into(),
+            agency: "agency-finance".into(),
+            subscription: "push-1".into(),
+            attempts: 1,
+            claim,
+            result,
+        };
+        let state = || async {
+            store
+                .read(|c| {
+                    c.query_row("SELECT state FROM deliveries WHERE id = 'd-1'", [], |r| {
+                        r.get::<_, String>(0)
+                    })
+                    .map_err(db_err)
+                })
+                .await
+                .expect("state")
+        };
+        // The first attempt's late result is ignored …
+        store
+            .finish_deliveries(vec![finished(
+                first[0].claim,
+                DeliveryResult::Dead {
+                    error: "late".into(),
+                },
+            )])
+            .await
+            .expect("finish");
+        assert_eq!(state().await, "inflight");
+        // … the current one's is stored, once.
+        store
+            .finish_deliveries(vec![finished(second[0].claim, DeliveryResult::Delivered)])
+            .await
+            .expect("finish");
+        assert_eq!(state().await, "delivered");
+        store
+            .finish_deliveries(vec![finished(
+                second[0].claim,
+                DeliveryResult::Dead {
+                    error: "again".into(),
+                },
+            )])
+            .await
+            .expect("finish");
+        assert_eq!(state().await, "delivered");
+        store.close().await;
+    }
 }
