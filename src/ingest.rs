@@ -318,7 +318,7 @@ impl Ingest {
                     errors.push(crate::catalog::too_many_errors(
                         &format!("/records/{index}"),
                         format!(
-                            "rejected; its errors are not listed because this answer already lists {} findings: correct the records above and send it again",
+                            "errors not listed: this answer's limit of {} findings is reached",
                             self.limits.max_findings_per_answer
                         ),
                     ));

@@ -85,8 +85,9 @@ pub struct NewNotice {
     pub deliveries: Vec<NewDelivery>,
 }
 
-/// An accepted record ready to be stored.
-#[derive(Debug, Clone)]
+/// An accepted record ready to be stored. Its `Debug` output never holds
+/// the record's fields.
+#[derive(Clone)]
 pub struct NewRecord {
     /// Gateway-assigned id (UUIDv7, time-ordered).
     pub id: String,
@@ -105,6 +106,17 @@ pub struct NewRecord {
     pub warnings: String,
     /// Notice derived from it, if any.
     pub notice: Option<NewNotice>,
+}
+
+impl std::fmt::Debug for NewRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewRecord")
+            .field("id", &self.id)
+            .field("subject_type", &self.subject_type)
+            .field("body", &"<redacted>")
+            .field("notice", &self.notice.as_ref().map(|n| &n.id))
+            .finish_non_exhaustive()
+    }
 }
 
 /// One `POST /v1/records` to store, with its response for idempotent replay.
