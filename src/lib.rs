@@ -26,6 +26,7 @@ pub mod redact;
 pub mod routing;
 pub mod sealed;
 pub mod server;
+pub mod signing;
 pub mod store;
 pub mod synth;
 pub mod tls;

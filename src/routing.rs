@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::catalog::{Catalog, FieldClass, NoticeType, Severity, SubjectType};
 use crate::participants::{Kind, Registry};
+pub use crate::signing::SigningSecret;
 
 /// How a subscription's notices reach the agency.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -36,31 +37,6 @@ pub enum DeliveryMode {
         /// Most requests per second to this endpoint.
         rate_per_second: u32,
     },
-}
-
-/// A Standard Webhooks signing secret. It never appears in `Debug` output
-/// or logs, the admin API shows only `(set)`, and the store keeps it sealed
-/// (see [`crate::sealed`]).
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct SigningSecret(String);
-
-impl SigningSecret {
-    /// Wraps a secret.
-    pub fn new(secret: impl Into<String>) -> SigningSecret {
-        SigningSecret(secret.into())
-    }
-
-    /// The secret itself, for signing.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for SigningSecret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("SigningSecret(redacted)")
-    }
 }
 
 /// Delivery modes as written in the file.
@@ -371,13 +347,13 @@ impl Subscriptions {
                         "{at}: a push subscription needs signing_secret or signing_secret_file"
                     )),
                     (Some(s), None) => {
-                        if let Err(e) = crate::delivery::signing_key(s.expose()) {
+                        if let Err(e) = crate::signing::signing_key(s.expose()) {
                             errors.push(format!("{at}.signing_secret: {e}"));
                         }
                     }
                     (None, Some(f)) => match std::fs::read_to_string(f) {
                         Ok(s) => {
-                            if let Err(e) = crate::delivery::signing_key(s.trim()) {
+                            if let Err(e) = crate::signing::signing_key(s.trim()) {
                                 errors.push(format!("{at}.signing_secret_file: {e}"));
                             }
                         }
