@@ -7,7 +7,6 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use serde::Deserialize;
 use time::format_description::well_known::Rfc3339;
-use time::OffsetDateTime;
 
 use super::{json_response, AppState, Caller};
 use crate::error::Problem;
@@ -37,7 +36,7 @@ pub async fn deliveries(
     if !["pending", "inflight", "delivered", "dead"].contains(&wanted.as_str()) {
         return Err(bad());
     }
-    let limit = super::admin_control::page_limit(q.limit).ok_or_else(bad)?;
+    let limit = super::query::page_limit(q.limit).ok_or_else(bad)?;
     let list = state.ingest.store.deliveries(&wanted, limit).await?;
     let body = serde_json::to_vec(&serde_json::json!({
         "state": wanted,
@@ -67,45 +66,10 @@ pub async fn retry(
     Ok(json_response(StatusCode::OK, body))
 }
 
-/// Query of a statistics period.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PeriodQuery {
-    from: Option<String>,
-    to: Option<String>,
-}
-
-pub fn period(q: PeriodQuery) -> Result<(OffsetDateTime, OffsetDateTime), Problem> {
-    let parse = |s: &str| {
-        crate::codes::parse_iso_date(s)
-            .map(|d| d.midnight().assume_utc())
-            .or_else(|| OffsetDateTime::parse(s, &Rfc3339).ok())
-            .ok_or_else(|| {
-                Problem::caller(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_query",
-                    "from and to must be YYYY-MM-DD or RFC 3339 times",
-                )
-            })
-    };
-    let from = q
-        .from
-        .as_deref()
-        .map(parse)
-        .transpose()?
-        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
-    let to =
-        q.to.as_deref()
-            .map(parse)
-            .transpose()?
-            .unwrap_or_else(|| OffsetDateTime::now_utc() + time::Duration::days(1));
-    Ok((from, to))
-}
-
 /// `GET /admin/v1/stats/feedback?from&to`: feedback rate per agency.
 pub async fn feedback_stats(
     State(state): State<Arc<AppState>>,
-    query: Result<Query<PeriodQuery>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<super::query::PeriodQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
     let Query(q) = query.map_err(|_| {
         Problem::caller(
@@ -114,7 +78,7 @@ pub async fn feedback_stats(
             "allowed parameters: from, to",
         )
     })?;
-    let (from, to) = period(q)?;
+    let (from, to) = super::query::period(q)?;
     let agencies = state.ingest.store.feedback_stats(from, to).await?;
     let body = serde_json::to_vec(&serde_json::json!({"from": from.format(&Rfc3339).unwrap_or_default(), "to": to.format(&Rfc3339).unwrap_or_default(), "agencies": agencies}))
         .map_err(|e| Problem::gateway(&e))?;

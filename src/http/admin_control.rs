@@ -96,11 +96,6 @@ fn enabled_by(action: &str) -> Result<bool, Problem> {
     }
 }
 
-/// A `limit` query parameter: 1-1000, default 100.
-pub fn page_limit(limit: Option<usize>) -> Option<usize> {
-    Some(limit.unwrap_or(100)).filter(|l| (1..=1000).contains(l))
-}
-
 // === catalog ===
 
 /// `GET /admin/v1/catalog/items`.
@@ -433,7 +428,7 @@ pub async fn audit(
         )
     };
     let Query(q) = query.map_err(|_| bad())?;
-    let limit = page_limit(q.limit).ok_or_else(bad)?;
+    let limit = super::query::page_limit(q.limit).ok_or_else(bad)?;
     let after = q.after.unwrap_or(0);
     let entries = state.ingest.store.audit_page(after, limit).await?;
     let next = entries.last().map_or(after, |e| e.seq);
@@ -443,7 +438,7 @@ pub async fn audit(
 /// `GET /admin/v1/stats/departments?from&to`: what departments are scored on.
 pub async fn department_stats(
     State(state): State<Arc<AppState>>,
-    query: Result<Query<super::admin::PeriodQuery>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<super::query::PeriodQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
     let Query(q) = query.map_err(|_| {
         Problem::caller(
@@ -452,7 +447,7 @@ pub async fn department_stats(
             "allowed parameters: from, to",
         )
     })?;
-    let (from, to) = super::admin::period(q)?;
+    let (from, to) = super::query::period(q)?;
     let departments = state.ingest.store.department_stats(from, to).await?;
     let agencies = state.ingest.store.feedback_stats(from, to).await?;
     let fmt = |t: time::OffsetDateTime| {

@@ -8,6 +8,7 @@ mod bounded;
 pub mod catalog;
 pub mod notices;
 pub mod ops;
+pub mod query;
 pub mod records;
 
 use std::sync::Arc;
