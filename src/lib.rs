@@ -19,6 +19,7 @@ pub mod error;
 pub mod http;
 pub mod ingest;
 pub mod metrics;
+pub mod notice;
 pub mod participants;
 pub mod pki;
 pub mod ratelimit;

@@ -22,7 +22,7 @@ use sha2::Sha256;
 use time::Date;
 
 use crate::catalog::{CatalogItem, FieldClass, Measure, Severity, SubjectType};
-use crate::store::{NoticeKind, StoredNotice};
+use crate::notice::{NoticeKind, StoredNotice};
 
 /// A stored record body. Opaque outside this module.
 #[derive(Clone)]

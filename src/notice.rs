@@ -1,0 +1,78 @@
+//! Notices as stored and as they leave: the types shared by `store`
+//! (which keeps them) and `redact` (which renders them for a recipient). A
+//! leaf module, so neither of those two depends on the other for them.
+
+use serde::{Deserialize, Serialize};
+use time::{Date, OffsetDateTime};
+
+use crate::catalog::Severity;
+
+/// Kind of a notice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NoticeKind {
+    /// Joint punishment.
+    Punishment,
+    /// Joint incentive.
+    Incentive,
+    /// Ends the effect of an earlier notice.
+    Lift,
+}
+
+impl NoticeKind {
+    /// API spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NoticeKind::Punishment => "punishment",
+            NoticeKind::Incentive => "incentive",
+            NoticeKind::Lift => "lift",
+        }
+    }
+
+    /// Parses the API spelling.
+    pub fn parse(s: &str) -> Option<NoticeKind> {
+        match s {
+            "punishment" => Some(NoticeKind::Punishment),
+            "incentive" => Some(NoticeKind::Incentive),
+            "lift" => Some(NoticeKind::Lift),
+            _ => None,
+        }
+    }
+}
+
+/// A stored notice, without record data.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoredNotice {
+    /// Notice id.
+    pub notice_id: String,
+    /// Punishment, incentive or lift.
+    #[serde(rename = "type")]
+    pub kind: NoticeKind,
+    /// Catalog item.
+    pub item: String,
+    /// Item version of the record.
+    pub item_version: u32,
+    /// Record id.
+    pub record_id: String,
+    /// Submitting department.
+    pub source: String,
+    /// Severity.
+    pub severity: Severity,
+    /// Measure ids.
+    pub measures: Vec<String>,
+    /// Start of effect.
+    #[serde(with = "crate::codes::iso_date_opt")]
+    pub effective_from: Option<Date>,
+    /// End of effect.
+    #[serde(with = "crate::codes::iso_date_opt")]
+    pub effective_until: Option<Date>,
+    /// Creation time.
+    #[serde(with = "time::serde::rfc3339")]
+    pub issued_at: OffsetDateTime,
+    /// For a lift: the notice it lifts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lifts: Option<String>,
+    /// For a lift: why (`repaired`, `revoked`, `corrected`, `expired`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
