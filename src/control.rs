@@ -554,6 +554,15 @@ impl Control {
         Ok(spec)
     }
 
+    /// Handles to what is in force, for readers (ingest, delivery).
+    pub fn active(&self) -> crate::active::Active {
+        crate::active::Active {
+            catalog: self.catalog.clone(),
+            registry: self.registry.clone(),
+            subscriptions: self.subscriptions.clone(),
+        }
+    }
+
     /// Installs the check that a push subscription can be served; called
     /// once, when the dispatcher exists.
     pub fn set_push_check(&self, check: PushCheck) {

@@ -212,7 +212,7 @@ impl Dispatcher {
     /// A dispatcher; `identity` is required once any push subscription exists.
     pub fn new(
         store: Arc<dyn Store>,
-        control: &crate::control::Control,
+        active: &crate::active::Active,
         redactor: Arc<Redactor>,
         cfg: DeliveryConfig,
         identity: Option<Identity>,
@@ -221,9 +221,9 @@ impl Dispatcher {
         let in_flight = Arc::new(Semaphore::new(cfg.max_in_flight));
         Dispatcher {
             store,
-            subscriptions: control.subscriptions.clone(),
-            catalog: control.catalog.clone(),
-            registry: control.registry.clone(),
+            subscriptions: active.subscriptions.clone(),
+            catalog: active.catalog.clone(),
+            registry: active.registry.clone(),
             redactor,
             cfg,
             identity: ArcSwapOption::new(identity.map(Arc::new)),

@@ -99,7 +99,7 @@ pub fn request_hash(raw: &[u8]) -> String {
 impl Ingest {
     /// Builds the use case.
     pub fn new(
-        control: &crate::control::Control,
+        active: &crate::active::Active,
         store: Arc<dyn Store>,
         redactor: Arc<Redactor>,
         limits: crate::config::LimitsConfig,
@@ -107,9 +107,9 @@ impl Ingest {
     ) -> Ingest {
         Ingest {
             metrics,
-            catalog: control.catalog.clone(),
-            subscriptions: control.subscriptions.clone(),
-            registry: control.registry.clone(),
+            catalog: active.catalog.clone(),
+            subscriptions: active.subscriptions.clone(),
+            registry: active.registry.clone(),
             store,
             redactor,
             // Bounded in bytes, not entries: one answer can be much larger

@@ -8,6 +8,7 @@
 //! (`catalog` + `codes`) → `store`; `redact` is the one way record data
 //! leaves; `http` is a thin shell; `server` starts and stops it all.
 
+pub mod active;
 pub mod audit;
 pub mod catalog;
 pub mod codes;

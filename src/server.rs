@@ -274,7 +274,7 @@ impl Gateway {
         let redactor = Arc::new(Redactor::new(config.privacy.redaction.clone(), secret));
         let dispatcher = Arc::new(Dispatcher::new(
             store.clone(),
-            &control,
+            &control.active(),
             redactor.clone(),
             config.delivery.clone(),
             identity,
@@ -285,7 +285,7 @@ impl Gateway {
             control.set_push_check(Box::new(move |sub| d.check_push(sub)));
         }
         let ingest = Ingest::new(
-            &control,
+            &control.active(),
             store.clone(),
             redactor.clone(),
             config.limits.clone(),
