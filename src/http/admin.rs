@@ -10,6 +10,7 @@ use time::format_description::well_known::Rfc3339;
 
 use super::{json_response, AppState, Caller};
 use crate::error::Problem;
+use crate::store::DeliveryState;
 
 /// Query of the delivery list.
 #[derive(Debug, Deserialize)]
@@ -32,12 +33,12 @@ pub async fn deliveries(
         )
     };
     let Query(q) = query.map_err(|_| bad())?;
-    let wanted = q.state.unwrap_or_else(|| "dead".into());
-    if !["pending", "inflight", "delivered", "dead"].contains(&wanted.as_str()) {
-        return Err(bad());
-    }
+    let wanted = match q.state.as_deref() {
+        None => DeliveryState::Dead,
+        Some(s) => DeliveryState::parse(s).ok_or_else(bad)?,
+    };
     let limit = super::query::page_limit(q.limit).ok_or_else(bad)?;
-    let list = state.ingest.store.deliveries(&wanted, limit).await?;
+    let list = state.ingest.store.deliveries(wanted, limit).await?;
     let body = serde_json::to_vec(&serde_json::json!({
         "state": wanted,
         "deliveries": list,
@@ -61,7 +62,7 @@ pub async fn retry(
         ));
     }
     tracing::info!(delivery = %id, admin = %caller.id, "dead delivery queued again by an administrator");
-    let body = serde_json::to_vec(&serde_json::json!({"id": id, "state": "pending"}))
+    let body = serde_json::to_vec(&serde_json::json!({"id": id, "state": DeliveryState::Pending}))
         .map_err(|e| Problem::gateway(&e))?;
     Ok(json_response(StatusCode::OK, body))
 }

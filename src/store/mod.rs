@@ -20,6 +20,45 @@ use crate::catalog::{Finding, Severity};
 pub use crate::notice::{NoticeKind, StoredNotice};
 use crate::redact::RecordBody;
 
+/// Where a delivery stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryState {
+    /// Waiting: a pull delivery not yet read, or a push delivery due at its
+    /// next attempt time.
+    Pending,
+    /// A push attempt holds it under a lease.
+    Inflight,
+    /// The endpoint answered 2xx.
+    Delivered,
+    /// No more attempts; an administrator may retry it.
+    Dead,
+}
+
+impl DeliveryState {
+    /// Stored and API spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryState::Pending => "pending",
+            DeliveryState::Inflight => "inflight",
+            DeliveryState::Delivered => "delivered",
+            DeliveryState::Dead => "dead",
+        }
+    }
+
+    /// Parses the stored and API spelling.
+    pub fn parse(s: &str) -> Option<DeliveryState> {
+        [
+            DeliveryState::Pending,
+            DeliveryState::Inflight,
+            DeliveryState::Delivered,
+            DeliveryState::Dead,
+        ]
+        .into_iter()
+        .find(|d| d.as_str() == s)
+    }
+}
+
 /// A delivery to create with a notice.
 #[derive(Debug, Clone)]
 pub struct NewDelivery {
@@ -255,9 +294,9 @@ pub struct DeliveryInfo {
     /// Agency.
     pub agency: String,
     /// `pull` or `push`.
-    pub mode: String,
-    /// `pending`, `inflight`, `delivered`, `dead`.
-    pub state: String,
+    pub mode: crate::routing::ModeName,
+    /// Where it stands.
+    pub state: DeliveryState,
     /// Attempts made.
     pub attempts: u32,
     /// Last error, if any.
@@ -550,7 +589,11 @@ pub trait Store: Send + Sync + 'static {
     async fn purge_idempotency(&self, batch: usize) -> Result<usize, StoreError>;
 
     /// Deliveries in a state (`dead`, `pending`, …), oldest first.
-    async fn deliveries(&self, state: &str, limit: usize) -> Result<Vec<DeliveryInfo>, StoreError>;
+    async fn deliveries(
+        &self,
+        state: DeliveryState,
+        limit: usize,
+    ) -> Result<Vec<DeliveryInfo>, StoreError>;
 
     /// Puts a dead delivery back in the queue; false if it is not dead.
     async fn retry_delivery(&self, delivery_id: &str, actor: &str) -> Result<bool, StoreError>;

@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::sqlite_control;
 use super::{
     parse_kind, ActivateOutcome, AgencyFeedbackStats, AppendOutcome, ControlState, DeliveryInfo,
-    DeliveryResult, DepartmentStats, DocKind, EndOutcome, Feedback, FeedbackOutcome,
+    DeliveryResult, DeliveryState, DepartmentStats, DocKind, EndOutcome, Feedback, FeedbackOutcome,
     FeedbackStored, Finished, ItemActivation, NewNotice, NewSubmission, NoticeHistory, NoticeKind,
     Outbound, Store, StoreError, StoredNotice, StoredRecord, StoredResponse, VersionInfo,
 };
@@ -906,8 +906,18 @@ fn delivery_from_row(r: &Row<'_>) -> rusqlite::Result<Result<DeliveryInfo, Store
         record_id: r.get(3)?,
         subscription: r.get(4)?,
         agency: r.get(5)?,
-        mode: r.get(6)?,
-        state: r.get(7)?,
+        mode: match r.get::<_, String>(6)?.as_str() {
+            "pull" => crate::routing::ModeName::Pull,
+            "push" => crate::routing::ModeName::Push,
+            other => return Ok(Err(corrupt(format!("delivery mode {other:?}")))),
+        },
+        state: {
+            let text: String = r.get(7)?;
+            match DeliveryState::parse(&text) {
+                Some(s) => s,
+                None => return Ok(Err(corrupt(format!("delivery state {text:?}")))),
+            }
+        },
         attempts: r.get(8)?,
         last_error: r.get(9)?,
     }))
@@ -1267,8 +1277,12 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn deliveries(&self, state: &str, limit: usize) -> Result<Vec<DeliveryInfo>, StoreError> {
-        let state = state.to_owned();
+    async fn deliveries(
+        &self,
+        state: DeliveryState,
+        limit: usize,
+    ) -> Result<Vec<DeliveryInfo>, StoreError> {
+        let state = state.as_str();
         self.read(move |conn| {
             let mut stmt = conn
                 .prepare_cached(&format!(
