@@ -58,14 +58,21 @@ pub enum Severity {
 }
 
 impl Severity {
-    /// Parses the API spelling.
-    pub fn parse(s: &str) -> Option<Severity> {
-        match s {
-            "minor" => Some(Severity::Minor),
-            "general" => Some(Severity::General),
-            "serious" => Some(Severity::Serious),
-            _ => None,
+    /// Every severity, lowest first.
+    pub const ALL: [Severity; 3] = [Severity::Minor, Severity::General, Severity::Serious];
+
+    /// The one spelling: API, catalog and store.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Minor => "minor",
+            Severity::General => "general",
+            Severity::Serious => "serious",
         }
+    }
+
+    /// Parses [`Severity::as_str`]'s spelling.
+    pub fn parse(s: &str) -> Option<Severity> {
+        Severity::ALL.into_iter().find(|v| v.as_str() == s)
     }
 }
 

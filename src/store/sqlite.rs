@@ -287,14 +287,6 @@ fn parse_date(s: Option<String>) -> Option<Date> {
     s.as_deref().and_then(crate::codes::parse_iso_date)
 }
 
-fn severity_text(s: Severity) -> &'static str {
-    match s {
-        Severity::Minor => "minor",
-        Severity::General => "general",
-        Severity::Serious => "serious",
-    }
-}
-
 impl SqliteStore {
     /// Opens (creating if needed) `path`, runs migrations and starts the
     /// writer thread. Push deliveries left in flight by a previous process
@@ -674,7 +666,7 @@ fn insert_notice(
         item_version,
         record_id,
         source,
-        severity_text(n.severity),
+        n.severity.as_str(),
         n.region,
         serde_json::to_string(&n.measures).map_err(corrupt)?,
         n.effective_from.map(|d| d.to_string()),
