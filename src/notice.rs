@@ -76,3 +76,50 @@ pub struct StoredNotice {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
+
+/// Why a record's effect ended (the `reason` of its lift notices).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EndReason {
+    /// The subject repaired its credit (信用修复).
+    Repaired,
+    /// The decision was revoked.
+    Revoked,
+    /// The record was corrected.
+    Corrected,
+    /// Its effective period passed.
+    Expired,
+}
+
+impl EndReason {
+    /// Every reason.
+    pub const ALL: [EndReason; 4] = [
+        EndReason::Repaired,
+        EndReason::Revoked,
+        EndReason::Corrected,
+        EndReason::Expired,
+    ];
+
+    /// Stored and API spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Repaired => "repaired",
+            EndReason::Revoked => "revoked",
+            EndReason::Corrected => "corrected",
+            EndReason::Expired => "expired",
+        }
+    }
+
+    /// Parses [`EndReason::as_str`]'s spelling.
+    pub fn parse(s: &str) -> Option<EndReason> {
+        EndReason::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+
+    /// The record's status once ended this way.
+    pub fn record_status(self) -> &'static str {
+        match self {
+            EndReason::Expired => "expired",
+            _ => "revoked",
+        }
+    }
+}

@@ -13,6 +13,7 @@ use super::{json_response, parse_json, read_json, AppState, Caller};
 use crate::catalog::Finding;
 use crate::error::Problem;
 use crate::ingest::{request_hash, MAX_IDEMPOTENCY_KEY};
+use crate::notice::EndReason;
 use crate::participants::Kind;
 use crate::redact::{Audience, RecordView};
 use crate::store::{EndOutcome, IdempotencyClaim, NoticeHistory};
@@ -183,9 +184,6 @@ pub async fn read(
     Ok(json_response(StatusCode::OK, body).into_response())
 }
 
-/// Reasons a record's effect can end by request.
-const END_REASONS: [&str; 4] = ["repaired", "revoked", "corrected", "expired"];
-
 /// Longest revocation note.
 const MAX_NOTE: usize = 2000;
 
@@ -212,10 +210,17 @@ pub async fn revoke(
         return Err(invalid("", "must be an object {\"reason\", \"note\"}"));
     };
     if let Some(k) = obj.keys().find(|k| *k != "reason" && *k != "note") {
-        return Err(invalid(&format!("/{k}"), "unknown field"));
+        return Err(invalid(
+            &format!("/{}", k.replace('~', "~0").replace('/', "~1")),
+            "unknown field",
+        ));
     }
-    let reason = match obj.get("reason").and_then(|v| v.as_str()) {
-        Some(r) if END_REASONS.contains(&r) => r.to_owned(),
+    let reason = match obj
+        .get("reason")
+        .and_then(|v| v.as_str())
+        .and_then(EndReason::parse)
+    {
+        Some(r) => r,
         _ => {
             return Err(invalid(
                 "/reason",
@@ -238,17 +243,17 @@ pub async fn revoke(
     match state
         .ingest
         .store
-        .end_record(&record_id, &reason, note, &caller.id)
+        .end_record(&record_id, reason, note, &caller.id)
         .await?
     {
         EndOutcome::Ended {
             lift_notices,
             recipients,
         } => {
-            tracing::info!(record = %record_id, by = %caller.id, %reason, lifts = lift_notices.len(), "record effect ended");
+            tracing::info!(record = %record_id, by = %caller.id, reason = reason.as_str(), lifts = lift_notices.len(), "record effect ended");
             let body = serde_json::to_vec(&serde_json::json!({
                 "record_id": record_id,
-                "status": if reason == "expired" { "expired" } else { "revoked" },
+                "status": reason.record_status(),
                 "reason": reason,
                 "lift_notices": lift_notices,
                 "recipients": recipients,

@@ -543,7 +543,7 @@ pub trait Store: Send + Sync + 'static {
     async fn end_record(
         &self,
         record_id: &str,
-        reason: &str,
+        reason: crate::notice::EndReason,
         note: Option<String>,
         actor: &str,
     ) -> Result<EndOutcome, StoreError>;

@@ -700,7 +700,7 @@ fn insert_notice(
 fn end_record(
     tx: &Connection,
     record_id: &str,
-    reason: &str,
+    reason: crate::notice::EndReason,
     note: Option<&str>,
     actor: &str,
 ) -> Result<EndOutcome, StoreError> {
@@ -717,11 +717,8 @@ fn end_record(
         Some("active") => {}
         Some(other) => return Ok(EndOutcome::AlreadyEnded(other.to_owned())),
     }
-    let status = if reason == "expired" {
-        "expired"
-    } else {
-        "revoked"
-    };
+    let status = reason.record_status();
+    let reason = reason.as_str();
     exec(
         tx,
         "UPDATE records SET status = ?2, end_reason = ?3, end_note = ?4 WHERE id = ?1",
@@ -1057,14 +1054,13 @@ impl Store for SqliteStore {
     async fn end_record(
         &self,
         record_id: &str,
-        reason: &str,
+        reason: crate::notice::EndReason,
         note: Option<String>,
         actor: &str,
     ) -> Result<EndOutcome, StoreError> {
-        let (record_id, reason, actor) =
-            (record_id.to_owned(), reason.to_owned(), actor.to_owned());
+        let (record_id, actor) = (record_id.to_owned(), actor.to_owned());
         self.write(true, move |sp| {
-            end_record(sp, &record_id, &reason, note.as_deref(), &actor)
+            end_record(sp, &record_id, reason, note.as_deref(), &actor)
         })
         .await
     }
@@ -1083,8 +1079,9 @@ impl Store for SqliteStore {
         let mut ended = 0;
         for id in due {
             // Re-checked inside the writer: a concurrent revocation wins once.
-            if let EndOutcome::Ended { .. } =
-                self.end_record(&id, "expired", None, "gateway").await?
+            if let EndOutcome::Ended { .. } = self
+                .end_record(&id, crate::notice::EndReason::Expired, None, "gateway")
+                .await?
             {
                 ended += 1;
             }
