@@ -259,7 +259,9 @@ impl Dispatcher {
 
     /// Whether the gateway can deliver to `sub` now: client identity, CA
     /// bundle and signing secret all usable. The admin API refuses a push
-    /// subscription for which this fails (always checked afresh).
+    /// subscription for which this fails. Unlike delivery rounds, it does
+    /// not use the cache of failed builds: an operator who fixed a file
+    /// and sends the `PUT` again is not told about the old failure.
     pub fn check_push(&self, sub: &Subscription) -> Result<(), String> {
         let generation = self.identity_generation.load(Ordering::Acquire);
         self.build_endpoint(sub, generation).map(|_| ())

@@ -170,7 +170,7 @@ impl Ingest {
         idempotency: Option<IdempotencyClaim>,
     ) -> Result<Answer, Problem> {
         let prepared = self.prepare(who, doc, idempotency, None)?;
-        self.store(prepared).await
+        self.commit(prepared).await
     }
 
     /// The CPU half of a submission: authorise, validate every record,
@@ -427,11 +427,7 @@ impl Ingest {
             results,
         })
         .map_err(|e| Problem::gateway(&e))?;
-        let claim_key = idempotency
-            .as_ref()
-            .map(|c| (who.id.clone(), c.key.clone()));
-        let hash = idempotency.as_ref().map(|c| c.request_hash.clone());
-        let submission = NewSubmission {
+        Ok(Prepared(NewSubmission {
             id: submission_id,
             participant: who.id.clone(),
             item: item.def.id.clone(),
@@ -442,29 +438,22 @@ impl Ingest {
             rejection_codes: rejection_codes.into_iter().collect(),
             idempotency,
             response_status: 200,
-            response_body: body.clone(),
-        };
-        Ok(Prepared {
-            submission,
-            accepted,
-            rejected,
-            body,
-            claim_key,
-            hash,
-        })
+            response_body: body,
+        }))
     }
 
     /// The I/O half: stores a prepared submission durably, then answers.
-    pub async fn store(&self, prepared: Prepared) -> Result<Answer, Problem> {
-        let Prepared {
-            submission,
-            accepted,
-            rejected,
-            body,
-            claim_key,
-            hash,
-        } = prepared;
+    pub async fn commit(&self, Prepared(submission): Prepared) -> Result<Answer, Problem> {
         let item_id = submission.item.clone();
+        let (accepted, rejected) = (submission.records.len(), submission.rejected);
+        let body = submission.response_body.clone();
+        // (participant, key) and the request digest, for the replay cache.
+        let replay = submission.idempotency.as_ref().map(|c| {
+            (
+                (submission.participant.clone(), c.key.clone()),
+                c.request_hash.clone(),
+            )
+        });
         match self.store.append_submission(submission).await? {
             AppendOutcome::Stored => {
                 let m = &self.metrics;
@@ -476,7 +465,7 @@ impl Ingest {
                         })
                         .inc_by(n as u64);
                 }
-                if let (Some(k), Some(request_hash)) = (claim_key, hash) {
+                if let Some((k, request_hash)) = replay {
                     self.replays.insert(
                         k,
                         Arc::new(StoredResponse {
@@ -494,29 +483,24 @@ impl Ingest {
             }
             // A concurrent request with the same key won the race.
             AppendOutcome::Replay(earlier) => {
-                self.answer_replay(&earlier, hash.as_deref().unwrap_or_default())
+                let hash = replay.map(|(_, h)| h).unwrap_or_default();
+                self.answer_replay(&earlier, &hash)
             }
         }
     }
 }
 
-/// A validated submission with its answer, ready for [`Ingest::store`].
-pub struct Prepared {
-    submission: NewSubmission,
-    accepted: usize,
-    rejected: usize,
-    body: Vec<u8>,
-    claim_key: Option<(String, String)>,
-    hash: Option<String>,
-}
+/// A validated submission with its answer (`response_body`), ready for
+/// [`Ingest::commit`].
+pub struct Prepared(NewSubmission);
 
 impl std::fmt::Debug for Prepared {
     // Never the records' field values.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Prepared")
-            .field("submission", &self.submission.id)
-            .field("accepted", &self.accepted)
-            .field("rejected", &self.rejected)
+            .field("submission", &self.0.id)
+            .field("accepted", &self.0.records.len())
+            .field("rejected", &self.0.rejected)
             .finish_non_exhaustive()
     }
 }

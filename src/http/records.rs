@@ -88,7 +88,7 @@ pub async fn submit(
             })
             .await
             .map_err(|e| Problem::gateway(&e))??;
-            state.ingest.store(prepared).await?
+            state.ingest.commit(prepared).await?
         }
     };
     let mut resp = json_response(answer.status, answer.body);
