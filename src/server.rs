@@ -111,6 +111,19 @@ fn prepare_dev(config: &Config, registry: Option<&Registry>) -> Result<(), Strin
     Ok(())
 }
 
+/// The push client identity, refused in production when it is about to
+/// expire (start-up and SIGHUP alike).
+fn load_push_identity(config: &Config) -> Result<crate::delivery::Identity, String> {
+    let id = crate::delivery::load_identity(&config.delivery)?;
+    crate::tls::check_validity(
+        config.mode == Mode::Production,
+        config.tls.min_validity_days,
+        "delivery.client_cert",
+        &id.0,
+    )?;
+    Ok(id)
+}
+
 fn load_secret(path: &Path) -> Result<Arc<[u8]>, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("privacy.secret_file: {}: {e}", path.display()))?;
@@ -252,7 +265,7 @@ impl Gateway {
         // The push client identity is loaded whenever its files exist, so
         // a push subscription added at run time can be served; it is
         // required only once a push subscription exists.
-        let identity = match crate::delivery::load_identity(&config.delivery) {
+        let identity = match load_push_identity(&config) {
             Ok(id) => Some(id),
             Err(e) if control.subscriptions.load().iter().any(|s| s.is_push()) => {
                 return Err(StartupErrors(vec![e]))
@@ -262,15 +275,6 @@ impl Gateway {
                 None
             }
         };
-        if let Some(id) = &identity {
-            crate::tls::check_validity(
-                config.mode == Mode::Production,
-                config.tls.min_validity_days,
-                "delivery.client_cert",
-                &id.0,
-            )
-            .map_err(|e| StartupErrors(vec![e]))?;
-        }
         let redactor = Arc::new(Redactor::new(config.privacy.redaction.clone(), secret));
         let dispatcher = Arc::new(Dispatcher::new(
             store.clone(),
@@ -335,15 +339,7 @@ impl Gateway {
             .load()
             .iter()
             .any(|s| s.is_push());
-        match crate::delivery::load_identity(&self.config.delivery).and_then(|id| {
-            crate::tls::check_validity(
-                self.config.mode == Mode::Production,
-                self.config.tls.min_validity_days,
-                "delivery.client_cert",
-                &id.0,
-            )
-            .map(|()| id)
-        }) {
+        match load_push_identity(&self.config) {
             Ok(id) => self.dispatcher.set_identity(id),
             Err(e) if push_needed => errors.push(e),
             Err(_) => {}
