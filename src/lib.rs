@@ -15,6 +15,7 @@ pub mod codes;
 pub mod compat;
 pub mod config;
 pub mod control;
+pub mod cursor;
 pub mod delivery;
 pub mod error;
 pub mod http;

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{json_response, parse_json, read_json, AppState, Caller};
+use crate::cursor::Cursor;
 use crate::error::Problem;
 use crate::participants::{Kind, Participant};
 use crate::redact::NoticeView;
@@ -38,11 +39,21 @@ fn bad_query(detail: impl Into<String>) -> Problem {
     Problem::caller(StatusCode::BAD_REQUEST, "invalid_query", detail)
 }
 
-fn parse_cursor(s: &str) -> Result<i64, Problem> {
-    s.parse::<i64>()
-        .ok()
-        .filter(|n| *n >= 0)
+fn parse_cursor(s: &str) -> Result<Cursor, Problem> {
+    crate::cursor::parse(s)
         .ok_or_else(|| bad_query("cursor must be a value returned as next_cursor"))
+}
+
+/// The caller's stream position a cursor stands for.
+async fn position(
+    store: &dyn crate::store::Store,
+    agency: &str,
+    cursor: Cursor,
+) -> Result<i64, Problem> {
+    Ok(match cursor {
+        Cursor::Position(p) => p,
+        Cursor::Legacy(seq) => store.legacy_position(agency, seq).await?,
+    })
 }
 
 /// Query of a pull.
@@ -81,7 +92,7 @@ pub async fn pull(
     }
     let store = state.ingest.store.clone();
     let after = match q.after.as_deref() {
-        Some(c) => parse_cursor(c)?,
+        Some(c) => position(store.as_ref(), &caller.id, parse_cursor(c)?).await?,
         None => store.pull_position(&caller.id).await?,
     };
     // Subscribe before reading so a commit in between is not missed.
@@ -99,7 +110,7 @@ pub async fn pull(
         }
     };
     let catalog = state.ingest.catalog.load_full();
-    let next = batch.last().map_or(after, |o| o.seq);
+    let next = batch.last().map_or(after, |o| o.position);
     let notices = batch
         .iter()
         .map(|o| {
@@ -108,13 +119,13 @@ pub async fn pull(
                 &o.notice,
                 &o.record,
                 caller.clearance,
-                Some(o.seq.to_string()),
+                Some(crate::cursor::encode(o.position)),
             )
         })
         .collect();
     let body = serde_json::to_vec(&PullPage {
         notices,
-        next_cursor: next.to_string(),
+        next_cursor: crate::cursor::encode(next),
     })
     .map_err(|e| Problem::gateway(&e))?;
     Ok(json_response(StatusCode::OK, body))
@@ -143,10 +154,14 @@ pub async fn ack(
             .at("/cursor", "is required"))
         }
     };
-    state.ingest.store.ack(&caller.id, cursor).await?;
-    let position = state.ingest.store.pull_position(&caller.id).await?;
-    let body = serde_json::to_vec(&serde_json::json!({"acknowledged": position.to_string()}))
-        .map_err(|e| Problem::gateway(&e))?;
+    let store = state.ingest.store.as_ref();
+    let cursor = position(store, &caller.id, cursor).await?;
+    store.ack(&caller.id, cursor).await?;
+    let acknowledged = store.pull_position(&caller.id).await?;
+    let body = serde_json::to_vec(
+        &serde_json::json!({"acknowledged": crate::cursor::encode(acknowledged)}),
+    )
+    .map_err(|e| Problem::gateway(&e))?;
     Ok(json_response(StatusCode::OK, body))
 }
 

@@ -215,8 +215,9 @@ pub struct StoredRecord {
 /// A delivery on its way out, with what the egress step needs.
 #[derive(Debug, Clone)]
 pub struct Outbound {
-    /// Position in the agency's ordered stream (pull cursor).
-    pub seq: i64,
+    /// Position in the agency's gap-free, commit-ordered stream (pull
+    /// deliveries; 0 for push).
+    pub position: i64,
     /// Delivery id.
     pub delivery_id: String,
     /// Subscription.
@@ -552,7 +553,9 @@ pub trait Store: Send + Sync + 'static {
     /// period ended before `today`; returns how many.
     async fn expire_due(&self, today: Date) -> Result<usize, StoreError>;
 
-    /// The agency's pull deliveries after `after`, in commit order.
+    /// The agency's pull deliveries after stream position `after`, in
+    /// stream order, which is commit order with no gaps: a delivery never
+    /// becomes visible after one with a higher position.
     async fn pull(
         &self,
         agency: &str,
@@ -560,11 +563,17 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<Outbound>, StoreError>;
 
-    /// Stores the agency's acknowledged position (never moves backwards).
+    /// Stores the agency's acknowledged stream position (never moves
+    /// backwards, never past the agency's last delivery) and marks the
+    /// deliveries up to it delivered.
     async fn ack(&self, agency: &str, position: i64) -> Result<(), StoreError>;
 
     /// The agency's acknowledged position (0 if none).
     async fn pull_position(&self, agency: &str) -> Result<i64, StoreError>;
+
+    /// The stream position of a cursor of the earlier format (the global
+    /// delivery sequence): the agency's last pull delivery at or before it.
+    async fn legacy_position(&self, agency: &str, seq: i64) -> Result<i64, StoreError>;
 
     /// A receiver that changes whenever deliveries were committed.
     fn changes(&self) -> tokio::sync::watch::Receiver<u64>;

@@ -8,9 +8,9 @@
 //! stored; a caller is answered only after the group's commit returned. Reads use a small pool
 //! of separate connections, which WAL lets run alongside the writer.
 //!
-//! Ordering: delivery `seq` comes from an AUTOINCREMENT key assigned by the
-//! single writer, so it is the commit order, which is what pull cursors
-//! promise.
+//! Ordering: each pull delivery takes the next position of its agency's
+//! stream (`agency_streams`) in the transaction that creates it, so every
+//! agency's stream is gap-free and in commit order (see `crate::cursor`).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -143,6 +143,24 @@ const MIGRATIONS: &[&str] = &[
     DROP INDEX IF EXISTS deliveries_due;
     CREATE INDEX deliveries_due ON deliveries(subscription, next_attempt_at) WHERE mode = 'push' AND state IN ('pending', 'inflight');
     CREATE INDEX idempotency_created ON idempotency(created_at);
+    "#,
+    // 6: per-agency, gap-free stream positions for pull cursors. Existing
+    // pull deliveries are numbered in sequence order, which was commit
+    // order under the single writer, and acknowledged positions follow.
+    r#"
+    ALTER TABLE deliveries ADD COLUMN pos INTEGER;
+    UPDATE deliveries SET pos = r.pos
+      FROM (SELECT seq, ROW_NUMBER() OVER (PARTITION BY agency ORDER BY seq) AS pos FROM deliveries WHERE mode = 'pull') AS r
+      WHERE deliveries.seq = r.seq;
+    CREATE TABLE agency_streams (
+        agency      TEXT PRIMARY KEY,
+        last_pos    INTEGER NOT NULL
+    );
+    INSERT INTO agency_streams (agency, last_pos) SELECT agency, MAX(pos) FROM deliveries WHERE mode = 'pull' GROUP BY agency;
+    UPDATE pull_positions SET position = COALESCE(
+      (SELECT MAX(d.pos) FROM deliveries d WHERE d.agency = pull_positions.agency AND d.mode = 'pull' AND d.seq <= pull_positions.position), 0);
+    DROP INDEX IF EXISTS deliveries_pull;
+    CREATE UNIQUE INDEX deliveries_pull ON deliveries(agency, pos) WHERE mode = 'pull';
     "#,
 ];
 
@@ -643,6 +661,10 @@ fn append_submission(tx: &Connection, sub: &NewSubmission) -> Result<AppendOutco
     Ok(AppendOutcome::Stored)
 }
 
+/// Takes the next position of an agency's pull stream.
+const NEXT_POSITION: &str = "INSERT INTO agency_streams (agency, last_pos) VALUES (?1, 1) \
+     ON CONFLICT(agency) DO UPDATE SET last_pos = last_pos + 1 RETURNING last_pos";
+
 #[allow(clippy::too_many_arguments)]
 fn insert_notice(
     tx: &Connection,
@@ -678,17 +700,28 @@ fn insert_notice(
     .map_err(db_err)?;
     let mut stmt = tx
         .prepare_cached(
-            "INSERT INTO deliveries (id, notice_id, subscription, agency, mode, state, created_at) VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6)",
+            "INSERT INTO deliveries (id, notice_id, subscription, agency, mode, state, created_at, pos) VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?7)",
         )
         .map_err(db_err)?;
+    let mut next_pos = tx.prepare_cached(NEXT_POSITION).map_err(db_err)?;
     for d in &n.deliveries {
+        let pos: Option<i64> = if d.push {
+            None
+        } else {
+            Some(
+                next_pos
+                    .query_row([&d.agency], |r| r.get(0))
+                    .map_err(db_err)?,
+            )
+        };
         stmt.execute(params![
             d.id,
             n.id,
             d.subscription,
             d.agency,
             if d.push { "push" } else { "pull" },
-            issued_at
+            issued_at,
+            pos
         ])
         .map_err(db_err)?;
     }
@@ -844,7 +877,7 @@ fn notice_at(r: &Row<'_>, o: usize) -> rusqlite::Result<Result<StoredNotice, Sto
 }
 
 /// Outbound rows: delivery columns, then the notice, then the record body.
-const OUTBOUND_SELECT: &str = "SELECT d.seq, d.id, d.subscription, d.agency, d.attempts, \
+const OUTBOUND_SELECT: &str = "SELECT COALESCE(d.pos, 0), d.id, d.subscription, d.agency, d.attempts, \
      n.id, n.kind, n.item, n.item_version, n.record_id, n.source, n.severity, n.measures, n.effective_from, n.effective_until, n.issued_at, n.lifts, n.reason, \
      r.body, d.claims FROM deliveries d JOIN notices n ON n.id = d.notice_id JOIN records r ON r.id = n.record_id";
 
@@ -859,7 +892,7 @@ fn outbound_from_row(r: &Row<'_>) -> rusqlite::Result<Result<Outbound, StoreErro
         Err(e) => return Ok(Err(corrupt(e))),
     };
     Ok(Ok(Outbound {
-        seq: r.get(0)?,
+        position: r.get(0)?,
         delivery_id: r.get(1)?,
         subscription: r.get(2)?,
         agency: r.get(3)?,
@@ -1098,7 +1131,7 @@ impl Store for SqliteStore {
         let agency = agency.to_owned();
         self.read(move |conn| {
             let mut stmt = conn
-                .prepare_cached(&format!("{OUTBOUND_SELECT} WHERE d.agency = ?1 AND d.mode = 'pull' AND d.seq > ?2 ORDER BY d.seq LIMIT ?3"))
+                .prepare_cached(&format!("{OUTBOUND_SELECT} WHERE d.agency = ?1 AND d.mode = 'pull' AND d.pos > ?2 ORDER BY d.pos LIMIT ?3"))
                 .map_err(db_err)?;
             let rows = stmt.query_map(params![agency, after, limit as i64], outbound_from_row).map_err(db_err)?;
             collect(rows)
@@ -1112,7 +1145,7 @@ impl Store for SqliteStore {
             // Never past the agency's last delivery, so an ack cannot skip
             // notices that do not exist yet.
             let last: i64 = sp
-                .query_row("SELECT COALESCE(MAX(seq), 0) FROM deliveries WHERE agency = ?1 AND mode = 'pull'", [&agency], |r| r.get(0))
+                .query_row("SELECT COALESCE(MAX(last_pos), 0) FROM agency_streams WHERE agency = ?1", [&agency], |r| r.get(0))
                 .map_err(db_err)?;
             let position = position.min(last);
             let previous: i64 = sp
@@ -1136,7 +1169,7 @@ impl Store for SqliteStore {
             // whole history would make every ack slower than the one before.
             let delivered = exec(
                 sp,
-                "UPDATE deliveries SET state = 'delivered', delivered_at = ?4 WHERE agency = ?1 AND mode = 'pull' AND seq > ?2 AND seq <= ?3 AND state = 'pending'",
+                "UPDATE deliveries SET state = 'delivered', delivered_at = ?4 WHERE agency = ?1 AND mode = 'pull' AND pos > ?2 AND pos <= ?3 AND state = 'pending'",
                 params![agency, previous, position, now_text()],
             )
             .map_err(db_err)?;
@@ -1159,6 +1192,23 @@ impl Store for SqliteStore {
             conn.query_row(
                 "SELECT position FROM pull_positions WHERE agency = ?1",
                 [agency],
+                |r| r.get(0),
+            )
+            .optional()
+            .map(|p| p.unwrap_or(0))
+            .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn legacy_position(&self, agency: &str, seq: i64) -> Result<i64, StoreError> {
+        let agency = agency.to_owned();
+        self.read(move |conn| {
+            // Walks the agency's stream down from its end: old cursors in
+            // use are recent ones.
+            conn.query_row(
+                "SELECT pos FROM deliveries WHERE agency = ?1 AND mode = 'pull' AND seq <= ?2 ORDER BY pos DESC LIMIT 1",
+                params![agency, seq],
                 |r| r.get(0),
             )
             .optional()
@@ -1535,7 +1585,7 @@ mod tests {
         .expect("open store")
     }
 
-    fn submission(id: &str, record_id: &str) -> NewSubmission {
+    pub(super) fn submission(id: &str, record_id: &str) -> NewSubmission {
         NewSubmission {
             id: id.to_owned(),
             participant: "dept-market".into(),
@@ -1748,6 +1798,122 @@ mod tests {
             .await
             .expect("finish");
         assert_eq!(state().await, "delivered");
+        store.close().await;
+    }
+}
+
+#[cfg(test)]
+mod migration_tests {
+    use super::*;
+
+    /// A database as the previous release left it (schema 5, pull cursors
+    /// were the global delivery sequence) opens, and its agencies' cursors
+    /// and acknowledged positions keep meaning the same deliveries.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_schema_5_database_keeps_its_streams_and_cursors() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("credgate.db");
+        {
+            let mut conn = open_connection(&path).expect("open");
+            conn.execute_batch("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL);")
+                .expect("table");
+            let tx = conn.transaction().expect("tx");
+            for (i, sql) in MIGRATIONS[..5].iter().enumerate() {
+                tx.execute_batch(sql).expect("old migration");
+                tx.execute(
+                    "INSERT INTO schema_migrations VALUES (?1, '2026-11-01T00:00:00Z')",
+                    [i as i64 + 1],
+                )
+                .expect("version");
+            }
+            tx.execute_batch(
+                "INSERT INTO submissions VALUES ('s1', 'dept', 'administrative_penalty', 1, '2026-11-01T00:00:00Z', 1, 0, '[]');
+                 INSERT INTO records (id, submission_id, item, item_version, submitter, subject_type, received_at, body, warnings)
+                   VALUES ('r1', 's1', 'administrative_penalty', 1, 'dept', 'legal_entity', '2026-11-01T00:00:00Z', '{}', '[]');
+                 INSERT INTO notices (id, kind, item, item_version, record_id, source, severity, measures, issued_at)
+                   VALUES ('n1', 'punishment', 'administrative_penalty', 1, 'r1', 'dept', 'serious', '[]', '2026-11-01T00:00:00Z');",
+            )
+            .expect("rows");
+            // Global sequence 1..=9, the two agencies interleaved, and a
+            // push delivery in between that belongs to no stream.
+            for seq in 1..=9 {
+                let (agency, mode) = match seq % 3 {
+                    0 => ("agency-b", "pull"),
+                    1 => ("agency-a", "pull"),
+                    _ => ("agency-a", "push"),
+                };
+                tx.execute(
+                    "INSERT INTO deliveries (seq, id, notice_id, subscription, agency, mode, state, created_at) VALUES (?1, ?2, 'n1', 'sub', ?3, ?4, 'pending', '2026-11-01T00:00:00Z')",
+                    params![seq, format!("d{seq}"), agency, mode],
+                )
+                .expect("delivery");
+            }
+            // agency-a acknowledged up to sequence 5 (its pulls 1 and 4).
+            tx.execute_batch(
+                "INSERT INTO pull_positions VALUES ('agency-a', 5, '2026-11-01T00:00:00Z');",
+            )
+            .expect("position");
+            tx.commit().expect("commit");
+        }
+        let store = SqliteStore::open(
+            &path,
+            16,
+            1,
+            Duration::from_secs(3600),
+            vec![7; 32],
+            Arc::new(crate::metrics::Metrics::new()),
+        )
+        .expect("the old database opens");
+        // agency-a's pulls were sequences 1, 4, 7: positions 1, 2, 3.
+        assert_eq!(store.pull_position("agency-a").await.expect("position"), 2);
+        let rest = store.pull("agency-a", 2, 10).await.expect("pull");
+        assert_eq!(
+            rest.iter()
+                .map(|o| (o.position, o.delivery_id.as_str()))
+                .collect::<Vec<_>>(),
+            [(3, "d7")]
+        );
+        // Old cursors: the last pull delivery at or before the sequence.
+        for (seq, pos) in [(0, 0), (1, 1), (3, 1), (4, 2), (6, 2), (7, 3), (100, 3)] {
+            assert_eq!(
+                store
+                    .legacy_position("agency-a", seq)
+                    .await
+                    .expect("legacy"),
+                pos,
+                "seq {seq}"
+            );
+        }
+        let b = store.pull("agency-b", 0, 10).await.expect("pull b");
+        assert_eq!(
+            b.iter()
+                .map(|o| (o.position, o.delivery_id.as_str()))
+                .collect::<Vec<_>>(),
+            [(1, "d3"), (2, "d6"), (3, "d9")]
+        );
+        // New deliveries continue each stream where it ended.
+        let mut sub = super::tests::submission("s2", "r2");
+        sub.records[0].notice = Some(NewNotice {
+            id: "n2".into(),
+            kind: NoticeKind::Punishment,
+            severity: Severity::Serious,
+            measures: vec![],
+            effective_from: None,
+            effective_until: None,
+            region: None,
+            deliveries: ["agency-a", "agency-b"]
+                .into_iter()
+                .map(|a| super::super::NewDelivery {
+                    id: format!("new-{a}"),
+                    subscription: "sub".into(),
+                    agency: a.into(),
+                    push: false,
+                })
+                .collect(),
+        });
+        store.append_submission(sub).await.expect("append");
+        let a = store.pull("agency-a", 3, 10).await.expect("pull");
+        assert_eq!(a.iter().map(|o| o.position).collect::<Vec<_>>(), [4]);
         store.close().await;
     }
 }
