@@ -249,8 +249,16 @@ impl Default for DeliveryConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// `sqlite` (embedded default).
+    /// `sqlite` (embedded default) or `postgres` (several instances on one
+    /// database).
     pub backend: StoreBackend,
+    /// PostgreSQL connection URL (`postgres://user@host:5432/db`), for the
+    /// `postgres` backend. Not logged: it may hold a password.
+    pub url: Option<String>,
+    /// PostgreSQL connections per instance (reads, claims and the writer).
+    pub pool_size: usize,
+    /// Longest a PostgreSQL statement may run before it is cancelled (ms).
+    pub statement_timeout_ms: u64,
     /// Folder of the SQLite database (`credgate.db`).
     pub data_dir: PathBuf,
     /// Most submissions committed in one transaction (one fsync).
@@ -265,6 +273,9 @@ impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             backend: StoreBackend::Sqlite,
+            url: None,
+            pool_size: 16,
+            statement_timeout_ms: 30_000,
             data_dir: "data".into(),
             group_commit_max: 512,
             read_connections: 4,
@@ -279,6 +290,8 @@ impl Default for StoreConfig {
 pub enum StoreBackend {
     /// Embedded SQLite file in WAL mode, `synchronous=FULL`.
     Sqlite,
+    /// PostgreSQL 15 or later, shared by any number of instances.
+    Postgres,
 }
 
 /// Input limits.
@@ -444,6 +457,20 @@ impl Config {
     }
 
     fn validate(&self, errors: &mut Vec<String>) {
+        match (&self.store.backend, &self.store.url) {
+            (StoreBackend::Postgres, None) => errors.push(
+                "store.url: required with store.backend = \"postgres\" (e.g. postgres://postgres@127.0.0.1:5432/credgate)".into(),
+            ),
+            (StoreBackend::Postgres, Some(url))
+                if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) =>
+            {
+                errors.push("store.url: must be a postgres:// URL".into())
+            }
+            (StoreBackend::Sqlite, Some(_)) => errors.push(
+                "store.url: only used with store.backend = \"postgres\"; remove it or set the backend".into(),
+            ),
+            _ => {}
+        }
         let positive = [
             (
                 "server.handshake_timeout_secs",
@@ -456,6 +483,11 @@ impl Config {
             ("server.max_connections", self.server.max_connections),
             ("store.group_commit_max", self.store.group_commit_max),
             ("store.read_connections", self.store.read_connections),
+            ("store.pool_size", self.store.pool_size),
+            (
+                "store.statement_timeout_ms",
+                self.store.statement_timeout_ms as usize,
+            ),
             ("limits.max_body_bytes", self.limits.max_body_bytes),
             ("limits.max_batch_records", self.limits.max_batch_records),
             ("limits.max_json_depth", self.limits.max_json_depth),

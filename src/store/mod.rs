@@ -7,6 +7,7 @@
 //! (fsync'd): the HTTP layer acknowledges on that basis. Record bodies come
 //! back as [`RecordBody`], which only the `redact` module can open.
 
+mod shared;
 pub mod sqlite;
 mod sqlite_control;
 

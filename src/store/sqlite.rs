@@ -18,10 +18,10 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 use serde_json::Value;
-use time::format_description::well_known::Rfc3339;
 use time::{Date, OffsetDateTime};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::shared::{parse_time, rfc3339, AuditItem};
 use super::sqlite_control;
 use super::{
     parse_kind, ActivateOutcome, AgencyFeedbackStats, AppendOutcome, ControlState, DeliveryInfo,
@@ -181,7 +181,7 @@ type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 /// A unit of work for the writer thread. It may run twice: when another
 /// job of its group fails, the group is rolled back and the survivors run
 /// again, each in its own savepoint.
-type Job = Box<dyn FnMut(&Connection) -> JobDone + Send>;
+type Job = Box<dyn FnMut(&Connection, &mut Vec<AuditItem>) -> JobDone + Send>;
 
 /// The embedded SQLite store.
 pub struct SqliteStore {
@@ -285,20 +285,12 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-pub(super) fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&Rfc3339).unwrap_or_default()
-}
-
 fn now_text() -> String {
     rfc3339(OffsetDateTime::now_utc())
 }
 
 fn unix_now() -> i64 {
     OffsetDateTime::now_utc().unix_timestamp()
-}
-
-pub(super) fn parse_time(s: &str) -> Result<OffsetDateTime, StoreError> {
-    OffsetDateTime::parse(s, &Rfc3339).map_err(corrupt)
 }
 
 fn parse_date(s: Option<String>) -> Option<Date> {
@@ -367,14 +359,14 @@ impl SqliteStore {
     async fn write<T, F>(&self, wake: bool, mut f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnMut(&Connection) -> Result<T, StoreError> + Send + 'static,
+        F: FnMut(&Connection, &mut Vec<AuditItem>) -> Result<T, StoreError> + Send + 'static,
     {
         let (reply_tx, reply_rx) = oneshot::channel();
         // Shared by every run of the job; the run whose outcome is final
         // answers. Dropped unanswered, the caller gets `Unavailable`.
         let reply_tx = Arc::new(Mutex::new(Some(reply_tx)));
-        let job: Job = Box::new(move |sp| {
-            let result = f(sp);
+        let job: Job = Box::new(move |sp, audit| {
+            let result = f(sp, audit);
             let ok = result.is_ok();
             let reply_tx = reply_tx.clone();
             JobDone {
@@ -503,10 +495,10 @@ fn run_group(conn: &mut Connection, jobs: &mut [Job]) -> Result<bool, Option<usi
     };
     let mut replies: Vec<Reply> = Vec::with_capacity(jobs.len());
     let mut wake = false;
+    let mut audit = Vec::new();
     for (i, job) in jobs.iter_mut().enumerate() {
-        let done = job(&tx);
+        let done = job(&tx, &mut audit);
         if !done.ok {
-            sqlite_control::truncate_deferred(0);
             drop(tx);
             (done.reply)(Ok(()));
             return Err(Some(i));
@@ -516,7 +508,7 @@ fn run_group(conn: &mut Connection, jobs: &mut [Job]) -> Result<bool, Option<usi
     }
     // The group's hot-path audit items (submissions, delivery outcomes)
     // become one chained entry per action, in the same transaction.
-    let outcome = sqlite_control::flush_deferred(&tx)
+    let outcome = sqlite_control::write_audit(&tx, audit)
         .map_err(|e| e.to_string())
         .and_then(|()| tx.commit().map_err(|e| e.to_string()));
     if let Err(msg) = &outcome {
@@ -540,8 +532,9 @@ fn run_group_isolated(conn: &mut Connection, jobs: &mut [Job]) -> bool {
     };
     let mut replies: Vec<Reply> = Vec::with_capacity(jobs.len());
     let mut wake = false;
+    let mut audit = Vec::new();
     for job in jobs.iter_mut() {
-        let queued = sqlite_control::deferred_len();
+        let queued = audit.len();
         let mut sp = match tx.savepoint() {
             Ok(sp) => sp,
             Err(e) => {
@@ -549,7 +542,7 @@ fn run_group_isolated(conn: &mut Connection, jobs: &mut [Job]) -> bool {
                 return false;
             }
         };
-        let done = job(&sp);
+        let done = job(&sp, &mut audit);
         if done.ok {
             if let Err(e) = sp.commit() {
                 tracing::error!(error = %e, "cannot release a savepoint");
@@ -560,11 +553,11 @@ fn run_group_isolated(conn: &mut Connection, jobs: &mut [Job]) -> bool {
         } else {
             let _ = sp.rollback();
             drop(sp);
-            sqlite_control::truncate_deferred(queued);
+            audit.truncate(queued);
             (done.reply)(Ok(()));
         }
     }
-    let outcome = sqlite_control::flush_deferred(&tx)
+    let outcome = sqlite_control::write_audit(&tx, audit)
         .map_err(|e| e.to_string())
         .and_then(|()| tx.commit().map_err(|e| e.to_string()));
     let ok = outcome.is_ok();
@@ -577,7 +570,11 @@ fn run_group_isolated(conn: &mut Connection, jobs: &mut [Job]) -> bool {
 
 // === impl writes ===
 
-fn append_submission(tx: &Connection, sub: &NewSubmission) -> Result<AppendOutcome, StoreError> {
+fn append_submission(
+    tx: &Connection,
+    sub: &NewSubmission,
+    audit: &mut Vec<AuditItem>,
+) -> Result<AppendOutcome, StoreError> {
     if let Some(claim) = &sub.idempotency {
         let earlier = tx
             .query_row(
@@ -645,7 +642,7 @@ fn append_submission(tx: &Connection, sub: &NewSubmission) -> Result<AppendOutco
         }
     }
     // Counts and ids only: never field values. One entry per group.
-    sqlite_control::audit_deferred(
+    audit.push(AuditItem::grouped(
         &sub.participant,
         "submissions",
         &sub.id,
@@ -655,9 +652,9 @@ fn append_submission(tx: &Connection, sub: &NewSubmission) -> Result<AppendOutco
             "accepted": sub.records.len(),
             "rejected": sub.rejected,
             "record_ids": sub.records.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
-                        "notice_ids": sub.records.iter().filter_map(|r| r.notice.as_ref().map(|n| n.id.as_str())).collect::<Vec<_>>(),
+            "notice_ids": sub.records.iter().filter_map(|r| r.notice.as_ref().map(|n| n.id.as_str())).collect::<Vec<_>>(),
         }),
-    );
+    ));
     Ok(AppendOutcome::Stored)
 }
 
@@ -736,6 +733,7 @@ fn end_record(
     reason: crate::notice::EndReason,
     note: Option<&str>,
     actor: &str,
+    audit: &mut Vec<AuditItem>,
 ) -> Result<EndOutcome, StoreError> {
     let status: Option<String> = tx
         .query_row(
@@ -820,13 +818,12 @@ fn end_record(
     }
     recipients.sort();
     recipients.dedup();
-    super::sqlite_control::audit(
-        tx,
+    audit.push(AuditItem::single(
         actor,
         "record.end",
         record_id,
-        &serde_json::json!({"reason": reason, "lift_notices": lift_notices, "recipients": recipients}),
-    )?;
+        serde_json::json!({"reason": reason, "lift_notices": lift_notices, "recipients": recipients}),
+    ));
     Ok(EndOutcome::Ended {
         lift_notices,
         recipients,
@@ -979,8 +976,10 @@ impl Store for SqliteStore {
             .records
             .iter()
             .any(|r| r.notice.as_ref().is_some_and(|n| !n.deliveries.is_empty()));
-        self.write(wake, move |sp| append_submission(sp, &submission))
-            .await
+        self.write(wake, move |sp, audit| {
+            append_submission(sp, &submission, audit)
+        })
+        .await
     }
 
     async fn idempotent_response(
@@ -1092,8 +1091,8 @@ impl Store for SqliteStore {
         actor: &str,
     ) -> Result<EndOutcome, StoreError> {
         let (record_id, actor) = (record_id.to_owned(), actor.to_owned());
-        self.write(true, move |sp| {
-            end_record(sp, &record_id, reason, note.as_deref(), &actor)
+        self.write(true, move |sp, audit| {
+            end_record(sp, &record_id, reason, note.as_deref(), &actor, audit)
         })
         .await
     }
@@ -1141,7 +1140,7 @@ impl Store for SqliteStore {
 
     async fn ack(&self, agency: &str, position: i64) -> Result<(), StoreError> {
         let agency = agency.to_owned();
-        self.write(false, move |sp| {
+        self.write(false, move |sp, audit| {
             // Never past the agency's last delivery, so an ack cannot skip
             // notices that do not exist yet.
             let last: i64 = sp
@@ -1174,12 +1173,12 @@ impl Store for SqliteStore {
             )
             .map_err(db_err)?;
             if delivered > 0 {
-                sqlite_control::audit_deferred(
+                audit.push(AuditItem::grouped(
                     &agency,
                     "delivery.acknowledged",
                     &agency,
                     serde_json::json!({"position": position, "deliveries": delivered}),
-                );
+                ));
             }
             Ok(())
         })
@@ -1229,7 +1228,7 @@ impl Store for SqliteStore {
         lease_ms: i64,
     ) -> Result<Vec<Outbound>, StoreError> {
         let wants = wants.to_vec();
-        self.write(false, move |sp| {
+        self.write(false, move |sp, _| {
             let mut claimed = Vec::new();
             let mut select = sp
                 .prepare_cached(&format!(
@@ -1256,7 +1255,7 @@ impl Store for SqliteStore {
     }
 
     async fn finish_deliveries(&self, finished: Vec<Finished>) -> Result<(), StoreError> {
-        self.write(false, move |sp| {
+        self.write(false, move |sp, audit| {
             let now = now_text();
             for f in &finished {
                 let (id, claim) = (&f.delivery_id, f.claim);
@@ -1291,12 +1290,12 @@ impl Store for SqliteStore {
                     DeliveryResult::Dead { .. } => "delivery.dead",
                     _ => continue,
                 };
-                sqlite_control::audit_deferred(
+                audit.push(AuditItem::grouped(
                     "gateway",
                     action,
                     id,
                     serde_json::json!({"notice_id": f.notice_id, "agency": f.agency, "subscription": f.subscription, "attempts": f.attempts}),
-                );
+                ));
             }
             Ok(())
         })
@@ -1305,7 +1304,7 @@ impl Store for SqliteStore {
 
     async fn purge_idempotency(&self, batch: usize) -> Result<usize, StoreError> {
         let cutoff = unix_now() - self.idempotency_ttl.as_secs() as i64;
-        self.write(false, move |sp| {
+        self.write(false, move |sp, _| {
             exec(
                 sp,
                 "DELETE FROM idempotency WHERE rowid IN (SELECT rowid FROM idempotency WHERE created_at < ?1 ORDER BY created_at LIMIT ?2)",
@@ -1338,7 +1337,7 @@ impl Store for SqliteStore {
 
     async fn retry_delivery(&self, delivery_id: &str, actor: &str) -> Result<bool, StoreError> {
         let (id, actor) = (delivery_id.to_owned(), actor.to_owned());
-        self.write(true, move |sp| {
+        self.write(true, move |sp, audit| {
             let n = sp
                 .execute(
                     "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = 0, lease_until = 0 WHERE id = ?1 AND state = 'dead'",
@@ -1346,7 +1345,7 @@ impl Store for SqliteStore {
                 )
                 .map_err(db_err)?;
             if n == 1 {
-                super::sqlite_control::audit(sp, &actor, "delivery.retry", &id, &serde_json::json!({}))?;
+                audit.push(AuditItem::single(&actor, "delivery.retry", &id, serde_json::json!({})));
             }
             Ok(n == 1)
         })
@@ -1354,7 +1353,7 @@ impl Store for SqliteStore {
     }
 
     async fn add_feedback(&self, f: Feedback) -> Result<FeedbackStored, StoreError> {
-        self.write(false, move |sp| {
+        self.write(false, move |sp, audit| {
             let exists: Option<i64> = sp
                 .query_row("SELECT 1 FROM notices WHERE id = ?1", [&f.notice_id], |r| r.get(0))
                 .optional()
@@ -1380,13 +1379,12 @@ impl Store for SqliteStore {
                 params![f.notice_id, f.agency, f.measure, outcome, f.date.map(|d| d.to_string()), f.note, rfc3339(f.received_at)],
             )
             .map_err(db_err)?;
-            super::sqlite_control::audit(
-                sp,
+            audit.push(AuditItem::single(
                 &f.agency,
                 "feedback",
                 &f.notice_id,
-                &serde_json::json!({"measure": f.measure, "outcome": outcome, "date": f.date.map(|d| d.to_string())}),
-            )?;
+                serde_json::json!({"measure": f.measure, "outcome": outcome, "date": f.date.map(|d| d.to_string())}),
+            ));
             Ok(FeedbackStored::Stored)
         })
         .await
@@ -1469,8 +1467,8 @@ impl Store for SqliteStore {
         participants: Vec<(String, Value)>,
         subscriptions: Vec<(String, Value)>,
     ) -> Result<ControlState, StoreError> {
-        self.write(false, move |sp| {
-            sqlite_control::seed(sp, &items, &participants, &subscriptions)
+        self.write(false, move |sp, audit| {
+            sqlite_control::seed(sp, &items, &participants, &subscriptions, audit)
         })
         .await
     }
@@ -1491,8 +1489,10 @@ impl Store for SqliteStore {
         &self,
         activation: ItemActivation,
     ) -> Result<ActivateOutcome, StoreError> {
-        self.write(false, move |sp| sqlite_control::activate(sp, &activation))
-            .await
+        self.write(false, move |sp, audit| {
+            sqlite_control::activate(sp, &activation, audit)
+        })
+        .await
     }
 
     async fn put_document(
@@ -1504,9 +1504,9 @@ impl Store for SqliteStore {
         action: &str,
         details: Value,
     ) -> Result<(), StoreError> {
-        let (id, actor, action) = (id.to_owned(), actor.to_owned(), action.to_owned());
-        self.write(false, move |sp| {
-            sqlite_control::put_document(sp, kind, &id, &body, &actor, &action, &details)
+        let entry = AuditItem::single(actor, action, id, details);
+        self.write(false, move |sp, audit| {
+            sqlite_control::put_document(sp, kind, &body, entry.clone(), audit)
         })
         .await
     }
@@ -1523,7 +1523,7 @@ impl Store for SqliteStore {
     async fn checkpoint(&self) -> Result<Option<crate::audit::Checkpoint>, StoreError> {
         let key = self.audit_key.clone();
         let cp = self
-            .write(false, move |sp| sqlite_control::checkpoint(sp, &key))
+            .write(false, move |sp, _| sqlite_control::checkpoint(sp, &key))
             .await?;
         if let Some(cp) = &cp {
             // Written after the commit: a checkpoint in the file always
@@ -1673,7 +1673,7 @@ mod tests {
         let store = open(dir.path());
         let old = unix_now() - 7200;
         store
-            .write(false, move |c| {
+            .write(false, move |c, _| {
                 let mut stmt = c
                     .prepare("INSERT INTO idempotency (participant, key, request_hash, status, response, created_at) VALUES ('p', ?1, 'h', 200, x'00', ?2)")
                     .map_err(db_err)?;

@@ -3,12 +3,11 @@
 //! called from the `Store` implementation in `sqlite.rs`, inside writer
 //! jobs (writes) or on read connections.
 
-use std::collections::{BTreeMap, HashMap};
-
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::Value;
-use time::{Date, OffsetDateTime};
+use time::OffsetDateTime;
 
+use super::shared::{activation_audit, AuditItem};
 use super::{
     ActivateOutcome, ControlState, DepartmentStats, DocKind, ItemActivation, StoreError,
     VersionInfo,
@@ -66,11 +65,11 @@ fn corrupt(e: impl std::fmt::Display) -> StoreError {
 }
 
 fn now() -> String {
-    super::sqlite::rfc3339(OffsetDateTime::now_utc())
+    super::shared::rfc3339(OffsetDateTime::now_utc())
 }
 
 /// Appends an audit entry chained to the last one.
-pub(super) fn audit(
+fn audit(
     conn: &Connection,
     actor: &str,
     action: &str,
@@ -94,56 +93,11 @@ pub(super) fn audit(
     Ok(())
 }
 
-thread_local! {
-    /// Audit items of the writer's current group, written as one entry per
-    /// action when the group commits (see [`flush_deferred`]).
-    static DEFERRED: std::cell::RefCell<Vec<(String, String, String, Value)>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Queues an audit item of a high-volume action (submissions, delivery
-/// outcomes) for the current group.
-pub(super) fn audit_deferred(actor: &str, action: &str, subject: &str, details: Value) {
-    DEFERRED.with(|d| {
-        d.borrow_mut().push((
-            actor.to_owned(),
-            action.to_owned(),
-            subject.to_owned(),
-            details,
-        ))
-    });
-}
-
-/// Drops the items queued after position `n` (0: all, for a failed group).
-/// How many audit items are queued (to drop one job's items if it fails).
-pub(super) fn deferred_len() -> usize {
-    DEFERRED.with(|d| d.borrow().len())
-}
-
-pub(super) fn truncate_deferred(n: usize) {
-    DEFERRED.with(|d| d.borrow_mut().truncate(n));
-}
-
-/// Writes the queued items: one chained entry per action, holding every
-/// item (actor, subject, details) in order.
-pub(super) fn flush_deferred(conn: &Connection) -> Result<(), StoreError> {
-    let items = DEFERRED.with(|d| std::mem::take(&mut *d.borrow_mut()));
-    let mut by_action: Vec<(String, Vec<Value>)> = Vec::new();
-    for (actor, action, subject, details) in items {
-        let item = serde_json::json!({"actor": actor, "subject": subject, "details": details});
-        match by_action.iter_mut().find(|(a, _)| *a == action) {
-            Some((_, list)) => list.push(item),
-            None => by_action.push((action, vec![item])),
-        }
-    }
-    for (action, list) in by_action {
-        let subject = format!("{} item(s)", list.len());
-        audit(
-            conn,
-            "gateway",
-            &action,
-            &subject,
-            &serde_json::json!({"items": list}),
-        )?;
+/// Writes a commit's audit items as chained entries (see
+/// [`super::shared::audit_entries`]).
+pub(super) fn write_audit(conn: &Connection, items: Vec<AuditItem>) -> Result<(), StoreError> {
+    for (actor, action, subject, details) in super::shared::audit_entries(items) {
+        audit(conn, &actor, &action, &subject, &details)?;
     }
     Ok(())
 }
@@ -265,6 +219,7 @@ pub(super) fn seed(
     items: &[Value],
     participants: &[(String, Value)],
     subscriptions: &[(String, Value)],
+    log: &mut Vec<AuditItem>,
 ) -> Result<ControlState, StoreError> {
     let mut seeded = Vec::new();
     for def in items {
@@ -290,13 +245,12 @@ pub(super) fn seed(
                 params![id, version as i64],
             )
             .map_err(db_err)?;
-            audit(
-                conn,
+            log.push(AuditItem::single(
                 "gateway",
                 "catalog.seed",
                 id,
-                &serde_json::json!({"version": version, "digest": digest(&text)}),
-            )?;
+                serde_json::json!({"version": version, "digest": digest(&text)}),
+            ));
             seeded.push(format!("catalog item {id} v{version}"));
         }
     }
@@ -322,13 +276,12 @@ pub(super) fn seed(
             )
             .map_err(db_err)?;
         }
-        audit(
-            conn,
+        log.push(AuditItem::single(
             "gateway",
             &format!("{}.seed", kind.as_str()),
             "*",
-            &serde_json::json!({"count": docs.len()}),
-        )?;
+            serde_json::json!({"count": docs.len()}),
+        ));
         seeded.push(format!("{} {}s", docs.len(), kind.as_str()));
     }
     let mut stmt = conn
@@ -403,6 +356,7 @@ pub(super) fn item_version(
 pub(super) fn activate(
     conn: &Connection,
     a: &ItemActivation,
+    log: &mut Vec<AuditItem>,
 ) -> Result<ActivateOutcome, StoreError> {
     let exists: Option<i64> = conn
         .query_row(
@@ -438,40 +392,28 @@ pub(super) fn activate(
         params![a.item, a.version],
     )
     .map_err(db_err)?;
-    let action = if a.definition.is_some() {
-        "catalog.activate"
-    } else {
-        "catalog.rollback"
-    };
-    audit(
-        conn,
-        &a.actor,
-        action,
-        &a.item,
-        &serde_json::json!({
-            "version": a.version, "breaking": a.breaking, "forced": a.breaking, "reason": a.reason,
-            "before_digest": a.digests.0, "after_digest": a.digests.1, "changes": a.diff,
-        }),
-    )?;
+    log.push(activation_audit(a));
     Ok(ActivateOutcome::Activated)
 }
 
+/// Creates or replaces a document; `entry` (its audit entry) names the
+/// administrator.
 pub(super) fn put_document(
     conn: &Connection,
     kind: DocKind,
-    id: &str,
     body: &Value,
-    actor: &str,
-    action: &str,
-    details: &Value,
+    entry: AuditItem,
+    log: &mut Vec<AuditItem>,
 ) -> Result<(), StoreError> {
+    let (id, actor) = (&entry.subject, &entry.actor);
     conn.execute(
         "INSERT INTO registry (kind, id, body, updated_at, updated_by) VALUES (?1, ?2, ?3, ?4, ?5) \
          ON CONFLICT(kind, id) DO UPDATE SET body = excluded.body, updated_at = excluded.updated_at, updated_by = excluded.updated_by",
         params![kind.as_str(), id, serde_json::to_string(body).map_err(corrupt)?, now(), actor],
     )
     .map_err(db_err)?;
-    audit(conn, actor, action, id, details)
+    log.push(entry);
+    Ok(())
 }
 
 /// Opens a database for offline reading (no writer, no migrations).
@@ -539,65 +481,23 @@ pub fn active_items(db: &std::path::Path) -> Result<Vec<Value>, String> {
     Ok(out)
 }
 
-/// Working days (Mon-Fri) after `from` up to and including `to`.
-fn working_days(from: Date, to: Date) -> i64 {
-    let mut d = from;
-    let mut n = 0;
-    while d < to {
-        d = d.next_day().unwrap_or(to);
-        if !matches!(d.weekday(), time::Weekday::Saturday | time::Weekday::Sunday) {
-            n += 1;
-        }
-    }
-    n
-}
-
 pub(super) fn department_stats(
     conn: &Connection,
     from: &str,
     to: &str,
 ) -> Result<Vec<DepartmentStats>, StoreError> {
-    let mut by_key: BTreeMap<(String, String), DepartmentStats> = BTreeMap::new();
-    {
+    let submissions: Vec<super::shared::SubmissionRow> = {
         let mut stmt = conn
             .prepare_cached("SELECT participant, item, accepted, rejected, rejection_codes FROM submissions WHERE received_at >= ?1 AND received_at < ?2")
             .map_err(db_err)?;
         let rows = stmt
             .query_map(params![from, to], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, i64>(2)?,
-                    r.get::<_, i64>(3)?,
-                    r.get::<_, String>(4)?,
-                ))
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
             })
             .map_err(db_err)?;
-        for row in rows {
-            let (dept, item, accepted, rejected, codes) = row.map_err(db_err)?;
-            let s = by_key
-                .entry((dept.clone(), item.clone()))
-                .or_insert_with(|| DepartmentStats {
-                    department: dept,
-                    item,
-                    submitted: 0,
-                    accepted: 0,
-                    rejected: 0,
-                    rejected_by_code: BTreeMap::new(),
-                    acceptance_rate: 0.0,
-                    timeliness_median_days: None,
-                    timeliness_worst_days: None,
-                    within_7_working_days: None,
-                });
-            s.accepted += accepted.max(0) as u64;
-            s.rejected += rejected.max(0) as u64;
-            let codes: Vec<(String, u64)> = serde_json::from_str(&codes).map_err(corrupt)?;
-            for (code, n) in codes {
-                *s.rejected_by_code.entry(code).or_default() += n;
-            }
-        }
-    }
-    let mut delays: HashMap<(String, String), Vec<(i64, i64)>> = HashMap::new();
+        rows.collect::<Result<_, _>>().map_err(db_err)?
+    };
+    let mut records: Vec<super::shared::DelayRow> = Vec::new();
     {
         let mut stmt = conn
             .prepare_cached("SELECT submitter, item, decision_date, received_at FROM records WHERE received_at >= ?1 AND received_at < ?2 AND decision_date IS NOT NULL")
@@ -612,66 +512,15 @@ pub(super) fn department_stats(
                 ))
             })
             .map_err(db_err)?;
-        let cst = time::UtcOffset::from_hms(8, 0, 0).unwrap_or(time::UtcOffset::UTC);
         for row in rows {
             let (dept, item, decision, received) = row.map_err(db_err)?;
-            let (Some(decision), Ok(received)) = (
+            if let (Some(decision), Ok(received)) = (
                 crate::codes::parse_iso_date(&decision),
-                super::sqlite::parse_time(&received),
-            ) else {
-                continue;
-            };
-            let received = received.to_offset(cst).date();
-            let days = (received - decision).whole_days();
-            delays
-                .entry((dept, item))
-                .or_default()
-                .push((days, working_days(decision, received)));
+                super::shared::parse_time(&received),
+            ) {
+                records.push((dept, item, decision, received));
+            }
         }
     }
-    let mut out = Vec::with_capacity(by_key.len());
-    for (key, mut s) in by_key {
-        s.submitted = s.accepted + s.rejected;
-        s.acceptance_rate = if s.submitted == 0 {
-            0.0
-        } else {
-            s.accepted as f64 / s.submitted as f64
-        };
-        if let Some(mut d) = delays.remove(&key) {
-            d.sort_unstable();
-            let n = d.len();
-            s.timeliness_median_days = Some(if n % 2 == 1 {
-                d[n / 2].0 as f64
-            } else {
-                (d[n / 2 - 1].0 + d[n / 2].0) as f64 / 2.0
-            });
-            s.timeliness_worst_days = d.last().map(|x| x.0);
-            s.within_7_working_days = Some(d.iter().filter(|x| x.1 <= 7).count() as f64 / n as f64);
-        }
-        out.push(s);
-    }
-    Ok(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use time::macros::date;
-
-    #[test]
-    fn working_days_skip_weekends() {
-        // Friday 2026-11-20 → Monday 2026-11-23 is one working day.
-        assert_eq!(
-            working_days(date!(2026 - 11 - 20), date!(2026 - 11 - 23)),
-            1
-        );
-        assert_eq!(
-            working_days(date!(2026 - 11 - 20), date!(2026 - 11 - 20)),
-            0
-        );
-        assert_eq!(
-            working_days(date!(2026 - 11 - 16), date!(2026 - 11 - 27)),
-            9
-        );
-    }
+    super::shared::department_stats(submissions, records)
 }

@@ -1,0 +1,234 @@
+//! What both backends compute the same way: the grouping of hot-path audit
+//! items into chained entries, and the quality figures.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::Value;
+use time::{Date, OffsetDateTime};
+
+use super::{DepartmentStats, StoreError};
+
+/// RFC 3339 text of a time (audit entries hash this text).
+pub(crate) fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// Parses stored RFC 3339 text.
+pub(crate) fn parse_time(s: &str) -> Result<OffsetDateTime, StoreError> {
+    OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// An audit item produced inside a write, written when the write's
+/// transaction is about to commit.
+#[derive(Debug, Clone)]
+pub(crate) struct AuditItem {
+    /// Who.
+    pub actor: String,
+    /// What.
+    pub action: String,
+    /// About what.
+    pub subject: String,
+    /// Details (never non-public field values).
+    pub details: Value,
+    /// High-volume items (submissions, delivery outcomes, acks) of one
+    /// commit are merged into one entry per action; others stay entries
+    /// of their own.
+    pub grouped: bool,
+}
+
+impl AuditItem {
+    /// An item merged with the commit's others of the same action.
+    pub fn grouped(actor: &str, action: &str, subject: &str, details: Value) -> AuditItem {
+        AuditItem {
+            actor: actor.to_owned(),
+            action: action.to_owned(),
+            subject: subject.to_owned(),
+            details,
+            grouped: true,
+        }
+    }
+
+    /// An entry of its own.
+    pub fn single(actor: &str, action: &str, subject: &str, details: Value) -> AuditItem {
+        AuditItem {
+            grouped: false,
+            ..AuditItem::grouped(actor, action, subject, details)
+        }
+    }
+}
+
+/// The chained entries `(actor, action, subject, details)` of a commit's
+/// items, in order: entries of their own first, then one `gateway` entry
+/// per grouped action, holding every item (actor, subject, details).
+pub(crate) fn audit_entries(items: Vec<AuditItem>) -> Vec<(String, String, String, Value)> {
+    let mut out = Vec::new();
+    let mut by_action: Vec<(String, Vec<Value>)> = Vec::new();
+    for item in items {
+        if !item.grouped {
+            out.push((item.actor, item.action, item.subject, item.details));
+            continue;
+        }
+        let entry = serde_json::json!({"actor": item.actor, "subject": item.subject, "details": item.details});
+        match by_action.iter_mut().find(|(a, _)| *a == item.action) {
+            Some((_, list)) => list.push(entry),
+            None => by_action.push((item.action, vec![entry])),
+        }
+    }
+    for (action, list) in by_action {
+        let subject = format!("{} item(s)", list.len());
+        out.push((
+            "gateway".to_owned(),
+            action,
+            subject,
+            serde_json::json!({"items": list}),
+        ));
+    }
+    out
+}
+
+/// The audit entry of a catalog activation or rollback.
+pub(crate) fn activation_audit(a: &super::ItemActivation) -> AuditItem {
+    let action = if a.definition.is_some() {
+        "catalog.activate"
+    } else {
+        "catalog.rollback"
+    };
+    AuditItem::single(
+        &a.actor,
+        action,
+        &a.item,
+        serde_json::json!({
+            "version": a.version, "breaking": a.breaking, "forced": a.breaking, "reason": a.reason,
+            "before_digest": a.digests.0, "after_digest": a.digests.1, "changes": a.diff,
+        }),
+    )
+}
+
+/// Working days (Mon-Fri) after `from` up to and including `to`.
+fn working_days(from: Date, to: Date) -> i64 {
+    let mut d = from;
+    let mut n = 0;
+    while d < to {
+        d = d.next_day().unwrap_or(to);
+        if !matches!(d.weekday(), time::Weekday::Saturday | time::Weekday::Sunday) {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// One submission row of the period: department, item, accepted,
+/// rejected, rejection codes (JSON `[[code, count], …]`).
+pub(crate) type SubmissionRow = (String, String, i64, i64, String);
+
+/// One accepted record of the period: department, item, decision date,
+/// receive time.
+pub(crate) type DelayRow = (String, String, Date, OffsetDateTime);
+
+/// Quality figures per department and item.
+pub(crate) fn department_stats(
+    submissions: impl IntoIterator<Item = SubmissionRow>,
+    records: impl IntoIterator<Item = DelayRow>,
+) -> Result<Vec<DepartmentStats>, StoreError> {
+    let mut by_key: BTreeMap<(String, String), DepartmentStats> = BTreeMap::new();
+    for (dept, item, accepted, rejected, codes) in submissions {
+        let s = by_key
+            .entry((dept.clone(), item.clone()))
+            .or_insert_with(|| DepartmentStats {
+                department: dept,
+                item,
+                submitted: 0,
+                accepted: 0,
+                rejected: 0,
+                rejected_by_code: BTreeMap::new(),
+                acceptance_rate: 0.0,
+                timeliness_median_days: None,
+                timeliness_worst_days: None,
+                within_7_working_days: None,
+            });
+        s.accepted += accepted.max(0) as u64;
+        s.rejected += rejected.max(0) as u64;
+        let codes: Vec<(String, u64)> =
+            serde_json::from_str(&codes).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        for (code, n) in codes {
+            *s.rejected_by_code.entry(code).or_default() += n;
+        }
+    }
+    let cst = time::UtcOffset::from_hms(8, 0, 0).unwrap_or(time::UtcOffset::UTC);
+    let mut delays: HashMap<(String, String), Vec<(i64, i64)>> = HashMap::new();
+    for (dept, item, decision, received) in records {
+        let received = received.to_offset(cst).date();
+        let days = (received - decision).whole_days();
+        delays
+            .entry((dept, item))
+            .or_default()
+            .push((days, working_days(decision, received)));
+    }
+    let mut out = Vec::with_capacity(by_key.len());
+    for (key, mut s) in by_key {
+        s.submitted = s.accepted + s.rejected;
+        s.acceptance_rate = if s.submitted == 0 {
+            0.0
+        } else {
+            s.accepted as f64 / s.submitted as f64
+        };
+        if let Some(mut d) = delays.remove(&key) {
+            d.sort_unstable();
+            let n = d.len();
+            s.timeliness_median_days = Some(if n % 2 == 1 {
+                d[n / 2].0 as f64
+            } else {
+                (d[n / 2 - 1].0 + d[n / 2].0) as f64 / 2.0
+            });
+            s.timeliness_worst_days = d.last().map(|x| x.0);
+            s.within_7_working_days = Some(d.iter().filter(|x| x.1 <= 7).count() as f64 / n as f64);
+        }
+        out.push(s);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::date;
+
+    #[test]
+    fn working_days_skip_weekends() {
+        // Friday 2026-11-20 → Monday 2026-11-23 is one working day.
+        assert_eq!(
+            working_days(date!(2026 - 11 - 20), date!(2026 - 11 - 23)),
+            1
+        );
+        assert_eq!(
+            working_days(date!(2026 - 11 - 20), date!(2026 - 11 - 20)),
+            0
+        );
+        assert_eq!(
+            working_days(date!(2026 - 11 - 16), date!(2026 - 11 - 27)),
+            9
+        );
+    }
+
+    #[test]
+    fn grouped_items_become_one_entry_per_action_after_single_ones() {
+        let entries = audit_entries(vec![
+            AuditItem::grouped("d1", "submissions", "s1", serde_json::json!({})),
+            AuditItem::single("admin", "catalog.activate", "item", serde_json::json!({})),
+            AuditItem::grouped("d2", "submissions", "s2", serde_json::json!({})),
+        ]);
+        let summary: Vec<_> = entries
+            .iter()
+            .map(|(actor, action, subject, _)| (actor.as_str(), action.as_str(), subject.as_str()))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("admin", "catalog.activate", "item"),
+                ("gateway", "submissions", "2 item(s)")
+            ]
+        );
+    }
+}
