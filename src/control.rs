@@ -219,6 +219,28 @@ impl Control {
         }
     }
 
+    /// Reloads the catalog, participants and subscriptions from the store
+    /// (another instance changed them) and swaps them in.
+    pub async fn reload(&self) -> Result<(), Vec<String>> {
+        let _guard = self.lock.lock().await;
+        let state = self
+            .store
+            .seed_control(Vec::new(), Vec::new(), Vec::new())
+            .await
+            .map_err(|e| vec![e.to_string()])?;
+        let fresh = Control::from_state(
+            self.store.clone(),
+            self.sealer.clone(),
+            state.items,
+            state.participants,
+            state.subscriptions,
+        )?;
+        self.registry.store(fresh.registry.load_full());
+        self.catalog.store(fresh.catalog.load_full());
+        self.subscriptions.store(fresh.subscriptions.load_full());
+        Ok(())
+    }
+
     /// Validates `body` as the next version of `item_id`, classifies it
     /// against the active version and, unless `dry_run`, stores and
     /// activates it. `force` with a non-empty `reason` allows breaking

@@ -400,7 +400,7 @@ fn catalog_export(dir: &std::path::Path, config: &std::path::Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let items = match credgate::store::active_items(&config.database_path()) {
+    let items = match credgate::store::active_items_of(&config) {
         Ok(i) => i,
         Err(e) => {
             eprintln!("{e}");
@@ -440,7 +440,7 @@ fn audit_verify(config: &std::path::Path) -> ExitCode {
         }
     };
     let key = credgate::audit::checkpoint_key(&secret);
-    match credgate::store::verify_audit(&config.database_path(), &key) {
+    match credgate::store::verify_audit_of(&config, &key) {
         Ok(report) => match &report.problem {
             None => {
                 println!(

@@ -25,7 +25,6 @@ use crate::participants::{Kind, Registry};
 use crate::ratelimit::RateLimits;
 use crate::redact::Redactor;
 use crate::routing::Subscriptions;
-use crate::store::sqlite::SqliteStore;
 use crate::store::Store;
 use crate::tls::TlsState;
 
@@ -182,15 +181,13 @@ impl Gateway {
             .ok();
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let store = match &secret {
-            Some(secret) if errors.is_empty() => SqliteStore::open(
-                &config.database_path(),
-                config.store.group_commit_max,
-                config.store.read_connections,
-                Duration::from_secs(config.store.idempotency_ttl_hours * 3600),
+            Some(secret) if errors.is_empty() => crate::store::open(
+                &config,
                 crate::audit::checkpoint_key(secret),
                 metrics.clone(),
             )
-            .map_err(|e| errors.push(format!("store: {}: {e}", config.database_path().display())))
+            .await
+            .map_err(|e| errors.push(e))
             .ok(),
             _ => None,
         };
@@ -205,7 +202,6 @@ impl Gateway {
         else {
             return Err(StartupErrors(errors));
         };
-        let store: Arc<dyn Store> = Arc::new(store);
         let sealer = Arc::new(crate::sealed::Sealer::new(&secret));
         // The files seed the store on first start; from then on the store
         // is authoritative and administrators change it through the API.
@@ -381,6 +377,13 @@ impl Gateway {
             self.store.clone(),
             self.shutdown.clone(),
         ));
+        if let Some(changes) = self.store.control_changes() {
+            tokio::spawn(follow_control_changes(
+                self.state.control.clone(),
+                changes,
+                self.shutdown.clone(),
+            ));
+        }
         let main_addr = listeners.main.local_addr().ok();
         tracing::info!(listen = ?main_addr, "credgate serving (mTLS, HTTP/1.1 and HTTP/2)");
 
@@ -680,6 +683,25 @@ async fn run_idempotency_purge(store: Arc<dyn Store>, shutdown: CancellationToke
         }
         if total > 0 {
             tracing::info!(keys = total, "expired idempotency keys purged");
+        }
+    }
+}
+
+/// On a shared database: reloads the catalog, participants and
+/// subscriptions whenever any instance changed them (and after the
+/// notification connection reconnects, which may have missed some).
+async fn follow_control_changes(
+    control: Arc<crate::control::Control>,
+    mut changes: tokio::sync::watch::Receiver<u64>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = changes.changed() => if r.is_err() { return },
+        }
+        if let Err(e) = control.reload().await {
+            tracing::error!(errors = ?e, "reloading the control plane from the database failed; keeping the previous one");
         }
     }
 }

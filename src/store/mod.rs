@@ -7,6 +7,9 @@
 //! (fsync'd): the HTTP layer acknowledges on that basis. Record bodies come
 //! back as [`RecordBody`], which only the `redact` module can open.
 
+#[cfg(test)]
+mod conformance;
+pub mod postgres;
 mod shared;
 pub mod sqlite;
 mod sqlite_control;
@@ -452,7 +455,7 @@ pub enum DocKind {
 }
 
 impl DocKind {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             DocKind::Participant => "participant",
             DocKind::Subscription => "subscription",
@@ -550,9 +553,26 @@ pub trait Store: Send + Sync + 'static {
         actor: &str,
     ) -> Result<EndOutcome, StoreError>;
 
+    /// Up to `limit` active records whose effective period ended before
+    /// `today`.
+    async fn expiring(&self, today: Date, limit: usize) -> Result<Vec<String>, StoreError>;
+
     /// Ends, with reason `expired`, every active record whose effective
-    /// period ended before `today`; returns how many.
-    async fn expire_due(&self, today: Date) -> Result<usize, StoreError>;
+    /// period ended before `today` (up to 1,000 a call); returns how many.
+    /// Safe on several instances at once: each end is re-checked under
+    /// the record's lock, so a record is ended once.
+    async fn expire_due(&self, today: Date) -> Result<usize, StoreError> {
+        let mut ended = 0;
+        for id in self.expiring(today, 1000).await? {
+            if let EndOutcome::Ended { .. } = self
+                .end_record(&id, crate::notice::EndReason::Expired, None, "gateway")
+                .await?
+            {
+                ended += 1;
+            }
+        }
+        Ok(ended)
+    }
 
     /// The agency's pull deliveries after stream position `after`, in
     /// stream order, which is commit order with no gaps: a delivery never
@@ -576,8 +596,17 @@ pub trait Store: Send + Sync + 'static {
     /// delivery sequence): the agency's last pull delivery at or before it.
     async fn legacy_position(&self, agency: &str, seq: i64) -> Result<i64, StoreError>;
 
-    /// A receiver that changes whenever deliveries were committed.
+    /// A receiver that changes whenever deliveries were committed (by this
+    /// instance or, on a shared database, any other).
     fn changes(&self) -> tokio::sync::watch::Receiver<u64>;
+
+    /// On a database shared by several instances: a receiver that changes
+    /// whenever any instance changed the catalog, a participant or a
+    /// subscription, so this one reloads them. `None` when this process
+    /// is the only writer (it applies its own changes directly).
+    fn control_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 
     /// Claims, for each `(subscription, limit)`, up to `limit` of its push
     /// deliveries due at `now_ms`, for `lease_ms`; each claim takes a new
@@ -686,6 +715,74 @@ pub trait Store: Send + Sync + 'static {
 
     /// Flushes and stops the writer; later writes fail with `Unavailable`.
     async fn close(&self);
+}
+
+/// Opens the configured backend: the SQLite file, or the PostgreSQL
+/// database (migrated at start-up). Errors are start-up messages.
+pub async fn open(
+    config: &crate::config::Config,
+    audit_key: Vec<u8>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+) -> Result<std::sync::Arc<dyn Store>, String> {
+    let ttl = std::time::Duration::from_secs(config.store.idempotency_ttl_hours * 3600);
+    match config.store.backend {
+        crate::config::StoreBackend::Sqlite => {
+            let path = config.database_path();
+            sqlite::SqliteStore::open(
+                &path,
+                config.store.group_commit_max,
+                config.store.read_connections,
+                ttl,
+                audit_key,
+                metrics,
+            )
+            .map(|s| std::sync::Arc::new(s) as std::sync::Arc<dyn Store>)
+            .map_err(|e| format!("store: {}: {e}", path.display()))
+        }
+        crate::config::StoreBackend::Postgres => {
+            let opts = postgres::PgOptions::from_config(config)?;
+            postgres::PgStore::open(opts, audit_key, metrics)
+                .await
+                .map(|s| std::sync::Arc::new(s) as std::sync::Arc<dyn Store>)
+                .map_err(|e| format!("store (postgres): {e}"))
+        }
+    }
+}
+
+/// Runs an offline command against a PostgreSQL database.
+fn offline_pg<T>(
+    config: &crate::config::Config,
+    f: impl AsyncFnOnce(postgres::PgOptions) -> Result<T, String>,
+) -> Result<T, String> {
+    let opts = postgres::PgOptions::from_config(config)?;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?
+        .block_on(f(opts))
+}
+
+/// Verifies the audit chain of the configured database offline.
+pub fn verify_audit_of(
+    config: &crate::config::Config,
+    key: &[u8],
+) -> Result<crate::audit::Report, String> {
+    match config.store.backend {
+        crate::config::StoreBackend::Sqlite => verify_audit(&config.database_path(), key),
+        crate::config::StoreBackend::Postgres => offline_pg(config, async |opts| {
+            postgres::verify_audit(&opts, key).await
+        }),
+    }
+}
+
+/// The active catalog item definitions of the configured database.
+pub fn active_items_of(config: &crate::config::Config) -> Result<Vec<Value>, String> {
+    match config.store.backend {
+        crate::config::StoreBackend::Sqlite => active_items(&config.database_path()),
+        crate::config::StoreBackend::Postgres => {
+            offline_pg(config, async |opts| postgres::active_items(&opts).await)
+        }
+    }
 }
 
 pub(crate) fn parse_kind(s: &str) -> Result<NoticeKind, StoreError> {

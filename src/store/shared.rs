@@ -88,6 +88,39 @@ pub(crate) fn audit_entries(items: Vec<AuditItem>) -> Vec<(String, String, Strin
     out
 }
 
+/// The audit item of a stored submission: counts and ids only, never
+/// field values.
+pub(crate) fn submission_audit(sub: &super::NewSubmission) -> AuditItem {
+    AuditItem::grouped(
+        &sub.participant,
+        "submissions",
+        &sub.id,
+        serde_json::json!({
+            "item": sub.item,
+            "item_version": sub.item_version,
+            "accepted": sub.records.len(),
+            "rejected": sub.rejected,
+            "record_ids": sub.records.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            "notice_ids": sub.records.iter().filter_map(|r| r.notice.as_ref().map(|n| n.id.as_str())).collect::<Vec<_>>(),
+        }),
+    )
+}
+
+/// The audit item of a push attempt's final outcome (none for retries).
+pub(crate) fn outcome_audit(f: &super::Finished) -> Option<AuditItem> {
+    let action = match &f.result {
+        super::DeliveryResult::Delivered => "delivery.delivered",
+        super::DeliveryResult::Dead { .. } => "delivery.dead",
+        _ => return None,
+    };
+    Some(AuditItem::grouped(
+        "gateway",
+        action,
+        &f.delivery_id,
+        serde_json::json!({"notice_id": f.notice_id, "agency": f.agency, "subscription": f.subscription, "attempts": f.attempts}),
+    ))
+}
+
 /// The audit entry of a catalog activation or rollback.
 pub(crate) fn activation_audit(a: &super::ItemActivation) -> AuditItem {
     let action = if a.definition.is_some() {

@@ -21,7 +21,7 @@ use serde_json::Value;
 use time::{Date, OffsetDateTime};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::shared::{parse_time, rfc3339, AuditItem};
+use super::shared::{outcome_audit, parse_time, rfc3339, submission_audit, AuditItem};
 use super::sqlite_control;
 use super::{
     parse_kind, ActivateOutcome, AgencyFeedbackStats, AppendOutcome, ControlState, DeliveryInfo,
@@ -641,20 +641,7 @@ fn append_submission(
             )?;
         }
     }
-    // Counts and ids only: never field values. One entry per group.
-    audit.push(AuditItem::grouped(
-        &sub.participant,
-        "submissions",
-        &sub.id,
-        serde_json::json!({
-            "item": sub.item,
-            "item_version": sub.item_version,
-            "accepted": sub.records.len(),
-            "rejected": sub.rejected,
-            "record_ids": sub.records.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
-            "notice_ids": sub.records.iter().filter_map(|r| r.notice.as_ref().map(|n| n.id.as_str())).collect::<Vec<_>>(),
-        }),
-    ));
+    audit.push(submission_audit(sub));
     Ok(AppendOutcome::Stored)
 }
 
@@ -1097,28 +1084,16 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn expire_due(&self, today: Date) -> Result<usize, StoreError> {
+    async fn expiring(&self, today: Date, limit: usize) -> Result<Vec<String>, StoreError> {
         let today = today.to_string();
-        let due: Vec<String> = self
-            .read(move |conn| {
-                let mut stmt = conn
-                    .prepare_cached("SELECT id FROM records WHERE status = 'active' AND effective_until IS NOT NULL AND effective_until < ?1 LIMIT 1000")
-                    .map_err(db_err)?;
-                let rows = stmt.query_map([&today], |r| r.get(0)).map_err(db_err)?;
-                rows.collect::<Result<_, _>>().map_err(db_err)
-            })
-            .await?;
-        let mut ended = 0;
-        for id in due {
-            // Re-checked inside the writer: a concurrent revocation wins once.
-            if let EndOutcome::Ended { .. } = self
-                .end_record(&id, crate::notice::EndReason::Expired, None, "gateway")
-                .await?
-            {
-                ended += 1;
-            }
-        }
-        Ok(ended)
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT id FROM records WHERE status = 'active' AND effective_until IS NOT NULL AND effective_until < ?1 LIMIT ?2")
+                .map_err(db_err)?;
+            let rows = stmt.query_map(params![today, limit as i64], |r| r.get(0)).map_err(db_err)?;
+            rows.collect::<Result<_, _>>().map_err(db_err)
+        })
+        .await
     }
 
     async fn pull(
@@ -1284,18 +1259,8 @@ impl Store for SqliteStore {
                     tracing::debug!(delivery = %id, claim, "result of a superseded attempt ignored");
                     continue;
                 }
-                // Final outcomes go on the audit trail; retries do not.
-                let action = match &f.result {
-                    DeliveryResult::Delivered => "delivery.delivered",
-                    DeliveryResult::Dead { .. } => "delivery.dead",
-                    _ => continue,
-                };
-                audit.push(AuditItem::grouped(
-                    "gateway",
-                    action,
-                    id,
-                    serde_json::json!({"notice_id": f.notice_id, "agency": f.agency, "subscription": f.subscription, "attempts": f.attempts}),
-                ));
+                        // Final outcomes go on the audit trail; retries do not.
+                audit.extend(outcome_audit(f));
             }
             Ok(())
         })
@@ -1571,7 +1536,6 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{NewRecord, NewSubmission};
 
     fn open(dir: &Path) -> SqliteStore {
         SqliteStore::open(
@@ -1583,88 +1547,6 @@ mod tests {
             Arc::new(crate::metrics::Metrics::new()),
         )
         .expect("open store")
-    }
-
-    pub(super) fn submission(id: &str, record_id: &str) -> NewSubmission {
-        NewSubmission {
-            id: id.to_owned(),
-            participant: "dept-market".into(),
-            item: "administrative_penalty".into(),
-            item_version: 1,
-            received_at: OffsetDateTime::now_utc(),
-            records: vec![NewRecord {
-                id: record_id.to_owned(),
-                subject_type: "legal_entity".into(),
-                subject_key: None,
-                decision_date: None,
-                effective_until: None,
-                body: "{}".into(),
-                warnings: "[]".into(),
-                notice: None,
-            }],
-            rejected: 0,
-            rejection_codes: vec![],
-            idempotency: None,
-            response_status: 200,
-            response_body: b"{}".to_vec(),
-        }
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_poison_job_costs_only_its_own_caller() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let store = Arc::new(open(dir.path()));
-        store
-            .append_submission(submission("s-first", "r-taken"))
-            .await
-            .expect("first");
-        for round in 0..5 {
-            // 40 at once, so they share commit groups; one reuses a record
-            // id and fails inside the transaction.
-            let tasks: Vec<_> = (0..40)
-                .map(|i| {
-                    let store = store.clone();
-                    let record = if i == 17 {
-                        "r-taken".to_owned()
-                    } else {
-                        format!("r-{round}-{i}")
-                    };
-                    tokio::spawn(async move {
-                        store
-                            .append_submission(submission(&format!("s-{round}-{i}"), &record))
-                            .await
-                    })
-                })
-                .collect();
-            for (i, t) in tasks.into_iter().enumerate() {
-                let result = t.await.expect("task");
-                assert_eq!(
-                    result.is_ok(),
-                    i != 17,
-                    "round {round}, job {i}: {result:?}"
-                );
-            }
-        }
-        let n: i64 = store
-            .read(|c| {
-                c.query_row("SELECT COUNT(*) FROM records", [], |r| r.get(0))
-                    .map_err(db_err)
-            })
-            .await
-            .expect("count");
-        assert_eq!(n, 1 + 5 * 39);
-        // The poison jobs left nothing behind, not even an audit item.
-        let audited: String = store
-            .read(|c| {
-                c.query_row("SELECT group_concat(details, '') FROM audit", [], |r| {
-                    r.get(0)
-                })
-                .map_err(db_err)
-            })
-            .await
-            .expect("audit");
-        assert_eq!(audited.matches("r-taken").count(), 1, "audited once");
-        store.close().await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1704,100 +1586,6 @@ mod tests {
         ];
         assert_eq!(batches, [1000, 1000, 300]);
         assert_eq!(store.purge_idempotency(1000).await.expect("purge"), 0);
-        store.close().await;
-    }
-
-    fn now_ms() -> i64 {
-        (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn only_the_current_claim_may_store_a_result() {
-        use crate::store::{DeliveryResult, Finished, NewDelivery, NewNotice, NoticeKind};
-        let dir = tempfile::tempdir().expect("tmp");
-        let store = open(dir.path());
-        let mut sub = submission("s-1", "r-1");
-        sub.records[0].notice = Some(NewNotice {
-            id: "n-1".into(),
-            kind: NoticeKind::Punishment,
-            severity: Severity::Serious,
-            measures: vec![],
-            effective_from: None,
-            effective_until: None,
-            region: None,
-            deliveries: vec![NewDelivery {
-                id: "d-1".into(),
-                subscription: "push-1".into(),
-                agency: "agency-finance".into(),
-                push: true,
-            }],
-        });
-        store.append_submission(sub).await.expect("stored");
-        let wants = vec![("push-1".to_owned(), 8)];
-        let first = store.claim_due(now_ms(), &wants, 1).await.expect("claim");
-        assert_eq!(first.len(), 1);
-        // Nothing else for another subscription.
-        let other = vec![("push-2".to_owned(), 8)];
-        assert!(store
-            .claim_due(now_ms(), &other, 1)
-            .await
-            .expect("claim")
-            .is_empty());
-        // The 1 ms lease lapses; the delivery is claimed again.
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        let second = store
-            .claim_due(now_ms(), &wants, 60_000)
-            .await
-            .expect("claim");
-        assert_eq!(second.len(), 1);
-        assert!(second[0].claim > first[0].claim);
-        let finished = |claim, result| Finished {
-            delivery_id: "d-1".into(),
-            notice_id: "n-1".into(),
-            agency: "agency-finance".into(),
-            subscription: "push-1".into(),
-            attempts: 1,
-            claim,
-            result,
-        };
-        let state = || async {
-            store
-                .read(|c| {
-                    c.query_row("SELECT state FROM deliveries WHERE id = 'd-1'", [], |r| {
-                        r.get::<_, String>(0)
-                    })
-                    .map_err(db_err)
-                })
-                .await
-                .expect("state")
-        };
-        // The first attempt's late result is ignored …
-        store
-            .finish_deliveries(vec![finished(
-                first[0].claim,
-                DeliveryResult::Dead {
-                    error: "late".into(),
-                },
-            )])
-            .await
-            .expect("finish");
-        assert_eq!(state().await, "inflight");
-        // … the current one's is stored, once.
-        store
-            .finish_deliveries(vec![finished(second[0].claim, DeliveryResult::Delivered)])
-            .await
-            .expect("finish");
-        assert_eq!(state().await, "delivered");
-        store
-            .finish_deliveries(vec![finished(
-                second[0].claim,
-                DeliveryResult::Dead {
-                    error: "again".into(),
-                },
-            )])
-            .await
-            .expect("finish");
-        assert_eq!(state().await, "delivered");
         store.close().await;
     }
 }
@@ -1892,7 +1680,7 @@ mod migration_tests {
             [(1, "d3"), (2, "d6"), (3, "d9")]
         );
         // New deliveries continue each stream where it ended.
-        let mut sub = super::tests::submission("s2", "r2");
+        let mut sub = crate::store::conformance::submission("s2", "r2");
         sub.records[0].notice = Some(NewNotice {
             id: "n2".into(),
             kind: NoticeKind::Punishment,

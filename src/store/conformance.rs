@@ -1,0 +1,580 @@
+//! The store contract, tested through the `Store` trait alone, once per
+//! backend: an embedded SQLite file, and a fresh PostgreSQL database
+//! (created and dropped per test on the server `CREDGATE_TEST_POSTGRES`
+//! names).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+use super::postgres::scratch::ScratchDatabase;
+use super::*;
+
+/// A store under test, with what keeps it alive.
+pub(crate) struct Subject {
+    pub store: Arc<dyn Store>,
+    _dir: Option<tempfile::TempDir>,
+    _db: Option<ScratchDatabase>,
+}
+
+pub(crate) const AUDIT_KEY: [u8; 32] = [7; 32];
+
+pub(crate) async fn sqlite() -> Subject {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = crate::store::sqlite::SqliteStore::open(
+        &dir.path().join("credgate.db"),
+        512,
+        2,
+        Duration::from_secs(3600),
+        AUDIT_KEY.to_vec(),
+        Arc::new(crate::metrics::Metrics::new()),
+    )
+    .expect("open sqlite store");
+    Subject {
+        store: Arc::new(store),
+        _dir: Some(dir),
+        _db: None,
+    }
+}
+
+pub(crate) async fn postgres() -> Subject {
+    let db = ScratchDatabase::create().await.expect("scratch database");
+    let store = crate::store::postgres::PgStore::open(
+        crate::store::postgres::PgOptions {
+            url: db.url.clone(),
+            pool_size: 8,
+            statement_timeout: Duration::from_secs(30),
+            group_commit_max: 512,
+            idempotency_ttl: Duration::from_secs(3600),
+        },
+        AUDIT_KEY.to_vec(),
+        Arc::new(crate::metrics::Metrics::new()),
+    )
+    .await
+    .expect("open postgres store");
+    Subject {
+        store: Arc::new(store),
+        _dir: None,
+        _db: Some(db),
+    }
+}
+
+pub(crate) fn submission(id: &str, record_id: &str) -> NewSubmission {
+    NewSubmission {
+        id: id.to_owned(),
+        participant: "dept-market".into(),
+        item: "administrative_penalty".into(),
+        item_version: 1,
+        received_at: OffsetDateTime::now_utc(),
+        records: vec![NewRecord {
+            id: record_id.to_owned(),
+            subject_type: "legal_entity".into(),
+            subject_key: None,
+            decision_date: None,
+            effective_until: None,
+            body: "{\"subject_name\":\"x\"}".into(),
+            warnings: "[]".into(),
+            notice: None,
+        }],
+        rejected: 0,
+        rejection_codes: vec![],
+        idempotency: None,
+        response_status: 200,
+        response_body: b"{}".to_vec(),
+    }
+}
+
+/// A submission whose record carries a notice to `(agency, push)` each.
+pub(crate) fn with_notice(id: &str, targets: &[(&str, bool)]) -> NewSubmission {
+    let mut sub = submission(&format!("s-{id}"), &format!("r-{id}"));
+    sub.records[0].notice = Some(NewNotice {
+        id: format!("n-{id}"),
+        kind: NoticeKind::Punishment,
+        severity: Severity::Serious,
+        measures: vec!["m1".into()],
+        effective_from: None,
+        effective_until: None,
+        region: None,
+        deliveries: targets
+            .iter()
+            .map(|(agency, push)| NewDelivery {
+                id: format!("d-{id}-{agency}"),
+                subscription: format!("sub-{agency}"),
+                agency: (*agency).to_owned(),
+                push: *push,
+            })
+            .collect(),
+    });
+    sub
+}
+
+fn now_ms() -> i64 {
+    (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+/// The audit chain as stored verifies.
+async fn assert_chain_intact(store: &dyn Store) -> i64 {
+    let entries = store.audit_page(0, 100_000).await.expect("audit");
+    let n = entries.len() as i64;
+    let report = crate::audit::verify(entries, &[], &AUDIT_KEY);
+    assert_eq!(report.problem, None);
+    n
+}
+
+pub(crate) async fn a_failing_write_costs_only_its_own_caller(s: Subject) {
+    let store = s.store.clone();
+    store
+        .append_submission(submission("s-first", "r-taken"))
+        .await
+        .expect("first");
+    for round in 0..3 {
+        let tasks: Vec<_> = (0..40)
+            .map(|i| {
+                let store = store.clone();
+                let record = if i == 17 {
+                    "r-taken".to_owned()
+                } else {
+                    format!("r-{round}-{i}")
+                };
+                tokio::spawn(async move {
+                    store
+                        .append_submission(submission(&format!("s-{round}-{i}"), &record))
+                        .await
+                })
+            })
+            .collect();
+        for (i, t) in tasks.into_iter().enumerate() {
+            let result = t.await.expect("task");
+            assert_eq!(
+                result.is_ok(),
+                i != 17,
+                "round {round}, job {i}: {result:?}"
+            );
+        }
+    }
+    for round in 0..3 {
+        for i in [0, 16, 18, 39] {
+            assert!(store
+                .record(&format!("r-{round}-{i}"))
+                .await
+                .expect("read")
+                .is_some());
+        }
+        assert!(store
+            .record(&format!("r-{round}-17"))
+            .await
+            .expect("read")
+            .is_none());
+    }
+    // The failed writes left nothing behind, not even an audit item.
+    let audited = store.audit_page(0, 10_000).await.expect("audit");
+    assert!(audited.iter().all(|e| !e.details.get().contains("s-0-17")));
+    assert!(audited.iter().any(|e| e.details.get().contains("s-0-16")));
+    assert_chain_intact(store.as_ref()).await;
+    store.close().await;
+}
+
+pub(crate) async fn concurrent_duplicates_get_the_stored_answer(s: Subject) {
+    let store = s.store.clone();
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut sub = submission(&format!("s-{i}"), &format!("r-{i}"));
+                sub.idempotency = Some(IdempotencyClaim {
+                    key: "same-key".into(),
+                    request_hash: "h".into(),
+                });
+                sub.response_body = format!("{{\"n\":{i}}}").into_bytes();
+                store.append_submission(sub).await
+            })
+        })
+        .collect();
+    let mut stored = 0;
+    let mut replayed = Vec::new();
+    for t in tasks {
+        match t.await.expect("task").expect("never an error") {
+            AppendOutcome::Stored => stored += 1,
+            AppendOutcome::Replay(r) => replayed.push(r.body),
+        }
+    }
+    assert_eq!(stored, 1);
+    let remembered = store
+        .idempotent_response("dept-market", "same-key")
+        .await
+        .expect("read")
+        .expect("remembered");
+    assert!(replayed.iter().all(|b| *b == remembered.body));
+    assert_eq!(replayed.len(), 19);
+    store.close().await;
+}
+
+pub(crate) async fn streams_are_gap_free_per_agency_and_acks_only_move_forward(s: Subject) {
+    let store = s.store.clone();
+    let tasks: Vec<_> = (0..60)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let targets: &[(&str, bool)] = if i % 2 == 0 {
+                    &[("agency-a", false), ("agency-b", false), ("agency-p", true)]
+                } else {
+                    &[("agency-a", false)]
+                };
+                store
+                    .append_submission(with_notice(&i.to_string(), targets))
+                    .await
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("task").expect("append");
+    }
+    let a = store.pull("agency-a", 0, 1000).await.expect("pull");
+    assert_eq!(
+        a.iter().map(|o| o.position).collect::<Vec<_>>(),
+        (1..=60).collect::<Vec<_>>()
+    );
+    let b = store.pull("agency-b", 0, 1000).await.expect("pull");
+    assert_eq!(
+        b.iter().map(|o| o.position).collect::<Vec<_>>(),
+        (1..=30).collect::<Vec<_>>()
+    );
+    // A page continues after the cursor.
+    let page = store.pull("agency-a", 58, 10).await.expect("pull");
+    assert_eq!(
+        page.iter().map(|o| o.position).collect::<Vec<_>>(),
+        [59, 60]
+    );
+    // Push deliveries are not in any pull stream.
+    assert!(store
+        .pull("agency-p", 0, 10)
+        .await
+        .expect("pull")
+        .is_empty());
+    store.ack("agency-a", 10).await.expect("ack");
+    assert_eq!(store.pull_position("agency-a").await.expect("pos"), 10);
+    store.ack("agency-a", 4).await.expect("ack backwards");
+    assert_eq!(store.pull_position("agency-a").await.expect("pos"), 10);
+    store
+        .ack("agency-a", 1_000_000)
+        .await
+        .expect("ack past the end");
+    assert_eq!(store.pull_position("agency-a").await.expect("pos"), 60);
+    let history = store
+        .record_notices(&a[0].notice.record_id)
+        .await
+        .expect("history");
+    let d = history[0]
+        .deliveries
+        .iter()
+        .find(|d| d.agency == "agency-a")
+        .expect("delivery to a");
+    assert_eq!(d.state, DeliveryState::Delivered);
+    assert_eq!(store.pull_position("agency-b").await.expect("pos"), 0);
+    store.close().await;
+}
+
+pub(crate) async fn claims_are_leased_and_fenced(s: Subject) {
+    let store = s.store.clone();
+    store
+        .append_submission(with_notice("1", &[("agency-p", true)]))
+        .await
+        .expect("append");
+    let wants = [("sub-agency-p".to_owned(), 10)];
+    let first = store
+        .claim_due(now_ms(), &wants, 60_000)
+        .await
+        .expect("claim");
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].attempts, 0);
+    // Leased: nobody else gets it before the lease ends.
+    assert!(store
+        .claim_due(now_ms(), &wants, 60_000)
+        .await
+        .expect("claim")
+        .is_empty());
+    // After the lease: claimed again, under a new claim number.
+    let later = now_ms() + 120_000;
+    let second = store.claim_due(later, &wants, 60_000).await.expect("claim");
+    assert_eq!(second.len(), 1);
+    assert_ne!(second[0].claim, first[0].claim);
+    assert_eq!(second[0].attempts, 1);
+    let finished = |o: &Outbound, result| Finished {
+        delivery_id: o.delivery_id.clone(),
+        notice_id: o.notice.notice_id.clone(),
+        agency: o.agency.clone(),
+        subscription: o.subscription.clone(),
+        attempts: o.attempts + 1,
+        claim: o.claim,
+        result,
+    };
+    // The first attempt's late answer is ignored…
+    store
+        .finish_deliveries(vec![finished(
+            &first[0],
+            DeliveryResult::Dead {
+                error: "late".into(),
+            },
+        )])
+        .await
+        .expect("finish");
+    assert!(store
+        .deliveries(DeliveryState::Dead, 10)
+        .await
+        .expect("dead")
+        .is_empty());
+    // …the current one's is kept.
+    store
+        .finish_deliveries(vec![finished(&second[0], DeliveryResult::Delivered)])
+        .await
+        .expect("finish");
+    let history = store.record_notices("r-1").await.expect("history");
+    assert_eq!(history[0].deliveries[0].state, DeliveryState::Delivered);
+    assert!(store
+        .claim_due(later + 1_000_000, &wants, 60_000)
+        .await
+        .expect("claim")
+        .is_empty());
+    store.close().await;
+}
+
+pub(crate) async fn ending_a_record_lifts_every_notice_once(s: Subject) {
+    let store = s.store.clone();
+    store
+        .append_submission(with_notice("1", &[("agency-a", false), ("agency-p", true)]))
+        .await
+        .expect("append");
+    let ended = store
+        .end_record(
+            "r-1",
+            crate::notice::EndReason::Revoked,
+            None,
+            "dept-market",
+        )
+        .await
+        .expect("end");
+    let EndOutcome::Ended {
+        lift_notices,
+        recipients,
+    } = ended
+    else {
+        panic!("not ended: {ended:?}");
+    };
+    assert_eq!(lift_notices.len(), 1);
+    assert_eq!(recipients, ["agency-a", "agency-p"]);
+    assert!(matches!(
+        store
+            .end_record(
+                "r-1",
+                crate::notice::EndReason::Revoked,
+                None,
+                "dept-market"
+            )
+            .await
+            .expect("again"),
+        EndOutcome::AlreadyEnded(_)
+    ));
+    assert!(matches!(
+        store
+            .end_record("nope", crate::notice::EndReason::Revoked, None, "x")
+            .await
+            .expect("unknown"),
+        EndOutcome::NotFound
+    ));
+    let record = store.record("r-1").await.expect("read").expect("record");
+    assert_eq!(record.status, "revoked");
+    let pulled = store.pull("agency-a", 1, 10).await.expect("pull");
+    assert_eq!(pulled.len(), 1);
+    assert_eq!(pulled[0].notice.kind, NoticeKind::Lift);
+    assert_eq!(pulled[0].notice.lifts.as_deref(), Some("n-1"));
+    assert_eq!(pulled[0].position, 2);
+    // Feedback: only recipients, only existing notices.
+    let fb = |agency: &str, notice: &str| Feedback {
+        notice_id: notice.into(),
+        agency: agency.into(),
+        measure: "m1".into(),
+        outcome: FeedbackOutcome::Pending,
+        date: None,
+        note: None,
+        received_at: OffsetDateTime::now_utc(),
+    };
+    assert_eq!(
+        store.add_feedback(fb("agency-a", "n-1")).await.expect("fb"),
+        FeedbackStored::Stored
+    );
+    assert_eq!(
+        store.add_feedback(fb("agency-x", "n-1")).await.expect("fb"),
+        FeedbackStored::NotRecipient
+    );
+    assert_eq!(
+        store.add_feedback(fb("agency-a", "n-9")).await.expect("fb"),
+        FeedbackStored::UnknownNotice
+    );
+    assert!(store
+        .received_notice("n-1", "agency-x")
+        .await
+        .expect("read")
+        .is_none());
+    assert!(store
+        .received_notice("n-1", "agency-a")
+        .await
+        .expect("read")
+        .is_some());
+    assert_chain_intact(store.as_ref()).await;
+    store.close().await;
+}
+
+pub(crate) async fn the_control_plane_is_versioned_and_audited(s: Subject) {
+    let store = s.store.clone();
+    let item = serde_json::json!({"id": "administrative_penalty", "version": 1});
+    let state = store
+        .seed_control(
+            vec![item.clone()],
+            vec![("dept".into(), serde_json::json!({"id": "dept"}))],
+            vec![],
+        )
+        .await
+        .expect("seed");
+    assert_eq!(state.items, std::slice::from_ref(&item));
+    assert_eq!(state.seeded.len(), 2);
+    // Seeding again stores nothing.
+    let again = store
+        .seed_control(vec![item.clone()], vec![], vec![])
+        .await
+        .expect("seed");
+    assert!(again.seeded.is_empty());
+    let activation = |version, definition| ItemActivation {
+        item: "administrative_penalty".into(),
+        version,
+        definition,
+        actor: "admin".into(),
+        reason: None,
+        breaking: false,
+        diff: serde_json::json!([]),
+        digests: ("a".into(), "b".into()),
+    };
+    let v2 = serde_json::json!({"id": "administrative_penalty", "version": 2});
+    assert_eq!(
+        store
+            .activate_item(activation(2, Some(v2.clone())))
+            .await
+            .expect("activate"),
+        ActivateOutcome::Activated
+    );
+    assert_eq!(
+        store
+            .activate_item(activation(2, Some(v2.clone())))
+            .await
+            .expect("activate"),
+        ActivateOutcome::VersionTaken { latest: 2 }
+    );
+    assert_eq!(
+        store
+            .activate_item(activation(7, None))
+            .await
+            .expect("rollback"),
+        ActivateOutcome::NoSuchVersion
+    );
+    store
+        .activate_item(activation(1, None))
+        .await
+        .expect("rollback");
+    let versions = store
+        .item_versions("administrative_penalty")
+        .await
+        .expect("versions");
+    assert_eq!(
+        versions
+            .iter()
+            .map(|v| (v.version, v.active))
+            .collect::<Vec<_>>(),
+        [(1, true), (2, false)]
+    );
+    assert_eq!(
+        store
+            .item_version("administrative_penalty", 2)
+            .await
+            .expect("v2"),
+        Some(v2)
+    );
+    store
+        .put_document(
+            DocKind::Participant,
+            "dept",
+            serde_json::json!({"id": "dept", "disabled": true}),
+            "admin",
+            "participant.update",
+            serde_json::json!({}),
+        )
+        .await
+        .expect("put");
+    let state = store
+        .seed_control(vec![], vec![], vec![])
+        .await
+        .expect("state");
+    assert_eq!(state.items, [item]);
+    assert_eq!(state.participants[0]["disabled"], true);
+    let entries = assert_chain_intact(store.as_ref()).await;
+    assert!(entries >= 5, "{entries}");
+    // A checkpoint covers the head, once.
+    let cp = store.checkpoint().await.expect("checkpoint").expect("made");
+    assert_eq!(cp.seq, entries);
+    assert!(store.checkpoint().await.expect("checkpoint").is_none());
+    store.close().await;
+}
+
+pub(crate) async fn old_cursors_translate_to_positions(s: Subject) {
+    let store = s.store.clone();
+    for i in 0..3 {
+        store
+            .append_submission(with_notice(&i.to_string(), &[("agency-a", false)]))
+            .await
+            .expect("append");
+    }
+    // Sequence numbers are the store's; a cursor at or past all of them
+    // is the end of the stream, 0 is its start.
+    assert_eq!(
+        store.legacy_position("agency-a", 0).await.expect("legacy"),
+        0
+    );
+    assert_eq!(
+        store
+            .legacy_position("agency-a", i64::MAX)
+            .await
+            .expect("legacy"),
+        3
+    );
+    store.close().await;
+}
+
+/// Instantiates every conformance test for one backend.
+macro_rules! conformance {
+    ($backend:ident: $($test:ident),* $(,)?) => {
+        mod $backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::$backend().await).await;
+                }
+            )*
+        }
+    };
+}
+
+macro_rules! both_backends {
+    ($($test:ident),* $(,)?) => {
+        conformance!(sqlite: $($test),*);
+        conformance!(postgres: $($test),*);
+    };
+}
+
+both_backends!(
+    a_failing_write_costs_only_its_own_caller,
+    concurrent_duplicates_get_the_stored_answer,
+    streams_are_gap_free_per_agency_and_acks_only_move_forward,
+    claims_are_leased_and_fenced,
+    ending_a_record_lifts_every_notice_once,
+    the_control_plane_is_versioned_and_audited,
+    old_cursors_translate_to_positions,
+);

@@ -1,0 +1,2170 @@
+//! PostgreSQL store: any number of gateway instances on one database.
+//!
+//! Writes go through one writer task per instance that commits whatever
+//! is queued in one transaction (group commit, as on SQLite), with every
+//! statement of the group pipelined on one connection. Correctness does
+//! not rest on there being one writer:
+//!
+//! - **Stream positions** of pull deliveries are taken at the end of the
+//!   group's transaction under a row lock on each agency's counter
+//!   (`agency_streams`, locked in agency order), so an agency's stream is
+//!   gap-free and numbered in commit order across instances.
+//! - **The audit chain** is appended under a lock on its head row
+//!   (`audit_head`), taken last; checkpoints are written by whichever
+//!   instance holds an advisory lock.
+//! - **Idempotency** is `INSERT … ON CONFLICT DO NOTHING`: a concurrent
+//!   duplicate waits for the first to commit and gets its stored answer.
+//! - **Push claims** are single statements with `FOR UPDATE SKIP LOCKED`
+//!   and a lease; nothing is reset at start-up, so a restarting instance
+//!   never takes another's leases; expired leases are claimed again.
+//! - **Changes** are announced with `NOTIFY` in the committing
+//!   transaction; every instance `LISTEN`s and wakes its long-polls, its
+//!   push dispatcher and its control plane.
+//!
+//! Times are native (`timestamptz`, `date`) or integers, never text.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Transaction};
+use futures_util::future::join_all;
+use serde_json::Value;
+use time::{Date, OffsetDateTime};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_postgres::{NoTls, Row};
+
+use super::shared::{
+    activation_audit, audit_entries, outcome_audit, rfc3339, submission_audit, AuditItem,
+};
+use super::{
+    parse_kind, ActivateOutcome, AgencyFeedbackStats, AppendOutcome, ControlState, DeliveryInfo,
+    DeliveryResult, DeliveryState, DepartmentStats, DocKind, EndOutcome, Feedback, FeedbackOutcome,
+    FeedbackStored, Finished, ItemActivation, NewNotice, NewSubmission, NoticeHistory, NoticeKind,
+    Outbound, Store, StoreError, StoredNotice, StoredRecord, StoredResponse, VersionInfo,
+};
+use crate::catalog::Severity;
+use crate::redact::RecordBody;
+
+/// Channel of delivery changes (new deliveries, retries).
+const CHANGES: &str = "credgate_changes";
+/// Channel of control-plane changes (catalog, participants, subscriptions).
+const CONTROL: &str = "credgate_control";
+/// Advisory lock keys: migrations, audit checkpoints, periodic jobs.
+const LOCK_MIGRATE: i64 = 0x6372_6564_0001;
+const LOCK_CHECKPOINT: i64 = 0x6372_6564_0002;
+
+/// Schema migrations, applied in order at start-up under an advisory lock
+/// (instances starting together migrate once). Never edit a shipped entry.
+const MIGRATIONS: &[&str] = &[r#"
+    CREATE TABLE submissions (
+        id              TEXT PRIMARY KEY,
+        participant     TEXT NOT NULL,
+        item            TEXT NOT NULL,
+        item_version    INTEGER NOT NULL,
+        received_at     TIMESTAMPTZ NOT NULL,
+        accepted        INTEGER NOT NULL,
+        rejected        INTEGER NOT NULL,
+        rejection_codes TEXT NOT NULL
+    );
+    CREATE INDEX submissions_received ON submissions(received_at);
+    CREATE TABLE records (
+        id              TEXT PRIMARY KEY,
+        submission_id   TEXT NOT NULL REFERENCES submissions(id),
+        item            TEXT NOT NULL,
+        item_version    INTEGER NOT NULL,
+        submitter       TEXT NOT NULL,
+        subject_type    TEXT NOT NULL,
+        subject_key     TEXT,
+        decision_date   DATE,
+        received_at     TIMESTAMPTZ NOT NULL,
+        body            TEXT NOT NULL,
+        warnings        TEXT NOT NULL,
+        status          TEXT NOT NULL DEFAULT 'active',
+        effective_until DATE,
+        end_reason      TEXT,
+        end_note        TEXT
+    );
+    CREATE INDEX records_received ON records(received_at);
+    CREATE INDEX records_expiry ON records(effective_until) WHERE status = 'active' AND effective_until IS NOT NULL;
+    CREATE TABLE idempotency (
+        participant     TEXT NOT NULL,
+        key             TEXT NOT NULL,
+        request_hash    TEXT NOT NULL,
+        status          INTEGER NOT NULL,
+        response        BYTEA NOT NULL,
+        created_at      BIGINT NOT NULL,
+        PRIMARY KEY (participant, key)
+    );
+    CREATE INDEX idempotency_created ON idempotency(created_at);
+    CREATE TABLE notices (
+        id              TEXT PRIMARY KEY,
+        kind            TEXT NOT NULL,
+        item            TEXT NOT NULL,
+        item_version    INTEGER NOT NULL,
+        record_id       TEXT NOT NULL REFERENCES records(id),
+        source          TEXT NOT NULL,
+        severity        TEXT NOT NULL,
+        region          TEXT,
+        measures        TEXT NOT NULL,
+        effective_from  DATE,
+        effective_until DATE,
+        issued_at       TIMESTAMPTZ NOT NULL,
+        lifts           TEXT,
+        reason          TEXT
+    );
+    CREATE INDEX notices_record ON notices(record_id);
+    CREATE INDEX notices_issued ON notices(issued_at);
+    CREATE TABLE deliveries (
+        seq             BIGSERIAL PRIMARY KEY,
+        id              TEXT NOT NULL UNIQUE,
+        notice_id       TEXT NOT NULL REFERENCES notices(id),
+        subscription    TEXT NOT NULL,
+        agency          TEXT NOT NULL,
+        mode            TEXT NOT NULL,
+        state           TEXT NOT NULL,
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at BIGINT NOT NULL DEFAULT 0,
+        lease_until     BIGINT NOT NULL DEFAULT 0,
+        last_error      TEXT,
+        created_at      TIMESTAMPTZ NOT NULL,
+        delivered_at    TIMESTAMPTZ,
+        claims          BIGINT NOT NULL DEFAULT 0,
+        pos             BIGINT
+    );
+    CREATE UNIQUE INDEX deliveries_pull ON deliveries(agency, pos) WHERE mode = 'pull';
+    CREATE INDEX deliveries_due ON deliveries(subscription, next_attempt_at) WHERE mode = 'push' AND state IN ('pending', 'inflight');
+    CREATE INDEX deliveries_notice ON deliveries(notice_id, agency);
+    CREATE INDEX deliveries_state ON deliveries(state, seq);
+    CREATE TABLE agency_streams (
+        agency          TEXT PRIMARY KEY,
+        last_pos        BIGINT NOT NULL
+    );
+    CREATE TABLE pull_positions (
+        agency          TEXT PRIMARY KEY,
+        position        BIGINT NOT NULL,
+        updated_at      TIMESTAMPTZ NOT NULL
+    );
+    CREATE TABLE feedback (
+        notice_id       TEXT NOT NULL REFERENCES notices(id),
+        agency          TEXT NOT NULL,
+        measure         TEXT NOT NULL,
+        outcome         TEXT NOT NULL,
+        date            DATE,
+        note            TEXT,
+        received_at     TIMESTAMPTZ NOT NULL,
+        PRIMARY KEY (notice_id, agency, measure)
+    );
+    CREATE TABLE catalog_versions (
+        item            TEXT NOT NULL,
+        version         INTEGER NOT NULL,
+        definition      TEXT NOT NULL,
+        created_at      TIMESTAMPTZ NOT NULL,
+        created_by      TEXT NOT NULL,
+        reason          TEXT,
+        breaking        BOOLEAN NOT NULL DEFAULT false,
+        PRIMARY KEY (item, version)
+    );
+    CREATE TABLE catalog_active (
+        item            TEXT PRIMARY KEY,
+        version         INTEGER NOT NULL
+    );
+    CREATE TABLE registry (
+        ord             BIGSERIAL,
+        kind            TEXT NOT NULL,
+        id              TEXT NOT NULL,
+        body            TEXT NOT NULL,
+        updated_at      TIMESTAMPTZ NOT NULL,
+        updated_by      TEXT NOT NULL,
+        PRIMARY KEY (kind, id)
+    );
+    CREATE TABLE audit (
+        seq             BIGINT PRIMARY KEY,
+        at              TEXT NOT NULL,
+        actor           TEXT NOT NULL,
+        action          TEXT NOT NULL,
+        subject         TEXT NOT NULL,
+        details         TEXT NOT NULL,
+        prev_hash       TEXT NOT NULL,
+        hash            TEXT NOT NULL
+    );
+    CREATE TABLE audit_head (
+        id              INTEGER PRIMARY KEY CHECK (id = 1),
+        seq             BIGINT NOT NULL,
+        hash            TEXT NOT NULL
+    );
+    INSERT INTO audit_head VALUES (1, 0, '0000000000000000000000000000000000000000000000000000000000000000');
+    CREATE TABLE audit_checkpoints (
+        seq             BIGINT PRIMARY KEY,
+        head_hash       TEXT NOT NULL,
+        at              TEXT NOT NULL,
+        mac             TEXT NOT NULL
+    );
+"#];
+
+fn db_err(e: tokio_postgres::Error) -> StoreError {
+    // The server's message and code, never its DETAIL (which can quote a
+    // row's values).
+    match e.as_db_error() {
+        Some(db) => StoreError::Database(format!("{} ({})", db.message(), db.code().code())),
+        None => StoreError::Database(e.to_string()),
+    }
+}
+
+fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => db_err(e),
+        other => StoreError::Database(other.to_string()),
+    }
+}
+
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+fn unix_now() -> i64 {
+    OffsetDateTime::now_utc().unix_timestamp()
+}
+
+fn int(n: u32) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+fn uint(n: i32) -> u32 {
+    u32::try_from(n).unwrap_or(0)
+}
+
+/// One write, applied inside the writer's group transaction.
+enum Op {
+    Append(Box<NewSubmission>),
+    End {
+        record_id: String,
+        reason: crate::notice::EndReason,
+        note: Option<String>,
+        actor: String,
+    },
+    Ack {
+        agency: String,
+        position: i64,
+    },
+    Finish(Vec<Finished>),
+    Retry {
+        delivery_id: String,
+        actor: String,
+    },
+    Feedback(Feedback),
+    Seed {
+        items: Vec<Value>,
+        participants: Vec<(String, Value)>,
+        subscriptions: Vec<(String, Value)>,
+    },
+    Activate(Box<ItemActivation>),
+    Put {
+        kind: DocKind,
+        body: Value,
+        entry: AuditItem,
+    },
+}
+
+/// What a write answers.
+enum Out {
+    Append(AppendOutcome),
+    End(EndOutcome),
+    Unit(()),
+    Bool(bool),
+    Feedback(FeedbackStored),
+    Control(ControlState),
+    Activate(ActivateOutcome),
+}
+
+/// What a write leaves for the end of the transaction.
+#[derive(Default)]
+struct Effects {
+    audit: Vec<AuditItem>,
+    /// Pull deliveries created, per agency, in creation order: they get
+    /// their stream positions at the end, under the agencies' locks.
+    pulls: BTreeMap<String, Vec<String>>,
+    /// New work for push dispatchers and long-polls.
+    wake: bool,
+    /// The control plane changed.
+    control: bool,
+}
+
+impl Effects {
+    fn merge(&mut self, other: Effects) {
+        self.audit.extend(other.audit);
+        for (agency, ids) in other.pulls {
+            self.pulls.entry(agency).or_default().extend(ids);
+        }
+        self.wake |= other.wake;
+        self.control |= other.control;
+    }
+}
+
+struct Job {
+    op: Op,
+    reply: oneshot::Sender<Result<Out, StoreError>>,
+}
+
+/// The PostgreSQL store.
+pub struct PgStore {
+    pool: Pool,
+    writer: Mutex<Option<mpsc::Sender<Job>>>,
+    writer_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    idempotency_ttl: Duration,
+    changes: watch::Receiver<u64>,
+    control: watch::Receiver<u64>,
+    audit_key: Vec<u8>,
+    listener: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore").finish_non_exhaustive()
+    }
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+/// Connection settings of the PostgreSQL backend.
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    /// `postgres://` URL.
+    pub url: String,
+    /// Connections in the pool.
+    pub pool_size: usize,
+    /// Statement timeout.
+    pub statement_timeout: Duration,
+    /// Most writes committed in one transaction.
+    pub group_commit_max: usize,
+    /// How long idempotency keys are kept.
+    pub idempotency_ttl: Duration,
+}
+
+impl PgOptions {
+    /// The options of `config.store` (`url` is required).
+    pub fn from_config(config: &crate::config::Config) -> Result<PgOptions, String> {
+        let store = &config.store;
+        Ok(PgOptions {
+            url: store
+                .url
+                .clone()
+                .ok_or("store.url: required with store.backend = \"postgres\"")?,
+            pool_size: store.pool_size,
+            statement_timeout: Duration::from_millis(store.statement_timeout_ms),
+            group_commit_max: store.group_commit_max,
+            idempotency_ttl: Duration::from_secs(store.idempotency_ttl_hours * 3600),
+        })
+    }
+}
+
+fn pg_config(opts: &PgOptions) -> Result<tokio_postgres::Config, StoreError> {
+    let mut cfg: tokio_postgres::Config = opts
+        .url
+        .parse()
+        .map_err(|e| StoreError::Database(format!("store.url: {e}")))?;
+    cfg.application_name("credgate");
+    cfg.connect_timeout(Duration::from_secs(5));
+    cfg.options(format!(
+        "-c statement_timeout={} -c lock_timeout={}",
+        opts.statement_timeout.as_millis(),
+        opts.statement_timeout.as_millis()
+    ));
+    Ok(cfg)
+}
+
+/// Connects, checks the server and migrates the schema.
+async fn connect_and_migrate(cfg: &tokio_postgres::Config) -> Result<(), StoreError> {
+    let (mut client, conn) = cfg
+        .connect(NoTls)
+        .await
+        .map_err(|e| StoreError::Database(format!("cannot connect to PostgreSQL: {e}")))?;
+    let conn = tokio::spawn(conn);
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(db_err)?
+        .get(0);
+    if version < 150_000 {
+        return Err(StoreError::Database(format!(
+            "PostgreSQL {} is too old: credgate needs 15 or later",
+            version / 10_000
+        )));
+    }
+    let tx = client.transaction().await.map_err(db_err)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_MIGRATE])
+        .await
+        .map_err(db_err)?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL)",
+    )
+    .await
+    .map_err(db_err)?;
+    let current: i32 = tx
+        .query_one(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+            &[],
+        )
+        .await
+        .map_err(db_err)?
+        .get(0);
+    if current as usize > MIGRATIONS.len() {
+        return Err(StoreError::Database(format!(
+            "database schema version {current} is newer than this credgate ({}); refusing to start",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        tx.batch_execute(sql).await.map_err(db_err)?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, now())",
+            &[&(i as i32 + 1)],
+        )
+        .await
+        .map_err(db_err)?;
+    }
+    tx.commit().await.map_err(db_err)?;
+    drop(client);
+    let _ = conn.await;
+    Ok(())
+}
+
+impl PgStore {
+    /// Connects, migrates, and starts the writer and the listener.
+    pub async fn open(
+        opts: PgOptions,
+        audit_key: Vec<u8>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Result<PgStore, StoreError> {
+        let cfg = pg_config(&opts)?;
+        connect_and_migrate(&cfg).await?;
+        let manager = Manager::from_config(
+            cfg.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(opts.pool_size.max(2))
+            .wait_timeout(Some(opts.statement_timeout))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::Database(e.to_string()))?;
+        let (changes_tx, changes) = watch::channel(0u64);
+        let (control_tx, control) = watch::channel(0u64);
+        let listener = tokio::spawn(listen(cfg, changes_tx, control_tx));
+        let (tx, rx) = mpsc::channel(opts.group_commit_max.max(1) * 4);
+        let writer = tokio::spawn(writer_loop(
+            pool.clone(),
+            rx,
+            opts.group_commit_max.max(1),
+            metrics,
+        ));
+        Ok(PgStore {
+            pool,
+            writer: Mutex::new(Some(tx)),
+            writer_task: Mutex::new(Some(writer)),
+            idempotency_ttl: opts.idempotency_ttl,
+            changes,
+            control,
+            audit_key,
+            listener,
+        })
+    }
+
+    async fn write(&self, op: Op) -> Result<Out, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let sender = self
+            .writer
+            .lock()
+            .map_err(|_| StoreError::Unavailable)?
+            .clone()
+            .ok_or(StoreError::Unavailable)?;
+        sender
+            .send(Job { op, reply })
+            .await
+            .map_err(|_| StoreError::Unavailable)?;
+        answer.await.map_err(|_| StoreError::Unavailable)?
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool.get().await.map_err(pool_err)
+    }
+
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(sql).await.map_err(db_err)?;
+        client.query(&stmt, params).await.map_err(db_err)
+    }
+}
+
+/// Keeps a connection that `LISTEN`s to both channels, reconnecting when
+/// it drops; every notification (and every reconnect, which may have
+/// missed some) bumps the receivers.
+async fn listen(
+    cfg: tokio_postgres::Config,
+    changes: watch::Sender<u64>,
+    control: watch::Sender<u64>,
+) {
+    use futures_util::StreamExt;
+    let bump = |w: &watch::Sender<u64>| w.send_modify(|v| *v = v.wrapping_add(1));
+    loop {
+        match cfg.connect(NoTls).await {
+            Ok((client, mut conn)) => {
+                let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+                let sql = format!("LISTEN {CHANGES}; LISTEN {CONTROL}");
+                let listening = client.batch_execute(&sql);
+                // The LISTEN completes only while the connection is polled.
+                let mut listening = std::pin::pin!(listening);
+                let ready = loop {
+                    tokio::select! {
+                        r = &mut listening => break r.is_ok(),
+                        m = messages.next() => if m.is_none() { break false },
+                    }
+                };
+                if ready {
+                    bump(&changes);
+                    bump(&control);
+                    while let Some(message) = messages.next().await {
+                        match message {
+                            Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                                if n.channel() == CONTROL {
+                                    bump(&control);
+                                } else {
+                                    bump(&changes);
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::warn!(error = %e, "PostgreSQL notification connection lost");
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot connect to PostgreSQL for notifications"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn writer_loop(
+    pool: Pool,
+    mut rx: mpsc::Receiver<Job>,
+    group_max: usize,
+    metrics: Arc<crate::metrics::Metrics>,
+) {
+    while let Some(job) = rx.recv().await {
+        let mut group = vec![job];
+        while group.len() < group_max {
+            match rx.try_recv() {
+                Ok(job) => group.push(job),
+                Err(_) => break,
+            }
+        }
+        metrics.store_commits.inc();
+        metrics.store_group_size.observe(group.len() as f64);
+        commit_group(&pool, group).await;
+    }
+}
+
+/// Commits one group: all writes pipelined in one transaction; if one
+/// fails, the others run again one savepoint each, so a failing write
+/// costs only its own caller.
+async fn commit_group(pool: &Pool, group: Vec<Job>) {
+    let mut client = match pool.get().await {
+        Ok(c) => c,
+        Err(e) => {
+            let e = pool_err(e);
+            tracing::error!(error = %e, "no database connection for a write group");
+            for job in group {
+                let _ = job.reply.send(Err(StoreError::Database(e.to_string())));
+            }
+            return;
+        }
+    };
+    let (ops, replies): (Vec<Op>, Vec<_>) = group.into_iter().map(|j| (j.op, j.reply)).unzip();
+    let fast = async {
+        let tx = client.transaction().await.map_err(db_err)?;
+        let results = join_all(ops.iter().map(|op| apply(&tx, op))).await;
+        if results.iter().any(Result::is_err) {
+            let _ = tx.rollback().await;
+            return Ok(None);
+        }
+        let mut fx = Effects::default();
+        let mut outs = Vec::with_capacity(results.len());
+        for r in results.into_iter().flatten() {
+            fx.merge(r.1);
+            outs.push(Ok(r.0));
+        }
+        finish_transaction(&tx, fx).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok::<_, StoreError>(Some(outs))
+    }
+    .await;
+    let outs = match fast {
+        Ok(Some(outs)) => outs,
+        Ok(None) => {
+            tracing::warn!(
+                jobs = ops.len(),
+                "a change failed in its commit group; committing the others again, one savepoint each"
+            );
+            match isolated(&mut client, &ops).await {
+                Ok(outs) => outs,
+                Err(e) => ops
+                    .iter()
+                    .map(|_| Err(StoreError::Database(e.to_string())))
+                    .collect(),
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "group commit failed; nothing in the group was acknowledged");
+            ops.iter()
+                .map(|_| Err(StoreError::Database(e.to_string())))
+                .collect()
+        }
+    };
+    for (reply, out) in replies.into_iter().zip(outs) {
+        let _ = reply.send(out);
+    }
+}
+
+async fn isolated(
+    client: &mut deadpool_postgres::Object,
+    ops: &[Op],
+) -> Result<Vec<Result<Out, StoreError>>, StoreError> {
+    let mut tx = client.transaction().await.map_err(db_err)?;
+    let mut fx = Effects::default();
+    let mut outs = Vec::with_capacity(ops.len());
+    for op in ops {
+        let sp = tx.savepoint("job").await.map_err(db_err)?;
+        match apply(&sp, op).await {
+            Ok((out, effects)) => {
+                sp.commit().await.map_err(db_err)?;
+                fx.merge(effects);
+                outs.push(Ok(out));
+            }
+            Err(e) => {
+                sp.rollback().await.map_err(db_err)?;
+                outs.push(Err(e));
+            }
+        }
+    }
+    finish_transaction(&tx, fx).await?;
+    tx.commit().await.map_err(db_err)?;
+    Ok(outs)
+}
+
+/// The end of every write transaction: stream positions (agencies in
+/// order), the audit entries (head row last), the notifications.
+async fn finish_transaction(tx: &Transaction<'_>, fx: Effects) -> Result<(), StoreError> {
+    if !fx.pulls.is_empty() {
+        let take = tx
+            .prepare_cached(
+                "INSERT INTO agency_streams (agency, last_pos) VALUES ($1, $2) \
+                 ON CONFLICT (agency) DO UPDATE SET last_pos = agency_streams.last_pos + EXCLUDED.last_pos RETURNING last_pos",
+            )
+            .await
+            .map_err(db_err)?;
+        let number = tx
+            .prepare_cached(
+                "UPDATE deliveries d SET pos = $1 + t.i FROM unnest($2::text[]) WITH ORDINALITY AS t(id, i) WHERE d.id = t.id",
+            )
+            .await
+            .map_err(db_err)?;
+        for (agency, ids) in &fx.pulls {
+            let n = ids.len() as i64;
+            let last: i64 = tx
+                .query_one(&take, &[agency, &n])
+                .await
+                .map_err(db_err)?
+                .get(0);
+            tx.execute(&number, &[&(last - n), ids])
+                .await
+                .map_err(db_err)?;
+        }
+    }
+    let entries = audit_entries(fx.audit);
+    if !entries.is_empty() {
+        let head = tx
+            .query_one(
+                "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE",
+                &[],
+            )
+            .await
+            .map_err(db_err)?;
+        let (mut seq, mut prev): (i64, String) = (head.get(0), head.get(1));
+        let insert = tx
+            .prepare_cached("INSERT INTO audit (seq, at, actor, action, subject, details, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
+            .await
+            .map_err(db_err)?;
+        for (actor, action, subject, details) in entries {
+            seq += 1;
+            let at = rfc3339(OffsetDateTime::now_utc());
+            let details = serde_json::to_string(&details).map_err(corrupt)?;
+            let hash =
+                crate::audit::entry_hash(&prev, seq, &at, &actor, &action, &subject, &details);
+            tx.execute(
+                &insert,
+                &[&seq, &at, &actor, &action, &subject, &details, &prev, &hash],
+            )
+            .await
+            .map_err(db_err)?;
+            prev = hash;
+        }
+        tx.execute(
+            "UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1",
+            &[&seq, &prev],
+        )
+        .await
+        .map_err(db_err)?;
+    }
+    if fx.wake {
+        tx.execute("SELECT pg_notify($1, '')", &[&CHANGES])
+            .await
+            .map_err(db_err)?;
+    }
+    if fx.control {
+        tx.execute("SELECT pg_notify($1, '')", &[&CONTROL])
+            .await
+            .map_err(db_err)?;
+    }
+    Ok(())
+}
+
+async fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(Out, Effects), StoreError> {
+    let mut fx = Effects::default();
+    let out = match op {
+        Op::Append(sub) => Out::Append(append_submission(tx, sub, &mut fx).await?),
+        Op::End {
+            record_id,
+            reason,
+            note,
+            actor,
+        } => Out::End(end_record(tx, record_id, *reason, note.as_deref(), actor, &mut fx).await?),
+        Op::Ack { agency, position } => {
+            ack(tx, agency, *position, &mut fx).await?;
+            Out::Unit(())
+        }
+        Op::Finish(finished) => {
+            finish(tx, finished, &mut fx).await?;
+            Out::Unit(())
+        }
+        Op::Retry { delivery_id, actor } => {
+            let n = tx
+                .execute(
+                    "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = 0, lease_until = 0 WHERE id = $1 AND state = 'dead'",
+                    &[delivery_id],
+                )
+                .await
+                .map_err(db_err)?;
+            if n == 1 {
+                fx.audit.push(AuditItem::single(
+                    actor,
+                    "delivery.retry",
+                    delivery_id,
+                    serde_json::json!({}),
+                ));
+                fx.wake = true;
+            }
+            Out::Bool(n == 1)
+        }
+        Op::Feedback(f) => Out::Feedback(add_feedback(tx, f, &mut fx).await?),
+        Op::Seed {
+            items,
+            participants,
+            subscriptions,
+        } => Out::Control(seed(tx, items, participants, subscriptions, &mut fx).await?),
+        Op::Activate(a) => Out::Activate(activate(tx, a, &mut fx).await?),
+        Op::Put { kind, body, entry } => {
+            tx.execute(
+                "INSERT INTO registry (kind, id, body, updated_at, updated_by) VALUES ($1, $2, $3, now(), $4) \
+                 ON CONFLICT (kind, id) DO UPDATE SET body = EXCLUDED.body, updated_at = EXCLUDED.updated_at, updated_by = EXCLUDED.updated_by",
+                &[&kind.as_str(), &entry.subject, &serde_json::to_string(body).map_err(corrupt)?, &entry.actor],
+            )
+            .await
+            .map_err(db_err)?;
+            fx.audit.push(entry.clone());
+            fx.control = true;
+            Out::Unit(())
+        }
+    };
+    Ok((out, fx))
+}
+
+async fn append_submission(
+    tx: &Transaction<'_>,
+    sub: &NewSubmission,
+    fx: &mut Effects,
+) -> Result<AppendOutcome, StoreError> {
+    if let Some(claim) = &sub.idempotency {
+        let claimed = tx
+            .prepare_cached(
+                "INSERT INTO idempotency (participant, key, request_hash, status, response, created_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+            )
+            .await
+            .map_err(db_err)?;
+        let n = tx
+            .execute(
+                &claimed,
+                &[
+                    &sub.participant,
+                    &claim.key,
+                    &claim.request_hash,
+                    &i32::from(sub.response_status),
+                    &sub.response_body,
+                    &unix_now(),
+                ],
+            )
+            .await
+            .map_err(db_err)?;
+        if n == 0 {
+            // The key is taken (by a commit that this statement waited
+            // for, if it was concurrent): answer what was stored.
+            let row = tx
+                .query_one(
+                    "SELECT request_hash, status, response FROM idempotency WHERE participant = $1 AND key = $2",
+                    &[&sub.participant, &claim.key],
+                )
+                .await
+                .map_err(db_err)?;
+            return Ok(AppendOutcome::Replay(StoredResponse {
+                request_hash: row.get(0),
+                status: u16::try_from(row.get::<_, i32>(1)).unwrap_or(500),
+                body: row.get(2),
+            }));
+        }
+    }
+    let codes = serde_json::to_string(&sub.rejection_codes).map_err(corrupt)?;
+    let version = int(sub.item_version);
+    let insert_sub = tx
+        .prepare_cached("INSERT INTO submissions (id, participant, item, item_version, received_at, accepted, rejected, rejection_codes) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
+        .await
+        .map_err(db_err)?;
+    let accepted = sub.records.len() as i32;
+    let rejected = sub.rejected as i32;
+    tx.execute(
+        &insert_sub,
+        &[
+            &sub.id,
+            &sub.participant,
+            &sub.item,
+            &version,
+            &sub.received_at,
+            &accepted,
+            &rejected,
+            &codes,
+        ],
+    )
+    .await
+    .map_err(db_err)?;
+    if !sub.records.is_empty() {
+        // One statement for the submission's records.
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO records (id, submission_id, item, item_version, submitter, subject_type, subject_key, decision_date, received_at, body, warnings, effective_until) \
+                 SELECT t.id, $1, $2, $3, $4, t.subject_type, t.subject_key, t.decision_date, $5, t.body, t.warnings, t.effective_until \
+                 FROM unnest($6::text[], $7::text[], $8::text[], $9::date[], $10::text[], $11::text[], $12::date[]) \
+                   AS t(id, subject_type, subject_key, decision_date, body, warnings, effective_until)",
+            )
+            .await
+            .map_err(db_err)?;
+        let rs = &sub.records;
+        let ids: Vec<&str> = rs.iter().map(|r| r.id.as_str()).collect();
+        let types: Vec<&str> = rs.iter().map(|r| r.subject_type.as_str()).collect();
+        let keys: Vec<Option<&str>> = rs.iter().map(|r| r.subject_key.as_deref()).collect();
+        let decisions: Vec<Option<Date>> = rs.iter().map(|r| r.decision_date).collect();
+        let bodies: Vec<&str> = rs.iter().map(|r| r.body.as_str()).collect();
+        let warnings: Vec<&str> = rs.iter().map(|r| r.warnings.as_str()).collect();
+        let untils: Vec<Option<Date>> = rs.iter().map(|r| r.effective_until).collect();
+        tx.execute(
+            &insert,
+            &[
+                &sub.id,
+                &sub.item,
+                &version,
+                &sub.participant,
+                &sub.received_at,
+                &ids,
+                &types,
+                &keys,
+                &decisions,
+                &bodies,
+                &warnings,
+                &untils,
+            ],
+        )
+        .await
+        .map_err(db_err)?;
+    }
+    for r in &sub.records {
+        if let Some(n) = &r.notice {
+            insert_notice(
+                tx,
+                n,
+                NoticeOrigin {
+                    item: &sub.item,
+                    item_version: sub.item_version,
+                    record_id: &r.id,
+                    source: &sub.participant,
+                    issued_at: sub.received_at,
+                    lifts: None,
+                    reason: None,
+                },
+                fx,
+            )
+            .await?;
+        }
+    }
+    fx.audit.push(submission_audit(sub));
+    Ok(AppendOutcome::Stored)
+}
+
+/// Where a notice comes from.
+struct NoticeOrigin<'a> {
+    item: &'a str,
+    item_version: u32,
+    record_id: &'a str,
+    source: &'a str,
+    issued_at: OffsetDateTime,
+    lifts: Option<&'a str>,
+    reason: Option<&'a str>,
+}
+
+async fn insert_notice(
+    tx: &Transaction<'_>,
+    n: &NewNotice,
+    o: NoticeOrigin<'_>,
+    fx: &mut Effects,
+) -> Result<(), StoreError> {
+    let insert = tx
+        .prepare_cached("INSERT INTO notices (id, kind, item, item_version, record_id, source, severity, region, measures, effective_from, effective_until, issued_at, lifts, reason) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)")
+        .await
+        .map_err(db_err)?;
+    tx.execute(
+        &insert,
+        &[
+            &n.id,
+            &n.kind.as_str(),
+            &o.item,
+            &int(o.item_version),
+            &o.record_id,
+            &o.source,
+            &n.severity.as_str(),
+            &n.region,
+            &serde_json::to_string(&n.measures).map_err(corrupt)?,
+            &n.effective_from,
+            &n.effective_until,
+            &o.issued_at,
+            &o.lifts,
+            &o.reason,
+        ],
+    )
+    .await
+    .map_err(db_err)?;
+    if n.deliveries.is_empty() {
+        return Ok(());
+    }
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO deliveries (id, notice_id, subscription, agency, mode, state, created_at) \
+             SELECT t.id, $1, t.subscription, t.agency, t.mode, 'pending', $2 \
+             FROM unnest($3::text[], $4::text[], $5::text[], $6::text[]) AS t(id, subscription, agency, mode)",
+        )
+        .await
+        .map_err(db_err)?;
+    let ds = &n.deliveries;
+    let ids: Vec<&str> = ds.iter().map(|d| d.id.as_str()).collect();
+    let subs: Vec<&str> = ds.iter().map(|d| d.subscription.as_str()).collect();
+    let agencies: Vec<&str> = ds.iter().map(|d| d.agency.as_str()).collect();
+    let modes: Vec<&str> = ds
+        .iter()
+        .map(|d| if d.push { "push" } else { "pull" })
+        .collect();
+    tx.execute(
+        &insert,
+        &[&n.id, &o.issued_at, &ids, &subs, &agencies, &modes],
+    )
+    .await
+    .map_err(db_err)?;
+    for d in ds {
+        if !d.push {
+            fx.pulls
+                .entry(d.agency.clone())
+                .or_default()
+                .push(d.id.clone());
+        }
+    }
+    fx.wake = true;
+    Ok(())
+}
+
+const NOTICE_COLUMNS: &str = "n.id, n.kind, n.item, n.item_version, n.record_id, n.source, n.severity, n.measures, n.effective_from, n.effective_until, n.issued_at, n.lifts, n.reason";
+
+fn notice_at(r: &Row, o: usize) -> Result<StoredNotice, StoreError> {
+    let kind: String = r.get(o + 1);
+    let severity: String = r.get(o + 6);
+    let measures: String = r.get(o + 7);
+    Ok(StoredNotice {
+        notice_id: r.get(o),
+        kind: parse_kind(&kind)?,
+        item: r.get(o + 2),
+        item_version: uint(r.get(o + 3)),
+        record_id: r.get(o + 4),
+        source: r.get(o + 5),
+        severity: Severity::parse(&severity)
+            .ok_or_else(|| corrupt(format!("severity {severity:?}")))?,
+        measures: serde_json::from_str(&measures).map_err(corrupt)?,
+        effective_from: r.get(o + 8),
+        effective_until: r.get(o + 9),
+        issued_at: r.get(o + 10),
+        lifts: r.get(o + 11),
+        reason: r.get(o + 12),
+    })
+}
+
+async fn end_record(
+    tx: &Transaction<'_>,
+    record_id: &str,
+    reason: crate::notice::EndReason,
+    note: Option<&str>,
+    actor: &str,
+    fx: &mut Effects,
+) -> Result<EndOutcome, StoreError> {
+    let status = tx
+        .query_opt(
+            "SELECT status FROM records WHERE id = $1 FOR UPDATE",
+            &[&record_id],
+        )
+        .await
+        .map_err(db_err)?;
+    match status.map(|r| r.get::<_, String>(0)).as_deref() {
+        None => return Ok(EndOutcome::NotFound),
+        Some("active") => {}
+        Some(other) => return Ok(EndOutcome::AlreadyEnded(other.to_owned())),
+    }
+    let reason_text = reason.as_str();
+    tx.execute(
+        "UPDATE records SET status = $2, end_reason = $3, end_note = $4 WHERE id = $1",
+        &[&record_id, &reason.record_status(), &reason_text, &note],
+    )
+    .await
+    .map_err(db_err)?;
+    let originals = tx
+        .query(
+            &format!("SELECT {NOTICE_COLUMNS} FROM notices n WHERE n.record_id = $1 AND n.kind != 'lift' ORDER BY n.issued_at, n.id"),
+            &[&record_id],
+        )
+        .await
+        .map_err(db_err)?;
+    let now = OffsetDateTime::now_utc();
+    let today = crate::codes::today_cst();
+    let mut lift_notices = Vec::new();
+    let mut recipients = Vec::new();
+    for row in originals {
+        let original = notice_at(&row, 0)?;
+        let targets = tx
+            .query(
+                "SELECT DISTINCT subscription, agency, mode FROM deliveries WHERE notice_id = $1 ORDER BY subscription, agency",
+                &[&original.notice_id],
+            )
+            .await
+            .map_err(db_err)?;
+        let lift = NewNotice {
+            id: uuid::Uuid::now_v7().to_string(),
+            kind: NoticeKind::Lift,
+            severity: original.severity,
+            measures: original.measures.clone(),
+            effective_from: original.effective_from,
+            effective_until: Some(today),
+            region: None,
+            deliveries: targets
+                .iter()
+                .map(|t| super::NewDelivery {
+                    id: uuid::Uuid::now_v7().to_string(),
+                    subscription: t.get(0),
+                    agency: t.get(1),
+                    push: t.get::<_, &str>(2) == "push",
+                })
+                .collect(),
+        };
+        insert_notice(
+            tx,
+            &lift,
+            NoticeOrigin {
+                item: &original.item,
+                item_version: original.item_version,
+                record_id,
+                source: &original.source,
+                issued_at: now,
+                lifts: Some(&original.notice_id),
+                reason: Some(reason_text),
+            },
+            fx,
+        )
+        .await?;
+        recipients.extend(lift.deliveries.iter().map(|d| d.agency.clone()));
+        lift_notices.push(lift.id);
+    }
+    recipients.sort();
+    recipients.dedup();
+    fx.audit.push(AuditItem::single(
+        actor,
+        "record.end",
+        record_id,
+        serde_json::json!({"reason": reason_text, "lift_notices": lift_notices, "recipients": recipients}),
+    ));
+    fx.wake = true;
+    Ok(EndOutcome::Ended {
+        lift_notices,
+        recipients,
+    })
+}
+
+async fn ack(
+    tx: &Transaction<'_>,
+    agency: &str,
+    position: i64,
+    fx: &mut Effects,
+) -> Result<(), StoreError> {
+    // Never past the agency's last delivery, so an ack cannot skip notices
+    // that do not exist yet.
+    let last: i64 = tx
+        .query_opt(
+            "SELECT last_pos FROM agency_streams WHERE agency = $1",
+            &[&agency],
+        )
+        .await
+        .map_err(db_err)?
+        .map_or(0, |r| r.get(0));
+    let position = position.min(last);
+    // Locked, so two instances acknowledging at once move it in turn.
+    let previous: i64 = tx
+        .query_opt(
+            "SELECT position FROM pull_positions WHERE agency = $1 FOR UPDATE",
+            &[&agency],
+        )
+        .await
+        .map_err(db_err)?
+        .map_or(0, |r| r.get(0));
+    if position <= previous {
+        return Ok(());
+    }
+    tx.execute(
+        "INSERT INTO pull_positions (agency, position, updated_at) VALUES ($1, $2, now()) \
+         ON CONFLICT (agency) DO UPDATE SET position = GREATEST(pull_positions.position, EXCLUDED.position), updated_at = EXCLUDED.updated_at",
+        &[&agency, &position],
+    )
+    .await
+    .map_err(db_err)?;
+    let delivered = tx
+        .execute(
+            "UPDATE deliveries SET state = 'delivered', delivered_at = now() WHERE agency = $1 AND mode = 'pull' AND pos > $2 AND pos <= $3 AND state = 'pending'",
+            &[&agency, &previous, &position],
+        )
+        .await
+        .map_err(db_err)?;
+    if delivered > 0 {
+        fx.audit.push(AuditItem::grouped(
+            agency,
+            "delivery.acknowledged",
+            agency,
+            serde_json::json!({"position": position, "deliveries": delivered}),
+        ));
+    }
+    Ok(())
+}
+
+async fn finish(
+    tx: &Transaction<'_>,
+    finished: &[Finished],
+    fx: &mut Effects,
+) -> Result<(), StoreError> {
+    for f in finished {
+        let (id, claim) = (&f.delivery_id, f.claim);
+        // Fenced: only the attempt holding the current claim of an
+        // in-flight delivery may set its outcome.
+        let changed = match &f.result {
+            DeliveryResult::Delivered => tx.execute(
+                "UPDATE deliveries SET state = 'delivered', delivered_at = now(), last_error = NULL WHERE id = $1 AND claims = $2 AND state = 'inflight'",
+                &[id, &claim],
+            ).await,
+            DeliveryResult::Retry { at, error } => tx.execute(
+                "UPDATE deliveries SET state = 'pending', next_attempt_at = $3, last_error = $4 WHERE id = $1 AND claims = $2 AND state = 'inflight'",
+                &[id, &claim, at, error],
+            ).await,
+            DeliveryResult::Deferred { at } => tx.execute(
+                "UPDATE deliveries SET state = 'pending', next_attempt_at = $3, attempts = GREATEST(attempts - 1, 0) WHERE id = $1 AND claims = $2 AND state = 'inflight'",
+                &[id, &claim, at],
+            ).await,
+            DeliveryResult::Dead { error } => tx.execute(
+                "UPDATE deliveries SET state = 'dead', last_error = $3 WHERE id = $1 AND claims = $2 AND state = 'inflight'",
+                &[id, &claim, error],
+            ).await,
+        }
+        .map_err(db_err)?;
+        if changed == 0 {
+            tracing::debug!(delivery = %id, claim, "result of a superseded attempt ignored");
+            continue;
+        }
+        fx.audit.extend(outcome_audit(f));
+    }
+    Ok(())
+}
+
+fn outcome_text(o: FeedbackOutcome) -> &'static str {
+    match o {
+        FeedbackOutcome::Applied => "applied",
+        FeedbackOutcome::NotApplicable => "not_applicable",
+        FeedbackOutcome::Pending => "pending",
+    }
+}
+
+async fn add_feedback(
+    tx: &Transaction<'_>,
+    f: &Feedback,
+    fx: &mut Effects,
+) -> Result<FeedbackStored, StoreError> {
+    let exists = tx
+        .query_opt("SELECT 1 FROM notices WHERE id = $1", &[&f.notice_id])
+        .await
+        .map_err(db_err)?;
+    if exists.is_none() {
+        return Ok(FeedbackStored::UnknownNotice);
+    }
+    let received = tx
+        .query_opt(
+            "SELECT 1 FROM deliveries WHERE notice_id = $1 AND agency = $2 LIMIT 1",
+            &[&f.notice_id, &f.agency],
+        )
+        .await
+        .map_err(db_err)?;
+    if received.is_none() {
+        return Ok(FeedbackStored::NotRecipient);
+    }
+    let outcome = outcome_text(f.outcome);
+    tx.execute(
+        "INSERT INTO feedback (notice_id, agency, measure, outcome, date, note, received_at) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+         ON CONFLICT (notice_id, agency, measure) DO UPDATE SET outcome = EXCLUDED.outcome, date = EXCLUDED.date, note = EXCLUDED.note, received_at = EXCLUDED.received_at",
+        &[&f.notice_id, &f.agency, &f.measure, &outcome, &f.date, &f.note, &f.received_at],
+    )
+    .await
+    .map_err(db_err)?;
+    fx.audit.push(AuditItem::single(
+        &f.agency,
+        "feedback",
+        &f.notice_id,
+        serde_json::json!({"measure": f.measure, "outcome": outcome, "date": f.date.map(|d| d.to_string())}),
+    ));
+    Ok(FeedbackStored::Stored)
+}
+
+async fn control_state(
+    tx: &Transaction<'_>,
+    seeded: Vec<String>,
+) -> Result<ControlState, StoreError> {
+    let decode = |rows: Vec<Row>| -> Result<Vec<Value>, StoreError> {
+        rows.iter()
+            .map(|r| serde_json::from_str(r.get::<_, &str>(0)).map_err(corrupt))
+            .collect()
+    };
+    let items = tx
+        .query("SELECT v.definition FROM catalog_active a JOIN catalog_versions v ON v.item = a.item AND v.version = a.version ORDER BY a.item", &[])
+        .await
+        .map_err(db_err)?;
+    let registry = "SELECT body FROM registry WHERE kind = $1 ORDER BY ord";
+    let participants = tx
+        .query(registry, &[&DocKind::Participant.as_str()])
+        .await
+        .map_err(db_err)?;
+    let subscriptions = tx
+        .query(registry, &[&DocKind::Subscription.as_str()])
+        .await
+        .map_err(db_err)?;
+    Ok(ControlState {
+        items: decode(items)?,
+        participants: decode(participants)?,
+        subscriptions: decode(subscriptions)?,
+        seeded,
+    })
+}
+
+async fn seed(
+    tx: &Transaction<'_>,
+    items: &[Value],
+    participants: &[(String, Value)],
+    subscriptions: &[(String, Value)],
+    fx: &mut Effects,
+) -> Result<ControlState, StoreError> {
+    let mut seeded = Vec::new();
+    for def in items {
+        let id = def.get("id").and_then(Value::as_str).unwrap_or_default();
+        let version = def.get("version").and_then(Value::as_u64).unwrap_or(1) as i32;
+        let text = serde_json::to_string(def).map_err(corrupt)?;
+        // Instances starting together: the first one's rows win.
+        let n = tx
+            .execute(
+                "INSERT INTO catalog_active (item, version) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                &[&id, &version],
+            )
+            .await
+            .map_err(db_err)?;
+        if n == 1 {
+            tx.execute(
+                "INSERT INTO catalog_versions (item, version, definition, created_at, created_by) VALUES ($1, $2, $3, now(), 'seed')",
+                &[&id, &version, &text],
+            )
+            .await
+            .map_err(db_err)?;
+            fx.audit.push(AuditItem::single(
+                "gateway",
+                "catalog.seed",
+                id,
+                serde_json::json!({"version": version, "digest": super::sqlite_control::digest(&text)}),
+            ));
+            seeded.push(format!("catalog item {id} v{version}"));
+        }
+    }
+    for (kind, docs) in [
+        (DocKind::Participant, participants),
+        (DocKind::Subscription, subscriptions),
+    ] {
+        if docs.is_empty() {
+            continue;
+        }
+        // Seeded once: serialised by a lock on the kind, so two instances
+        // starting on an empty database do not both seed.
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext($1))",
+            &[&kind.as_str()],
+        )
+        .await
+        .map_err(db_err)?;
+        let count: i64 = tx
+            .query_one(
+                "SELECT COUNT(*) FROM registry WHERE kind = $1",
+                &[&kind.as_str()],
+            )
+            .await
+            .map_err(db_err)?
+            .get(0);
+        if count > 0 {
+            continue;
+        }
+        for (id, body) in docs {
+            tx.execute(
+                "INSERT INTO registry (kind, id, body, updated_at, updated_by) VALUES ($1, $2, $3, now(), 'seed')",
+                &[&kind.as_str(), id, &serde_json::to_string(body).map_err(corrupt)?],
+            )
+            .await
+            .map_err(db_err)?;
+        }
+        fx.audit.push(AuditItem::single(
+            "gateway",
+            &format!("{}.seed", kind.as_str()),
+            "*",
+            serde_json::json!({"count": docs.len()}),
+        ));
+        seeded.push(format!("{} {}s", docs.len(), kind.as_str()));
+    }
+    control_state(tx, seeded).await
+}
+
+async fn activate(
+    tx: &Transaction<'_>,
+    a: &ItemActivation,
+    fx: &mut Effects,
+) -> Result<ActivateOutcome, StoreError> {
+    let version = int(a.version);
+    match &a.definition {
+        Some(def) => {
+            let n = tx
+                .execute(
+                    "INSERT INTO catalog_versions (item, version, definition, created_at, created_by, reason, breaking) VALUES ($1, $2, $3, now(), $4, $5, $6) ON CONFLICT DO NOTHING",
+                    &[&a.item, &version, &serde_json::to_string(def).map_err(corrupt)?, &a.actor, &a.reason, &a.breaking],
+                )
+                .await
+                .map_err(db_err)?;
+            if n == 0 {
+                let latest: i32 = tx
+                    .query_one(
+                        "SELECT MAX(version) FROM catalog_versions WHERE item = $1",
+                        &[&a.item],
+                    )
+                    .await
+                    .map_err(db_err)?
+                    .get(0);
+                return Ok(ActivateOutcome::VersionTaken {
+                    latest: uint(latest),
+                });
+            }
+        }
+        None => {
+            let exists = tx
+                .query_opt(
+                    "SELECT 1 FROM catalog_versions WHERE item = $1 AND version = $2",
+                    &[&a.item, &version],
+                )
+                .await
+                .map_err(db_err)?;
+            if exists.is_none() {
+                return Ok(ActivateOutcome::NoSuchVersion);
+            }
+        }
+    }
+    tx.execute(
+        "INSERT INTO catalog_active (item, version) VALUES ($1, $2) ON CONFLICT (item) DO UPDATE SET version = EXCLUDED.version",
+        &[&a.item, &version],
+    )
+    .await
+    .map_err(db_err)?;
+    fx.audit.push(activation_audit(a));
+    fx.control = true;
+    Ok(ActivateOutcome::Activated)
+}
+
+const OUTBOUND_SELECT: &str = "SELECT COALESCE(d.pos, 0), d.id, d.subscription, d.agency, d.attempts, \
+     n.id, n.kind, n.item, n.item_version, n.record_id, n.source, n.severity, n.measures, n.effective_from, n.effective_until, n.issued_at, n.lifts, n.reason, \
+     r.body, d.claims FROM deliveries d JOIN notices n ON n.id = d.notice_id JOIN records r ON r.id = n.record_id";
+
+fn outbound(r: &Row) -> Result<Outbound, StoreError> {
+    Ok(Outbound {
+        position: r.get(0),
+        delivery_id: r.get(1),
+        subscription: r.get(2),
+        agency: r.get(3),
+        attempts: uint(r.get(4)),
+        notice: notice_at(r, 5)?,
+        record: RecordBody::from_store(
+            serde_json::from_str(r.get::<_, &str>(18)).map_err(corrupt)?,
+        ),
+        claim: r.get(19),
+    })
+}
+
+const DELIVERY_SELECT: &str = "SELECT d.id, d.notice_id, n.kind, n.record_id, d.subscription, d.agency, d.mode, d.state, d.attempts, d.last_error FROM deliveries d JOIN notices n ON n.id = d.notice_id";
+
+fn delivery(r: &Row) -> Result<DeliveryInfo, StoreError> {
+    let state: &str = r.get(7);
+    Ok(DeliveryInfo {
+        id: r.get(0),
+        notice_id: r.get(1),
+        notice_type: parse_kind(r.get(2))?,
+        record_id: r.get(3),
+        subscription: r.get(4),
+        agency: r.get(5),
+        mode: match r.get::<_, &str>(6) {
+            "pull" => crate::routing::ModeName::Pull,
+            "push" => crate::routing::ModeName::Push,
+            other => return Err(corrupt(format!("delivery mode {other:?}"))),
+        },
+        state: DeliveryState::parse(state)
+            .ok_or_else(|| corrupt(format!("delivery state {state:?}")))?,
+        attempts: uint(r.get(8)),
+        last_error: r.get(9),
+    })
+}
+
+fn feedback_row(r: &Row) -> Result<Feedback, StoreError> {
+    Ok(Feedback {
+        notice_id: r.get(0),
+        agency: r.get(1),
+        measure: r.get(2),
+        outcome: match r.get::<_, &str>(3) {
+            "applied" => FeedbackOutcome::Applied,
+            "not_applicable" => FeedbackOutcome::NotApplicable,
+            "pending" => FeedbackOutcome::Pending,
+            other => return Err(corrupt(format!("feedback outcome {other:?}"))),
+        },
+        date: r.get(4),
+        note: r.get(5),
+        received_at: r.get(6),
+    })
+}
+
+fn audit_entry(r: &Row) -> Result<crate::audit::Entry, StoreError> {
+    Ok(crate::audit::Entry {
+        seq: r.get(0),
+        at: r.get(1),
+        actor: r.get(2),
+        action: r.get(3),
+        subject: r.get(4),
+        details: serde_json::value::RawValue::from_string(r.get(5)).map_err(corrupt)?,
+        prev_hash: r.get(6),
+        hash: r.get(7),
+    })
+}
+
+macro_rules! expect_out {
+    ($out:expr, $variant:ident) => {
+        match $out {
+            Out::$variant(v) => Ok(v),
+            _ => Err(StoreError::Database(
+                "writer answered another operation".into(),
+            )),
+        }
+    };
+}
+
+#[async_trait::async_trait]
+impl Store for PgStore {
+    async fn append_submission(
+        &self,
+        submission: NewSubmission,
+    ) -> Result<AppendOutcome, StoreError> {
+        expect_out!(self.write(Op::Append(Box::new(submission))).await?, Append)
+    }
+
+    async fn idempotent_response(
+        &self,
+        participant: &str,
+        key: &str,
+    ) -> Result<Option<StoredResponse>, StoreError> {
+        let cutoff = unix_now() - self.idempotency_ttl.as_secs() as i64;
+        let rows = self
+            .query(
+                "SELECT request_hash, status, response FROM idempotency WHERE participant = $1 AND key = $2 AND created_at >= $3",
+                &[&participant, &key, &cutoff],
+            )
+            .await?;
+        Ok(rows.first().map(|r| StoredResponse {
+            request_hash: r.get(0),
+            status: u16::try_from(r.get::<_, i32>(1)).unwrap_or(500),
+            body: r.get(2),
+        }))
+    }
+
+    async fn record(&self, id: &str) -> Result<Option<StoredRecord>, StoreError> {
+        let rows = self
+            .query(
+                "SELECT id, item, item_version, submitter, subject_type, decision_date, effective_until, received_at, body, warnings, status, end_reason FROM records WHERE id = $1",
+                &[&id],
+            )
+            .await?;
+        let Some(r) = rows.first() else {
+            return Ok(None);
+        };
+        Ok(Some(StoredRecord {
+            id: r.get(0),
+            item: r.get(1),
+            item_version: uint(r.get(2)),
+            submitter: r.get(3),
+            subject_type: r.get(4),
+            decision_date: r.get(5),
+            effective_until: r.get(6),
+            received_at: r.get(7),
+            body: RecordBody::from_store(
+                serde_json::from_str(r.get::<_, &str>(8)).map_err(corrupt)?,
+            ),
+            warnings: serde_json::from_str(r.get::<_, &str>(9)).map_err(corrupt)?,
+            status: r.get(10),
+            end_reason: r.get(11),
+        }))
+    }
+
+    async fn record_notices(&self, record_id: &str) -> Result<Vec<NoticeHistory>, StoreError> {
+        let notices = self
+            .query(
+                &format!("SELECT {NOTICE_COLUMNS} FROM notices n WHERE n.record_id = $1 ORDER BY n.issued_at, n.id"),
+                &[&record_id],
+            )
+            .await?;
+        let mut out = Vec::with_capacity(notices.len());
+        for row in notices {
+            let notice = notice_at(&row, 0)?;
+            let deliveries = self
+                .query(
+                    &format!("{DELIVERY_SELECT} WHERE d.notice_id = $1 ORDER BY d.seq"),
+                    &[&notice.notice_id],
+                )
+                .await?
+                .iter()
+                .map(delivery)
+                .collect::<Result<_, _>>()?;
+            let feedback = self
+                .query(
+                    "SELECT notice_id, agency, measure, outcome, date, note, received_at FROM feedback WHERE notice_id = $1 ORDER BY agency, measure",
+                    &[&notice.notice_id],
+                )
+                .await?
+                .iter()
+                .map(feedback_row)
+                .collect::<Result<_, _>>()?;
+            out.push(NoticeHistory {
+                notice,
+                deliveries,
+                feedback,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn end_record(
+        &self,
+        record_id: &str,
+        reason: crate::notice::EndReason,
+        note: Option<String>,
+        actor: &str,
+    ) -> Result<EndOutcome, StoreError> {
+        expect_out!(
+            self.write(Op::End {
+                record_id: record_id.to_owned(),
+                reason,
+                note,
+                actor: actor.to_owned(),
+            })
+            .await?,
+            End
+        )
+    }
+
+    async fn expiring(&self, today: Date, limit: usize) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .query(
+                "SELECT id FROM records WHERE status = 'active' AND effective_until IS NOT NULL AND effective_until < $1 LIMIT $2",
+                &[&today, &(limit as i64)],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    async fn pull(
+        &self,
+        agency: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<Outbound>, StoreError> {
+        self.query(
+            &format!("{OUTBOUND_SELECT} WHERE d.agency = $1 AND d.mode = 'pull' AND d.pos > $2 ORDER BY d.pos LIMIT $3"),
+            &[&agency, &after, &(limit as i64)],
+        )
+        .await?
+        .iter()
+        .map(outbound)
+        .collect()
+    }
+
+    async fn ack(&self, agency: &str, position: i64) -> Result<(), StoreError> {
+        expect_out!(
+            self.write(Op::Ack {
+                agency: agency.to_owned(),
+                position
+            })
+            .await?,
+            Unit
+        )
+        .map(|()| ())
+    }
+
+    async fn pull_position(&self, agency: &str) -> Result<i64, StoreError> {
+        Ok(self
+            .query(
+                "SELECT position FROM pull_positions WHERE agency = $1",
+                &[&agency],
+            )
+            .await?
+            .first()
+            .map_or(0, |r| r.get(0)))
+    }
+
+    async fn legacy_position(&self, agency: &str, seq: i64) -> Result<i64, StoreError> {
+        Ok(self
+            .query(
+                "SELECT pos FROM deliveries WHERE agency = $1 AND mode = 'pull' AND seq <= $2 AND pos IS NOT NULL ORDER BY pos DESC LIMIT 1",
+                &[&agency, &seq],
+            )
+            .await?
+            .first()
+            .map_or(0, |r| r.get(0)))
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.clone()
+    }
+
+    fn control_changes(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.control.clone())
+    }
+
+    async fn claim_due(
+        &self,
+        now_ms: i64,
+        wants: &[(String, usize)],
+        lease_ms: i64,
+    ) -> Result<Vec<Outbound>, StoreError> {
+        let client = self.client().await?;
+        // One statement per subscription, pipelined: rows another
+        // instance holds are skipped, not waited for; in-flight rows whose
+        // lease (next_attempt_at) has passed are taken over.
+        let claim = client
+            .prepare_cached(
+                "UPDATE deliveries SET state = 'inflight', lease_until = $4, next_attempt_at = $4, attempts = attempts + 1, claims = claims + 1 \
+                 WHERE seq IN (SELECT seq FROM deliveries WHERE subscription = $1 AND mode = 'push' AND state IN ('pending', 'inflight') AND next_attempt_at <= $2 \
+                               ORDER BY next_attempt_at, seq LIMIT $3 FOR UPDATE SKIP LOCKED) \
+                 RETURNING id, claims",
+            )
+            .await
+            .map_err(db_err)?;
+        let lease_until = now_ms + lease_ms;
+        let claimed = join_all(wants.iter().map(|(sub, limit)| {
+            let limit = *limit as i64;
+            let claim = &claim;
+            let client = &client;
+            async move {
+                client
+                    .query(claim, &[sub, &now_ms, &limit, &lease_until])
+                    .await
+            }
+        }))
+        .await;
+        let mut ids = Vec::new();
+        let mut claims = std::collections::HashMap::new();
+        for rows in claimed {
+            for r in rows.map_err(db_err)? {
+                let id: String = r.get(0);
+                claims.insert(id.clone(), r.get::<_, i64>(1));
+                ids.push(id);
+            }
+        }
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let select = client
+            .prepare_cached(&format!(
+                "{OUTBOUND_SELECT} WHERE d.id = ANY($1) ORDER BY d.next_attempt_at, d.seq"
+            ))
+            .await
+            .map_err(db_err)?;
+        let rows = client.query(&select, &[&ids]).await.map_err(db_err)?;
+        rows.iter()
+            .map(|r| {
+                let mut o = outbound(r)?;
+                // Attempts were counted by the claim; its number fences
+                // the result.
+                o.claim = claims.get(&o.delivery_id).copied().unwrap_or(o.claim);
+                o.attempts = o.attempts.saturating_sub(1);
+                Ok(o)
+            })
+            .collect()
+    }
+
+    async fn finish_deliveries(&self, finished: Vec<Finished>) -> Result<(), StoreError> {
+        expect_out!(self.write(Op::Finish(finished)).await?, Unit)
+    }
+
+    async fn purge_idempotency(&self, batch: usize) -> Result<usize, StoreError> {
+        let cutoff = unix_now() - self.idempotency_ttl.as_secs() as i64;
+        let client = self.client().await?;
+        let n = client
+            .execute(
+                "DELETE FROM idempotency WHERE ctid IN (SELECT ctid FROM idempotency WHERE created_at < $1 ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                &[&cutoff, &(batch as i64)],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(n as usize)
+    }
+
+    async fn deliveries(
+        &self,
+        state: DeliveryState,
+        limit: usize,
+    ) -> Result<Vec<DeliveryInfo>, StoreError> {
+        self.query(
+            &format!("{DELIVERY_SELECT} WHERE d.state = $1 ORDER BY d.seq LIMIT $2"),
+            &[&state.as_str(), &(limit as i64)],
+        )
+        .await?
+        .iter()
+        .map(delivery)
+        .collect()
+    }
+
+    async fn retry_delivery(&self, delivery_id: &str, actor: &str) -> Result<bool, StoreError> {
+        expect_out!(
+            self.write(Op::Retry {
+                delivery_id: delivery_id.to_owned(),
+                actor: actor.to_owned()
+            })
+            .await?,
+            Bool
+        )
+    }
+
+    async fn add_feedback(&self, feedback: Feedback) -> Result<FeedbackStored, StoreError> {
+        expect_out!(self.write(Op::Feedback(feedback)).await?, Feedback)
+    }
+
+    async fn received_notice(
+        &self,
+        notice_id: &str,
+        agency: &str,
+    ) -> Result<Option<StoredNotice>, StoreError> {
+        self.query(
+            &format!("SELECT {NOTICE_COLUMNS} FROM notices n WHERE n.id = $1 AND EXISTS (SELECT 1 FROM deliveries d WHERE d.notice_id = $1 AND d.agency = $2)"),
+            &[&notice_id, &agency],
+        )
+        .await?
+        .first()
+        .map(|r| notice_at(r, 0))
+        .transpose()
+    }
+
+    async fn notice(&self, notice_id: &str) -> Result<Option<StoredNotice>, StoreError> {
+        self.query(
+            &format!("SELECT {NOTICE_COLUMNS} FROM notices n WHERE n.id = $1"),
+            &[&notice_id],
+        )
+        .await?
+        .first()
+        .map(|r| notice_at(r, 0))
+        .transpose()
+    }
+
+    async fn feedback_stats(
+        &self,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<Vec<AgencyFeedbackStats>, StoreError> {
+        let rows = self
+            .query(
+                "SELECT d.agency, COUNT(DISTINCT n.id), COUNT(DISTINCT f.notice_id) \
+                 FROM deliveries d JOIN notices n ON n.id = d.notice_id \
+                 LEFT JOIN feedback f ON f.notice_id = n.id AND f.agency = d.agency \
+                 WHERE n.kind != 'lift' AND n.issued_at >= $1 AND n.issued_at < $2 \
+                 GROUP BY d.agency ORDER BY d.agency",
+                &[&from, &to],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let notices = r.get::<_, i64>(1).max(0) as u64;
+                let with = r.get::<_, i64>(2).max(0) as u64;
+                AgencyFeedbackStats {
+                    agency: r.get(0),
+                    notices,
+                    with_feedback: with,
+                    feedback_rate: if notices == 0 {
+                        0.0
+                    } else {
+                        with as f64 / notices as f64
+                    },
+                }
+            })
+            .collect())
+    }
+
+    async fn seed_control(
+        &self,
+        items: Vec<Value>,
+        participants: Vec<(String, Value)>,
+        subscriptions: Vec<(String, Value)>,
+    ) -> Result<ControlState, StoreError> {
+        expect_out!(
+            self.write(Op::Seed {
+                items,
+                participants,
+                subscriptions
+            })
+            .await?,
+            Control
+        )
+    }
+
+    async fn item_versions(&self, item: &str) -> Result<Vec<VersionInfo>, StoreError> {
+        let rows = self
+            .query(
+                "SELECT v.version, v.created_at, v.created_by, v.reason, v.breaking, a.version IS NOT NULL \
+                 FROM catalog_versions v LEFT JOIN catalog_active a ON a.item = v.item AND a.version = v.version \
+                 WHERE v.item = $1 ORDER BY v.version",
+                &[&item],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| VersionInfo {
+                version: uint(r.get(0)),
+                created_at: rfc3339(r.get(1)),
+                created_by: r.get(2),
+                reason: r.get(3),
+                breaking: r.get(4),
+                active: r.get(5),
+            })
+            .collect())
+    }
+
+    async fn item_version(&self, item: &str, version: u32) -> Result<Option<Value>, StoreError> {
+        self.query(
+            "SELECT definition FROM catalog_versions WHERE item = $1 AND version = $2",
+            &[&item, &int(version)],
+        )
+        .await?
+        .first()
+        .map(|r| serde_json::from_str(r.get::<_, &str>(0)).map_err(corrupt))
+        .transpose()
+    }
+
+    async fn activate_item(
+        &self,
+        activation: ItemActivation,
+    ) -> Result<ActivateOutcome, StoreError> {
+        expect_out!(
+            self.write(Op::Activate(Box::new(activation))).await?,
+            Activate
+        )
+    }
+
+    async fn put_document(
+        &self,
+        kind: DocKind,
+        id: &str,
+        body: Value,
+        actor: &str,
+        action: &str,
+        details: Value,
+    ) -> Result<(), StoreError> {
+        let entry = AuditItem::single(actor, action, id, details);
+        expect_out!(self.write(Op::Put { kind, body, entry }).await?, Unit)
+    }
+
+    async fn audit_page(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<crate::audit::Entry>, StoreError> {
+        self.query(
+            "SELECT seq, at, actor, action, subject, details, prev_hash, hash FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2",
+            &[&after, &(limit as i64)],
+        )
+        .await?
+        .iter()
+        .map(audit_entry)
+        .collect()
+    }
+
+    async fn checkpoint(&self) -> Result<Option<crate::audit::Checkpoint>, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_err)?;
+        // One instance at a time; the others skip this round.
+        let mine: bool = tx
+            .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&LOCK_CHECKPOINT])
+            .await
+            .map_err(db_err)?
+            .get(0);
+        if !mine {
+            return Ok(None);
+        }
+        let head = tx
+            .query_one("SELECT seq, hash FROM audit_head WHERE id = 1", &[])
+            .await
+            .map_err(db_err)?;
+        let (seq, head_hash): (i64, String) = (head.get(0), head.get(1));
+        let covered: i64 = tx
+            .query_one("SELECT COALESCE(MAX(seq), 0) FROM audit_checkpoints", &[])
+            .await
+            .map_err(db_err)?
+            .get(0);
+        if seq == 0 || covered >= seq {
+            return Ok(None);
+        }
+        let at = rfc3339(OffsetDateTime::now_utc());
+        let cp = crate::audit::Checkpoint {
+            seq,
+            mac: crate::audit::checkpoint_mac(&self.audit_key, seq, &head_hash, &at),
+            head_hash,
+            at,
+        };
+        tx.execute(
+            "INSERT INTO audit_checkpoints (seq, head_hash, at, mac) VALUES ($1, $2, $3, $4)",
+            &[&cp.seq, &cp.head_hash, &cp.at, &cp.mac],
+        )
+        .await
+        .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(Some(cp))
+    }
+
+    async fn department_stats(
+        &self,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<Vec<DepartmentStats>, StoreError> {
+        let subs = self
+            .query(
+                "SELECT participant, item, accepted::bigint, rejected::bigint, rejection_codes FROM submissions WHERE received_at >= $1 AND received_at < $2",
+                &[&from, &to],
+            )
+            .await?;
+        let records = self
+            .query(
+                "SELECT submitter, item, decision_date, received_at FROM records WHERE received_at >= $1 AND received_at < $2 AND decision_date IS NOT NULL",
+                &[&from, &to],
+            )
+            .await?;
+        super::shared::department_stats(
+            subs.iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))),
+            records
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))),
+        )
+    }
+
+    async fn ready(&self) -> bool {
+        self.writer.lock().map(|w| w.is_some()).unwrap_or(false)
+            && self.query("SELECT 1", &[]).await.is_ok()
+    }
+
+    async fn close(&self) {
+        if let Ok(mut w) = self.writer.lock() {
+            w.take();
+        }
+        let task = self.writer_task.lock().ok().and_then(|mut t| t.take());
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+        self.listener.abort();
+    }
+}
+
+/// The active catalog item definitions, offline.
+pub async fn active_items(opts: &PgOptions) -> Result<Vec<Value>, String> {
+    let cfg = pg_config(opts).map_err(|e| e.to_string())?;
+    let (client, conn) = cfg
+        .connect(NoTls)
+        .await
+        .map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
+    let conn = tokio::spawn(conn);
+    let rows = client
+        .query("SELECT v.definition FROM catalog_active a JOIN catalog_versions v ON v.item = a.item AND v.version = a.version ORDER BY a.item", &[])
+        .await
+        .map_err(|e| db_err(e).to_string())?;
+    conn.abort();
+    rows.iter()
+        .map(|r| serde_json::from_str(r.get::<_, &str>(0)).map_err(|e| e.to_string()))
+        .collect()
+}
+
+/// Verifies the audit chain of a PostgreSQL database with its checkpoints.
+pub async fn verify_audit(opts: &PgOptions, key: &[u8]) -> Result<crate::audit::Report, String> {
+    let cfg = pg_config(opts).map_err(|e| e.to_string())?;
+    let (client, conn) = cfg
+        .connect(NoTls)
+        .await
+        .map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
+    let conn = tokio::spawn(conn);
+    let cps = client
+        .query(
+            "SELECT seq, head_hash, at, mac FROM audit_checkpoints ORDER BY seq",
+            &[],
+        )
+        .await
+        .map_err(|e| db_err(e).to_string())?
+        .iter()
+        .map(|r| crate::audit::Checkpoint {
+            seq: r.get(0),
+            head_hash: r.get(1),
+            at: r.get(2),
+            mac: r.get(3),
+        })
+        .collect::<Vec<_>>();
+    let mut entries = Vec::new();
+    let mut after = 0i64;
+    loop {
+        let page = client
+            .query(
+                "SELECT seq, at, actor, action, subject, details, prev_hash, hash FROM audit WHERE seq > $1 ORDER BY seq LIMIT 10000",
+                &[&after],
+            )
+            .await
+            .map_err(|e| db_err(e).to_string())?;
+        if page.is_empty() {
+            break;
+        }
+        for r in &page {
+            let e = audit_entry(r).map_err(|e| e.to_string())?;
+            after = e.seq;
+            entries.push(e);
+        }
+    }
+    drop(client);
+    conn.abort();
+    Ok(crate::audit::verify(entries, &cps, key))
+}
+
+/// Throw-away databases for tests: created on the server that
+/// `CREDGATE_TEST_POSTGRES` names (default
+/// `postgres://postgres@127.0.0.1:5432/test`), dropped when the value is
+/// dropped.
+pub mod scratch {
+    use tokio_postgres::NoTls;
+
+    /// The server tests create their databases on.
+    pub fn admin_url() -> String {
+        std::env::var("CREDGATE_TEST_POSTGRES")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+    }
+
+    /// A database that exists as long as this value.
+    #[derive(Debug)]
+    pub struct ScratchDatabase {
+        /// Its name.
+        pub name: String,
+        /// Its URL.
+        pub url: String,
+    }
+
+    async fn admin(sql: String) -> Result<(), String> {
+        let (client, conn) = tokio_postgres::connect(&admin_url(), NoTls)
+            .await
+            .map_err(|e| format!("PostgreSQL at {} is not reachable: {e}", admin_url()))?;
+        let conn = tokio::spawn(conn);
+        let result = client.batch_execute(&sql).await.map_err(|e| e.to_string());
+        drop(client);
+        let _ = conn.await;
+        result
+    }
+
+    impl ScratchDatabase {
+        /// Creates a new, empty database.
+        pub async fn create() -> Result<ScratchDatabase, String> {
+            let name = format!("credgate_test_{}", uuid::Uuid::now_v7().simple());
+            admin(format!("CREATE DATABASE {name}")).await?;
+            let base = admin_url();
+            let prefix = base.rsplit_once('/').map_or(base.as_str(), |(p, _)| p);
+            Ok(ScratchDatabase {
+                url: format!("{prefix}/{name}"),
+                name,
+            })
+        }
+    }
+
+    impl Drop for ScratchDatabase {
+        fn drop(&mut self) {
+            let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+            // Dropped inside or outside a runtime: a thread of its own.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                if let Ok(rt) = rt {
+                    let _ = rt.block_on(admin(sql));
+                }
+            })
+            .join();
+        }
+    }
+}
