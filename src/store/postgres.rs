@@ -2141,8 +2141,26 @@ pub mod scratch {
     impl ScratchDatabase {
         /// Creates a new, empty database.
         pub async fn create() -> Result<ScratchDatabase, String> {
+            Self::create_with("").await
+        }
+
+        /// Creates a copy of database `template` (nobody may be connected
+        /// to it: retried for a few seconds while closed connections go).
+        pub async fn copy_of(template: String) -> Result<ScratchDatabase, String> {
+            let mut last = String::new();
+            for _ in 0..50 {
+                match Self::create_with(&format!(" TEMPLATE {template}")).await {
+                    Ok(db) => return Ok(db),
+                    Err(e) => last = e,
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(last)
+        }
+
+        async fn create_with(options: &str) -> Result<ScratchDatabase, String> {
             let name = format!("credgate_test_{}", uuid::Uuid::now_v7().simple());
-            admin(format!("CREATE DATABASE {name}")).await?;
+            admin(format!("CREATE DATABASE {name}{options}")).await?;
             let base = admin_url();
             let prefix = base.rsplit_once('/').map_or(base.as_str(), |(p, _)| p);
             Ok(ScratchDatabase {

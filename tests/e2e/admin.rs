@@ -594,19 +594,36 @@ async fn participants_and_subscriptions_change_at_once() {
     server.stop().await;
 }
 
-/// Runs `credgate audit verify` on a copy of `env`'s data folder.
-fn verify_copy(env: &Env, name: &str, tamper: impl FnOnce(&rusqlite::Connection)) -> (i32, String) {
+use credgate::store::postgres::scratch::ScratchDatabase;
+
+/// Runs `credgate audit verify` on a copy of `env`'s database after
+/// running `tamper` (SQL) on the copy.
+fn verify_copy(env: &Env, name: &str, tamper: &str) -> (i32, String) {
     let data = env.root.path().join(format!("data-{name}"));
     std::fs::create_dir_all(&data).expect("mkdir");
-    for f in std::fs::read_dir(&env.config.store.data_dir).expect("data") {
+    // The SQLite file and the checkpoint file beside it (none on
+    // PostgreSQL).
+    for f in std::fs::read_dir(&env.config.store.data_dir)
+        .into_iter()
+        .flatten()
+    {
         let f = f.expect("entry").path();
         std::fs::copy(&f, data.join(f.file_name().expect("name"))).expect("copy");
     }
-    tamper(&rusqlite::Connection::open(data.join("credgate.db")).expect("open"));
-    let mut config = env.config.clone();
-    config.store.data_dir = data;
+    let mut copy = Env {
+        config: env.config.clone(),
+        ..Env::new()
+    };
+    copy.config.store.data_dir = data;
+    if let Some(db) = &env.database {
+        let db = crate::support::block_on(ScratchDatabase::copy_of(db.name.clone()))
+            .expect("copy database");
+        copy.config.store.url = Some(db.url.clone());
+        copy.database = Some(db);
+    }
+    copy.sql_execute(tamper);
     let path = env.root.path().join(format!("{name}.toml"));
-    std::fs::write(&path, toml::to_string(&config).expect("toml")).expect("write");
+    std::fs::write(&path, toml::to_string(&copy.config).expect("toml")).expect("write");
     let out = Command::new(BIN)
         .args(["audit", "verify", "--config"])
         .arg(&path)
@@ -636,18 +653,11 @@ async fn audit_verify_detects_changes_deletions_and_truncation() {
         .await;
     server.stop().await; // writes the final checkpoint
 
-    let (code, out) = verify_copy(&env, "intact", |_| {});
+    let (code, out) = verify_copy(&env, "intact", "");
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("intact"), "{out}");
     // No audit entry carries a non-public value.
-    let db = rusqlite::Connection::open(env.db()).expect("db");
-    let details: Vec<String> = db
-        .prepare("SELECT details FROM audit")
-        .expect("prep")
-        .query_map([], |r| r.get(0))
-        .expect("q")
-        .map(|r| r.expect("row"))
-        .collect();
+    let details = env.sql_texts("SELECT details FROM audit");
     for n in 0..5 {
         let r = synth::record("serious_dishonesty", n, "");
         for field in [
@@ -665,34 +675,27 @@ async fn audit_verify_detects_changes_deletions_and_truncation() {
         }
     }
 
-    let (code, out) = verify_copy(&env, "byte", |db| {
-        // One byte of one entry: a submitter's name inside the details.
-        let n = db
-            .execute("UPDATE audit SET details = replace(details, 'dept-market', 'dept-markeT') WHERE seq = (SELECT MIN(seq) FROM audit WHERE action = 'submissions')", [])
-            .expect("update");
-        assert_eq!(n, 1);
-    });
+    // One byte of one entry: a submitter's name inside the details.
+    let (code, out) = verify_copy(
+        &env,
+        "byte",
+        "UPDATE audit SET details = replace(details, 'dept-market', 'dept-markeT') WHERE seq = (SELECT MIN(seq) FROM audit WHERE action = 'submissions')",
+    );
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("was changed"), "{out}");
-    let (code, out) = verify_copy(&env, "deleted", |db| {
-        db.execute("DELETE FROM audit WHERE seq = 4", [])
-            .expect("delete");
-    });
+    let (code, out) = verify_copy(&env, "deleted", "DELETE FROM audit WHERE seq = 4");
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("missing"), "{out}");
-    let (code, out) = verify_copy(&env, "truncated", |db| {
-        db.execute(
-            "DELETE FROM audit WHERE seq > (SELECT MAX(seq) - 2 FROM audit)",
-            [],
-        )
-        .expect("truncate");
-        db.execute("DELETE FROM audit_checkpoints", [])
-            .expect("drop db checkpoints");
-    });
-    assert_eq!(
-        code, 1,
-        "the checkpoint file still covers the cut tail: {out}"
-    );
+    // Cutting off the tail: on SQLite even with the database's own
+    // checkpoints gone (the file beside it still covers the tail); on a
+    // shared PostgreSQL database the checkpoints live in the database.
+    let truncate = if env.postgres() {
+        "DELETE FROM audit WHERE seq > (SELECT MAX(seq) - 2 FROM audit)"
+    } else {
+        "DELETE FROM audit WHERE seq > (SELECT MAX(seq) - 2 FROM audit); DELETE FROM audit_checkpoints"
+    };
+    let (code, out) = verify_copy(&env, "truncated", truncate);
+    assert_eq!(code, 1, "a checkpoint still covers the cut tail: {out}");
     assert!(out.contains("cut off"), "{out}");
 }
 

@@ -1,5 +1,9 @@
 //! End-to-end tests: the real gateway over real mTLS, real SQLite files,
-//! certificates generated at test time. One binary, modules by concern.
+//! certificates generated at test time. One binary, modules by concern;
+//! `tests/e2e_postgres.rs` runs the same modules on PostgreSQL.
+
+/// The store every test of this binary runs on.
+pub const BACKEND: credgate::config::StoreBackend = credgate::config::StoreBackend::Sqlite;
 
 mod admin;
 mod hardening;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::support::{count_rows, ops_get, Env};
+use crate::support::{ops_get, Env};
 use credgate::synth;
 
 const BIN: &str = env!("CARGO_BIN_EXE_credgate");
@@ -162,7 +162,7 @@ async fn kill_9_loses_no_acknowledged_record() {
     }
     signal(&running.child, "-TERM");
     running.child.wait().expect("wait");
-    assert!(count_rows(&env.db(), "records") >= acked.len() as i64);
+    assert!(env.count_rows("records") >= acked.len() as i64);
     eprintln!(
         "kill -9: {} acknowledged records, all present after restart",
         acked.len()
@@ -273,7 +273,7 @@ async fn sigterm_drains_and_exits_zero() {
             accepted += 50;
         }
     }
-    assert_eq!(count_rows(&env.db(), "records"), accepted);
+    assert_eq!(env.count_rows("records"), accepted);
     assert!(
         ops_get(running.ops, "/healthz").await.is_err(),
         "the process is gone"

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 
 use serde_json::{json, Value};
 
-use crate::support::{count_rows, ops_get, Env, Server};
+use crate::support::{ops_get, Env, Server};
 use credgate::synth;
 
 /// The date field each item keys its decision on.
@@ -245,7 +245,7 @@ async fn non_provider_gets_403_and_stores_nothing() {
         .await;
     assert_eq!(resp.status, 403);
     server.stop().await;
-    assert_eq!(count_rows(&env.db(), "records"), 0);
+    assert_eq!(env.count_rows("records"), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -401,7 +401,7 @@ async fn bad_input_gets_clear_problems_and_leaves_nothing() {
     // The server is still healthy and nothing was stored.
     assert_eq!(ops_get(server.ops, "/readyz").await.expect("readyz").0, 200);
     server.stop().await;
-    assert_eq!(count_rows(&env.db(), "records"), 0);
+    assert_eq!(env.count_rows("records"), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -462,7 +462,7 @@ async fn idempotent_replay_returns_the_first_answer_and_stores_nothing_new() {
         .expect("other dept");
     assert_eq!(r.json()["accepted"], 1);
     server.stop().await;
-    assert_eq!(count_rows(&env.db(), "records"), 6);
+    assert_eq!(env.count_rows("records"), 6);
 
     // The key survives a restart (it is stored with the records).
     let server = Server::start(&env).await;
@@ -473,7 +473,7 @@ async fn idempotent_replay_returns_the_first_answer_and_stores_nothing_new() {
         .expect("after restart");
     assert_eq!(r.body, first.body);
     server.stop().await;
-    assert_eq!(count_rows(&env.db(), "records"), 6);
+    assert_eq!(env.count_rows("records"), 6);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

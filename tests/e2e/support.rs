@@ -1,14 +1,16 @@
 //! Test harness: a real gateway on 127.0.0.1:0 with certificates generated
-//! by rcgen at test time, a real SQLite file in a temporary folder, and a
-//! real mTLS HTTP client (hyper over tokio-rustls).
+//! by rcgen at test time, a real store (an SQLite file in a temporary
+//! folder, or a fresh PostgreSQL database: the test binary says which),
+//! and a real mTLS HTTP client (hyper over tokio-rustls).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use credgate::config::{Config, Mode, Quota};
+use credgate::config::{Config, Mode, Quota, StoreBackend};
 use credgate::pki::{DevCa, Issued};
+use credgate::store::postgres::scratch::ScratchDatabase;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -103,6 +105,29 @@ pub struct Env {
     pub config: Config,
     /// Test PKI.
     pub pki: Pki,
+    /// The PostgreSQL database of this environment (postgres binary).
+    pub database: Option<ScratchDatabase>,
+}
+
+/// Waits for a future from sync code inside an async test.
+pub fn block_on<T: Send + 'static>(f: impl std::future::Future<Output = T> + Send + 'static) -> T {
+    on_own_runtime(move || Box::pin(f))
+}
+
+/// Runs `f` on a runtime of its own, on a thread of its own: usable from
+/// sync code inside an async test.
+fn on_own_runtime<T: Send + 'static>(
+    f: impl FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>> + Send + 'static,
+) -> T {
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(f())
+    })
+    .join()
+    .expect("thread")
 }
 
 fn repo(path: &str) -> PathBuf {
@@ -152,7 +177,101 @@ impl Env {
             per_second: 10_000,
             burst: 10_000,
         };
-        Env { root, config, pki }
+        let database = match crate::BACKEND {
+            StoreBackend::Sqlite => None,
+            StoreBackend::Postgres => {
+                let db = on_own_runtime(|| Box::pin(ScratchDatabase::create()))
+                    .expect("scratch PostgreSQL database");
+                config.store.backend = StoreBackend::Postgres;
+                config.store.url = Some(db.url.clone());
+                config.store.pool_size = 8;
+                Some(db)
+            }
+        };
+        Env {
+            root,
+            config,
+            pki,
+            database,
+        }
+    }
+
+    /// Whether this environment runs on PostgreSQL.
+    pub fn postgres(&self) -> bool {
+        self.database.is_some()
+    }
+
+    /// The text results of a query on the gateway's database (SQL both
+    /// backends understand).
+    pub fn sql_texts(&self, query: &str) -> Vec<String> {
+        match &self.database {
+            None => {
+                let conn = rusqlite::Connection::open_with_flags(
+                    self.db(),
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+                )
+                .expect("open db");
+                let mut stmt = conn.prepare(query).expect("prepare");
+                let rows = stmt
+                    .query_map([], |r| r.get::<_, rusqlite::types::Value>(0))
+                    .expect("query");
+                rows.map(|r| match r.expect("row") {
+                    rusqlite::types::Value::Integer(n) => n.to_string(),
+                    rusqlite::types::Value::Text(t) => t,
+                    other => format!("{other:?}"),
+                })
+                .collect()
+            }
+            Some(db) => {
+                let (url, query) = (db.url.clone(), query.to_owned());
+                on_own_runtime(move || {
+                    Box::pin(async move {
+                        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                            .await
+                            .expect("connect");
+                        tokio::spawn(conn);
+                        let rows = client.simple_query(&query).await.expect("query");
+                        rows.into_iter()
+                            .filter_map(|m| match m {
+                                tokio_postgres::SimpleQueryMessage::Row(r) => {
+                                    r.get(0).map(str::to_owned)
+                                }
+                                _ => None,
+                            })
+                            .collect()
+                    })
+                })
+            }
+        }
+    }
+
+    /// Executes statements on the gateway's database.
+    pub fn sql_execute(&self, statements: &str) {
+        match &self.database {
+            None => rusqlite::Connection::open(self.db())
+                .expect("open db")
+                .execute_batch(statements)
+                .expect("execute"),
+            Some(db) => {
+                let (url, sql) = (db.url.clone(), statements.to_owned());
+                on_own_runtime(move || {
+                    Box::pin(async move {
+                        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                            .await
+                            .expect("connect");
+                        tokio::spawn(conn);
+                        client.batch_execute(&sql).await.expect("execute");
+                    })
+                })
+            }
+        }
+    }
+
+    /// Rows in a table of the gateway's database.
+    pub fn count_rows(&self, table: &str) -> i64 {
+        self.sql_texts(&format!("SELECT COUNT(*) FROM {table}"))[0]
+            .parse()
+            .expect("count")
     }
 
     /// Replaces the subscriptions file.
@@ -431,13 +550,4 @@ pub async fn ops_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Stri
         .map_err(std::io::Error::other)?
         .to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
-}
-
-/// Counts rows of a table in the gateway's SQLite file (read-only).
-pub fn count_rows(db: &Path, table: &str) -> i64 {
-    let conn =
-        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .expect("open db");
-    conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
-        .expect("count")
 }

@@ -1,0 +1,23 @@
+//! The end-to-end tests again, each on a fresh PostgreSQL database
+//! (created and dropped by the test on the server `CREDGATE_TEST_POSTGRES`
+//! names, default `postgres://postgres@127.0.0.1:5432/test`).
+
+/// The store every test of this binary runs on.
+pub const BACKEND: credgate::config::StoreBackend = credgate::config::StoreBackend::Postgres;
+
+#[path = "e2e/admin.rs"]
+mod admin;
+#[path = "e2e/hardening.rs"]
+mod hardening;
+#[path = "e2e/notices.rs"]
+mod notices;
+#[path = "e2e/process.rs"]
+mod process;
+#[path = "e2e/receiver.rs"]
+mod receiver;
+#[path = "e2e/records.rs"]
+mod records;
+#[path = "e2e/support.rs"]
+mod support;
+#[path = "e2e/tls_identity.rs"]
+mod tls_identity;
