@@ -2186,3 +2186,103 @@ pub mod scratch {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::conformance::with_notice;
+
+    /// The race that per-agency positions exist for: transaction A
+    /// inserts its delivery first (lower sequence number) but commits
+    /// after transaction B. A reader between the two commits must not
+    /// skip A's notice.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_late_commit_with_an_earlier_sequence_is_not_skipped() {
+        let db = scratch::ScratchDatabase::create().await.expect("scratch");
+        let opts = PgOptions {
+            url: db.url.clone(),
+            pool_size: 4,
+            statement_timeout: Duration::from_secs(30),
+            group_commit_max: 16,
+            idempotency_ttl: Duration::from_secs(3600),
+        };
+        let store = PgStore::open(
+            opts.clone(),
+            vec![7; 32],
+            Arc::new(crate::metrics::Metrics::new()),
+        )
+        .await
+        .expect("open");
+        // Transaction A: everything but its end, held open.
+        let (client, conn) = pg_config(&opts)
+            .expect("cfg")
+            .connect(NoTls)
+            .await
+            .expect("connect");
+        let conn = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut manager_client = deadpool_postgres::ClientWrapper::new(client, conn);
+        let tx = manager_client.transaction().await.expect("begin");
+        let (_, fx_a) = apply(
+            &tx,
+            &Op::Append(Box::new(with_notice("a", &[("agency-x", false)]))),
+        )
+        .await
+        .expect("A's writes");
+        // Transaction B inserts and commits meanwhile: a later sequence
+        // number, an earlier commit.
+        store
+            .append_submission(with_notice("b", &[("agency-x", false)]))
+            .await
+            .expect("B commits");
+        // (A sees its own rows and B's committed ones.)
+        let seqs = tx
+            .query("SELECT id, seq FROM deliveries ORDER BY seq", &[])
+            .await
+            .expect("seqs");
+        let order: Vec<String> = seqs.iter().map(|r| r.get(0)).collect();
+        assert_eq!(
+            order,
+            ["d-a-agency-x", "d-b-agency-x"],
+            "A took the lower sequence number"
+        );
+        // A reader now sees B only…
+        let first = store.pull("agency-x", 0, 10).await.expect("pull");
+        assert_eq!(
+            first
+                .iter()
+                .map(|o| o.delivery_id.as_str())
+                .collect::<Vec<_>>(),
+            ["d-b-agency-x"]
+        );
+        let cursor = first[0].position;
+        // …(with the old global-sequence cursor, `seq > B's` would now skip
+        // A for ever)…
+        let b_seq: i64 = seqs[1].get(1);
+        // …then A commits, and the reader's next page after its cursor has A.
+        finish_transaction(&tx, fx_a).await.expect("A's end");
+        tx.commit().await.expect("A commits");
+        let next = store.pull("agency-x", cursor, 10).await.expect("pull");
+        assert_eq!(
+            next.iter()
+                .map(|o| o.delivery_id.as_str())
+                .collect::<Vec<_>>(),
+            ["d-a-agency-x"]
+        );
+        assert_eq!(next[0].position, cursor + 1, "no gap");
+        let old_scheme = store
+            .query(
+                "SELECT id FROM deliveries WHERE agency = 'agency-x' AND seq > $1",
+                &[&b_seq],
+            )
+            .await
+            .expect("old scheme");
+        assert!(
+            old_scheme.is_empty(),
+            "the global sequence would have skipped A"
+        );
+        store.close().await;
+        drop(store);
+    }
+}
