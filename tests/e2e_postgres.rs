@@ -7,6 +7,8 @@ pub const BACKEND: credgate::config::StoreBackend = credgate::config::StoreBacke
 
 #[path = "e2e/admin.rs"]
 mod admin;
+#[path = "e2e/cluster.rs"]
+mod cluster;
 #[path = "e2e/hardening.rs"]
 mod hardening;
 #[path = "e2e/notices.rs"]

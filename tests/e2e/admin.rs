@@ -28,7 +28,7 @@ fn inspection_field() -> Value {
 }
 
 /// The active penalty definition with one more optional field.
-async fn penalty_with_field(admin: &Client) -> Value {
+pub(crate) async fn penalty_with_field(admin: &Client) -> Value {
     let mut def = admin
         .get("/admin/v1/catalog/items/administrative_penalty")
         .await
@@ -38,7 +38,7 @@ async fn penalty_with_field(admin: &Client) -> Value {
     def
 }
 
-fn penalty_using_field(n: u64) -> Value {
+pub(crate) fn penalty_using_field(n: u64) -> Value {
     let mut r = synth::record("administrative_penalty", n, "general");
     r["inspection_code"] = json!("JC-2026-0001");
     r

@@ -58,7 +58,7 @@ pub(crate) async fn spawn(env: &Env) -> Running {
     Running { child, main, ops }
 }
 
-fn signal(child: &Child, sig: &str) {
+pub(crate) fn signal(child: &Child, sig: &str) {
     let status = Command::new("kill")
         .args([sig, &child.id().to_string()])
         .status()
@@ -69,7 +69,7 @@ fn signal(child: &Child, sig: &str) {
 /// Submits single records of `item` from `workers` connections of `dept`
 /// for 1.5 s, then kills the gateway with SIGKILL; returns the `field`
 /// (record_id or notice_id) of every acknowledged record.
-async fn burst_then_kill(
+pub(crate) async fn burst_then_kill(
     env: &Env,
     running: &mut Running,
     dept: &str,

@@ -41,6 +41,23 @@ impl Received {
     }
 }
 
+/// A request being answered: its id leaves the open list when this is
+/// dropped.
+struct Answering {
+    open: Arc<Mutex<(Vec<String>, Vec<String>)>>,
+    id: String,
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        if let Ok(mut o) = self.open.lock() {
+            if let Some(at) = o.0.iter().position(|x| *x == self.id) {
+                o.0.swap_remove(at);
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 struct Behaviour {
     /// Answer 503 to this many requests first.
@@ -160,6 +177,12 @@ impl Receiver {
                                 }
                                 o.0.push(id.clone());
                             }
+                            // Closed when the answer is made or when the
+                            // sender hangs up (the handler is dropped).
+                            let answering = Answering {
+                                open: open.clone(),
+                                id: id.clone(),
+                            };
                             let delay = behaviour.lock().expect("lock").delay;
                             if !delay.is_zero() {
                                 tokio::time::sleep(delay).await;
@@ -175,12 +198,7 @@ impl Receiver {
                                     204
                                 }
                             };
-                            {
-                                let mut o = open.lock().expect("lock");
-                                if let Some(at) = o.0.iter().position(|x| *x == id) {
-                                    o.0.swap_remove(at);
-                                }
-                            }
+                            drop(answering);
                             seen.lock().expect("lock").push(Received {
                                 id,
                                 timestamp,
