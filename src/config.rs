@@ -353,6 +353,10 @@ pub struct RateLimitConfig {
     pub agency: Quota,
     /// Administrators.
     pub admin: Quota,
+    /// Gateway instances sharing the quotas: each enforces its share
+    /// (quota / instances, rounded up), so a participant whose connections
+    /// are spread over the instances gets its whole quota and never more.
+    pub instances: u32,
 }
 
 impl Default for RateLimitConfig {
@@ -370,6 +374,7 @@ impl Default for RateLimitConfig {
                 per_second: 100,
                 burst: 200,
             },
+            instances: 1,
         }
     }
 }
@@ -484,6 +489,7 @@ impl Config {
             ("store.group_commit_max", self.store.group_commit_max),
             ("store.read_connections", self.store.read_connections),
             ("store.pool_size", self.store.pool_size),
+            ("rate_limit.instances", self.rate_limit.instances as usize),
             (
                 "store.statement_timeout_ms",
                 self.store.statement_timeout_ms as usize,

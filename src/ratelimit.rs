@@ -66,13 +66,19 @@ impl RateLimits {
         }
     }
 
-    /// The quota in force for `p`.
+    /// The quota in force for `p` on this instance: its share of the
+    /// participant's quota when several instances share it.
     pub fn quota_of(&self, p: &Participant) -> Quota {
-        p.quota.unwrap_or(match p.kind {
+        let whole = p.quota.unwrap_or(match p.kind {
             Kind::Department => self.defaults.department,
             Kind::Agency => self.defaults.agency,
             Kind::Admin => self.defaults.admin,
-        })
+        });
+        let n = self.defaults.instances.max(1);
+        Quota {
+            per_second: whole.per_second.div_ceil(n),
+            burst: whole.burst.div_ceil(n),
+        }
     }
 
     /// Takes one request from `p`'s bucket.
@@ -102,5 +108,50 @@ impl RateLimits {
                 retry_after: not_until.wait_time_from(self.clock.now()),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn department(quota: Option<Quota>) -> Participant {
+        serde_json::from_value(serde_json::json!({
+            "id": "dept-x", "kind": "department", "name": "x", "name_zh": "x", "quota": quota,
+        }))
+        .expect("participant")
+    }
+
+    #[test]
+    fn each_instance_enforces_its_share_of_a_quota() {
+        let own = Quota {
+            per_second: 10,
+            burst: 21,
+        };
+        let three = RateLimits::new(RateLimitConfig {
+            instances: 3,
+            ..RateLimitConfig::default()
+        });
+        // Rounded up: three instances together allow at least the quota.
+        assert_eq!(
+            three.quota_of(&department(Some(own))),
+            Quota {
+                per_second: 4,
+                burst: 7
+            }
+        );
+        let defaults = RateLimitConfig::default();
+        assert_eq!(
+            three.quota_of(&department(None)).per_second,
+            defaults.department.per_second.div_ceil(3)
+        );
+        let one = RateLimits::new(defaults);
+        assert_eq!(one.quota_of(&department(Some(own))), own);
+        // The share is what the bucket holds: a burst of 7, then refusals.
+        let p = department(Some(own));
+        let allowed = (0..20)
+            .filter(|_| matches!(three.check(&p), Decision::Allow { .. }))
+            .count();
+        assert_eq!(allowed, 7);
     }
 }
