@@ -25,7 +25,7 @@ use crate::participants::Registry;
 use crate::redact::Redactor;
 use crate::routing::{DeliveryMode, Subscription, Subscriptions};
 use crate::signing::{sign, signing_key};
-use crate::store::{DeliveryResult, Finished, Outbound, Store};
+use crate::store::{DeliveryResult, EndpointHealth, Finished, Outbound, Store};
 
 fn now_ms() -> i64 {
     (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
@@ -61,15 +61,29 @@ struct Endpoint {
     /// Rate tokens taken for a claim that found fewer deliveries due; the
     /// next claim uses them first (governor cannot give tokens back).
     prepaid: AtomicU32,
-    /// Consecutive failures and the pause, kept in memory: a restart gives
-    /// a paused endpoint a fresh chance.
+    /// Consecutive failures and the pause: this instance's copy of the
+    /// shared health in the store, refreshed every [`HEALTH_REFRESH`].
     health: Mutex<Health>,
 }
+
+/// How often an instance reads the endpoint health other instances
+/// counted.
+const HEALTH_REFRESH: Duration = Duration::from_secs(1);
 
 #[derive(Default)]
 struct Health {
     failures: u32,
     paused_until: Option<Instant>,
+}
+
+/// Sets an endpoint's health here from the shared one.
+fn mirror(endpoint: &Endpoint, shared: EndpointHealth) {
+    if let Ok(mut h) = endpoint.health.lock() {
+        let now = now_ms();
+        h.failures = shared.failures;
+        h.paused_until = (shared.paused_until_ms > now)
+            .then(|| Instant::now() + Duration::from_millis((shared.paused_until_ms - now) as u64));
+    }
 }
 
 /// The gateway's client certificate chain and key, presented to push
@@ -464,9 +478,14 @@ impl Dispatcher {
         let mut tasks = tokio::task::JoinSet::new();
         let (done, results) = mpsc::channel(4096);
         let finisher = tokio::spawn(Self::run_finisher(self.store.clone(), results));
+        let mut health_read = Instant::now();
         loop {
             if shutdown.is_cancelled() {
                 break;
+            }
+            if health_read.elapsed() >= HEALTH_REFRESH {
+                self.refresh_health().await;
+                health_read = Instant::now();
             }
             let (grants, wake) = self.grants();
             let wants: Vec<(String, usize)> = grants
@@ -719,13 +738,18 @@ impl Dispatcher {
             Err(e) => (false, format!("request failed: {}", error_chain(&e)), None),
         };
         if ok {
-            if let Ok(mut h) = endpoint.health.lock() {
+            let had_failures = endpoint.health.lock().is_ok_and(|mut h| {
+                let had = h.failures > 0 || h.paused_until.is_some();
                 *h = Health::default();
+                had
+            });
+            if had_failures {
+                self.count_outcome(&sub, &endpoint, true, "").await;
             }
             finish(DeliveryResult::Delivered).await;
             return;
         }
-        self.note_failure(&sub, &endpoint, &error);
+        self.count_outcome(&sub, &endpoint, false, &error).await;
         let result = match backoff(&self.cfg.retry_schedule_secs, attempt) {
             Some(wait) => DeliveryResult::Retry {
                 at: now_ms() + retry_after.map_or(wait, |r| r.max(wait)).as_millis() as i64,
@@ -739,24 +763,66 @@ impl Dispatcher {
         finish(result).await;
     }
 
-    fn note_failure(&self, sub: &Subscription, endpoint: &Endpoint, error: &str) {
-        let Ok(mut h) = endpoint.health.lock() else {
-            return;
+    /// Counts an attempt in the endpoint's health in the store (shared by
+    /// every instance) and mirrors the result here; the instance whose
+    /// failure paused the endpoint reports it.
+    async fn count_outcome(&self, sub: &Subscription, endpoint: &Endpoint, ok: bool, error: &str) {
+        let pause_ms = (self.cfg.pause_secs * 1000) as i64;
+        let counted = self
+            .store
+            .endpoint_outcome(
+                &sub.id,
+                ok,
+                self.cfg.pause_after_failures,
+                now_ms(),
+                pause_ms,
+            )
+            .await;
+        let health = match counted {
+            Ok(h) => h,
+            Err(e) => {
+                // The store is unreachable: count here, as if alone.
+                tracing::warn!(error = %e, subscription = %sub.id, "endpoint health not stored; counted in memory");
+                if let Ok(mut h) = endpoint.health.lock() {
+                    h.failures = if ok { 0 } else { h.failures + 1 };
+                    if h.failures >= self.cfg.pause_after_failures
+                        && h.paused_until.is_none_or(|t| t <= Instant::now())
+                    {
+                        h.paused_until =
+                            Some(Instant::now() + Duration::from_secs(self.cfg.pause_secs));
+                    }
+                }
+                return;
+            }
         };
-        h.failures += 1;
-        if h.failures >= self.cfg.pause_after_failures
-            && h.paused_until.is_none_or(|t| t <= Instant::now())
-        {
-            h.paused_until = Some(Instant::now() + Duration::from_secs(self.cfg.pause_secs));
+        mirror(endpoint, health);
+        if health.newly_paused {
             tracing::error!(
                 event = "push_endpoint_paused",
                 subscription = %sub.id,
                 agency = %sub.agency,
-                consecutive_failures = h.failures,
+                consecutive_failures = health.failures,
                 pause_secs = self.cfg.pause_secs,
                 last_error = %error,
                 "push endpoint keeps failing; paused"
             );
+        }
+    }
+
+    /// Takes the health other instances counted (failures, pauses) into
+    /// this one's endpoints.
+    async fn refresh_health(&self) {
+        let shared: HashMap<String, EndpointHealth> = match self.store.endpoint_health().await {
+            Ok(list) => list.into_iter().collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading push endpoint health failed");
+                return;
+            }
+        };
+        if let Ok(endpoints) = self.endpoints.lock() {
+            for (id, e) in endpoints.iter() {
+                mirror(e, shared.get(id).copied().unwrap_or_default());
+            }
         }
     }
 

@@ -548,6 +548,49 @@ pub(crate) async fn old_cursors_translate_to_positions(s: Subject) {
     store.close().await;
 }
 
+pub(crate) async fn endpoint_health_is_counted_in_the_store(s: Subject) {
+    let store = s.store.clone();
+    let now = now_ms();
+    let fail = |at: i64| {
+        let store = store.clone();
+        async move {
+            store
+                .endpoint_outcome("sub-x", false, 3, at, 60_000)
+                .await
+                .expect("outcome")
+        }
+    };
+    // Failures from "different instances" add up in one counter.
+    assert_eq!(fail(now).await.failures, 1);
+    let second = fail(now).await;
+    assert_eq!((second.failures, second.newly_paused), (2, false));
+    assert!(second.paused_until_ms <= now);
+    let third = fail(now + 5).await;
+    assert_eq!(
+        (third.failures, third.paused_until_ms, third.newly_paused),
+        (3, now + 5 + 60_000, true)
+    );
+    // Failing again while paused does not move the pause or report it.
+    let fourth = fail(now + 10).await;
+    assert_eq!(
+        (fourth.paused_until_ms, fourth.newly_paused),
+        (third.paused_until_ms, false)
+    );
+    let listed = store.endpoint_health().await.expect("health");
+    assert_eq!(listed.len(), 1);
+    assert_eq!((listed[0].0.as_str(), listed[0].1.failures), ("sub-x", 4));
+    // After the pause, the next failure pauses again.
+    let after = fail(third.paused_until_ms + 1).await;
+    assert!(after.newly_paused);
+    // A success clears it all.
+    store
+        .endpoint_outcome("sub-x", true, 3, now, 60_000)
+        .await
+        .expect("ok");
+    assert!(store.endpoint_health().await.expect("health").is_empty());
+    store.close().await;
+}
+
 /// Instantiates every conformance test for one backend.
 macro_rules! conformance {
     ($backend:ident: $($test:ident),* $(,)?) => {
@@ -577,4 +620,5 @@ both_backends!(
     ending_a_record_lifts_every_notice_once,
     the_control_plane_is_versioned_and_audited,
     old_cursors_translate_to_positions,
+    endpoint_health_is_counted_in_the_store,
 );

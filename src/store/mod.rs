@@ -239,6 +239,17 @@ pub struct Outbound {
     pub record: RecordBody,
 }
 
+/// A push endpoint's health, shared by every instance.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EndpointHealth {
+    /// Failed attempts in a row.
+    pub failures: u32,
+    /// Paused until this time (unix ms; 0 or past: not paused).
+    pub paused_until_ms: i64,
+    /// This outcome paused it (so one instance reports the pause).
+    pub newly_paused: bool,
+}
+
 /// How a push attempt ended.
 #[derive(Debug, Clone)]
 pub enum DeliveryResult {
@@ -622,6 +633,23 @@ pub trait Store: Send + Sync + 'static {
     /// result whose claim is no longer the delivery's current one (it was
     /// claimed again after its lease lapsed) is ignored.
     async fn finish_deliveries(&self, finished: Vec<Finished>) -> Result<(), StoreError>;
+
+    /// Counts a push attempt in its endpoint's health: a success clears
+    /// the failures in a row and any pause; a failure adds one, and once
+    /// there are `threshold` in a row an endpoint not paused already is
+    /// paused until `now_ms + pause_ms`. One statement, so instances
+    /// counting at once count every failure.
+    async fn endpoint_outcome(
+        &self,
+        subscription: &str,
+        ok: bool,
+        threshold: u32,
+        now_ms: i64,
+        pause_ms: i64,
+    ) -> Result<EndpointHealth, StoreError>;
+
+    /// Every endpoint with failures or a pause.
+    async fn endpoint_health(&self) -> Result<Vec<(String, EndpointHealth)>, StoreError>;
 
     /// Deletes up to `batch` idempotency entries older than the configured
     /// time to live (oldest first, through an index); returns how many.

@@ -39,9 +39,10 @@ use super::shared::{
 };
 use super::{
     parse_kind, ActivateOutcome, AgencyFeedbackStats, AppendOutcome, ControlState, DeliveryInfo,
-    DeliveryResult, DeliveryState, DepartmentStats, DocKind, EndOutcome, Feedback, FeedbackOutcome,
-    FeedbackStored, Finished, ItemActivation, NewNotice, NewSubmission, NoticeHistory, NoticeKind,
-    Outbound, Store, StoreError, StoredNotice, StoredRecord, StoredResponse, VersionInfo,
+    DeliveryResult, DeliveryState, DepartmentStats, DocKind, EndOutcome, EndpointHealth, Feedback,
+    FeedbackOutcome, FeedbackStored, Finished, ItemActivation, NewNotice, NewSubmission,
+    NoticeHistory, NoticeKind, Outbound, Store, StoreError, StoredNotice, StoredRecord,
+    StoredResponse, VersionInfo,
 };
 use crate::catalog::Severity;
 use crate::redact::RecordBody;
@@ -199,6 +200,11 @@ const MIGRATIONS: &[&str] = &[r#"
         head_hash       TEXT NOT NULL,
         at              TEXT NOT NULL,
         mac             TEXT NOT NULL
+    );
+    CREATE TABLE endpoint_health (
+        subscription    TEXT PRIMARY KEY,
+        failures        INTEGER NOT NULL,
+        paused_until    BIGINT NOT NULL
     );
 "#];
 
@@ -1762,6 +1768,51 @@ impl Store for PgStore {
 
     async fn finish_deliveries(&self, finished: Vec<Finished>) -> Result<(), StoreError> {
         expect_out!(self.write(Op::Finish(finished)).await?, Unit)
+    }
+
+    async fn endpoint_outcome(
+        &self,
+        subscription: &str,
+        ok: bool,
+        threshold: u32,
+        now_ms: i64,
+        pause_ms: i64,
+    ) -> Result<EndpointHealth, StoreError> {
+        if ok {
+            self.query(super::shared::ENDPOINT_RECOVERED, &[&subscription])
+                .await?;
+            return Ok(EndpointHealth::default());
+        }
+        let threshold = i32::try_from(threshold).unwrap_or(i32::MAX);
+        let rows = self
+            .query(
+                super::shared::ENDPOINT_FAILED,
+                &[&subscription, &threshold, &now_ms, &pause_ms],
+            )
+            .await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| corrupt("no endpoint health row"))?;
+        Ok(super::shared::endpoint_health(
+            i64::from(row.get::<_, i32>(0)),
+            row.get(1),
+            now_ms,
+            pause_ms,
+        ))
+    }
+
+    async fn endpoint_health(&self) -> Result<Vec<(String, EndpointHealth)>, StoreError> {
+        Ok(self
+            .query(super::shared::ENDPOINT_HEALTH, &[])
+            .await?
+            .iter()
+            .map(|r| {
+                (
+                    r.get(0),
+                    super::shared::endpoint_health(i64::from(r.get::<_, i32>(1)), r.get(2), 0, 0),
+                )
+            })
+            .collect())
     }
 
     async fn purge_idempotency(&self, batch: usize) -> Result<usize, StoreError> {

@@ -8,6 +8,34 @@ use time::{Date, OffsetDateTime};
 
 use super::{DepartmentStats, StoreError};
 
+/// Endpoint health statements, the same SQL on both backends (`$n`
+/// placeholders are numbered parameters in SQLite too).
+pub(crate) const ENDPOINT_FAILED: &str = "INSERT INTO endpoint_health (subscription, failures, paused_until) \
+     VALUES ($1, 1, CASE WHEN 1 >= CAST($2 AS INTEGER) THEN CAST($3 AS BIGINT) + CAST($4 AS BIGINT) ELSE 0 END) \
+     ON CONFLICT (subscription) DO UPDATE SET failures = endpoint_health.failures + 1, \
+       paused_until = CASE WHEN endpoint_health.failures + 1 >= CAST($2 AS INTEGER) AND endpoint_health.paused_until <= CAST($3 AS BIGINT) \
+                           THEN CAST($3 AS BIGINT) + CAST($4 AS BIGINT) ELSE endpoint_health.paused_until END \
+     RETURNING failures, paused_until";
+pub(crate) const ENDPOINT_RECOVERED: &str =
+    "UPDATE endpoint_health SET failures = 0, paused_until = 0 \
+     WHERE subscription = $1 AND (failures > 0 OR paused_until > 0)";
+pub(crate) const ENDPOINT_HEALTH: &str =
+    "SELECT subscription, failures, paused_until FROM endpoint_health WHERE failures > 0 OR paused_until > 0";
+
+/// The health a statement returned.
+pub(crate) fn endpoint_health(
+    failures: i64,
+    paused_until_ms: i64,
+    now_ms: i64,
+    pause_ms: i64,
+) -> super::EndpointHealth {
+    super::EndpointHealth {
+        failures: u32::try_from(failures).unwrap_or(u32::MAX),
+        paused_until_ms,
+        newly_paused: paused_until_ms == now_ms + pause_ms,
+    }
+}
+
 /// RFC 3339 text of a time (audit entries hash this text).
 pub(crate) fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339)

@@ -21,13 +21,14 @@ use serde_json::Value;
 use time::{Date, OffsetDateTime};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::shared::{outcome_audit, parse_time, rfc3339, submission_audit, AuditItem};
+use super::shared::{self, outcome_audit, parse_time, rfc3339, submission_audit, AuditItem};
 use super::sqlite_control;
 use super::{
     parse_kind, ActivateOutcome, AgencyFeedbackStats, AppendOutcome, ControlState, DeliveryInfo,
-    DeliveryResult, DeliveryState, DepartmentStats, DocKind, EndOutcome, Feedback, FeedbackOutcome,
-    FeedbackStored, Finished, ItemActivation, NewNotice, NewSubmission, NoticeHistory, NoticeKind,
-    Outbound, Store, StoreError, StoredNotice, StoredRecord, StoredResponse, VersionInfo,
+    DeliveryResult, DeliveryState, DepartmentStats, DocKind, EndOutcome, EndpointHealth, Feedback,
+    FeedbackOutcome, FeedbackStored, Finished, ItemActivation, NewNotice, NewSubmission,
+    NoticeHistory, NoticeKind, Outbound, Store, StoreError, StoredNotice, StoredRecord,
+    StoredResponse, VersionInfo,
 };
 use crate::catalog::Severity;
 use crate::redact::RecordBody;
@@ -161,6 +162,14 @@ const MIGRATIONS: &[&str] = &[
       (SELECT MAX(d.pos) FROM deliveries d WHERE d.agency = pull_positions.agency AND d.mode = 'pull' AND d.seq <= pull_positions.position), 0);
     DROP INDEX IF EXISTS deliveries_pull;
     CREATE UNIQUE INDEX deliveries_pull ON deliveries(agency, pos) WHERE mode = 'pull';
+    "#,
+    // 7: push endpoint health, in the database rather than in memory.
+    r#"
+    CREATE TABLE endpoint_health (
+        subscription TEXT PRIMARY KEY,
+        failures     INTEGER NOT NULL,
+        paused_until INTEGER NOT NULL
+    );
     "#,
 ];
 
@@ -1263,6 +1272,53 @@ impl Store for SqliteStore {
                 audit.extend(outcome_audit(f));
             }
             Ok(())
+        })
+        .await
+    }
+
+    async fn endpoint_outcome(
+        &self,
+        subscription: &str,
+        ok: bool,
+        threshold: u32,
+        now_ms: i64,
+        pause_ms: i64,
+    ) -> Result<EndpointHealth, StoreError> {
+        let subscription = subscription.to_owned();
+        self.write(false, move |sp, _| {
+            if ok {
+                exec(sp, shared::ENDPOINT_RECOVERED, params![subscription]).map_err(db_err)?;
+                return Ok(EndpointHealth::default());
+            }
+            sp.prepare_cached(shared::ENDPOINT_FAILED)
+                .map_err(db_err)?
+                .query_row(params![subscription, threshold, now_ms, pause_ms], |r| {
+                    Ok(shared::endpoint_health(
+                        r.get(0)?,
+                        r.get(1)?,
+                        now_ms,
+                        pause_ms,
+                    ))
+                })
+                .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn endpoint_health(&self) -> Result<Vec<(String, EndpointHealth)>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn
+                .prepare_cached(shared::ENDPOINT_HEALTH)
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((
+                        r.get(0)?,
+                        shared::endpoint_health(r.get(1)?, r.get(2)?, 0, 0),
+                    ))
+                })
+                .map_err(db_err)?;
+            rows.collect::<Result<_, _>>().map_err(db_err)
         })
         .await
     }
