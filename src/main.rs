@@ -55,6 +55,31 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Store tools.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum StoreCommand {
+    /// Copy an SQLite database into an empty PostgreSQL database (records,
+    /// notices, deliveries, agencies' cursors, feedback, catalog versions,
+    /// participants, subscriptions, endpoint health, the audit chain and
+    /// its checkpoints), then verify the audit chain there. Stop the
+    /// gateway first.
+    Migrate {
+        /// Source: `sqlite:PATH` of the database file.
+        #[arg(long)]
+        from: String,
+        /// Target: a `postgres://` URL of an empty database.
+        #[arg(long)]
+        to: String,
+        /// Configuration whose `privacy.secret_file` keys the audit checkpoints.
+        #[arg(long, short, default_value = "config/credgate.toml")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -151,6 +176,73 @@ fn main() -> ExitCode {
         Command::Audit {
             command: AuditCommand::Verify { config },
         } => audit_verify(&config),
+        Command::Store {
+            command: StoreCommand::Migrate { from, to, config },
+        } => store_migrate(&from, &to, &config),
+    }
+}
+
+fn store_migrate(from: &str, to: &str, config: &std::path::Path) -> ExitCode {
+    let Some(path) = from.strip_prefix("sqlite:") else {
+        eprintln!("--from: expected sqlite:PATH (the SQLite database file)");
+        return ExitCode::from(2);
+    };
+    if !(to.starts_with("postgres://") || to.starts_with("postgresql://")) {
+        eprintln!("--to: expected a postgres:// URL");
+        return ExitCode::from(2);
+    }
+    let mut config = match load_config(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let key = match audit_key(&config) {
+        Ok(k) => k,
+        Err(code) => return code,
+    };
+    config.store.backend = credgate::config::StoreBackend::Postgres;
+    config.store.url = Some(to.to_owned());
+    let opts = match credgate::store::postgres::PgOptions::from_config(&config) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let migrated = runtime.block_on(credgate::store::migrate::sqlite_to_postgres(
+        std::path::Path::new(path),
+        opts,
+        key,
+    ));
+    match migrated {
+        Ok(m) => {
+            for (table, rows) in &m.tables {
+                println!("{table}: {rows} row(s)");
+            }
+            match &m.audit.problem {
+                None => {
+                    println!(
+                        "audit log intact on the target: {} entries, {} checkpoint(s) verified",
+                        m.audit.entries, m.audit.checkpoints
+                    );
+                    ExitCode::SUCCESS
+                }
+                Some(p) => {
+                    println!("audit log BROKEN on the target: {p}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("migration failed, nothing committed: {e}");
+            ExitCode::from(2)
+        }
     }
 }
 
@@ -424,22 +516,29 @@ fn catalog_export(dir: &std::path::Path, config: &std::path::Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn audit_verify(config: &std::path::Path) -> ExitCode {
-    let config = match load_config(config) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let secret = match std::fs::read_to_string(&config.privacy.secret_file) {
-        Ok(s) => s.trim().as_bytes().to_vec(),
+/// The audit checkpoint key, from the configured gateway secret.
+fn audit_key(config: &Config) -> Result<Vec<u8>, ExitCode> {
+    match std::fs::read_to_string(&config.privacy.secret_file) {
+        Ok(s) => Ok(credgate::audit::checkpoint_key(s.trim().as_bytes())),
         Err(e) => {
             eprintln!(
                 "privacy.secret_file: {}: {e}",
                 config.privacy.secret_file.display()
             );
-            return ExitCode::from(2);
+            Err(ExitCode::from(2))
         }
+    }
+}
+
+fn audit_verify(config: &std::path::Path) -> ExitCode {
+    let config = match load_config(config) {
+        Ok(c) => c,
+        Err(code) => return code,
     };
-    let key = credgate::audit::checkpoint_key(&secret);
+    let key = match audit_key(&config) {
+        Ok(k) => k,
+        Err(code) => return code,
+    };
     match credgate::store::verify_audit_of(&config, &key) {
         Ok(report) => match &report.problem {
             None => {

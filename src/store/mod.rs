@@ -9,6 +9,7 @@
 
 #[cfg(test)]
 mod conformance;
+pub mod migrate;
 pub mod postgres;
 mod shared;
 pub mod sqlite;
