@@ -31,8 +31,11 @@ enum Col {
 
 use Col::*;
 
-/// Tables in dependency order: (name, columns, order of the source rows).
-const TABLES: &[(&str, &[(&str, Col)], &str)] = &[
+/// A table to copy: name, columns, order of the source rows.
+type Table = (&'static str, &'static [(&'static str, Col)], &'static str);
+
+/// Tables in dependency order.
+const TABLES: &[Table] = &[
     (
         "submissions",
         &[

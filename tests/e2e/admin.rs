@@ -2,14 +2,11 @@
 //! participants and subscriptions, the audit log, quality statistics.
 
 use std::collections::HashSet;
-use std::process::Command;
 
 use serde_json::{json, Value};
 
 use crate::support::{Client, Env, Resp, Server};
 use credgate::synth;
-
-const BIN: &str = env!("CARGO_BIN_EXE_credgate");
 
 pub(crate) async fn send_json(client: &Client, method: &str, path: &str, body: &Value) -> Resp {
     client
@@ -38,6 +35,37 @@ pub(crate) async fn penalty_with_field(admin: &Client) -> Value {
     def
 }
 
+/// Activates the penalty item's version with the extra field, through
+/// `admin`'s instance.
+pub(crate) async fn activate_penalty_with_field(admin: &Client) {
+    let v2 = penalty_with_field(admin).await;
+    let resp = send_json(
+        admin,
+        "PUT",
+        "/admin/v1/catalog/items/administrative_penalty",
+        &v2,
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    assert_eq!(resp.json()["activated"], true);
+    assert_eq!(resp.json()["breaking"], false);
+}
+
+/// A record using the extra field is accepted under version 2.
+pub(crate) async fn assert_v2_accepts_the_field(dept: &Client, n: u64) {
+    let r = dept
+        .post_json(
+            "/v1/records",
+            &json!({"item": "administrative_penalty", "records": [penalty_using_field(n)]}),
+        )
+        .await
+        .json();
+    assert_eq!(
+        (r["item_version"].clone(), r["accepted"].clone()),
+        (json!(2), json!(1))
+    );
+}
+
 pub(crate) fn penalty_using_field(n: u64) -> Value {
     let mut r = synth::record("administrative_penalty", n, "general");
     r["inspection_code"] = json!("JC-2026-0001");
@@ -49,7 +77,6 @@ async fn submissions_during_an_activation_are_each_validated_by_one_version() {
     let env = Env::new();
     let server = Server::start(&env).await;
     let admin = env.client(server.addr, "admin-credit-office");
-    let v2 = penalty_with_field(&admin).await;
     let mut workers = Vec::new();
     for w in 0..6u64 {
         let client = env.client(server.addr, "dept-market");
@@ -75,16 +102,7 @@ async fn submissions_during_an_activation_are_each_validated_by_one_version() {
         }));
     }
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let resp = send_json(
-        &admin,
-        "PUT",
-        "/admin/v1/catalog/items/administrative_penalty",
-        &v2,
-    )
-    .await;
-    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
-    assert_eq!(resp.json()["activated"], true);
-    assert_eq!(resp.json()["breaking"], false);
+    activate_penalty_with_field(&admin).await;
     let mut versions = HashSet::new();
     for w in workers {
         for (version, result) in w.await.expect("join") {
@@ -129,18 +147,7 @@ async fn submissions_during_an_activation_are_each_validated_by_one_version() {
     server.stop().await;
     // The new version survives a restart (the store is authoritative).
     let server = Server::start(&env).await;
-    let r = env
-        .client(server.addr, "dept-market")
-        .post_json(
-            "/v1/records",
-            &json!({"item": "administrative_penalty", "records": [penalty_using_field(9)]}),
-        )
-        .await
-        .json();
-    assert_eq!(
-        (r["item_version"].clone(), r["accepted"].clone()),
-        (json!(2), json!(1))
-    );
+    assert_v2_accepts_the_field(&env.client(server.addr, "dept-market"), 9).await;
     server.stop().await;
 }
 
@@ -622,17 +629,7 @@ fn verify_copy(env: &Env, name: &str, tamper: &str) -> (i32, String) {
         copy.database = Some(db);
     }
     copy.sql_execute(tamper);
-    let path = env.root.path().join(format!("{name}.toml"));
-    std::fs::write(&path, toml::to_string(&copy.config).expect("toml")).expect("write");
-    let out = Command::new(BIN)
-        .args(["audit", "verify", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
+    copy.audit_verify(name)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

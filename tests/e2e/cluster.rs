@@ -4,21 +4,18 @@
 //! instance's work finished by the others.
 
 use std::collections::HashSet;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::admin::{penalty_using_field, penalty_with_field, send_json};
+use crate::admin::{activate_penalty_with_field, penalty_using_field};
 use crate::notices::{push_sub, LAND_SECRET};
 use crate::process::{burst_then_kill, signal, spawn, Running};
 use crate::receiver::Receiver;
 use crate::support::{Client, Env};
 use credgate::synth;
-
-const BIN: &str = env!("CARGO_BIN_EXE_credgate");
 
 fn subscriptions(rx: &Receiver) -> String {
     push_sub(
@@ -115,20 +112,6 @@ async fn spread_submissions(
     ids
 }
 
-fn audit_verify(env: &Env) -> (i32, String) {
-    let path = env.root.path().join("verify.toml");
-    std::fs::write(&path, toml::to_string(&env.config).expect("toml")).expect("write");
-    let out = Command::new(BIN)
-        .args(["audit", "verify", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_instances_keep_one_gap_free_stream_and_never_push_a_delivery_twice_at_once() {
     let env = Env::new();
@@ -169,7 +152,7 @@ async fn three_instances_keep_one_gap_free_stream_and_never_push_a_delivery_twic
     for r in [a, b, c] {
         signal(&r.child, "-TERM");
     }
-    let (code, out) = audit_verify(&env);
+    let (code, out) = env.audit_verify("verify");
     assert_eq!(code, 0, "{out}");
     eprintln!(
         "cluster: {} notices over 3 instances, streamed in order with no gap, {} push requests",
@@ -199,16 +182,7 @@ async fn a_catalog_activation_on_one_instance_is_in_force_on_another_within_a_se
     let before = submit_on_b(1).await;
     assert_eq!(before["item_version"], 1);
     assert_eq!(before["results"][0]["status"], "rejected");
-    let admin = env.client(a.main, "admin-credit-office");
-    let v2 = penalty_with_field(&admin).await;
-    let resp = send_json(
-        &admin,
-        "PUT",
-        "/admin/v1/catalog/items/administrative_penalty",
-        &v2,
-    )
-    .await;
-    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    activate_penalty_with_field(&env.client(a.main, "admin-credit-office")).await;
     let activated = Instant::now();
     let mut n = 2;
     let took = loop {
@@ -338,7 +312,7 @@ async fn kill_9_of_one_instance_loses_nothing_and_the_survivor_finishes_its_deli
         acked.difference(&pulled).count()
     );
     signal(&b.child, "-TERM");
-    let (code, out) = audit_verify(&env);
+    let (code, out) = env.audit_verify("verify");
     assert_eq!(code, 0, "{out}");
     eprintln!(
         "cluster kill -9: {} acknowledged notices, all pushed by the survivor ({taken_over} taken over after their lease) and pullable",

@@ -1,24 +1,12 @@
 //! `credgate store migrate`: an SQLite database of a running exchange
 //! moves to PostgreSQL and the exchange carries on there.
 
-use std::process::Command;
-
 use serde_json::json;
 
-use crate::admin::{penalty_using_field, penalty_with_field, send_json};
-use crate::support::{Env, Server};
+use crate::admin::{activate_penalty_with_field, assert_v2_accepts_the_field};
+use crate::support::{credgate_cli, Env, Server};
 use credgate::config::StoreBackend;
 use credgate::synth;
-
-const BIN: &str = env!("CARGO_BIN_EXE_credgate");
-
-fn run(args: &[&str]) -> (i32, String) {
-    let out = Command::new(BIN).args(args).output().expect("run");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_sqlite_exchange_moves_to_postgres_with_its_streams_cursors_and_audit_chain() {
@@ -78,23 +66,14 @@ async fn an_sqlite_exchange_moves_to_postgres_with_its_streams_cursors_and_audit
         "{}",
         String::from_utf8_lossy(&revoked.body)
     );
-    let admin = env.client(server.addr, "admin-credit-office");
-    let v2 = penalty_with_field(&admin).await;
-    let resp = send_json(
-        &admin,
-        "PUT",
-        "/admin/v1/catalog/items/administrative_penalty",
-        &v2,
-    )
-    .await;
-    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    activate_penalty_with_field(&env.client(server.addr, "admin-credit-office")).await;
     server.stop().await;
 
     let config = env.root.path().join("sqlite.toml");
     std::fs::write(&config, toml::to_string(&env.config).expect("toml")).expect("write");
     let from = format!("sqlite:{}", env.db().display());
     let config_arg = config.to_str().expect("path");
-    let (code, out) = run(&[
+    let (code, out) = credgate_cli(&[
         "store", "migrate", "--from", &from, "--to", &target, "--config", config_arg,
     ]);
     assert_eq!(code, 0, "{out}");
@@ -104,7 +83,7 @@ async fn an_sqlite_exchange_moves_to_postgres_with_its_streams_cursors_and_audit
         "6 notices and one lift: {out}"
     );
     // Into a database that is no longer empty: refused, nothing changed.
-    let (code, out) = run(&[
+    let (code, out) = credgate_cli(&[
         "store", "migrate", "--from", &from, "--to", &target, "--config", config_arg,
     ]);
     assert_eq!(code, 2, "{out}");
@@ -135,18 +114,7 @@ async fn an_sqlite_exchange_moves_to_postgres_with_its_streams_cursors_and_audit
     let dept = env.client(server.addr, "dept-court");
     let r = dept.get(&format!("/v1/records/{}", records[0])).await;
     assert_eq!(r.status, 200);
-    let market = env.client(server.addr, "dept-market");
-    let r = market
-        .post_json(
-            "/v1/records",
-            &json!({"item": "administrative_penalty", "records": [penalty_using_field(1)]}),
-        )
-        .await
-        .json();
-    assert_eq!(
-        (r["item_version"].clone(), r["accepted"].clone()),
-        (json!(2), json!(1))
-    );
+    assert_v2_accepts_the_field(&env.client(server.addr, "dept-market"), 1).await;
     let fb = json!({"measure": "restrict_government_procurement", "outcome": "pending"});
     let again = agency
         .post_json(&format!("/v1/notices/{first}/feedback"), &fb)
@@ -172,7 +140,7 @@ async fn an_sqlite_exchange_moves_to_postgres_with_its_streams_cursors_and_audit
     server.stop().await;
     let pg_config = env.root.path().join("pg.toml");
     std::fs::write(&pg_config, toml::to_string(&env.config).expect("toml")).expect("write");
-    let (code, out) = run(&[
+    let (code, out) = credgate_cli(&[
         "audit",
         "verify",
         "--config",

@@ -109,6 +109,18 @@ pub struct Env {
     pub database: Option<ScratchDatabase>,
 }
 
+/// Runs the `credgate` binary; returns its exit code and its output.
+pub fn credgate_cli(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_credgate"))
+        .args(args)
+        .output()
+        .expect("run credgate");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
 /// Waits for a future from sync code inside an async test.
 pub fn block_on<T: Send + 'static>(f: impl std::future::Future<Output = T> + Send + 'static) -> T {
     on_own_runtime(move || Box::pin(f))
@@ -194,6 +206,14 @@ impl Env {
             pki,
             database,
         }
+    }
+
+    /// Writes this environment's configuration to `NAME.toml` and runs
+    /// `credgate audit verify` on it.
+    pub fn audit_verify(&self, name: &str) -> (i32, String) {
+        let path = self.root.path().join(format!("{name}.toml"));
+        std::fs::write(&path, toml::to_string(&self.config).expect("toml")).expect("write");
+        credgate_cli(&["audit", "verify", "--config", path.to_str().expect("path")])
     }
 
     /// Whether this environment runs on PostgreSQL.
