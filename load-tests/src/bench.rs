@@ -23,8 +23,10 @@ pub enum Against {
 
 /// A started target with its workspace.
 pub struct Target {
-    /// Address to drive.
+    /// Address to drive (the first instance).
     pub addr: std::net::SocketAddr,
+    /// Every instance.
+    pub addrs: Vec<std::net::SocketAddr>,
     /// Certificates.
     pub certs: std::path::PathBuf,
     gateway: Option<GatewayProcess>,
@@ -39,22 +41,23 @@ impl Target {
         name: &str,
         quota: Option<credgate::config::Quota>,
     ) -> Result<Target, String> {
-        let ws = Workspace::create(name, 0, quota)?;
+        let ws = Workspace::create(name, 0, quota).await?;
         let certs = ws.certs.clone();
-        let (gateway, nginx, addr) = match against {
+        let (gateway, nginx, addrs) = match against {
             Against::Credgate => {
                 let g = ws.start().await?;
-                let a = g.addr;
+                let a = g.addrs.clone();
                 (Some(g), None, a)
             }
             Against::Nginx => {
                 let n = ws.start_nginx().await?;
-                let a = n.addr;
+                let a = vec![n.addr];
                 (None, Some(n), a)
             }
         };
         Ok(Target {
-            addr,
+            addr: addrs[0],
+            addrs,
             certs,
             gateway,
             nginx,
@@ -66,6 +69,7 @@ impl Target {
     pub fn external(addr: std::net::SocketAddr, certs: std::path::PathBuf) -> Target {
         Target {
             addr,
+            addrs: vec![addr],
             certs,
             gateway: None,
             nginx: None,
@@ -104,7 +108,7 @@ pub struct Report {
 
 fn spec_for(load: &Load, target: &Target, departments: Vec<String>, per_request: bool) -> Spec {
     Spec {
-        target: target.addr,
+        targets: target.addrs.clone(),
         certs: target.certs.clone(),
         participants: departments,
         connections: load.connections,
@@ -241,7 +245,7 @@ pub async fn fairness(
     let target = Target::start(Against::Credgate, "fairness", Some(q)).await?;
     let pool = Arc::new(bodies("red_list", 1, 0.0, 3, 1024));
     let steady = Spec {
-        target: target.addr,
+        targets: target.addrs.clone(),
         certs: target.certs.clone(),
         participants: vec!["dept-tax".into(), "dept-ecology".into()],
         connections: 4,

@@ -16,7 +16,8 @@ use crate::report::{histogram, Errors};
 #[derive(Clone)]
 pub struct Spec {
     /// Gateway (or reference) address.
-    pub target: SocketAddr,
+    /// Addresses to drive; connection `c` goes to `targets[c % n]`.
+    pub targets: Vec<SocketAddr>,
     /// Certificates (ca.pem, <participant>.pem|key).
     pub certs: PathBuf,
     /// Client identities, used round-robin by connection.
@@ -76,6 +77,7 @@ pub async fn run(spec: &Spec) -> Result<Outcome, String> {
         .map(|r| Duration::from_secs_f64(workers as f64 / r));
     let mut tasks = Vec::new();
     for c in 0..spec.connections.max(1) {
+        let target = spec.targets[c % spec.targets.len()];
         let who = &spec.participants[c % spec.participants.len()];
         let mut tls = tls_config(&spec.certs, who, spec.h2)?;
         if spec.new_connection_per_request {
@@ -88,9 +90,9 @@ pub async fn run(spec: &Spec) -> Result<Outcome, String> {
             None
         } else {
             Some(
-                connect(spec.target, tls.clone(), spec.h2)
+                connect(target, tls.clone(), spec.h2)
                     .await
-                    .map_err(|e| format!("connect {}: {e}", spec.target))?,
+                    .map_err(|e| format!("connect {target}: {e}"))?,
             )
         };
         let mut handles: Vec<Option<Conn>> = Vec::new();
@@ -127,7 +129,7 @@ pub async fn run(spec: &Spec) -> Result<Outcome, String> {
                         let c = match conn.as_mut() {
                             Some(c) => c,
                             None => {
-                                fresh = connect(spec.target, tls.clone(), spec.h2).await?;
+                                fresh = connect(target, tls.clone(), spec.h2).await?;
                                 &mut fresh
                             }
                         };

@@ -15,6 +15,27 @@ use crate::report::ProcStats;
 /// Departments that submit in load runs.
 pub const DEPARTMENTS: [&str; 4] = ["dept-market", "dept-tax", "dept-ecology", "dept-court"];
 
+/// Where and how many gateways a run starts (`--postgres`, `--instances`).
+#[derive(Debug, Clone, Default)]
+pub struct Deployment {
+    /// Run on a fresh database on this PostgreSQL server (URL of an
+    /// existing database there) instead of SQLite.
+    pub postgres: Option<String>,
+    /// Gateway instances on the one store (several need PostgreSQL); the
+    /// load generator spreads its connections over them round robin.
+    pub instances: usize,
+}
+
+/// The deployment of this run, set once by `main`.
+pub static DEPLOYMENT: std::sync::OnceLock<Deployment> = std::sync::OnceLock::new();
+
+fn deployment() -> Deployment {
+    DEPLOYMENT.get().cloned().unwrap_or(Deployment {
+        postgres: None,
+        instances: 1,
+    })
+}
+
 /// A prepared folder.
 pub struct Workspace {
     /// Root folder (removed on drop).
@@ -23,6 +44,8 @@ pub struct Workspace {
     pub certs: PathBuf,
     /// Configuration the gateway runs with.
     pub config: Config,
+    /// The run's PostgreSQL database (dropped with the workspace).
+    _database: Option<credgate::store::postgres::scratch::ScratchDatabase>,
 }
 
 impl Drop for Workspace {
@@ -44,7 +67,11 @@ impl Workspace {
     /// Creates a workspace with the four departments (with `quota`, or
     /// unlimited) and `agencies` agencies (`agency-load-00`…, clearance
     /// shared).
-    pub fn create(name: &str, agencies: usize, quota: Option<Quota>) -> Result<Workspace, String> {
+    pub async fn create(
+        name: &str,
+        agencies: usize,
+        quota: Option<Quota>,
+    ) -> Result<Workspace, String> {
         let dir = std::env::temp_dir().join(format!("credgate-load-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let certs = dir.join("certs");
@@ -101,7 +128,27 @@ impl Workspace {
         };
         config.rate_limit.department = quota.unwrap_or(unlimited);
         config.rate_limit.agency = unlimited;
-        Ok(Workspace { dir, certs, config })
+        let deployment = deployment();
+        config.rate_limit.instances = deployment.instances.max(1) as u32;
+        let database = match &deployment.postgres {
+            Some(server) => {
+                let db =
+                    credgate::store::postgres::scratch::ScratchDatabase::create_on(server).await?;
+                config.store.backend = credgate::config::StoreBackend::Postgres;
+                config.store.url = Some(db.url.clone());
+                Some(db)
+            }
+            None if deployment.instances > 1 => {
+                return Err("several instances need a shared store: add --postgres URL".into())
+            }
+            None => None,
+        };
+        Ok(Workspace {
+            dir,
+            certs,
+            config,
+            _database: database,
+        })
     }
 
     /// Writes the subscriptions file.
@@ -109,14 +156,10 @@ impl Workspace {
         std::fs::write(&self.config.subscriptions.file, toml).map_err(|e| e.to_string())
     }
 
-    /// Starts the gateway binary and waits until it is ready.
+    /// Starts the gateway binary (as many instances as the deployment
+    /// says, one after the other so only one migrates) and waits until
+    /// each is ready.
     pub async fn start(&self) -> Result<GatewayProcess, String> {
-        let config_file = self.dir.join("credgate.toml");
-        std::fs::write(
-            &config_file,
-            toml::to_string(&self.config).map_err(|e| e.to_string())?,
-        )
-        .map_err(|e| e.to_string())?;
         let bin = std::env::current_exe()
             .map_err(|e| e.to_string())?
             .with_file_name("credgate");
@@ -126,28 +169,41 @@ impl Workspace {
                 bin.display()
             ));
         }
-        let child = Command::new(&bin)
-            .args(["serve", "--config"])
-            .arg(&config_file)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| format!("{}: {e}", bin.display()))?;
-        let process = GatewayProcess {
-            child,
-            addr: self.config.server.listen,
+        let mut process = GatewayProcess {
+            children: Vec::new(),
+            addrs: Vec::new(),
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if ops_ready(self.config.server.ops_listen).await {
-                return Ok(process);
+        for i in 0..deployment().instances.max(1) {
+            let mut config = self.config.clone();
+            if i > 0 {
+                config.server.listen = free_addr()?;
+                config.server.ops_listen = free_addr()?;
             }
-            if Instant::now() > deadline {
-                return Err("the gateway did not become ready in 30 s".into());
+            let config_file = self.dir.join(format!("credgate-{i}.toml"));
+            std::fs::write(
+                &config_file,
+                toml::to_string(&config).map_err(|e| e.to_string())?,
+            )
+            .map_err(|e| e.to_string())?;
+            let child = Command::new(&bin)
+                .args(["serve", "--config"])
+                .arg(&config_file)
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .map_err(|e| format!("{}: {e}", bin.display()))?;
+            process.children.push(child);
+            process.addrs.push(config.server.listen);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !ops_ready(config.server.ops_listen).await {
+                if Instant::now() > deadline {
+                    return Err(format!("gateway instance {i} did not become ready in 30 s"));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        Ok(process)
     }
 }
 
@@ -253,31 +309,40 @@ impl Drop for Nginx {
     }
 }
 
-/// A running gateway process.
+/// The running gateway process(es).
 pub struct GatewayProcess {
-    child: Child,
-    /// Main listener.
-    pub addr: SocketAddr,
+    children: Vec<Child>,
+    /// Main listeners of every instance.
+    pub addrs: Vec<SocketAddr>,
 }
 
 impl GatewayProcess {
-    /// CPU and memory figures now.
+    /// CPU and memory figures now, summed over the instances.
     pub fn stats(&self) -> ProcStats {
-        ProcStats::read(self.child.id())
+        self.children
+            .iter()
+            .map(|c| ProcStats::read(c.id()))
+            .fold(ProcStats::default(), |a, b| a.plus(&b))
     }
 
     /// SIGTERM and wait.
     pub fn stop(mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
+        for child in &mut self.children {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+        }
+        for child in &mut self.children {
+            let _ = child.wait();
+        }
     }
 }
 
 impl Drop for GatewayProcess {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }

@@ -29,6 +29,15 @@ struct Cli {
     /// Print only the JSON report.
     #[arg(long, global = true)]
     quiet: bool,
+    /// Run credgate on a fresh database of this PostgreSQL server (the
+    /// URL of any existing database there, e.g.
+    /// postgres://postgres@127.0.0.1:5432/test) instead of SQLite.
+    #[arg(long, global = true)]
+    postgres: Option<String>,
+    /// Gateway instances on the one database (needs --postgres); the
+    /// load generator spreads its connections over them round robin.
+    #[arg(long, global = true, default_value_t = 1)]
+    instances: usize,
 }
 
 /// Options shared by the request-driving scenarios.
@@ -154,6 +163,10 @@ enum Scenario {
 async fn main() -> std::process::ExitCode {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = Cli::parse();
+    let _ = harness::DEPLOYMENT.set(harness::Deployment {
+        postgres: cli.postgres.clone(),
+        instances: cli.instances.max(1),
+    });
     let report = |r: Result<bench::Report, String>| r.map(|r| (r.summary, r.json));
     let result = match cli.scenario.clone() {
         Scenario::Ingest { load, against } => {

@@ -55,6 +55,14 @@ pub struct ProcStats {
 }
 
 impl ProcStats {
+    /// Both figures summed.
+    pub fn plus(&self, other: &ProcStats) -> ProcStats {
+        ProcStats {
+            cpu_secs: self.cpu_secs + other.cpu_secs,
+            peak_rss: self.peak_rss + other.peak_rss,
+        }
+    }
+
     /// Figures of `pid` and its direct children, summed (peak RSS too).
     pub fn read_tree(pid: u32) -> ProcStats {
         let mut total = ProcStats::read(pid);
@@ -74,9 +82,7 @@ impl ProcStats {
                     .and_then(|(_, r)| r.split_whitespace().nth(1))
                     .and_then(|p| p.parse::<u32>().ok());
                 if ppid == Some(pid) {
-                    let s = ProcStats::read(child);
-                    total.cpu_secs += s.cpu_secs;
-                    total.peak_rss += s.peak_rss;
+                    total = total.plus(&ProcStats::read(child));
                 }
             }
         }

@@ -78,7 +78,7 @@ pub async fn fanout(
 ) -> Result<(String, Value), String> {
     let subs = subs.max(2);
     let pushes = subs / 2;
-    let ws = Workspace::create("fanout", subs, None)?;
+    let ws = Workspace::create("fanout", subs, None).await?;
     // Receivers: their own CA and server certificate; they accept the gateway's CA.
     let rca = credgate::pki::DevCa::generate("load receiver CA").map_err(|e| e.to_string())?;
     let server = rca
@@ -108,7 +108,9 @@ pub async fn fanout(
     }
     ws.subscriptions(&toml)?;
     let gateway = ws.start().await?;
-    let target = gateway.addr;
+    // Pullers and submitters spread over the instances.
+    let addrs = gateway.addrs.clone();
+    let target_of = |i: usize| addrs[i % addrs.len()];
 
     // Pullers: long-poll each pull agency, note arrivals, acknowledge.
     let stop_pull = Arc::new(AtomicBool::new(false));
@@ -116,7 +118,7 @@ pub async fn fanout(
     for i in pushes..subs {
         let agency = format!("agency-load-{i:02}");
         let tls = tls_config(&ws.certs, &agency, false)?;
-        let mut conn = connect(target, tls, false).await?;
+        let mut conn = connect(target_of(i), tls, false).await?;
         let stop = stop_pull.clone();
         pullers.push(tokio::spawn(async move {
             let mut arrivals: HashMap<String, Instant> = HashMap::new();
@@ -169,7 +171,7 @@ pub async fn fanout(
     let mut submitters = Vec::new();
     for c in 0..connections.max(1) {
         let tls = tls_config(&ws.certs, &submitters_of[c % submitters_of.len()], false)?;
-        let mut conn: Conn = connect(target, tls, false).await?;
+        let mut conn: Conn = connect(target_of(c), tls, false).await?;
         let (pool, acks) = (pool.clone(), acks.clone());
         let interval =
             (rate > 0).then(|| Duration::from_secs_f64(connections.max(1) as f64 / rate as f64));

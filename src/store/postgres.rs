@@ -602,16 +602,36 @@ async fn commit_group(pool: &Pool, group: Vec<Job>) {
     let (ops, replies): (Vec<Op>, Vec<_>) = group.into_iter().map(|j| (j.op, j.reply)).unzip();
     let fast = async {
         let tx = client.transaction().await.map_err(db_err)?;
-        let results = join_all(ops.iter().map(|op| apply(&tx, op))).await;
-        if results.iter().any(Result::is_err) {
+        // Submissions together, a few multi-row statements for the whole
+        // group; the other writes each on their own, all pipelined.
+        let subs: Vec<&NewSubmission> = ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Append(s) => Some(s.as_ref()),
+                _ => None,
+            })
+            .collect();
+        let others = ops.iter().filter(|op| !matches!(op, Op::Append(_)));
+        let (appended, others) = futures_util::future::join(
+            append_many(&tx, &subs),
+            join_all(others.map(|op| apply(&tx, op))),
+        )
+        .await;
+        let (Ok(appended), true) = (appended, others.iter().all(Result::is_ok)) else {
             let _ = tx.rollback().await;
             return Ok(None);
-        }
+        };
+        let (mut appended, mut others) = (appended.into_iter(), others.into_iter().flatten());
         let mut fx = Effects::default();
-        let mut outs = Vec::with_capacity(results.len());
-        for r in results.into_iter().flatten() {
-            fx.merge(r.1);
-            outs.push(Ok(r.0));
+        let mut outs = Vec::with_capacity(ops.len());
+        for op in &ops {
+            let next = match op {
+                Op::Append(_) => appended.next(),
+                _ => others.next(),
+            };
+            let (out, effects) = next.ok_or_else(|| corrupt("an outcome is missing"))?;
+            fx.merge(effects);
+            outs.push(Ok(out));
         }
         finish_transaction(&tx, fx).await?;
         tx.commit().await.map_err(db_err)?;
@@ -675,30 +695,44 @@ async fn isolated(
 /// order), the audit entries (head row last), the notifications.
 async fn finish_transaction(tx: &Transaction<'_>, fx: Effects) -> Result<(), StoreError> {
     if !fx.pulls.is_empty() {
-        let take = tx
-            .prepare_cached(
-                "INSERT INTO agency_streams (agency, last_pos) VALUES ($1, $2) \
-                 ON CONFLICT (agency) DO UPDATE SET last_pos = agency_streams.last_pos + EXCLUDED.last_pos RETURNING last_pos",
+        // One statement takes every agency's block of positions, locking
+        // the counters in agency order (the same order in every
+        // transaction, so two never wait for each other in a cycle)…
+        let agencies: Vec<&str> = fx.pulls.keys().map(String::as_str).collect();
+        let counts: Vec<i64> = fx.pulls.values().map(|ids| ids.len() as i64).collect();
+        let ends: std::collections::HashMap<String, i64> = tx
+            .query(
+                "INSERT INTO agency_streams (agency, last_pos) \
+                 SELECT a, n FROM unnest($1::text[], $2::int8[]) AS t(a, n) ORDER BY a \
+                 ON CONFLICT (agency) DO UPDATE SET last_pos = agency_streams.last_pos + EXCLUDED.last_pos \
+                 RETURNING agency, last_pos",
+                &[&agencies, &counts],
             )
             .await
-            .map_err(db_err)?;
-        let number = tx
-            .prepare_cached(
-                "UPDATE deliveries d SET pos = $1 + t.i FROM unnest($2::text[]) WITH ORDINALITY AS t(id, i) WHERE d.id = t.id",
-            )
-            .await
-            .map_err(db_err)?;
-        for (agency, ids) in &fx.pulls {
-            let n = ids.len() as i64;
-            let last: i64 = tx
-                .query_one(&take, &[agency, &n])
-                .await
-                .map_err(db_err)?
-                .get(0);
-            tx.execute(&number, &[&(last - n), ids])
-                .await
-                .map_err(db_err)?;
+            .map_err(db_err)?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        // …and one numbers the deliveries, in creation order per agency.
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        for (agency, list) in &fx.pulls {
+            let end = ends
+                .get(agency)
+                .copied()
+                .ok_or_else(|| corrupt("agency stream not taken"))?;
+            let first = end - list.len() as i64 + 1;
+            for (i, id) in list.iter().enumerate() {
+                ids.push(id.as_str());
+                positions.push(first + i as i64);
+            }
         }
+        tx.execute(
+            "UPDATE deliveries d SET pos = t.p FROM unnest($1::text[], $2::int8[]) AS t(id, p) WHERE d.id = t.id",
+            &[&ids, &positions],
+        )
+        .await
+        .map_err(db_err)?;
     }
     let entries = audit_entries(fx.audit);
     if !entries.is_empty() {
@@ -751,7 +785,14 @@ async fn finish_transaction(tx: &Transaction<'_>, fx: Effects) -> Result<(), Sto
 async fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(Out, Effects), StoreError> {
     let mut fx = Effects::default();
     let out = match op {
-        Op::Append(sub) => Out::Append(append_submission(tx, sub, &mut fx).await?),
+        Op::Append(sub) => {
+            let (out, effects) = append_many(tx, &[sub.as_ref()])
+                .await?
+                .pop()
+                .ok_or_else(|| corrupt("no outcome"))?;
+            fx = effects;
+            out
+        }
         Op::End {
             record_id,
             reason,
@@ -808,132 +849,231 @@ async fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(Out, Effects), StoreErr
     Ok((out, fx))
 }
 
-async fn append_submission(
+/// Stores the submissions of a group with one multi-row statement per
+/// table, whatever their number: idempotency claims first (a key taken
+/// before, or earlier in the same group, answers the stored response and
+/// stores nothing), then submissions, records, notices and deliveries.
+/// Returns each submission's outcome and effects, in order.
+async fn append_many(
     tx: &Transaction<'_>,
-    sub: &NewSubmission,
-    fx: &mut Effects,
-) -> Result<AppendOutcome, StoreError> {
-    if let Some(claim) = &sub.idempotency {
-        let claimed = tx
-            .prepare_cached(
-                "INSERT INTO idempotency (participant, key, request_hash, status, response, created_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+    subs: &[&NewSubmission],
+) -> Result<Vec<(Out, Effects)>, StoreError> {
+    // Idempotency: the first of each (participant, key) in the group
+    // claims it; the database says which claims were new.
+    let mut first_of: std::collections::HashMap<(&str, &str), usize> =
+        std::collections::HashMap::new();
+    let mut claims = Vec::new();
+    for (i, sub) in subs.iter().enumerate() {
+        if let Some(c) = &sub.idempotency {
+            if let std::collections::hash_map::Entry::Vacant(e) =
+                first_of.entry((sub.participant.as_str(), c.key.as_str()))
+            {
+                e.insert(i);
+                claims.push(i);
+            }
+        }
+    }
+    let mut replays: std::collections::HashMap<usize, StoredResponse> =
+        std::collections::HashMap::new();
+    if !claims.is_empty() {
+        let participants: Vec<&str> = claims
+            .iter()
+            .map(|&i| subs[i].participant.as_str())
+            .collect();
+        let keys: Vec<&str> = claims
+            .iter()
+            .filter_map(|&i| subs[i].idempotency.as_ref().map(|c| c.key.as_str()))
+            .collect();
+        let hashes: Vec<&str> = claims
+            .iter()
+            .filter_map(|&i| {
+                subs[i]
+                    .idempotency
+                    .as_ref()
+                    .map(|c| c.request_hash.as_str())
+            })
+            .collect();
+        let statuses: Vec<i32> = claims
+            .iter()
+            .map(|&i| i32::from(subs[i].response_status))
+            .collect();
+        let bodies: Vec<&[u8]> = claims
+            .iter()
+            .map(|&i| subs[i].response_body.as_slice())
+            .collect();
+        let claimed: std::collections::HashSet<(String, String)> = tx
+            .query(
+                "INSERT INTO idempotency (participant, key, request_hash, status, response, created_at) \
+                 SELECT p, k, h, s, r, $6 FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::bytea[]) AS t(p, k, h, s, r) \
+                 ON CONFLICT DO NOTHING RETURNING participant, key",
+                &[&participants, &keys, &hashes, &statuses, &bodies, &unix_now()],
             )
             .await
-            .map_err(db_err)?;
-        let n = tx
-            .execute(
-                &claimed,
-                &[
-                    &sub.participant,
-                    &claim.key,
-                    &claim.request_hash,
-                    &i32::from(sub.response_status),
-                    &sub.response_body,
-                    &unix_now(),
-                ],
-            )
-            .await
-            .map_err(db_err)?;
-        if n == 0 {
-            // The key is taken (by a commit that this statement waited
-            // for, if it was concurrent): answer what was stored.
-            let row = tx
-                .query_one(
-                    "SELECT request_hash, status, response FROM idempotency WHERE participant = $1 AND key = $2",
-                    &[&sub.participant, &claim.key],
+            .map_err(db_err)?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        // Keys taken before (by a commit this statement waited for, if it
+        // was concurrent): their stored answers.
+        let taken: Vec<usize> = claims
+            .iter()
+            .copied()
+            .filter(|&i| {
+                let key = subs[i].idempotency.as_ref().map_or("", |c| c.key.as_str());
+                !claimed.contains(&(subs[i].participant.clone(), key.to_owned()))
+            })
+            .collect();
+        if !taken.is_empty() {
+            let participants: Vec<&str> = taken
+                .iter()
+                .map(|&i| subs[i].participant.as_str())
+                .collect();
+            let keys: Vec<&str> = taken
+                .iter()
+                .filter_map(|&i| subs[i].idempotency.as_ref().map(|c| c.key.as_str()))
+                .collect();
+            let rows = tx
+                .query(
+                    "SELECT i.participant, i.key, i.request_hash, i.status, i.response FROM idempotency i \
+                     JOIN unnest($1::text[], $2::text[]) AS t(p, k) ON i.participant = t.p AND i.key = t.k",
+                    &[&participants, &keys],
                 )
                 .await
                 .map_err(db_err)?;
-            return Ok(AppendOutcome::Replay(StoredResponse {
-                request_hash: row.get(0),
-                status: u16::try_from(row.get::<_, i32>(1)).unwrap_or(500),
-                body: row.get(2),
-            }));
+            for r in rows {
+                let (participant, key): (&str, &str) = (r.get(0), r.get(1));
+                if let Some(&i) = first_of.get(&(participant, key)) {
+                    replays.insert(
+                        i,
+                        StoredResponse {
+                            request_hash: r.get(2),
+                            status: u16::try_from(r.get::<_, i32>(3)).unwrap_or(500),
+                            body: r.get(4),
+                        },
+                    );
+                }
+            }
         }
     }
-    let codes = serde_json::to_string(&sub.rejection_codes).map_err(corrupt)?;
-    let version = int(sub.item_version);
-    let insert_sub = tx
-        .prepare_cached("INSERT INTO submissions (id, participant, item, item_version, received_at, accepted, rejected, rejection_codes) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
-        .await
-        .map_err(db_err)?;
-    let accepted = sub.records.len() as i32;
-    let rejected = sub.rejected as i32;
+    // Later uses of a key in the same group replay its first use.
+    for (i, sub) in subs.iter().enumerate() {
+        let Some(c) = &sub.idempotency else { continue };
+        let first = first_of[&(sub.participant.as_str(), c.key.as_str())];
+        if first != i {
+            let first_sub = subs[first];
+            let earlier = replays
+                .get(&first)
+                .cloned()
+                .unwrap_or_else(|| StoredResponse {
+                    request_hash: first_sub
+                        .idempotency
+                        .as_ref()
+                        .map_or_else(String::new, |c| c.request_hash.clone()),
+                    status: first_sub.response_status,
+                    body: first_sub.response_body.clone(),
+                });
+            replays.insert(i, earlier);
+        }
+    }
+    let stored: Vec<&NewSubmission> = subs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !replays.contains_key(i))
+        .map(|(_, s)| *s)
+        .collect();
+    if !stored.is_empty() {
+        insert_submissions(tx, &stored).await?;
+    }
+    Ok(subs
+        .iter()
+        .enumerate()
+        .map(|(i, sub)| match replays.remove(&i) {
+            Some(r) => (Out::Append(AppendOutcome::Replay(r)), Effects::default()),
+            None => {
+                let mut fx = Effects::default();
+                for n in sub.records.iter().filter_map(|r| r.notice.as_ref()) {
+                    note_deliveries(n, &mut fx);
+                }
+                fx.audit.push(submission_audit(sub));
+                (Out::Append(AppendOutcome::Stored), fx)
+            }
+        })
+        .collect())
+}
+
+/// The multi-row inserts of stored submissions.
+async fn insert_submissions(
+    tx: &Transaction<'_>,
+    subs: &[&NewSubmission],
+) -> Result<(), StoreError> {
+    let codes: Vec<String> = subs
+        .iter()
+        .map(|s| serde_json::to_string(&s.rejection_codes).map_err(corrupt))
+        .collect::<Result<_, _>>()?;
+    let ids: Vec<&str> = subs.iter().map(|s| s.id.as_str()).collect();
+    let participants: Vec<&str> = subs.iter().map(|s| s.participant.as_str()).collect();
+    let items: Vec<&str> = subs.iter().map(|s| s.item.as_str()).collect();
+    let versions: Vec<i32> = subs.iter().map(|s| int(s.item_version)).collect();
+    let received: Vec<OffsetDateTime> = subs.iter().map(|s| s.received_at).collect();
+    let accepted: Vec<i32> = subs.iter().map(|s| s.records.len() as i32).collect();
+    let rejected: Vec<i32> = subs.iter().map(|s| s.rejected as i32).collect();
     tx.execute(
-        &insert_sub,
-        &[
-            &sub.id,
-            &sub.participant,
-            &sub.item,
-            &version,
-            &sub.received_at,
-            &accepted,
-            &rejected,
-            &codes,
-        ],
+        "INSERT INTO submissions (id, participant, item, item_version, received_at, accepted, rejected, rejection_codes) \
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::timestamptz[], $6::int4[], $7::int4[], $8::text[])",
+        &[&ids, &participants, &items, &versions, &received, &accepted, &rejected, &codes],
     )
     .await
     .map_err(db_err)?;
-    if !sub.records.is_empty() {
-        // One statement for the submission's records.
-        let insert = tx
-            .prepare_cached(
-                "INSERT INTO records (id, submission_id, item, item_version, submitter, subject_type, subject_key, decision_date, received_at, body, warnings, effective_until) \
-                 SELECT t.id, $1, $2, $3, $4, t.subject_type, t.subject_key, t.decision_date, $5, t.body, t.warnings, t.effective_until \
-                 FROM unnest($6::text[], $7::text[], $8::text[], $9::date[], $10::text[], $11::text[], $12::date[]) \
-                   AS t(id, subject_type, subject_key, decision_date, body, warnings, effective_until)",
-            )
-            .await
-            .map_err(db_err)?;
-        let rs = &sub.records;
-        let ids: Vec<&str> = rs.iter().map(|r| r.id.as_str()).collect();
-        let types: Vec<&str> = rs.iter().map(|r| r.subject_type.as_str()).collect();
-        let keys: Vec<Option<&str>> = rs.iter().map(|r| r.subject_key.as_deref()).collect();
-        let decisions: Vec<Option<Date>> = rs.iter().map(|r| r.decision_date).collect();
-        let bodies: Vec<&str> = rs.iter().map(|r| r.body.as_str()).collect();
-        let warnings: Vec<&str> = rs.iter().map(|r| r.warnings.as_str()).collect();
-        let untils: Vec<Option<Date>> = rs.iter().map(|r| r.effective_until).collect();
-        tx.execute(
-            &insert,
-            &[
-                &sub.id,
-                &sub.item,
-                &version,
-                &sub.participant,
-                &sub.received_at,
-                &ids,
-                &types,
-                &keys,
-                &decisions,
-                &bodies,
-                &warnings,
-                &untils,
-            ],
-        )
-        .await
-        .map_err(db_err)?;
+    // Records of every submission, with their submission's columns.
+    let records: Vec<(&NewSubmission, &super::NewRecord)> = subs
+        .iter()
+        .flat_map(|s| s.records.iter().map(move |r| (*s, r)))
+        .collect();
+    if records.is_empty() {
+        return Ok(());
     }
-    for r in &sub.records {
-        if let Some(n) = &r.notice {
-            insert_notice(
-                tx,
-                n,
-                NoticeOrigin {
-                    item: &sub.item,
-                    item_version: sub.item_version,
-                    record_id: &r.id,
-                    source: &sub.participant,
-                    issued_at: sub.received_at,
-                    lifts: None,
-                    reason: None,
-                },
-                fx,
-            )
-            .await?;
-        }
-    }
-    fx.audit.push(submission_audit(sub));
-    Ok(AppendOutcome::Stored)
+    let col = |f: for<'a> fn(&'a NewSubmission, &'a super::NewRecord) -> Option<&'a str>| -> Vec<Option<&str>> {
+        records.iter().map(|(s, r)| f(s, r)).collect()
+    };
+    let ids = col(|_, r| Some(&r.id));
+    let sub_ids = col(|s, _| Some(&s.id));
+    let items = col(|s, _| Some(&s.item));
+    let submitters = col(|s, _| Some(&s.participant));
+    let types = col(|_, r| Some(&r.subject_type));
+    let keys = col(|_, r| r.subject_key.as_deref());
+    let bodies = col(|_, r| Some(&r.body));
+    let warnings = col(|_, r| Some(&r.warnings));
+    let versions: Vec<i32> = records.iter().map(|(s, _)| int(s.item_version)).collect();
+    let received: Vec<OffsetDateTime> = records.iter().map(|(s, _)| s.received_at).collect();
+    let decisions: Vec<Option<Date>> = records.iter().map(|(_, r)| r.decision_date).collect();
+    let untils: Vec<Option<Date>> = records.iter().map(|(_, r)| r.effective_until).collect();
+    tx.execute(
+        "INSERT INTO records (id, submission_id, item, item_version, submitter, subject_type, subject_key, decision_date, received_at, body, warnings, effective_until) \
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::text[], $6::text[], $7::text[], $8::date[], $9::timestamptz[], $10::text[], $11::text[], $12::date[])",
+        &[&ids, &sub_ids, &items, &versions, &submitters, &types, &keys, &decisions, &received, &bodies, &warnings, &untils],
+    )
+    .await
+    .map_err(db_err)?;
+    let notices: Vec<NoticeRow<'_>> = records
+        .iter()
+        .filter_map(|(s, r)| {
+            r.notice.as_ref().map(|n| {
+                (
+                    n,
+                    NoticeOrigin {
+                        item: &s.item,
+                        item_version: s.item_version,
+                        record_id: &r.id,
+                        source: &s.participant,
+                        issued_at: s.received_at,
+                        lifts: None,
+                        reason: None,
+                    },
+                )
+            })
+        })
+        .collect();
+    insert_notices(tx, &notices).await
 }
 
 /// Where a notice comes from.
@@ -947,71 +1087,82 @@ struct NoticeOrigin<'a> {
     reason: Option<&'a str>,
 }
 
-async fn insert_notice(
-    tx: &Transaction<'_>,
-    n: &NewNotice,
-    o: NoticeOrigin<'_>,
-    fx: &mut Effects,
-) -> Result<(), StoreError> {
-    let insert = tx
-        .prepare_cached("INSERT INTO notices (id, kind, item, item_version, record_id, source, severity, region, measures, effective_from, effective_until, issued_at, lifts, reason) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)")
-        .await
-        .map_err(db_err)?;
-    tx.execute(
-        &insert,
-        &[
-            &n.id,
-            &n.kind.as_str(),
-            &o.item,
-            &int(o.item_version),
-            &o.record_id,
-            &o.source,
-            &n.severity.as_str(),
-            &n.region,
-            &serde_json::to_string(&n.measures).map_err(corrupt)?,
-            &n.effective_from,
-            &n.effective_until,
-            &o.issued_at,
-            &o.lifts,
-            &o.reason,
-        ],
-    )
-    .await
-    .map_err(db_err)?;
-    if n.deliveries.is_empty() {
+/// A notice to insert and where it comes from.
+type NoticeRow<'a> = (&'a NewNotice, NoticeOrigin<'a>);
+
+/// Notes a notice's deliveries for the end of the transaction: pull ones
+/// get stream positions; any wakes the dispatchers and long-polls.
+fn note_deliveries(n: &NewNotice, fx: &mut Effects) {
+    for d in n.deliveries.iter().filter(|d| !d.push) {
+        fx.pulls
+            .entry(d.agency.clone())
+            .or_default()
+            .push(d.id.clone());
+    }
+    fx.wake |= !n.deliveries.is_empty();
+}
+
+/// Inserts notices and their deliveries, one statement each.
+async fn insert_notices(tx: &Transaction<'_>, notices: &[NoticeRow<'_>]) -> Result<(), StoreError> {
+    if notices.is_empty() {
         return Ok(());
     }
-    let insert = tx
-        .prepare_cached(
-            "INSERT INTO deliveries (id, notice_id, subscription, agency, mode, state, created_at) \
-             SELECT t.id, $1, t.subscription, t.agency, t.mode, 'pending', $2 \
-             FROM unnest($3::text[], $4::text[], $5::text[], $6::text[]) AS t(id, subscription, agency, mode)",
-        )
-        .await
-        .map_err(db_err)?;
-    let ds = &n.deliveries;
-    let ids: Vec<&str> = ds.iter().map(|d| d.id.as_str()).collect();
-    let subs: Vec<&str> = ds.iter().map(|d| d.subscription.as_str()).collect();
-    let agencies: Vec<&str> = ds.iter().map(|d| d.agency.as_str()).collect();
-    let modes: Vec<&str> = ds
+    let text = |f: for<'a> fn(&'a NoticeRow<'a>) -> Option<&'a str>| -> Vec<Option<&str>> {
+        notices.iter().map(f).collect()
+    };
+    let ids = text(|(n, _)| Some(&n.id));
+    let kinds = text(|(n, _)| Some(n.kind.as_str()));
+    let items = text(|(_, o)| Some(o.item));
+    let records = text(|(_, o)| Some(o.record_id));
+    let sources = text(|(_, o)| Some(o.source));
+    let severities = text(|(n, _)| Some(n.severity.as_str()));
+    let regions = text(|(n, _)| n.region.as_deref());
+    let lifts = text(|(_, o)| o.lifts);
+    let reasons = text(|(_, o)| o.reason);
+    let versions: Vec<i32> = notices.iter().map(|(_, o)| int(o.item_version)).collect();
+    let measures: Vec<String> = notices
         .iter()
-        .map(|d| if d.push { "push" } else { "pull" })
-        .collect();
+        .map(|(n, _)| serde_json::to_string(&n.measures).map_err(corrupt))
+        .collect::<Result<_, _>>()?;
+    let froms: Vec<Option<Date>> = notices.iter().map(|(n, _)| n.effective_from).collect();
+    let untils: Vec<Option<Date>> = notices.iter().map(|(n, _)| n.effective_until).collect();
+    let issued: Vec<OffsetDateTime> = notices.iter().map(|(_, o)| o.issued_at).collect();
     tx.execute(
-        &insert,
-        &[&n.id, &o.issued_at, &ids, &subs, &agencies, &modes],
+        "INSERT INTO notices (id, kind, item, item_version, record_id, source, severity, region, measures, effective_from, effective_until, issued_at, lifts, reason) \
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::date[], $11::date[], $12::timestamptz[], $13::text[], $14::text[])",
+        &[&ids, &kinds, &items, &versions, &records, &sources, &severities, &regions, &measures, &froms, &untils, &issued, &lifts, &reasons],
     )
     .await
     .map_err(db_err)?;
-    for d in ds {
-        if !d.push {
-            fx.pulls
-                .entry(d.agency.clone())
-                .or_default()
-                .push(d.id.clone());
-        }
+    let deliveries: Vec<(&NewNotice, &super::NewDelivery, OffsetDateTime)> = notices
+        .iter()
+        .flat_map(|(n, o)| n.deliveries.iter().map(move |d| (*n, d, o.issued_at)))
+        .collect();
+    if deliveries.is_empty() {
+        return Ok(());
     }
-    fx.wake = true;
+    let ids: Vec<&str> = deliveries.iter().map(|(_, d, _)| d.id.as_str()).collect();
+    let notice_ids: Vec<&str> = deliveries.iter().map(|(n, _, _)| n.id.as_str()).collect();
+    let subs: Vec<&str> = deliveries
+        .iter()
+        .map(|(_, d, _)| d.subscription.as_str())
+        .collect();
+    let agencies: Vec<&str> = deliveries
+        .iter()
+        .map(|(_, d, _)| d.agency.as_str())
+        .collect();
+    let modes: Vec<&str> = deliveries
+        .iter()
+        .map(|(_, d, _)| if d.push { "push" } else { "pull" })
+        .collect();
+    let created: Vec<OffsetDateTime> = deliveries.iter().map(|(_, _, at)| *at).collect();
+    tx.execute(
+        "INSERT INTO deliveries (id, notice_id, subscription, agency, mode, state, created_at) \
+         SELECT i, n, s, a, m, 'pending', c FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[]) AS t(i, n, s, a, m, c)",
+        &[&ids, &notice_ids, &subs, &agencies, &modes, &created],
+    )
+    .await
+    .map_err(db_err)?;
     Ok(())
 }
 
@@ -1104,21 +1255,23 @@ async fn end_record(
                 })
                 .collect(),
         };
-        insert_notice(
+        insert_notices(
             tx,
-            &lift,
-            NoticeOrigin {
-                item: &original.item,
-                item_version: original.item_version,
-                record_id,
-                source: &original.source,
-                issued_at: now,
-                lifts: Some(&original.notice_id),
-                reason: Some(reason_text),
-            },
-            fx,
+            &[(
+                &lift,
+                NoticeOrigin {
+                    item: &original.item,
+                    item_version: original.item_version,
+                    record_id,
+                    source: &original.source,
+                    issued_at: now,
+                    lifts: Some(&original.notice_id),
+                    reason: Some(reason_text),
+                },
+            )],
         )
         .await?;
+        note_deliveries(&lift, fx);
         recipients.extend(lift.deliveries.iter().map(|d| d.agency.clone()));
         lift_notices.push(lift.id);
     }
@@ -1191,36 +1344,60 @@ async fn ack(
     Ok(())
 }
 
+/// Stores push results, one statement per kind of result; a result whose
+/// claim is no longer the delivery's current one changes nothing.
 async fn finish(
     tx: &Transaction<'_>,
     finished: &[Finished],
     fx: &mut Effects,
 ) -> Result<(), StoreError> {
-    for f in finished {
-        let (id, claim) = (&f.delivery_id, f.claim);
-        // Fenced: only the attempt holding the current claim of an
-        // in-flight delivery may set its outcome.
-        let changed = match &f.result {
-            DeliveryResult::Delivered => tx.execute(
-                "UPDATE deliveries SET state = 'delivered', delivered_at = now(), last_error = NULL WHERE id = $1 AND claims = $2 AND state = 'inflight'",
-                &[id, &claim],
-            ).await,
-            DeliveryResult::Retry { at, error } => tx.execute(
-                "UPDATE deliveries SET state = 'pending', next_attempt_at = $3, last_error = $4 WHERE id = $1 AND claims = $2 AND state = 'inflight'",
-                &[id, &claim, at, error],
-            ).await,
-            DeliveryResult::Deferred { at } => tx.execute(
-                "UPDATE deliveries SET state = 'pending', next_attempt_at = $3, attempts = GREATEST(attempts - 1, 0) WHERE id = $1 AND claims = $2 AND state = 'inflight'",
-                &[id, &claim, at],
-            ).await,
-            DeliveryResult::Dead { error } => tx.execute(
-                "UPDATE deliveries SET state = 'dead', last_error = $3 WHERE id = $1 AND claims = $2 AND state = 'inflight'",
-                &[id, &claim, error],
-            ).await,
+    // Fenced: only the attempt holding the current claim of an in-flight
+    // delivery may set its outcome.
+    const FENCE: &str =
+        "FROM unnest($1::text[], $2::int8[], $3::int8[], $4::text[]) AS t(id, claim, at, error) \
+         WHERE d.id = t.id AND d.claims = t.claim AND d.state = 'inflight' RETURNING d.id";
+    let statements = [
+        format!("UPDATE deliveries d SET state = 'delivered', delivered_at = now(), last_error = NULL {FENCE}"),
+        format!("UPDATE deliveries d SET state = 'pending', next_attempt_at = t.at, last_error = t.error {FENCE}"),
+        format!("UPDATE deliveries d SET state = 'pending', next_attempt_at = t.at, attempts = GREATEST(d.attempts - 1, 0) {FENCE}"),
+        format!("UPDATE deliveries d SET state = 'dead', last_error = t.error {FENCE}"),
+    ];
+    // Which statement, retry time and error of a result.
+    let columns = |r: &DeliveryResult| -> (usize, i64, String) {
+        match r {
+            DeliveryResult::Delivered => (0, 0, String::new()),
+            DeliveryResult::Retry { at, error } => (1, *at, error.clone()),
+            DeliveryResult::Deferred { at } => (2, *at, String::new()),
+            DeliveryResult::Dead { error } => (3, 0, error.clone()),
         }
-        .map_err(db_err)?;
-        if changed == 0 {
-            tracing::debug!(delivery = %id, claim, "result of a superseded attempt ignored");
+    };
+    let mut changed = std::collections::HashSet::new();
+    for (kind, sql) in statements.iter().enumerate() {
+        let (mut ids, mut claims, mut ats, mut errors) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for f in finished {
+            let (k, at, error) = columns(&f.result);
+            if k == kind {
+                ids.push(f.delivery_id.as_str());
+                claims.push(f.claim);
+                ats.push(at);
+                errors.push(error);
+            }
+        }
+        if ids.is_empty() {
+            continue;
+        }
+        for row in tx
+            .query(sql, &[&ids, &claims, &ats, &errors])
+            .await
+            .map_err(db_err)?
+        {
+            changed.insert(row.get::<_, String>(0));
+        }
+    }
+    for f in finished {
+        if !changed.contains(&f.delivery_id) {
+            tracing::debug!(delivery = %f.delivery_id, claim = f.claim, "result of a superseded attempt ignored");
             continue;
         }
         fx.audit.extend(outcome_audit(f));
@@ -2176,12 +2353,14 @@ pub mod scratch {
         pub name: String,
         /// Its URL.
         pub url: String,
+        /// The server's administrative URL it was created through.
+        server: String,
     }
 
-    async fn admin(sql: String) -> Result<(), String> {
-        let (client, conn) = tokio_postgres::connect(&admin_url(), NoTls)
+    async fn admin(server: &str, sql: String) -> Result<(), String> {
+        let (client, conn) = tokio_postgres::connect(server, NoTls)
             .await
-            .map_err(|e| format!("PostgreSQL at {} is not reachable: {e}", admin_url()))?;
+            .map_err(|e| format!("PostgreSQL at {server} is not reachable: {e}"))?;
         let conn = tokio::spawn(conn);
         let result = client.batch_execute(&sql).await.map_err(|e| e.to_string());
         drop(client);
@@ -2192,7 +2371,13 @@ pub mod scratch {
     impl ScratchDatabase {
         /// Creates a new, empty database.
         pub async fn create() -> Result<ScratchDatabase, String> {
-            Self::create_with("").await
+            Self::create_on(&admin_url()).await
+        }
+
+        /// Creates a new, empty database on the server of `server` (a URL
+        /// of an existing database there).
+        pub async fn create_on(server: &str) -> Result<ScratchDatabase, String> {
+            Self::create_with(server, "").await
         }
 
         /// Creates a copy of database `template` (nobody may be connected
@@ -2200,7 +2385,7 @@ pub mod scratch {
         pub async fn copy_of(template: String) -> Result<ScratchDatabase, String> {
             let mut last = String::new();
             for _ in 0..50 {
-                match Self::create_with(&format!(" TEMPLATE {template}")).await {
+                match Self::create_with(&admin_url(), &format!(" TEMPLATE {template}")).await {
                     Ok(db) => return Ok(db),
                     Err(e) => last = e,
                 }
@@ -2209,14 +2394,14 @@ pub mod scratch {
             Err(last)
         }
 
-        async fn create_with(options: &str) -> Result<ScratchDatabase, String> {
+        async fn create_with(server: &str, options: &str) -> Result<ScratchDatabase, String> {
             let name = format!("credgate_test_{}", uuid::Uuid::now_v7().simple());
-            admin(format!("CREATE DATABASE {name}{options}")).await?;
-            let base = admin_url();
-            let prefix = base.rsplit_once('/').map_or(base.as_str(), |(p, _)| p);
+            admin(server, format!("CREATE DATABASE {name}{options}")).await?;
+            let prefix = server.rsplit_once('/').map_or(server, |(p, _)| p);
             Ok(ScratchDatabase {
                 url: format!("{prefix}/{name}"),
                 name,
+                server: server.to_owned(),
             })
         }
     }
@@ -2224,13 +2409,14 @@ pub mod scratch {
     impl Drop for ScratchDatabase {
         fn drop(&mut self) {
             let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+            let server = self.server.clone();
             // Dropped inside or outside a runtime: a thread of its own.
             let _ = std::thread::spawn(move || {
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build();
                 if let Ok(rt) = rt {
-                    let _ = rt.block_on(admin(sql));
+                    let _ = rt.block_on(admin(&server, sql));
                 }
             })
             .join();
