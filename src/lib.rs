@@ -9,6 +9,7 @@
 //! leaves; `http` is a thin shell; `server` starts and stops it all.
 
 pub mod active;
+pub mod agencies;
 pub mod audit;
 pub mod catalog;
 pub mod codes;

@@ -12,11 +12,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{json_response, parse_json, read_json, AppState, Caller};
+use crate::agencies::{self, FeedbackRefused};
 use crate::cursor::Cursor;
 use crate::error::Problem;
 use crate::participants::{Kind, Participant};
 use crate::redact::NoticeView;
-use crate::store::{Feedback, FeedbackOutcome, FeedbackStored, NoticeKind};
+use crate::store::{Feedback, FeedbackOutcome};
 
 /// Longest long-poll wait, seconds.
 pub const MAX_WAIT_SECS: u64 = 30;
@@ -42,18 +43,6 @@ fn bad_query(detail: impl Into<String>) -> Problem {
 fn parse_cursor(s: &str) -> Result<Cursor, Problem> {
     crate::cursor::parse(s)
         .ok_or_else(|| bad_query("cursor must be a value returned as next_cursor"))
-}
-
-/// The caller's stream position a cursor stands for.
-async fn position(
-    store: &dyn crate::store::Store,
-    agency: &str,
-    cursor: Cursor,
-) -> Result<i64, Problem> {
-    Ok(match cursor {
-        Cursor::Position(p) => p,
-        Cursor::Legacy(seq) => store.legacy_position(agency, seq).await?,
-    })
 }
 
 /// Query of a pull.
@@ -90,25 +79,18 @@ pub async fn pull(
     if wait > MAX_WAIT_SECS {
         return Err(bad_query(format!("wait must be 0-{MAX_WAIT_SECS} seconds")));
     }
-    let store = state.ingest.store.clone();
-    let after = match q.after.as_deref() {
-        Some(c) => position(store.as_ref(), &caller.id, parse_cursor(c)?).await?,
-        None => store.pull_position(&caller.id).await?,
-    };
-    // Subscribe before reading so a commit in between is not missed.
-    let mut changes = store.changes();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
-    let batch = loop {
-        let batch = store.pull(&caller.id, after, limit).await?;
-        if !batch.is_empty() || tokio::time::Instant::now() >= deadline {
-            break batch;
-        }
-        tokio::select! {
-            _ = changes.changed() => {}
-            _ = tokio::time::sleep_until(deadline) => {}
-            _ = state.shutdown.cancelled() => break Vec::new(),
-        }
-    };
+    let store = state.ingest.store.as_ref();
+    let cursor = q.after.as_deref().map(parse_cursor).transpose()?;
+    let after = agencies::position(store, &caller.id, cursor).await?;
+    let batch = agencies::read(
+        store,
+        &caller.id,
+        after,
+        limit,
+        Duration::from_secs(wait),
+        &state.shutdown,
+    )
+    .await?;
     let catalog = state.ingest.catalog.load_full();
     let next = batch.last().map_or(after, |o| o.position);
     let notices = batch
@@ -154,10 +136,8 @@ pub async fn ack(
             .at("/cursor", "is required"))
         }
     };
-    let store = state.ingest.store.as_ref();
-    let cursor = position(store, &caller.id, cursor).await?;
-    store.ack(&caller.id, cursor).await?;
-    let acknowledged = store.pull_position(&caller.id).await?;
+    let acknowledged =
+        agencies::acknowledge(state.ingest.store.as_ref(), &caller.id, cursor).await?;
     let body = serde_json::to_vec(
         &serde_json::json!({"acknowledged": crate::cursor::encode(acknowledged)}),
     )
@@ -224,39 +204,9 @@ pub async fn feedback(
     {
         return Err(invalid("/note", "at most 2000 characters"));
     }
-    // Whether the caller received it comes first, and "no such notice"
-    // and "not sent to you" get the same answer: nothing about other
-    // agencies' notices (existence, type, measures) is revealed.
-    let not_found = || {
-        Problem::caller(
-            StatusCode::NOT_FOUND,
-            "notice_not_found",
-            "no notice with this id was sent to the caller",
-        )
-    };
-    let notice = state
-        .ingest
-        .store
-        .received_notice(&notice_id, &caller.id)
-        .await?
-        .ok_or_else(not_found)?;
-    if notice.kind == NoticeKind::Lift {
-        return Err(Problem::caller(
-            StatusCode::CONFLICT,
-            "lift_notice",
-            "feedback is given on punishment and incentive notices, not on lifts",
-        ));
-    }
-    if !notice.measures.contains(&fb.measure) {
-        return Err(invalid(
-            "/measure",
-            "not a measure of this notice; see the notice's measures",
-        ));
-    }
-    let stored = state
-        .ingest
-        .store
-        .add_feedback(Feedback {
+    let given = agencies::give_feedback(
+        state.ingest.store.as_ref(),
+        Feedback {
             notice_id: notice_id.clone(),
             agency: caller.id.clone(),
             measure: fb.measure,
@@ -264,16 +214,32 @@ pub async fn feedback(
             date,
             note: fb.note,
             received_at: time::OffsetDateTime::now_utc(),
-        })
-        .await?;
-    match stored {
-        FeedbackStored::Stored => {
+        },
+    )
+    .await?;
+    match given {
+        Ok(()) => {
             let body = serde_json::to_vec(
                 &serde_json::json!({"notice_id": notice_id, "status": "stored"}),
             )
             .map_err(|e| Problem::gateway(&e))?;
             Ok(json_response(StatusCode::OK, body))
         }
-        FeedbackStored::UnknownNotice | FeedbackStored::NotRecipient => Err(not_found()),
+        // "No such notice" and "not sent to you" get the same answer:
+        // nothing about other agencies' notices is revealed.
+        Err(FeedbackRefused::NotFound) => Err(Problem::caller(
+            StatusCode::NOT_FOUND,
+            "notice_not_found",
+            "no notice with this id was sent to the caller",
+        )),
+        Err(FeedbackRefused::Lift) => Err(Problem::caller(
+            StatusCode::CONFLICT,
+            "lift_notice",
+            "feedback is given on punishment and incentive notices, not on lifts",
+        )),
+        Err(FeedbackRefused::UnknownMeasure) => Err(invalid(
+            "/measure",
+            "not a measure of this notice; see the notice's measures",
+        )),
     }
 }

@@ -316,7 +316,7 @@ struct Job {
 pub struct PgStore {
     pool: Pool,
     writer: Mutex<Option<mpsc::Sender<Job>>>,
-    writer_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    writer_tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     idempotency_ttl: Duration,
     changes: watch::Receiver<u64>,
     control: watch::Receiver<u64>,
@@ -465,16 +465,21 @@ impl PgStore {
         let (control_tx, control) = watch::channel(0u64);
         let listener = tokio::spawn(listen(cfg, changes_tx, control_tx));
         let (tx, rx) = mpsc::channel(opts.group_commit_max.max(1) * 4);
-        let writer = tokio::spawn(writer_loop(
-            pool.clone(),
-            rx,
-            opts.group_commit_max.max(1),
-            metrics,
-        ));
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        let writers = (0..WRITERS)
+            .map(|_| {
+                tokio::spawn(writer_loop(
+                    pool.clone(),
+                    rx.clone(),
+                    opts.group_commit_max.max(1),
+                    metrics.clone(),
+                ))
+            })
+            .collect();
         Ok(PgStore {
             pool,
             writer: Mutex::new(Some(tx)),
-            writer_task: Mutex::new(Some(writer)),
+            writer_tasks: Mutex::new(writers),
             idempotency_ttl: opts.idempotency_ttl,
             changes,
             control,
@@ -564,20 +569,74 @@ async fn listen(
     }
 }
 
+/// A query through the connection's statement cache: parsed and planned
+/// once per connection, not once per call.
+async fn run(
+    tx: &Transaction<'_>,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<Row>, StoreError> {
+    let stmt = tx.prepare_cached(sql).await.map_err(db_err)?;
+    tx.query(&stmt, params).await.map_err(db_err)
+}
+
+/// [`run`] for a statement whose row count is the answer.
+async fn exec(
+    tx: &Transaction<'_>,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<u64, StoreError> {
+    let stmt = tx.prepare_cached(sql).await.map_err(db_err)?;
+    tx.execute(&stmt, params).await.map_err(db_err)
+}
+
+/// [`run`] for exactly one row.
+async fn run_one(
+    tx: &Transaction<'_>,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Row, StoreError> {
+    run_opt(tx, sql, params)
+        .await?
+        .ok_or_else(|| StoreError::Database("a query that returns one row returned none".into()))
+}
+
+/// [`run`] for at most one row.
+async fn run_opt(
+    tx: &Transaction<'_>,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Option<Row>, StoreError> {
+    let stmt = tx.prepare_cached(sql).await.map_err(db_err)?;
+    tx.query_opt(&stmt, params).await.map_err(db_err)
+}
+
+/// Writer tasks per instance: while one group waits for its commit, the
+/// next runs its statements (the audit head lock, taken last, keeps the
+/// chain in order).
+const WRITERS: usize = 2;
+
 async fn writer_loop(
     pool: Pool,
-    mut rx: mpsc::Receiver<Job>,
+    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>,
     group_max: usize,
     metrics: Arc<crate::metrics::Metrics>,
 ) {
-    while let Some(job) = rx.recv().await {
-        let mut group = vec![job];
-        while group.len() < group_max {
-            match rx.try_recv() {
-                Ok(job) => group.push(job),
-                Err(_) => break,
+    loop {
+        let group = {
+            let mut rx = rx.lock().await;
+            let Some(job) = rx.recv().await else {
+                return;
+            };
+            let mut group = vec![job];
+            while group.len() < group_max {
+                match rx.try_recv() {
+                    Ok(job) => group.push(job),
+                    Err(_) => break,
+                }
             }
-        }
+            group
+        };
         metrics.store_commits.inc();
         metrics.store_group_size.observe(group.len() as f64);
         commit_group(&pool, group).await;
@@ -700,16 +759,11 @@ async fn finish_transaction(tx: &Transaction<'_>, fx: Effects) -> Result<(), Sto
         // transaction, so two never wait for each other in a cycle)…
         let agencies: Vec<&str> = fx.pulls.keys().map(String::as_str).collect();
         let counts: Vec<i64> = fx.pulls.values().map(|ids| ids.len() as i64).collect();
-        let ends: std::collections::HashMap<String, i64> = tx
-            .query(
-                "INSERT INTO agency_streams (agency, last_pos) \
+        let ends: std::collections::HashMap<String, i64> = run(tx, "INSERT INTO agency_streams (agency, last_pos) \
                  SELECT a, n FROM unnest($1::text[], $2::int8[]) AS t(a, n) ORDER BY a \
                  ON CONFLICT (agency) DO UPDATE SET last_pos = agency_streams.last_pos + EXCLUDED.last_pos \
                  RETURNING agency, last_pos",
-                &[&agencies, &counts],
-            )
-            .await
-            .map_err(db_err)?
+                &[&agencies, &counts],).await?
             .iter()
             .map(|r| (r.get(0), r.get(1)))
             .collect();
@@ -727,22 +781,17 @@ async fn finish_transaction(tx: &Transaction<'_>, fx: Effects) -> Result<(), Sto
                 positions.push(first + i as i64);
             }
         }
-        tx.execute(
-            "UPDATE deliveries d SET pos = t.p FROM unnest($1::text[], $2::int8[]) AS t(id, p) WHERE d.id = t.id",
-            &[&ids, &positions],
-        )
-        .await
-        .map_err(db_err)?;
+        exec(tx, "UPDATE deliveries d SET pos = t.p FROM unnest($1::text[], $2::int8[]) AS t(id, p) WHERE d.id = t.id",
+            &[&ids, &positions],).await?;
     }
     let entries = audit_entries(fx.audit);
     if !entries.is_empty() {
-        let head = tx
-            .query_one(
-                "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE",
-                &[],
-            )
-            .await
-            .map_err(db_err)?;
+        let head = run_one(
+            tx,
+            "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE",
+            &[],
+        )
+        .await?;
         let (mut seq, mut prev): (i64, String) = (head.get(0), head.get(1));
         let insert = tx
             .prepare_cached("INSERT INTO audit (seq, at, actor, action, subject, details, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
@@ -762,22 +811,18 @@ async fn finish_transaction(tx: &Transaction<'_>, fx: Effects) -> Result<(), Sto
             .map_err(db_err)?;
             prev = hash;
         }
-        tx.execute(
+        exec(
+            tx,
             "UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1",
             &[&seq, &prev],
         )
-        .await
-        .map_err(db_err)?;
+        .await?;
     }
     if fx.wake {
-        tx.execute("SELECT pg_notify($1, '')", &[&CHANGES])
-            .await
-            .map_err(db_err)?;
+        exec(tx, "SELECT pg_notify($1, '')", &[&CHANGES]).await?;
     }
     if fx.control {
-        tx.execute("SELECT pg_notify($1, '')", &[&CONTROL])
-            .await
-            .map_err(db_err)?;
+        exec(tx, "SELECT pg_notify($1, '')", &[&CONTROL]).await?;
     }
     Ok(())
 }
@@ -808,13 +853,8 @@ async fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(Out, Effects), StoreErr
             Out::Unit(())
         }
         Op::Retry { delivery_id, actor } => {
-            let n = tx
-                .execute(
-                    "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = 0, lease_until = 0 WHERE id = $1 AND state = 'dead'",
-                    &[delivery_id],
-                )
-                .await
-                .map_err(db_err)?;
+            let n = exec(tx, "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = 0, lease_until = 0 WHERE id = $1 AND state = 'dead'",
+                    &[delivery_id],).await?;
             if n == 1 {
                 fx.audit.push(AuditItem::single(
                     actor,
@@ -834,13 +874,9 @@ async fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(Out, Effects), StoreErr
         } => Out::Control(seed(tx, items, participants, subscriptions, &mut fx).await?),
         Op::Activate(a) => Out::Activate(activate(tx, a, &mut fx).await?),
         Op::Put { kind, body, entry } => {
-            tx.execute(
-                "INSERT INTO registry (kind, id, body, updated_at, updated_by) VALUES ($1, $2, $3, now(), $4) \
+            exec(tx, "INSERT INTO registry (kind, id, body, updated_at, updated_by) VALUES ($1, $2, $3, now(), $4) \
                  ON CONFLICT (kind, id) DO UPDATE SET body = EXCLUDED.body, updated_at = EXCLUDED.updated_at, updated_by = EXCLUDED.updated_by",
-                &[&kind.as_str(), &entry.subject, &serde_json::to_string(body).map_err(corrupt)?, &entry.actor],
-            )
-            .await
-            .map_err(db_err)?;
+                &[&kind.as_str(), &entry.subject, &serde_json::to_string(body).map_err(corrupt)?, &entry.actor],).await?;
             fx.audit.push(entry.clone());
             fx.control = true;
             Out::Unit(())
@@ -901,15 +937,10 @@ async fn append_many(
             .iter()
             .map(|&i| subs[i].response_body.as_slice())
             .collect();
-        let claimed: std::collections::HashSet<(String, String)> = tx
-            .query(
-                "INSERT INTO idempotency (participant, key, request_hash, status, response, created_at) \
+        let claimed: std::collections::HashSet<(String, String)> = run(tx, "INSERT INTO idempotency (participant, key, request_hash, status, response, created_at) \
                  SELECT p, k, h, s, r, $6 FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::bytea[]) AS t(p, k, h, s, r) \
                  ON CONFLICT DO NOTHING RETURNING participant, key",
-                &[&participants, &keys, &hashes, &statuses, &bodies, &unix_now()],
-            )
-            .await
-            .map_err(db_err)?
+                &[&participants, &keys, &hashes, &statuses, &bodies, &unix_now()],).await?
             .iter()
             .map(|r| (r.get(0), r.get(1)))
             .collect();
@@ -932,14 +963,9 @@ async fn append_many(
                 .iter()
                 .filter_map(|&i| subs[i].idempotency.as_ref().map(|c| c.key.as_str()))
                 .collect();
-            let rows = tx
-                .query(
-                    "SELECT i.participant, i.key, i.request_hash, i.status, i.response FROM idempotency i \
+            let rows = run(tx, "SELECT i.participant, i.key, i.request_hash, i.status, i.response FROM idempotency i \
                      JOIN unnest($1::text[], $2::text[]) AS t(p, k) ON i.participant = t.p AND i.key = t.k",
-                    &[&participants, &keys],
-                )
-                .await
-                .map_err(db_err)?;
+                    &[&participants, &keys],).await?;
             for r in rows {
                 let (participant, key): (&str, &str) = (r.get(0), r.get(1));
                 if let Some(&i) = first_of.get(&(participant, key)) {
@@ -1017,13 +1043,9 @@ async fn insert_submissions(
     let received: Vec<OffsetDateTime> = subs.iter().map(|s| s.received_at).collect();
     let accepted: Vec<i32> = subs.iter().map(|s| s.records.len() as i32).collect();
     let rejected: Vec<i32> = subs.iter().map(|s| s.rejected as i32).collect();
-    tx.execute(
-        "INSERT INTO submissions (id, participant, item, item_version, received_at, accepted, rejected, rejection_codes) \
+    exec(tx, "INSERT INTO submissions (id, participant, item, item_version, received_at, accepted, rejected, rejection_codes) \
          SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::timestamptz[], $6::int4[], $7::int4[], $8::text[])",
-        &[&ids, &participants, &items, &versions, &received, &accepted, &rejected, &codes],
-    )
-    .await
-    .map_err(db_err)?;
+        &[&ids, &participants, &items, &versions, &received, &accepted, &rejected, &codes],).await?;
     // Records of every submission, with their submission's columns.
     let records: Vec<(&NewSubmission, &super::NewRecord)> = subs
         .iter()
@@ -1047,13 +1069,9 @@ async fn insert_submissions(
     let received: Vec<OffsetDateTime> = records.iter().map(|(s, _)| s.received_at).collect();
     let decisions: Vec<Option<Date>> = records.iter().map(|(_, r)| r.decision_date).collect();
     let untils: Vec<Option<Date>> = records.iter().map(|(_, r)| r.effective_until).collect();
-    tx.execute(
-        "INSERT INTO records (id, submission_id, item, item_version, submitter, subject_type, subject_key, decision_date, received_at, body, warnings, effective_until) \
+    exec(tx, "INSERT INTO records (id, submission_id, item, item_version, submitter, subject_type, subject_key, decision_date, received_at, body, warnings, effective_until) \
          SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::text[], $6::text[], $7::text[], $8::date[], $9::timestamptz[], $10::text[], $11::text[], $12::date[])",
-        &[&ids, &sub_ids, &items, &versions, &submitters, &types, &keys, &decisions, &received, &bodies, &warnings, &untils],
-    )
-    .await
-    .map_err(db_err)?;
+        &[&ids, &sub_ids, &items, &versions, &submitters, &types, &keys, &decisions, &received, &bodies, &warnings, &untils],).await?;
     let notices: Vec<NoticeRow<'_>> = records
         .iter()
         .filter_map(|(s, r)| {
@@ -1127,13 +1145,9 @@ async fn insert_notices(tx: &Transaction<'_>, notices: &[NoticeRow<'_>]) -> Resu
     let froms: Vec<Option<Date>> = notices.iter().map(|(n, _)| n.effective_from).collect();
     let untils: Vec<Option<Date>> = notices.iter().map(|(n, _)| n.effective_until).collect();
     let issued: Vec<OffsetDateTime> = notices.iter().map(|(_, o)| o.issued_at).collect();
-    tx.execute(
-        "INSERT INTO notices (id, kind, item, item_version, record_id, source, severity, region, measures, effective_from, effective_until, issued_at, lifts, reason) \
+    exec(tx, "INSERT INTO notices (id, kind, item, item_version, record_id, source, severity, region, measures, effective_from, effective_until, issued_at, lifts, reason) \
          SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::date[], $11::date[], $12::timestamptz[], $13::text[], $14::text[])",
-        &[&ids, &kinds, &items, &versions, &records, &sources, &severities, &regions, &measures, &froms, &untils, &issued, &lifts, &reasons],
-    )
-    .await
-    .map_err(db_err)?;
+        &[&ids, &kinds, &items, &versions, &records, &sources, &severities, &regions, &measures, &froms, &untils, &issued, &lifts, &reasons],).await?;
     let deliveries: Vec<(&NewNotice, &super::NewDelivery, OffsetDateTime)> = notices
         .iter()
         .flat_map(|(n, o)| n.deliveries.iter().map(move |d| (*n, d, o.issued_at)))
@@ -1156,13 +1170,9 @@ async fn insert_notices(tx: &Transaction<'_>, notices: &[NoticeRow<'_>]) -> Resu
         .map(|(_, d, _)| if d.push { "push" } else { "pull" })
         .collect();
     let created: Vec<OffsetDateTime> = deliveries.iter().map(|(_, _, at)| *at).collect();
-    tx.execute(
-        "INSERT INTO deliveries (id, notice_id, subscription, agency, mode, state, created_at) \
+    exec(tx, "INSERT INTO deliveries (id, notice_id, subscription, agency, mode, state, created_at) \
          SELECT i, n, s, a, m, 'pending', c FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[]) AS t(i, n, s, a, m, c)",
-        &[&ids, &notice_ids, &subs, &agencies, &modes, &created],
-    )
-    .await
-    .map_err(db_err)?;
+        &[&ids, &notice_ids, &subs, &agencies, &modes, &created],).await?;
     Ok(())
 }
 
@@ -1198,25 +1208,24 @@ async fn end_record(
     actor: &str,
     fx: &mut Effects,
 ) -> Result<EndOutcome, StoreError> {
-    let status = tx
-        .query_opt(
-            "SELECT status FROM records WHERE id = $1 FOR UPDATE",
-            &[&record_id],
-        )
-        .await
-        .map_err(db_err)?;
+    let status = run_opt(
+        tx,
+        "SELECT status FROM records WHERE id = $1 FOR UPDATE",
+        &[&record_id],
+    )
+    .await?;
     match status.map(|r| r.get::<_, String>(0)).as_deref() {
         None => return Ok(EndOutcome::NotFound),
         Some("active") => {}
         Some(other) => return Ok(EndOutcome::AlreadyEnded(other.to_owned())),
     }
     let reason_text = reason.as_str();
-    tx.execute(
+    exec(
+        tx,
         "UPDATE records SET status = $2, end_reason = $3, end_note = $4 WHERE id = $1",
         &[&record_id, &reason.record_status(), &reason_text, &note],
     )
-    .await
-    .map_err(db_err)?;
+    .await?;
     let originals = tx
         .query(
             &format!("SELECT {NOTICE_COLUMNS} FROM notices n WHERE n.record_id = $1 AND n.kind != 'lift' ORDER BY n.issued_at, n.id"),
@@ -1230,13 +1239,8 @@ async fn end_record(
     let mut recipients = Vec::new();
     for row in originals {
         let original = notice_at(&row, 0)?;
-        let targets = tx
-            .query(
-                "SELECT DISTINCT subscription, agency, mode FROM deliveries WHERE notice_id = $1 ORDER BY subscription, agency",
-                &[&original.notice_id],
-            )
-            .await
-            .map_err(db_err)?;
+        let targets = run(tx, "SELECT DISTINCT subscription, agency, mode FROM deliveries WHERE notice_id = $1 ORDER BY subscription, agency",
+                &[&original.notice_id],).await?;
         let lift = NewNotice {
             id: uuid::Uuid::now_v7().to_string(),
             kind: NoticeKind::Lift,
@@ -1298,41 +1302,30 @@ async fn ack(
 ) -> Result<(), StoreError> {
     // Never past the agency's last delivery, so an ack cannot skip notices
     // that do not exist yet.
-    let last: i64 = tx
-        .query_opt(
-            "SELECT last_pos FROM agency_streams WHERE agency = $1",
-            &[&agency],
-        )
-        .await
-        .map_err(db_err)?
-        .map_or(0, |r| r.get(0));
+    let last: i64 = run_opt(
+        tx,
+        "SELECT last_pos FROM agency_streams WHERE agency = $1",
+        &[&agency],
+    )
+    .await?
+    .map_or(0, |r| r.get(0));
     let position = position.min(last);
     // Locked, so two instances acknowledging at once move it in turn.
-    let previous: i64 = tx
-        .query_opt(
-            "SELECT position FROM pull_positions WHERE agency = $1 FOR UPDATE",
-            &[&agency],
-        )
-        .await
-        .map_err(db_err)?
-        .map_or(0, |r| r.get(0));
+    let previous: i64 = run_opt(
+        tx,
+        "SELECT position FROM pull_positions WHERE agency = $1 FOR UPDATE",
+        &[&agency],
+    )
+    .await?
+    .map_or(0, |r| r.get(0));
     if position <= previous {
         return Ok(());
     }
-    tx.execute(
-        "INSERT INTO pull_positions (agency, position, updated_at) VALUES ($1, $2, now()) \
+    exec(tx, "INSERT INTO pull_positions (agency, position, updated_at) VALUES ($1, $2, now()) \
          ON CONFLICT (agency) DO UPDATE SET position = GREATEST(pull_positions.position, EXCLUDED.position), updated_at = EXCLUDED.updated_at",
-        &[&agency, &position],
-    )
-    .await
-    .map_err(db_err)?;
-    let delivered = tx
-        .execute(
-            "UPDATE deliveries SET state = 'delivered', delivered_at = now() WHERE agency = $1 AND mode = 'pull' AND pos > $2 AND pos <= $3 AND state = 'pending'",
-            &[&agency, &previous, &position],
-        )
-        .await
-        .map_err(db_err)?;
+        &[&agency, &position],).await?;
+    let delivered = exec(tx, "UPDATE deliveries SET state = 'delivered', delivered_at = now() WHERE agency = $1 AND mode = 'pull' AND pos > $2 AND pos <= $3 AND state = 'pending'",
+            &[&agency, &previous, &position],).await?;
     if delivered > 0 {
         fx.audit.push(AuditItem::grouped(
             agency,
@@ -1387,11 +1380,7 @@ async fn finish(
         if ids.is_empty() {
             continue;
         }
-        for row in tx
-            .query(sql, &[&ids, &claims, &ats, &errors])
-            .await
-            .map_err(db_err)?
-        {
+        for row in run(tx, sql, &[&ids, &claims, &ats, &errors]).await? {
             changed.insert(row.get::<_, String>(0));
         }
     }
@@ -1418,31 +1407,23 @@ async fn add_feedback(
     f: &Feedback,
     fx: &mut Effects,
 ) -> Result<FeedbackStored, StoreError> {
-    let exists = tx
-        .query_opt("SELECT 1 FROM notices WHERE id = $1", &[&f.notice_id])
-        .await
-        .map_err(db_err)?;
+    let exists = run_opt(tx, "SELECT 1 FROM notices WHERE id = $1", &[&f.notice_id]).await?;
     if exists.is_none() {
         return Ok(FeedbackStored::UnknownNotice);
     }
-    let received = tx
-        .query_opt(
-            "SELECT 1 FROM deliveries WHERE notice_id = $1 AND agency = $2 LIMIT 1",
-            &[&f.notice_id, &f.agency],
-        )
-        .await
-        .map_err(db_err)?;
+    let received = run_opt(
+        tx,
+        "SELECT 1 FROM deliveries WHERE notice_id = $1 AND agency = $2 LIMIT 1",
+        &[&f.notice_id, &f.agency],
+    )
+    .await?;
     if received.is_none() {
         return Ok(FeedbackStored::NotRecipient);
     }
     let outcome = outcome_text(f.outcome);
-    tx.execute(
-        "INSERT INTO feedback (notice_id, agency, measure, outcome, date, note, received_at) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+    exec(tx, "INSERT INTO feedback (notice_id, agency, measure, outcome, date, note, received_at) VALUES ($1, $2, $3, $4, $5, $6, $7) \
          ON CONFLICT (notice_id, agency, measure) DO UPDATE SET outcome = EXCLUDED.outcome, date = EXCLUDED.date, note = EXCLUDED.note, received_at = EXCLUDED.received_at",
-        &[&f.notice_id, &f.agency, &f.measure, &outcome, &f.date, &f.note, &f.received_at],
-    )
-    .await
-    .map_err(db_err)?;
+        &[&f.notice_id, &f.agency, &f.measure, &outcome, &f.date, &f.note, &f.received_at],).await?;
     fx.audit.push(AuditItem::single(
         &f.agency,
         "feedback",
@@ -1461,19 +1442,10 @@ async fn control_state(
             .map(|r| serde_json::from_str(r.get::<_, &str>(0)).map_err(corrupt))
             .collect()
     };
-    let items = tx
-        .query("SELECT v.definition FROM catalog_active a JOIN catalog_versions v ON v.item = a.item AND v.version = a.version ORDER BY a.item", &[])
-        .await
-        .map_err(db_err)?;
+    let items = run(tx, "SELECT v.definition FROM catalog_active a JOIN catalog_versions v ON v.item = a.item AND v.version = a.version ORDER BY a.item", &[]).await?;
     let registry = "SELECT body FROM registry WHERE kind = $1 ORDER BY ord";
-    let participants = tx
-        .query(registry, &[&DocKind::Participant.as_str()])
-        .await
-        .map_err(db_err)?;
-    let subscriptions = tx
-        .query(registry, &[&DocKind::Subscription.as_str()])
-        .await
-        .map_err(db_err)?;
+    let participants = run(tx, registry, &[&DocKind::Participant.as_str()]).await?;
+    let subscriptions = run(tx, registry, &[&DocKind::Subscription.as_str()]).await?;
     Ok(ControlState {
         items: decode(items)?,
         participants: decode(participants)?,
@@ -1495,20 +1467,15 @@ async fn seed(
         let version = def.get("version").and_then(Value::as_u64).unwrap_or(1) as i32;
         let text = serde_json::to_string(def).map_err(corrupt)?;
         // Instances starting together: the first one's rows win.
-        let n = tx
-            .execute(
-                "INSERT INTO catalog_active (item, version) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                &[&id, &version],
-            )
-            .await
-            .map_err(db_err)?;
+        let n = exec(
+            tx,
+            "INSERT INTO catalog_active (item, version) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            &[&id, &version],
+        )
+        .await?;
         if n == 1 {
-            tx.execute(
-                "INSERT INTO catalog_versions (item, version, definition, created_at, created_by) VALUES ($1, $2, $3, now(), 'seed')",
-                &[&id, &version, &text],
-            )
-            .await
-            .map_err(db_err)?;
+            exec(tx, "INSERT INTO catalog_versions (item, version, definition, created_at, created_by) VALUES ($1, $2, $3, now(), 'seed')",
+                &[&id, &version, &text],).await?;
             fx.audit.push(AuditItem::single(
                 "gateway",
                 "catalog.seed",
@@ -1527,30 +1494,25 @@ async fn seed(
         }
         // Seeded once: serialised by a lock on the kind, so two instances
         // starting on an empty database do not both seed.
-        tx.execute(
+        exec(
+            tx,
             "SELECT pg_advisory_xact_lock(hashtext($1))",
             &[&kind.as_str()],
         )
-        .await
-        .map_err(db_err)?;
-        let count: i64 = tx
-            .query_one(
-                "SELECT COUNT(*) FROM registry WHERE kind = $1",
-                &[&kind.as_str()],
-            )
-            .await
-            .map_err(db_err)?
-            .get(0);
+        .await?;
+        let count: i64 = run_one(
+            tx,
+            "SELECT COUNT(*) FROM registry WHERE kind = $1",
+            &[&kind.as_str()],
+        )
+        .await?
+        .get(0);
         if count > 0 {
             continue;
         }
         for (id, body) in docs {
-            tx.execute(
-                "INSERT INTO registry (kind, id, body, updated_at, updated_by) VALUES ($1, $2, $3, now(), 'seed')",
-                &[&kind.as_str(), id, &serde_json::to_string(body).map_err(corrupt)?],
-            )
-            .await
-            .map_err(db_err)?;
+            exec(tx, "INSERT INTO registry (kind, id, body, updated_at, updated_by) VALUES ($1, $2, $3, now(), 'seed')",
+                &[&kind.as_str(), id, &serde_json::to_string(body).map_err(corrupt)?],).await?;
         }
         fx.audit.push(AuditItem::single(
             "gateway",
@@ -1571,46 +1533,35 @@ async fn activate(
     let version = int(a.version);
     match &a.definition {
         Some(def) => {
-            let n = tx
-                .execute(
-                    "INSERT INTO catalog_versions (item, version, definition, created_at, created_by, reason, breaking) VALUES ($1, $2, $3, now(), $4, $5, $6) ON CONFLICT DO NOTHING",
-                    &[&a.item, &version, &serde_json::to_string(def).map_err(corrupt)?, &a.actor, &a.reason, &a.breaking],
-                )
-                .await
-                .map_err(db_err)?;
+            let n = exec(tx, "INSERT INTO catalog_versions (item, version, definition, created_at, created_by, reason, breaking) VALUES ($1, $2, $3, now(), $4, $5, $6) ON CONFLICT DO NOTHING",
+                    &[&a.item, &version, &serde_json::to_string(def).map_err(corrupt)?, &a.actor, &a.reason, &a.breaking],).await?;
             if n == 0 {
-                let latest: i32 = tx
-                    .query_one(
-                        "SELECT MAX(version) FROM catalog_versions WHERE item = $1",
-                        &[&a.item],
-                    )
-                    .await
-                    .map_err(db_err)?
-                    .get(0);
+                let latest: i32 = run_one(
+                    tx,
+                    "SELECT MAX(version) FROM catalog_versions WHERE item = $1",
+                    &[&a.item],
+                )
+                .await?
+                .get(0);
                 return Ok(ActivateOutcome::VersionTaken {
                     latest: uint(latest),
                 });
             }
         }
         None => {
-            let exists = tx
-                .query_opt(
-                    "SELECT 1 FROM catalog_versions WHERE item = $1 AND version = $2",
-                    &[&a.item, &version],
-                )
-                .await
-                .map_err(db_err)?;
+            let exists = run_opt(
+                tx,
+                "SELECT 1 FROM catalog_versions WHERE item = $1 AND version = $2",
+                &[&a.item, &version],
+            )
+            .await?;
             if exists.is_none() {
                 return Ok(ActivateOutcome::NoSuchVersion);
             }
         }
     }
-    tx.execute(
-        "INSERT INTO catalog_active (item, version) VALUES ($1, $2) ON CONFLICT (item) DO UPDATE SET version = EXCLUDED.version",
-        &[&a.item, &version],
-    )
-    .await
-    .map_err(db_err)?;
+    exec(tx, "INSERT INTO catalog_active (item, version) VALUES ($1, $2) ON CONFLICT (item) DO UPDATE SET version = EXCLUDED.version",
+        &[&a.item, &version],).await?;
     fx.audit.push(activation_audit(a));
     fx.control = true;
     Ok(ActivateOutcome::Activated)
@@ -2187,24 +2138,25 @@ impl Store for PgStore {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db_err)?;
         // One instance at a time; the others skip this round.
-        let mine: bool = tx
-            .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&LOCK_CHECKPOINT])
-            .await
-            .map_err(db_err)?
-            .get(0);
+        let mine: bool = run_one(
+            &tx,
+            "SELECT pg_try_advisory_xact_lock($1)",
+            &[&LOCK_CHECKPOINT],
+        )
+        .await?
+        .get(0);
         if !mine {
             return Ok(None);
         }
-        let head = tx
-            .query_one("SELECT seq, hash FROM audit_head WHERE id = 1", &[])
-            .await
-            .map_err(db_err)?;
+        let head = run_one(&tx, "SELECT seq, hash FROM audit_head WHERE id = 1", &[]).await?;
         let (seq, head_hash): (i64, String) = (head.get(0), head.get(1));
-        let covered: i64 = tx
-            .query_one("SELECT COALESCE(MAX(seq), 0) FROM audit_checkpoints", &[])
-            .await
-            .map_err(db_err)?
-            .get(0);
+        let covered: i64 = run_one(
+            &tx,
+            "SELECT COALESCE(MAX(seq), 0) FROM audit_checkpoints",
+            &[],
+        )
+        .await?
+        .get(0);
         if seq == 0 || covered >= seq {
             return Ok(None);
         }
@@ -2215,12 +2167,12 @@ impl Store for PgStore {
             head_hash,
             at,
         };
-        tx.execute(
+        exec(
+            &tx,
             "INSERT INTO audit_checkpoints (seq, head_hash, at, mac) VALUES ($1, $2, $3, $4)",
             &[&cp.seq, &cp.head_hash, &cp.at, &cp.mac],
         )
-        .await
-        .map_err(db_err)?;
+        .await?;
         tx.commit().await.map_err(db_err)?;
         Ok(Some(cp))
     }
@@ -2260,8 +2212,12 @@ impl Store for PgStore {
         if let Ok(mut w) = self.writer.lock() {
             w.take();
         }
-        let task = self.writer_task.lock().ok().and_then(|mut t| t.take());
-        if let Some(task) = task {
+        let tasks: Vec<_> = self
+            .writer_tasks
+            .lock()
+            .map(|mut t| t.drain(..).collect())
+            .unwrap_or_default();
+        for task in tasks {
             let _ = task.await;
         }
         self.listener.abort();
