@@ -1,5 +1,5 @@
 //! The end-to-end tests again, each on a fresh PostgreSQL database
-//! (created and dropped by the test on the server `CREDGATE_TEST_POSTGRES`
+//! (created and dropped by the test on the server `POSTGRES_TEST_URL`
 //! names, default `postgres://postgres@127.0.0.1:5432/test`).
 
 /// The store every test of this binary runs on.

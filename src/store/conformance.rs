@@ -1,6 +1,6 @@
 //! The store contract, tested through the `Store` trait alone, once per
 //! backend: an embedded SQLite file, and a fresh PostgreSQL database
-//! (created and dropped per test on the server `CREDGATE_TEST_POSTGRES`
+//! (created and dropped per test on the server `POSTGRES_TEST_URL`
 //! names).
 
 use std::sync::Arc;

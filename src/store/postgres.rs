@@ -2290,7 +2290,7 @@ pub async fn verify_audit(opts: &PgOptions, key: &[u8]) -> Result<crate::audit::
 }
 
 /// Throw-away databases for tests: created on the server that
-/// `CREDGATE_TEST_POSTGRES` names (default
+/// `POSTGRES_TEST_URL` names (default
 /// `postgres://postgres@127.0.0.1:5432/test`), dropped when the value is
 /// dropped.
 pub mod scratch {
@@ -2298,7 +2298,7 @@ pub mod scratch {
 
     /// The server tests create their databases on.
     pub fn admin_url() -> String {
-        std::env::var("CREDGATE_TEST_POSTGRES")
+        std::env::var("POSTGRES_TEST_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
     }
 
