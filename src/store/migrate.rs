@@ -285,7 +285,7 @@ pub async fn sqlite_to_postgres(
     let (mut client, conn) = cfg
         .connect(tokio_postgres::NoTls)
         .await
-        .map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
+        .map_err(|e| super::postgres::connect_err(&cfg, &e))?;
     let conn = tokio::spawn(conn);
     let busy: i64 = client
         .query_one(

@@ -217,6 +217,34 @@ fn db_err(e: tokio_postgres::Error) -> StoreError {
     }
 }
 
+/// Why a connection could not be made, naming the server, database and
+/// user (never the password) and the cause (refused, unknown database,
+/// authentication…).
+pub(crate) fn connect_err(cfg: &tokio_postgres::Config, e: &tokio_postgres::Error) -> String {
+    let hosts: Vec<String> = cfg
+        .get_hosts()
+        .iter()
+        .zip(cfg.get_ports().iter().chain(std::iter::repeat(&5432)))
+        .map(|(h, port)| match h {
+            tokio_postgres::config::Host::Tcp(name) => format!("{name}:{port}"),
+            tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+        })
+        .collect();
+    let cause = match e.as_db_error() {
+        Some(db) => db.message().to_owned(),
+        None => {
+            use std::error::Error as _;
+            e.source().map_or_else(|| e.to_string(), |s| s.to_string())
+        }
+    };
+    format!(
+        "cannot connect to PostgreSQL at {} (database {}, user {}): {cause}",
+        hosts.join(","),
+        cfg.get_dbname().unwrap_or("?"),
+        cfg.get_user().unwrap_or("?"),
+    )
+}
+
 fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
     match e {
         deadpool_postgres::PoolError::Backend(e) => db_err(e),
@@ -388,7 +416,7 @@ async fn connect_and_migrate(cfg: &tokio_postgres::Config) -> Result<(), StoreEr
     let (mut client, conn) = cfg
         .connect(NoTls)
         .await
-        .map_err(|e| StoreError::Database(format!("cannot connect to PostgreSQL: {e}")))?;
+        .map_err(|e| StoreError::Database(connect_err(cfg, &e)))?;
     let conn = tokio::spawn(conn);
     let version: i32 = client
         .query_one("SELECT current_setting('server_version_num')::int", &[])
@@ -563,7 +591,9 @@ async fn listen(
                     }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "cannot connect to PostgreSQL for notifications"),
+            Err(e) => {
+                tracing::warn!(error = %connect_err(&cfg, &e), "no notification connection; retrying")
+            }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -2230,7 +2260,7 @@ pub async fn active_items(opts: &PgOptions) -> Result<Vec<Value>, String> {
     let (client, conn) = cfg
         .connect(NoTls)
         .await
-        .map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
+        .map_err(|e| connect_err(&cfg, &e))?;
     let conn = tokio::spawn(conn);
     let rows = client
         .query("SELECT v.definition FROM catalog_active a JOIN catalog_versions v ON v.item = a.item AND v.version = a.version ORDER BY a.item", &[])
@@ -2248,7 +2278,7 @@ pub async fn verify_audit(opts: &PgOptions, key: &[u8]) -> Result<crate::audit::
     let (client, conn) = cfg
         .connect(NoTls)
         .await
-        .map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
+        .map_err(|e| connect_err(&cfg, &e))?;
     let conn = tokio::spawn(conn);
     let cps = client
         .query(
@@ -2265,28 +2295,60 @@ pub async fn verify_audit(opts: &PgOptions, key: &[u8]) -> Result<crate::audit::
             mac: r.get(3),
         })
         .collect::<Vec<_>>();
-    let mut entries = Vec::new();
+    // Entries stream to the verifier page by page: a long chain is never
+    // held in memory.
+    let (feed, entries) = mpsc::channel::<crate::audit::Entry>(10_000);
+    let key = key.to_vec();
+    let verifier = tokio::task::spawn_blocking(move || {
+        let mut entries = entries;
+        crate::audit::verify(
+            std::iter::from_fn(move || entries.blocking_recv()),
+            &cps,
+            &key,
+        )
+    });
     let mut after = 0i64;
-    loop {
-        let page = client
+    let mut failed = None;
+    'pages: loop {
+        let page = match client
             .query(
                 "SELECT seq, at, actor, action, subject, details, prev_hash, hash FROM audit WHERE seq > $1 ORDER BY seq LIMIT 10000",
                 &[&after],
             )
             .await
-            .map_err(|e| db_err(e).to_string())?;
+        {
+            Ok(p) => p,
+            Err(e) => {
+                failed = Some(db_err(e).to_string());
+                break;
+            }
+        };
         if page.is_empty() {
             break;
         }
         for r in &page {
-            let e = audit_entry(r).map_err(|e| e.to_string())?;
+            let e = match audit_entry(r) {
+                Ok(e) => e,
+                Err(e) => {
+                    failed = Some(e.to_string());
+                    break 'pages;
+                }
+            };
             after = e.seq;
-            entries.push(e);
+            if feed.send(e).await.is_err() {
+                // The verifier stopped at a problem: no need to read on.
+                break 'pages;
+            }
         }
     }
+    drop(feed);
+    let report = verifier.await.map_err(|e| e.to_string())?;
     drop(client);
     conn.abort();
-    Ok(crate::audit::verify(entries, &cps, key))
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(report),
+    }
 }
 
 /// Throw-away databases for tests: created on the server that

@@ -14,7 +14,7 @@ use crate::admin::{activate_penalty_with_field, penalty_using_field};
 use crate::notices::{push_sub, LAND_SECRET};
 use crate::process::{burst_then_kill, signal, spawn, Running};
 use crate::receiver::Receiver;
-use crate::support::{Client, Env};
+use crate::support::{credgate_cli, Client, Env};
 use credgate::synth;
 
 fn subscriptions(rx: &Receiver) -> String {
@@ -318,4 +318,27 @@ async fn kill_9_of_one_instance_loses_nothing_and_the_survivor_finishes_its_deli
         "cluster kill -9: {} acknowledged notices, all pushed by the survivor ({taken_over} taken over after their lease) and pullable",
         acked.len()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_or_missing_database_stops_start_up_with_the_reason_and_no_password() {
+    let mut env = Env::new();
+    for (url, reason) in [
+        (
+            "postgres://postgres:hunter2-secret@127.0.0.1:1/credgate",
+            "127.0.0.1:1",
+        ),
+        (
+            "postgres://postgres:hunter2-secret@127.0.0.1:5432/credgate_nosuchdb",
+            "does not exist",
+        ),
+    ] {
+        env.config.store.url = Some(url.to_owned());
+        let path = env.root.path().join("unreachable.toml");
+        std::fs::write(&path, toml::to_string(&env.config).expect("toml")).expect("write");
+        let (code, out) = credgate_cli(&["serve", "--config", path.to_str().expect("path")]);
+        assert_eq!(code, 2, "{out}");
+        assert!(out.contains(reason), "{out}");
+        assert!(!out.contains("hunter2"), "the password leaked: {out}");
+    }
 }
