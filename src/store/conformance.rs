@@ -591,6 +591,36 @@ pub(crate) async fn endpoint_health_is_counted_in_the_store(s: Subject) {
     store.close().await;
 }
 
+pub(crate) async fn statistics_windows_compare_times_not_text(s: Subject) {
+    let store = s.store.clone();
+    let from = time::macros::datetime!(2026-11-26 16:00:00 UTC);
+    let to = time::macros::datetime!(2026-11-27 16:00:00 UTC);
+    let at = |id: &str, received: OffsetDateTime| {
+        let mut sub = submission(&format!("s-{id}"), &format!("r-{id}"));
+        sub.received_at = received;
+        sub
+    };
+    let ms = time::Duration::milliseconds;
+    // Inside: the window's first second (a fraction after a whole
+    // second), and just before its end; outside: just before it, and at
+    // its end.
+    for (id, received) in [
+        ("first", from + ms(500)),
+        ("last", to - ms(500)),
+        ("before", from - ms(500)),
+        ("end", to),
+    ] {
+        store
+            .append_submission(at(id, received))
+            .await
+            .expect("append");
+    }
+    let stats = store.department_stats(from, to).await.expect("stats");
+    assert_eq!(stats.len(), 1);
+    assert_eq!(stats[0].accepted, 2, "{stats:?}");
+    store.close().await;
+}
+
 /// Instantiates every conformance test for one backend.
 macro_rules! conformance {
     ($backend:ident: $($test:ident),* $(,)?) => {
@@ -621,4 +651,5 @@ both_backends!(
     the_control_plane_is_versioned_and_audited,
     old_cursors_translate_to_positions,
     endpoint_health_is_counted_in_the_store,
+    statistics_windows_compare_times_not_text,
 );

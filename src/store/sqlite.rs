@@ -1457,7 +1457,7 @@ impl Store for SqliteStore {
                     "SELECT d.agency, COUNT(DISTINCT n.id), COUNT(DISTINCT f.notice_id) \
                      FROM deliveries d JOIN notices n ON n.id = d.notice_id \
                      LEFT JOIN feedback f ON f.notice_id = n.id AND f.agency = d.agency \
-                     WHERE n.kind != 'lift' AND n.issued_at >= ?1 AND n.issued_at < ?2 \
+                     WHERE n.kind != 'lift' AND julianday(n.issued_at) >= julianday(?1) AND julianday(n.issued_at) < julianday(?2) \
                      GROUP BY d.agency ORDER BY d.agency",
                 )
                 .map_err(db_err)?;

@@ -488,7 +488,7 @@ pub(super) fn department_stats(
 ) -> Result<Vec<DepartmentStats>, StoreError> {
     let submissions: Vec<super::shared::SubmissionRow> = {
         let mut stmt = conn
-            .prepare_cached("SELECT participant, item, accepted, rejected, rejection_codes FROM submissions WHERE received_at >= ?1 AND received_at < ?2")
+            .prepare_cached("SELECT participant, item, accepted, rejected, rejection_codes FROM submissions WHERE julianday(received_at) >= julianday(?1) AND julianday(received_at) < julianday(?2)")
             .map_err(db_err)?;
         let rows = stmt
             .query_map(params![from, to], |r| {
@@ -500,7 +500,7 @@ pub(super) fn department_stats(
     let mut records: Vec<super::shared::DelayRow> = Vec::new();
     {
         let mut stmt = conn
-            .prepare_cached("SELECT submitter, item, decision_date, received_at FROM records WHERE received_at >= ?1 AND received_at < ?2 AND decision_date IS NOT NULL")
+            .prepare_cached("SELECT submitter, item, decision_date, received_at FROM records WHERE julianday(received_at) >= julianday(?1) AND julianday(received_at) < julianday(?2) AND decision_date IS NOT NULL")
             .map_err(db_err)?;
         let rows = stmt
             .query_map(params![from, to], |r| {
