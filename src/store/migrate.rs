@@ -7,13 +7,11 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use rusqlite::types::Value as Sql;
 use tokio_postgres::types::ToSql;
 
 use super::postgres::{PgOptions, PgStore};
-use super::sqlite::SqliteStore;
 
 /// How a source column becomes a target value.
 #[derive(Clone, Copy)]
@@ -263,18 +261,8 @@ pub async fn sqlite_to_postgres(
         return Err(format!("{}: no such database", from.display()));
     }
     // Bring the source to the current schema (what this release reads).
+    super::sqlite::upgrade(from).map_err(|e| format!("{}: {e}", from.display()))?;
     let metrics = Arc::new(crate::metrics::Metrics::new());
-    let source = SqliteStore::open(
-        from,
-        1,
-        1,
-        Duration::from_secs(3600),
-        audit_key.clone(),
-        metrics.clone(),
-    )
-    .map_err(|e| format!("{}: {e}", from.display()))?;
-    super::Store::close(&source).await;
-    drop(source);
     // Create the target schema, then copy into it in one transaction.
     let target = PgStore::open(to.clone(), audit_key.clone(), metrics)
         .await

@@ -228,14 +228,9 @@ fn corrupt(e: impl std::fmt::Display) -> StoreError {
 
 /// Runs WAL checkpoints on its own connection and thread, so copying WAL
 /// pages into the database file never delays the writer's next commit.
-fn checkpointer(path: PathBuf, stop: std::sync::mpsc::Receiver<()>) {
-    let conn = match open_connection(&path) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "WAL checkpointer cannot open the database");
-            return;
-        }
-    };
+/// The connection is opened by the caller: SQLite can deadlock when one
+/// thread opens a file while another closes a connection to it.
+fn checkpointer(conn: Connection, stop: std::sync::mpsc::Receiver<()>) {
     loop {
         match stop.recv_timeout(Duration::from_millis(500)) {
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
@@ -306,6 +301,13 @@ fn parse_date(s: Option<String>) -> Option<Date> {
     s.as_deref().and_then(crate::codes::parse_iso_date)
 }
 
+/// Brings the database at `path` to this release's schema, on one
+/// connection and no threads (offline tools: `store migrate`).
+pub fn upgrade(path: &Path) -> Result<(), StoreError> {
+    let mut conn = open_connection(path)?;
+    migrate(&mut conn)
+}
+
 impl SqliteStore {
     /// Opens (creating if needed) `path`, runs migrations and starts the
     /// writer thread. Push deliveries left in flight by a previous process
@@ -341,10 +343,10 @@ impl SqliteStore {
         conn.execute_batch("PRAGMA wal_autocheckpoint=0;")
             .map_err(db_err)?;
         let (stop_checkpoints, stopped) = std::sync::mpsc::channel::<()>();
-        let checkpoint_path = path.to_owned();
+        let checkpoint_conn = open_connection(path)?;
         std::thread::Builder::new()
             .name("credgate-store-checkpointer".into())
-            .spawn(move || checkpointer(checkpoint_path, stopped))
+            .spawn(move || checkpointer(checkpoint_conn, stopped))
             .map_err(|e| StoreError::Database(format!("cannot start checkpointer thread: {e}")))?;
         let thread = std::thread::Builder::new()
             .name("credgate-store-writer".into())
