@@ -60,6 +60,28 @@ pub enum CodeError {
     BirthDate,
     #[error("birth date (positions 7-14) is in the future")]
     FutureBirthDate,
+    #[error("birth year (positions 7-10) is before 1900")]
+    BirthYear,
+    #[error("division code (positions 1-6) is not in a GB/T 2260 province")]
+    Division,
+    #[error("division code (positions 3-8) must be digits; character at position {0} is not")]
+    DivisionCharacter(usize),
+}
+
+/// First two digits of the GB/T 2260 provinces, autonomous regions,
+/// municipalities and special administrative regions.
+const PROVINCES: [&str; 34] = [
+    "11", "12", "13", "14", "15", "21", "22", "23", "31", "32", "33", "34", "35", "36", "37", "41",
+    "42", "43", "44", "45", "46", "50", "51", "52", "53", "54", "61", "62", "63", "64", "65", "71",
+    "81", "82",
+];
+
+/// Whether a six-digit division code lies in a GB/T 2260 province.
+/// (Province level only: the prefecture table is not shipped yet.)
+pub fn in_a_province(division: &str) -> bool {
+    division.len() == 6
+        && division.bytes().all(|b| b.is_ascii_digit())
+        && PROVINCES.contains(&&division[..2])
 }
 
 /// Findings that do not reject a code but are worth telling the submitter.
@@ -148,6 +170,9 @@ pub fn check_uscc(code: &str) -> Result<Vec<CodeWarning>, CodeError> {
     let Some((_, categories)) = AUTHORITIES.iter().find(|(a, _)| *a == b[0]) else {
         return Err(CodeError::Authority);
     };
+    if let Some(i) = b[2..8].iter().position(|c| !c.is_ascii_digit()) {
+        return Err(CodeError::DivisionCharacter(i + 3));
+    }
     if uscc_check_char(&code[..17]).map(|c| c as u8) != Some(b[17]) {
         return Err(CodeError::CheckCharacter);
     }
@@ -177,8 +202,9 @@ pub fn resident_id_check_char(first17: &str) -> Option<char> {
     Some(RID_CHECK[(sum % 11) as usize] as char)
 }
 
-/// Checks an 18-character resident identity number: digits, a real birth
-/// date not after `today`, and the check character (upper-case `X`).
+/// Checks an 18-character resident identity number: digits, a division
+/// code in a GB/T 2260 province, a real birth date from 1900 and not after
+/// `today`, and the check character (upper-case `X`).
 pub fn check_resident_id(id: &str, today: Date) -> Result<(), CodeError> {
     let b = id.as_bytes();
     if id.chars().count() != 18 || b.len() != 18 {
@@ -190,9 +216,15 @@ pub fn check_resident_id(id: &str, today: Date) -> Result<(), CodeError> {
     if !(b[17].is_ascii_digit() || b[17] == b'X') {
         return Err(CodeError::Character(18));
     }
+    if !in_a_province(&id[..6]) {
+        return Err(CodeError::Division);
+    }
     let birth = parse_compact_date(&id[6..14]).ok_or(CodeError::BirthDate)?;
     if birth > today {
         return Err(CodeError::FutureBirthDate);
+    }
+    if birth.year() < 1900 {
+        return Err(CodeError::BirthYear);
     }
     if resident_id_check_char(&id[..17]).map(|c| c as u8) != Some(b[17]) {
         return Err(CodeError::CheckCharacter);
@@ -338,6 +370,33 @@ mod tests {
     }
 
     #[test]
+    fn division_codes_and_birth_years_are_checked() {
+        let today = date!(2026 - 11 - 27);
+        let id = |body: &str| format!("{body}{}", resident_id_check_char(body).expect("digits"));
+        // A Jiangsu (32) number passes; 00 and 99 are no province.
+        assert_eq!(check_resident_id(&id("32010219900307123"), today), Ok(()));
+        assert_eq!(
+            check_resident_id(&id("00000019900307123"), today),
+            Err(CodeError::Division)
+        );
+        assert_eq!(
+            check_resident_id(&id("99000019900307123"), today),
+            Err(CodeError::Division)
+        );
+        assert_eq!(
+            check_resident_id(&id("32010218890307123"), today),
+            Err(CodeError::BirthYear)
+        );
+        // USCC positions 3-8 are a division code: digits only.
+        let uscc = |body: &str| format!("{body}{}", uscc_check_char(body).expect("alphabet"));
+        assert!(check_uscc(&uscc("91320100MA1MXXXX0")).is_ok());
+        assert_eq!(
+            check_uscc(&uscc("9132A100MA1MXXXX0")),
+            Err(CodeError::DivisionCharacter(5))
+        );
+    }
+
+    #[test]
     fn iso_dates() {
         assert_eq!(parse_iso_date("2024-02-29"), Some(date!(2024 - 02 - 29)));
         assert_eq!(parse_iso_date("2023-02-29"), None);
@@ -350,9 +409,16 @@ mod tests {
         let symbols: Vec<char> = USCC_ALPHABET.chars().collect();
         (
             prop::sample::select(vec!['1', '5', '9', 'N', 'Y']),
-            prop::collection::vec(prop::sample::select(symbols), 16),
+            prop::sample::select(symbols.clone()),
+            100000u32..999999,
+            prop::collection::vec(prop::sample::select(symbols), 9),
         )
-            .prop_map(|(a, rest)| std::iter::once(a).chain(rest).collect())
+            .prop_map(|(a, category, division, rest)| {
+                format!(
+                    "{a}{category}{division}{}",
+                    rest.into_iter().collect::<String>()
+                )
+            })
     }
 
     proptest! {
@@ -378,7 +444,8 @@ mod tests {
 
         #[test]
         fn single_changed_character_in_resident_id_is_caught(
-            region in 110000u32..660000,
+            province in prop::sample::select(PROVINCES.to_vec()),
+            area in 0u32..10000,
             days in 0i64..30000,
             seq in 0u32..1000,
             pos in 0usize..18,
@@ -387,7 +454,7 @@ mod tests {
             let today = date!(2026 - 11 - 27);
             let birth = date!(1940 - 01 - 01) + time::Duration::days(days);
             let body = format!(
-                "{region:06}{:04}{:02}{:02}{seq:03}",
+                "{province}{area:04}{:04}{:02}{:02}{seq:03}",
                 birth.year(), u8::from(birth.month()), birth.day()
             );
             let id = format!("{body}{}", resident_id_check_char(&body).expect("digits"));

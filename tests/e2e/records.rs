@@ -77,6 +77,15 @@ async fn each_item_accepts_realistic_records_and_rejects_typical_faults() {
             f["id_type"] = json!("resident_id");
             f["id_number"] = json!("11010519491231002Y");
             faults.push((f, "/id_number", "invalid_resident_id"));
+            // Right check character, but no province: refused all the same.
+            for body in ["00000019900307123", "99000019900307123"] {
+                let mut f = base.clone();
+                f["subject_type"] = json!("natural_person");
+                f["id_type"] = json!("resident_id");
+                let check = credgate::codes::resident_id_check_char(body).expect("digits");
+                f["id_number"] = json!(format!("{body}{check}"));
+                faults.push((f, "/id_number", "invalid_resident_id"));
+            }
         }
         let count = faults.len();
         let records: Vec<Value> = faults.iter().map(|(r, _, _)| r.clone()).collect();
