@@ -5,14 +5,14 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 use crate::admin::{activate_penalty_with_field, penalty_using_field};
 use crate::notices::{push_sub, LAND_SECRET};
-use crate::process::{burst_then_kill, signal, spawn, Running};
+use crate::process::{assert_pushed_and_pullable, burst_then_kill, signal, spawn, Running};
 use crate::receiver::Receiver;
 use crate::support::{credgate_cli, Client, Env};
 use credgate::synth;
@@ -266,50 +266,16 @@ async fn kill_9_of_one_instance_loses_nothing_and_the_survivor_finishes_its_deli
     );
     // The survivor pushes every acknowledged notice, including those the
     // dead instance had leased, once their lease expired.
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let got: HashSet<String> = rx.accepted().into_iter().map(|r| r.id).collect();
-        let missing = acked.difference(&got).count();
-        if missing == 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{missing} of {} acknowledged notices never pushed by the survivor",
-            acked.len()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    // The survivor pushes every acknowledged notice, including those the
+    // dead instance had leased (once their lease expired), and its pull
+    // stream holds them all.
+    let agency = env.client(b.main, "agency-procurement");
+    assert_pushed_and_pullable(&rx, &agency, &acked, 90).await;
     assert_eq!(rx.concurrent_duplicates(), Vec::<String>::new());
     let taken_over = env.count_rows("deliveries WHERE mode = 'push' AND claims > 1");
     assert!(
         taken_over > 0,
         "no lease of the killed instance was taken over"
-    );
-    // The pull stream on the survivor holds every acknowledged notice.
-    let agency = env.client(b.main, "agency-procurement");
-    let pulled = Arc::new(Mutex::new(HashSet::new()));
-    let mut after = "0".to_owned();
-    loop {
-        let doc = agency
-            .get(&format!("/v1/notices?after={after}&limit=1000"))
-            .await
-            .json();
-        let page = doc["notices"].as_array().cloned().unwrap_or_default();
-        if page.is_empty() {
-            break;
-        }
-        pulled.lock().expect("lock").extend(
-            page.iter()
-                .filter_map(|n| n["notice_id"].as_str().map(str::to_owned)),
-        );
-        after = doc["next_cursor"].as_str().expect("cursor").to_owned();
-    }
-    let pulled = pulled.lock().expect("lock").clone();
-    assert!(
-        acked.is_subset(&pulled),
-        "{} acknowledged notices missing from the pull stream",
-        acked.difference(&pulled).count()
     );
     signal(&b.child, "-TERM");
     let (code, out) = env.audit_verify("verify");

@@ -58,6 +58,53 @@ pub(crate) async fn spawn(env: &Env) -> Running {
     Running { child, main, ops }
 }
 
+/// Waits up to `secs` until the receiver accepted every notice in `acked`
+/// (at least once), then checks that all are in `agency`'s pull stream.
+pub(crate) async fn assert_pushed_and_pullable(
+    rx: &crate::receiver::Receiver,
+    agency: &crate::support::Client,
+    acked: &std::collections::HashSet<String>,
+    secs: u64,
+) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let got: std::collections::HashSet<String> =
+            rx.accepted().into_iter().map(|r| r.id).collect();
+        let missing = acked.difference(&got).count();
+        if missing == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{missing} of {} acknowledged notices never pushed",
+            acked.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut pulled = std::collections::HashSet::new();
+    let mut after = "0".to_owned();
+    loop {
+        let doc = agency
+            .get(&format!("/v1/notices?after={after}&limit=1000"))
+            .await
+            .json();
+        let page = doc["notices"].as_array().cloned().unwrap_or_default();
+        if page.is_empty() {
+            break;
+        }
+        pulled.extend(
+            page.iter()
+                .filter_map(|n| n["notice_id"].as_str().map(str::to_owned)),
+        );
+        after = doc["next_cursor"].as_str().expect("cursor").to_owned();
+    }
+    assert!(
+        acked.is_subset(&pulled),
+        "{} acknowledged notices missing from the pull stream",
+        acked.difference(&pulled).count()
+    );
+}
+
 pub(crate) fn signal(child: &Child, sig: &str) {
     let status = Command::new("kill")
         .args([sig, &child.id().to_string()])
@@ -200,46 +247,13 @@ async fn kill_9_during_a_dishonesty_burst_loses_no_notice() {
     );
 
     let mut running = spawn(&env).await;
-    // Push: every acknowledged notice arrives (at least once).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let got: std::collections::HashSet<String> =
-            rx.accepted().into_iter().map(|r| r.id).collect();
-        let missing = acked.difference(&got).count();
-        if missing == 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{missing} of {} acknowledged notices never pushed",
-            acked.len()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    // Pull: every acknowledged notice is in the agency's stream.
-    let agency = env.client(running.main, "agency-procurement");
-    let mut pulled = std::collections::HashSet::new();
-    let mut after = "0".to_owned();
-    loop {
-        let doc = agency
-            .get(&format!("/v1/notices?after={after}&limit=1000"))
-            .await
-            .json();
-        let page = doc["notices"].as_array().cloned().unwrap_or_default();
-        if page.is_empty() {
-            break;
-        }
-        pulled.extend(
-            page.iter()
-                .filter_map(|n| n["notice_id"].as_str().map(str::to_owned)),
-        );
-        after = doc["next_cursor"].as_str().expect("cursor").to_owned();
-    }
-    assert!(
-        acked.is_subset(&pulled),
-        "{} acknowledged notices missing from the pull stream",
-        acked.difference(&pulled).count()
-    );
+    assert_pushed_and_pullable(
+        &rx,
+        &env.client(running.main, "agency-procurement"),
+        &acked,
+        60,
+    )
+    .await;
     signal(&running.child, "-TERM");
     running.child.wait().expect("wait");
     eprintln!(

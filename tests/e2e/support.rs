@@ -250,6 +250,7 @@ impl Env {
                             .await
                             .expect("connect");
                         tokio::spawn(conn);
+                        // The simple protocol: several statements allowed.
                         let rows = client.simple_query(&query).await.expect("query");
                         rows.into_iter()
                             .filter_map(|m| match m {
@@ -272,17 +273,8 @@ impl Env {
                 .expect("open db")
                 .execute_batch(statements)
                 .expect("execute"),
-            Some(db) => {
-                let (url, sql) = (db.url.clone(), statements.to_owned());
-                on_own_runtime(move || {
-                    Box::pin(async move {
-                        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                            .await
-                            .expect("connect");
-                        tokio::spawn(conn);
-                        client.batch_execute(&sql).await.expect("execute");
-                    })
-                })
+            Some(_) => {
+                self.sql_texts(statements);
             }
         }
     }
