@@ -45,34 +45,57 @@ pub enum SubjectType {
     IndividualBusiness,
 }
 
-/// Severity of a dishonesty record (失信程度), ordered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+/// Level of a dishonesty record (失信程度), ordered: the three levels of
+/// the Jiangsu rules for legal and natural persons. `minor` (the earlier
+/// lowest level) is read as `general`, so existing data and subscriptions
+/// keep working; it is never written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Severity {
-    /// 轻微
-    Minor,
     /// 一般
     General,
+    /// 较重
+    Major,
     /// 严重
     Serious,
 }
 
 impl Severity {
-    /// Every severity, lowest first.
-    pub const ALL: [Severity; 3] = [Severity::Minor, Severity::General, Severity::Serious];
+    /// Every level, lowest first.
+    pub const ALL: [Severity; 3] = [Severity::General, Severity::Major, Severity::Serious];
 
     /// The one spelling: API, catalog and store.
     pub fn as_str(self) -> &'static str {
         match self {
-            Severity::Minor => "minor",
             Severity::General => "general",
+            Severity::Major => "major",
             Severity::Serious => "serious",
         }
     }
 
-    /// Parses [`Severity::as_str`]'s spelling.
+    /// Parses [`Severity::as_str`]'s spelling, and `minor` as `general`.
     pub fn parse(s: &str) -> Option<Severity> {
-        Severity::ALL.into_iter().find(|v| v.as_str() == s)
+        match s {
+            "minor" => Some(Severity::General),
+            _ => Severity::ALL.into_iter().find(|v| v.as_str() == s),
+        }
+    }
+}
+
+impl Serialize for Severity {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Severity {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Severity, D::Error> {
+        let s = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        Severity::parse(&s).ok_or_else(|| {
+            serde::de::Error::invalid_value(
+                serde::de::Unexpected::Str(&s),
+                &"general, major or serious (minor is read as general)",
+            )
+        })
     }
 }
 
@@ -117,6 +140,48 @@ pub struct ItemDefinition {
     /// When a record of this item produces a notice.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notice: Option<NoticeRule>,
+    /// The fields that identify one decision (the record's natural key), in
+    /// order. Each part is a field, or a list of fields of which the first
+    /// present one counts (`["uscc", "id_number"]`: the subject). A record
+    /// missing a part is identified by its whole content instead.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub natural_key: Vec<KeyPart>,
+    /// For a list item (名单): how a subject is removed from the list (移出).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removal: Option<RemovalRule>,
+}
+
+/// One part of a natural key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum KeyPart {
+    /// This field.
+    Field(String),
+    /// The first of these fields the record has.
+    FirstOf(Vec<String>),
+}
+
+impl KeyPart {
+    /// The fields this part may take its value from.
+    pub fn fields(&self) -> &[String] {
+        match self {
+            KeyPart::Field(f) => std::slice::from_ref(f),
+            KeyPart::FirstOf(fs) => fs,
+        }
+    }
+}
+
+/// The removal document of a list item (移出名单).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemovalRule {
+    /// Field of the removal document holding the removal date; it may not
+    /// be before the listing (decision) date nor in the future.
+    pub date_field: String,
+    /// Draft 2020-12 JSON Schema of the removal document, annotated like
+    /// the record schema (`x-class`, `x-zh`). Its fields may not appear in
+    /// a new record (`use_removal`).
+    pub schema: Value,
 }
 
 /// A cross-field rule.
@@ -156,7 +221,11 @@ pub struct NoticeRule {
     /// Date field that ends the record's effect (a lift notice follows).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub effective_until_field: Option<String>,
-    /// Measures agencies are expected to apply.
+    /// Field holding the list kind (名单类别) that measures select on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub list_kind_field: Option<String>,
+    /// Measures agencies are expected to apply; a notice carries those
+    /// whose `when` the record meets.
     pub measures: Vec<Measure>,
 }
 
@@ -203,6 +272,32 @@ pub struct Measure {
     /// Kinds of implementing departments.
     #[serde(default)]
     pub implementers: Vec<String>,
+    /// Which records call for this measure; absent = every record that
+    /// produces a notice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<MeasureWhen>,
+}
+
+/// Which records a measure applies to: both lists must match when set.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeasureWhen {
+    /// Levels (一般/较重/严重); empty = any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub levels: Vec<Severity>,
+    /// List kinds (values of the rule's `list_kind_field`, e.g.
+    /// `court_judgment_defaulter` 失信被执行人); empty = any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub list_kinds: Vec<String>,
+}
+
+impl MeasureWhen {
+    /// Whether a record of `level` and `list_kind` calls for the measure.
+    pub fn matches(&self, level: Severity, list_kind: Option<&str>) -> bool {
+        (self.levels.is_empty() || self.levels.contains(&level))
+            && (self.list_kinds.is_empty()
+                || list_kind.is_some_and(|k| self.list_kinds.iter().any(|l| l == k)))
+    }
 }
 
 /// Per-field facts taken from the schema annotations.
@@ -227,6 +322,14 @@ pub struct CatalogItem {
     pub fields: BTreeMap<String, FieldSpec>,
     validator: jsonschema::Validator,
     uscc_fields: Vec<String>,
+    removal: Option<Removal>,
+}
+
+/// A list item's compiled removal document.
+struct Removal {
+    /// Field annotations of the removal document.
+    fields: BTreeMap<String, FieldSpec>,
+    validator: jsonschema::Validator,
 }
 
 impl std::fmt::Debug for CatalogItem {
@@ -530,6 +633,56 @@ impl CatalogItem {
                 }
             }
         }
+        for (i, part) in def.natural_key.iter().enumerate() {
+            if part.fields().is_empty() {
+                errors.push(format!("natural_key[{i}]: names no field"));
+            }
+            for f in part.fields() {
+                if !fields.is_empty() && !fields.contains_key(f) {
+                    errors.push(format!("natural_key[{i}]: unknown field {f:?}"));
+                }
+            }
+        }
+        if let Some(n) = &def.notice {
+            if let Some(f) = &n.list_kind_field {
+                if !fields.is_empty() && !fields.contains_key(f) {
+                    errors.push(format!("notice.list_kind_field: unknown field {f:?}"));
+                }
+            }
+            for (i, m) in n.measures.iter().enumerate() {
+                let kinds = m.when.as_ref().is_some_and(|w| !w.list_kinds.is_empty());
+                if kinds && n.list_kind_field.is_none() {
+                    errors.push(format!(
+                        "notice.measures[{i}].when.list_kinds: needs notice.list_kind_field"
+                    ));
+                }
+            }
+        }
+        let removal = def.removal.as_ref().map(|r| {
+            let specs = field_specs(&r.schema).unwrap_or_else(|errs| {
+                errors.extend(errs.into_iter().map(|e| format!("removal.{e}")));
+                BTreeMap::new()
+            });
+            if !specs.is_empty()
+                && specs.get(&r.date_field).and_then(|f| f.format.as_deref()) != Some("date")
+            {
+                errors.push(format!(
+                    "removal.date_field: {:?} is not a removal field with format \"date\"",
+                    r.date_field
+                ));
+            }
+            for name in specs.keys() {
+                if fields.contains_key(name) {
+                    errors.push(format!(
+                        "removal.schema: {name:?} is also a record field; removal fields belong to the removal document only"
+                    ));
+                }
+            }
+            let validator = build_validator(&r.schema)
+                .map_err(|e| errors.push(format!("removal.schema: does not compile: {e}")))
+                .ok();
+            (specs, validator)
+        });
         let validator = match build_validator(&def.schema) {
             Ok(v) => Some(v),
             Err(e) => {
@@ -544,11 +697,19 @@ impl CatalogItem {
                     .filter(|(_, f)| f.format.as_deref() == Some("uscc"))
                     .map(|(k, _)| k.clone())
                     .collect();
+                let removal = match removal {
+                    Some((specs, Some(v))) => Some(Removal {
+                        fields: specs,
+                        validator: v,
+                    }),
+                    _ => None,
+                };
                 Ok(CatalogItem {
                     def,
                     fields,
                     validator,
                     uscc_fields,
+                    removal,
                 })
             }
             _ => Err(errors),
@@ -564,6 +725,32 @@ impl CatalogItem {
     /// million-item array yields one `max_items` finding and a handful of
     /// item findings, never a million.
     pub fn validate(&self, record: &Value, max_findings: usize) -> Validation {
+        // Removal fields in a new record: say where they belong, and judge
+        // the rest of the record without them.
+        let misplaced: Vec<&String> = match (&self.removal, record.as_object()) {
+            (Some(r), Some(obj)) => r.fields.keys().filter(|k| obj.contains_key(*k)).collect(),
+            _ => Vec::new(),
+        };
+        if !misplaced.is_empty() {
+            let mut rest = record.clone();
+            if let Some(obj) = rest.as_object_mut() {
+                for k in &misplaced {
+                    obj.remove(*k);
+                }
+            }
+            let mut out = self.validate(&rest, max_findings);
+            for k in misplaced.into_iter().rev() {
+                out.errors.insert(
+                    0,
+                    Finding {
+                        pointer: format!("/{}", escape_pointer(k)),
+                        code: "use_removal".into(),
+                        message: "a removal field; a listing is ended with POST /v1/records/{record_id}/removal, not in a new record".into(),
+                    },
+                );
+            }
+            return out;
+        }
         let mut out = Validation::default();
         // Schema errors past the limit, and whether arrays were cut to
         // explain them (then the count is a lower bound).
@@ -676,12 +863,104 @@ impl CatalogItem {
             .and_then(|f| record.get(f))
             .and_then(Value::as_str)
             .and_then(codes::parse_iso_date);
+        let list_kind = rule
+            .list_kind_field
+            .as_ref()
+            .and_then(|f| record.get(f))
+            .and_then(Value::as_str);
         Some(DerivedNotice {
             notice_type: rule.notice_type,
             severity,
             effective_until,
-            measures: rule.measures.iter().map(|m| m.id.clone()).collect(),
+            measures: rule
+                .measures
+                .iter()
+                .filter(|m| {
+                    m.when
+                        .as_ref()
+                        .is_none_or(|w| w.matches(severity, list_kind))
+                })
+                .map(|m| m.id.clone())
+                .collect(),
         })
+    }
+
+    /// The values that identify the record's decision, as `(field, value)`
+    /// in key order; `None` when the item declares no key or the record
+    /// lacks a part (it is then identified by its content).
+    pub fn natural_key<'r>(&self, record: &'r Value) -> Option<Vec<(&str, &'r str)>> {
+        if self.def.natural_key.is_empty() {
+            return None;
+        }
+        self.def
+            .natural_key
+            .iter()
+            .map(|part| {
+                part.fields().iter().find_map(|f| {
+                    record
+                        .get(f)
+                        .and_then(Value::as_str)
+                        .map(|v| (f.as_str(), v))
+                })
+            })
+            .collect()
+    }
+
+    /// Whether records of this item can be removed from their list.
+    pub fn is_list(&self) -> bool {
+        self.removal.is_some()
+    }
+
+    /// Validates a removal document for a listing made on `listed_on`:
+    /// its schema, then the removal date (not before the listing, not in
+    /// the future). `None` when the item is not a list.
+    pub fn validate_removal(
+        &self,
+        doc: &Value,
+        listed_on: Option<Date>,
+        max_findings: usize,
+    ) -> Option<Validation> {
+        let (removal, rule) = (self.removal.as_ref()?, self.def.removal.as_ref()?);
+        let mut out = Validation::default();
+        out.errors.extend(
+            removal
+                .validator
+                .iter_errors(doc)
+                .take(max_findings)
+                .map(|e| finding_from(&e)),
+        );
+        let date = doc
+            .get(&rule.date_field)
+            .and_then(Value::as_str)
+            .and_then(codes::parse_iso_date);
+        if let Some(d) = date {
+            let pointer = format!("/{}", escape_pointer(&rule.date_field));
+            if listed_on.is_some_and(|l| d < l) {
+                out.errors.push(Finding {
+                    pointer,
+                    code: "removal_before_listing".into(),
+                    message: format!(
+                        "must not be before the listing date ({})",
+                        self.def.decision_date_field
+                    ),
+                });
+            } else if d > codes::today_cst() {
+                out.errors.push(Finding {
+                    pointer,
+                    code: "date_in_future".into(),
+                    message: "must not be in the future".into(),
+                });
+            }
+        }
+        Some(out)
+    }
+
+    /// The class of a removal document's field (secret when unknown).
+    pub fn removal_class_of(&self, field: &str) -> FieldClass {
+        self.removal
+            .as_ref()
+            .and_then(|r| r.fields.get(field))
+            .map_or(FieldClass::Secret, |f| f.class)
     }
 
     /// The record's decision date, if it has a valid one.
@@ -941,7 +1220,8 @@ fn finding_from(e: &jsonschema::ValidationError<'_>) -> Finding {
     }
 }
 
-fn escape_pointer(s: &str) -> String {
+/// A field name as one JSON Pointer token (RFC 6901: `~` → `~0`, `/` → `~1`).
+pub fn escape_pointer(s: &str) -> String {
     s.replace('~', "~0").replace('/', "~1")
 }
 
@@ -976,6 +1256,8 @@ mod tests {
             schema,
             rules: vec![],
             notice: None,
+            natural_key: vec![],
+            removal: None,
         };
         CatalogItem::compile(def, &|p| p == "dept-a")
     }

@@ -5,7 +5,7 @@
 //! The caller's answer is built here, before storing, so that exactly that
 //! answer is remembered for `Idempotency-Key` replay.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -15,14 +15,14 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
-use crate::catalog::{Catalog, Finding, NoticeType, SubjectType};
+use crate::catalog::{escape_pointer, Catalog, CatalogItem, Finding, NoticeType, SubjectType};
 use crate::error::Problem;
 use crate::participants::Participant;
 use crate::redact::Redactor;
 use crate::routing::{region_of, NoticeFacts, Subscriptions};
 use crate::store::{
-    AppendOutcome, IdempotencyClaim, NewDelivery, NewNotice, NewRecord, NewSubmission, NoticeKind,
-    Store, StoredResponse,
+    AppendOutcome, IdempotencyClaim, KeyHolder, NewDelivery, NewNotice, NewRecord, NewSubmission,
+    NoticeKind, Store, StoreError, StoredResponse,
 };
 
 /// Longest accepted `Idempotency-Key`.
@@ -45,11 +45,12 @@ struct BatchResult<'a> {
     item: &'a str,
     item_version: u32,
     accepted: usize,
+    duplicates: usize,
     rejected: usize,
     results: Vec<RecordResult>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Clone)]
 struct RecordResult {
     index: usize,
     status: &'static str,
@@ -286,14 +287,12 @@ impl Ingest {
         }
 
         let received_at = OffsetDateTime::now_utc();
-        let submission_id = uuid::Uuid::now_v7().to_string();
-        let mut results = Vec::with_capacity(records.len());
-        let mut stored = Vec::new();
+        let mut entries = Vec::with_capacity(records.len());
         let mut rejection_codes: BTreeMap<String, usize> = BTreeMap::new();
         // Findings this answer may still list; the answer's size is bounded
         // however many records are wrong and however wrong they are.
         let mut budget = self.limits.max_findings_per_answer;
-        for (index, record) in records.into_iter().enumerate() {
+        for (index, mut record) in records.into_iter().enumerate() {
             if deadline.is_some_and(|d| std::time::Instant::now() > d) {
                 return Err(Problem::caller(
                     StatusCode::REQUEST_TIMEOUT,
@@ -301,7 +300,9 @@ impl Ingest {
                     "the batch took too long to validate; nothing was stored; send smaller batches",
                 ));
             }
-            let v = item.validate(&record, self.limits.max_findings_per_record);
+            let normalised = normalise_codes(&mut record);
+            let mut v = item.validate(&record, self.limits.max_findings_per_record);
+            v.warnings.splice(0..0, normalised);
             let prefix = |f: Finding| Finding {
                 pointer: format!("/records/{index}{}", f.pointer),
                 ..f
@@ -323,138 +324,299 @@ impl Ingest {
                         ),
                     ));
                 }
-                results.push(RecordResult {
+                entries.push(Entry::Rejected(RecordResult {
                     index,
                     status: "rejected",
                     record_id: None,
                     notice_id: None,
                     errors,
                     warnings: Vec::new(),
-                });
+                }));
                 continue;
             }
-            let id = uuid::Uuid::now_v7().to_string();
-            let text = |f: &str| record.get(f).and_then(Value::as_str);
-            let subject_key = match (text("uscc"), text("id_number")) {
-                (Some(uscc), _) => Some(uscc.to_owned()),
-                (None, Some(number)) => Some(self.redactor.pseudonym(number)),
-                (None, None) => None,
-            };
-            let resident_id = (text("id_type") == Some("resident_id"))
-                .then(|| text("id_number"))
-                .flatten();
-            let region = region_of(text("uscc"), resident_id);
-            let decision_date = item.decision_date(&record);
-            let derived = item.derive_notice(&record);
-            let notice = derived.as_ref().map(|d| {
-                let subject_type = record
-                    .get("subject_type")
-                    .cloned()
-                    .and_then(|v| serde_json::from_value::<SubjectType>(v).ok());
-                let routes = subscriptions
-                    .route(&NoticeFacts {
-                        item: &item.def.id,
-                        notice_type: d.notice_type,
-                        severity: d.severity,
-                        subject_type,
-                        region: region.as_deref(),
-                    })
-                    .into_iter()
-                    .filter(|r| {
-                        registry
-                            .get(&r.subscription.agency)
-                            .is_some_and(|a| a.enabled)
-                    });
-                NewNotice {
-                    id: uuid::Uuid::now_v7().to_string(),
-                    kind: match d.notice_type {
-                        NoticeType::Punishment => NoticeKind::Punishment,
-                        NoticeType::Incentive => NoticeKind::Incentive,
-                    },
-                    severity: d.severity,
-                    measures: d.measures.clone(),
-                    effective_from: decision_date,
-                    effective_until: d.effective_until,
-                    region: region.clone(),
-                    deliveries: routes
-                        .into_iter()
-                        .map(|r| NewDelivery {
-                            id: uuid::Uuid::now_v7().to_string(),
-                            subscription: r.subscription.id.clone(),
-                            agency: r.subscription.agency.clone(),
-                            push: r.subscription.is_push(),
-                        })
-                        .collect(),
-                }
-            });
-            results.push(RecordResult {
+            let record = self.accepted_record(&item, &record, &subscriptions, &registry)?;
+            // Warnings past the budget are still stored with the record.
+            let listed = v.warnings.len().min(budget);
+            budget -= listed;
+            entries.push(Entry::Candidate {
                 index,
-                status: "accepted",
-                record_id: Some(id.clone()),
-                notice_id: notice.as_ref().map(|n| n.id.clone()),
-                errors: Vec::new(),
-                // Warnings past the budget are still stored with the record.
-                warnings: {
-                    let listed = v.warnings.len().min(budget);
-                    budget -= listed;
-                    v.warnings
-                        .iter()
-                        .take(listed)
-                        .cloned()
-                        .map(prefix)
-                        .collect()
-                },
+                warnings: v
+                    .warnings
+                    .iter()
+                    .take(listed)
+                    .cloned()
+                    .map(prefix)
+                    .collect(),
+                record: Box::new(NewRecord {
+                    warnings: serde_json::to_string(&v.warnings)
+                        .map_err(|e| Problem::gateway(&e))?,
+                    ..record.0
+                }),
+                key_fields: record.1,
             });
-            stored.push(NewRecord {
-                id,
+        }
+        Ok(Prepared {
+            submission: NewSubmission {
+                id: uuid::Uuid::now_v7().to_string(),
+                participant: who.id.clone(),
+                item: item.def.id.clone(),
+                item_version: item.def.version,
+                received_at,
+                records: Vec::new(),
+                rejected: 0,
+                rejection_codes: Vec::new(),
+                idempotency,
+                response_status: 200,
+                response_body: Vec::new(),
+            },
+            entries,
+            rejection_codes,
+            budget,
+        })
+    }
+
+    /// What is stored of a valid record: its subject key, natural key and
+    /// content digest, and the notice it produces with its routed
+    /// deliveries. Also answers the natural key's field names.
+    fn accepted_record(
+        &self,
+        item: &CatalogItem,
+        record: &Value,
+        subscriptions: &Subscriptions,
+        registry: &crate::participants::Registry,
+    ) -> Result<(NewRecord, Vec<String>), Problem> {
+        let text = |f: &str| record.get(f).and_then(Value::as_str);
+        let subject_key = match (text("uscc"), text("id_number")) {
+            (Some(uscc), _) => Some(uscc.to_owned()),
+            (None, Some(number)) => Some(self.redactor.pseudonym(number)),
+            (None, None) => None,
+        };
+        let resident_id = (text("id_type") == Some("resident_id"))
+            .then(|| text("id_number"))
+            .flatten();
+        let region = region_of(text("uscc"), resident_id);
+        let decision_date = item.decision_date(record);
+        let derived = item.derive_notice(record);
+        let notice = derived.as_ref().map(|d| {
+            let subject_type = record
+                .get("subject_type")
+                .cloned()
+                .and_then(|v| serde_json::from_value::<SubjectType>(v).ok());
+            let routes = subscriptions
+                .route(&NoticeFacts {
+                    item: &item.def.id,
+                    notice_type: d.notice_type,
+                    severity: d.severity,
+                    subject_type,
+                    region: region.as_deref(),
+                })
+                .into_iter()
+                .filter(|r| {
+                    registry
+                        .get(&r.subscription.agency)
+                        .is_some_and(|a| a.enabled)
+                });
+            NewNotice {
+                id: uuid::Uuid::now_v7().to_string(),
+                kind: match d.notice_type {
+                    NoticeType::Punishment => NoticeKind::Punishment,
+                    NoticeType::Incentive => NoticeKind::Incentive,
+                },
+                severity: d.severity,
+                measures: d.measures.clone(),
+                effective_from: decision_date,
+                effective_until: d.effective_until,
+                region: region.clone(),
+                deliveries: routes
+                    .into_iter()
+                    .map(|r| NewDelivery {
+                        id: uuid::Uuid::now_v7().to_string(),
+                        subscription: r.subscription.id.clone(),
+                        agency: r.subscription.agency.clone(),
+                        push: r.subscription.is_push(),
+                    })
+                    .collect(),
+            }
+        });
+        let body = serde_json::to_string(record).map_err(|e| Problem::gateway(&e))?;
+        let identity = Identity::of(&self.redactor, item, record, &body);
+        Ok((
+            NewRecord {
+                id: uuid::Uuid::now_v7().to_string(),
                 subject_type: text("subject_type").unwrap_or_default().to_owned(),
                 subject_key,
                 decision_date,
                 effective_until: derived.and_then(|d| d.effective_until),
-                body: serde_json::to_string(&record).map_err(|e| Problem::gateway(&e))?,
-                warnings: serde_json::to_string(&v.warnings).map_err(|e| Problem::gateway(&e))?,
+                body,
+                warnings: "[]".into(),
+                natural_key: identity.natural_key,
+                content_hash: identity.content_hash,
                 notice,
-            });
+            },
+            identity.fields,
+        ))
+    }
+
+    /// The submission to store, given the records that already hold the
+    /// natural keys: a record whose key is held with the same content is
+    /// a duplicate (nothing stored, the holder's id answered); with other
+    /// content it is refused (`duplicate_key`: a change is a correction).
+    /// The same holds between the records of one batch.
+    fn resolve(&self, p: &Prepared, holders: Vec<KeyHolder>) -> Result<NewSubmission, Problem> {
+        let mut held: HashMap<String, KeyHolder> = holders
+            .into_iter()
+            .map(|h| (h.natural_key.clone(), h))
+            .collect();
+        let sub = &p.submission;
+        let mut codes = p.rejection_codes.clone();
+        let mut budget = p.budget;
+        let mut results = Vec::with_capacity(p.entries.len());
+        let mut stored = Vec::new();
+        for entry in &p.entries {
+            let (index, warnings, key_fields, record) = match entry {
+                Entry::Rejected(r) => {
+                    results.push(r.clone());
+                    continue;
+                }
+                Entry::Candidate {
+                    index,
+                    warnings,
+                    key_fields,
+                    record,
+                } => (*index, warnings, key_fields, record),
+            };
+            match held.get(&record.natural_key) {
+                Some(h) if h.content_hash == record.content_hash => {
+                    results.push(RecordResult {
+                        index,
+                        status: "duplicate",
+                        record_id: Some(h.record_id.clone()),
+                        notice_id: None,
+                        errors: Vec::new(),
+                        warnings: Vec::new(),
+                    });
+                }
+                Some(h) => {
+                    *codes.entry("duplicate_key".into()).or_default() += 1;
+                    let names = key_fields.join(", ");
+                    let message = if h.submitter == sub.participant {
+                        format!(
+                            "record {id} already has this key ({names}) with other content; to change it, send a correction: PUT /v1/records/{id}",
+                            id = h.record_id,
+                        )
+                    } else {
+                        format!("a record of another department already has this key ({names}) with other content")
+                    };
+                    let listed = key_fields.len().min(budget).max(1);
+                    budget = budget.saturating_sub(listed);
+                    let pointers: Vec<String> = if key_fields.is_empty() {
+                        vec![format!("/records/{index}")]
+                    } else {
+                        key_fields
+                            .iter()
+                            .map(|f| format!("/records/{index}/{}", escape_pointer(f)))
+                            .collect()
+                    };
+                    results.push(RecordResult {
+                        index,
+                        status: "rejected",
+                        record_id: None,
+                        notice_id: None,
+                        errors: pointers
+                            .into_iter()
+                            .take(listed)
+                            .map(|pointer| Finding {
+                                pointer,
+                                code: "duplicate_key".into(),
+                                message: message.clone(),
+                            })
+                            .collect(),
+                        warnings: Vec::new(),
+                    });
+                }
+                None => {
+                    held.insert(
+                        record.natural_key.clone(),
+                        KeyHolder {
+                            natural_key: record.natural_key.clone(),
+                            record_id: record.id.clone(),
+                            content_hash: record.content_hash.clone(),
+                            submitter: sub.participant.clone(),
+                        },
+                    );
+                    results.push(RecordResult {
+                        index,
+                        status: "accepted",
+                        record_id: Some(record.id.clone()),
+                        notice_id: record.notice.as_ref().map(|n| n.id.clone()),
+                        errors: Vec::new(),
+                        warnings: warnings.clone(),
+                    });
+                    stored.push(record.as_ref().clone());
+                }
+            }
         }
-        let accepted = stored.len();
-        let rejected = results.len() - accepted;
+        let count = |status: &str| results.iter().filter(|r| r.status == status).count();
+        let (duplicates, rejected) = (count("duplicate"), count("rejected"));
         let body = serde_json::to_vec(&BatchResult {
-            submission_id: &submission_id,
-            item: &item.def.id,
-            item_version: item.def.version,
-            accepted,
+            submission_id: &sub.id,
+            item: &sub.item,
+            item_version: sub.item_version,
+            accepted: stored.len(),
+            duplicates,
             rejected,
             results,
         })
         .map_err(|e| Problem::gateway(&e))?;
-        Ok(Prepared(NewSubmission {
-            id: submission_id,
-            participant: who.id.clone(),
-            item: item.def.id.clone(),
-            item_version: item.def.version,
-            received_at,
+        Ok(NewSubmission {
             records: stored,
             rejected,
-            rejection_codes: rejection_codes.into_iter().collect(),
-            idempotency,
-            response_status: 200,
+            rejection_codes: codes.into_iter().collect(),
             response_body: body,
-        }))
+            ..sub.clone()
+        })
     }
 
-    /// The I/O half: stores a prepared submission durably, then answers.
-    pub async fn commit(&self, Prepared(submission): Prepared) -> Result<Answer, Problem> {
-        let item_id = submission.item.clone();
-        let (accepted, rejected) = (submission.records.len(), submission.rejected);
-        let body = submission.response_body.clone();
-        // (participant, key) and the request digest, for the replay cache.
-        let replay = submission.idempotency.as_ref().map(|c| {
-            (
-                (submission.participant.clone(), c.key.clone()),
-                c.request_hash.clone(),
-            )
-        });
-        match self.store.append_submission(submission).await? {
+    /// The I/O half: looks up the records' natural keys, stores the
+    /// submission durably, then answers. A key taken by a concurrent
+    /// submission between the look-up and the commit is looked up again.
+    pub async fn commit(&self, prepared: Prepared) -> Result<Answer, Problem> {
+        let keys: Vec<String> = prepared
+            .entries
+            .iter()
+            .filter_map(|e| match e {
+                Entry::Candidate { record, .. } => Some(record.natural_key.clone()),
+                Entry::Rejected(_) => None,
+            })
+            .collect();
+        let item_id = prepared.submission.item.clone();
+        let mut attempts = 0;
+        let (accepted, rejected, body, replay, outcome) = loop {
+            attempts += 1;
+            let holders = self.store.find_keys(&item_id, keys.clone()).await?;
+            let submission = self.resolve(&prepared, holders)?;
+            let (accepted, rejected) = (submission.records.len(), submission.rejected);
+            let body = submission.response_body.clone();
+            // (participant, key) and the request digest, for the replay cache.
+            let replay = submission.idempotency.as_ref().map(|c| {
+                (
+                    (submission.participant.clone(), c.key.clone()),
+                    c.request_hash.clone(),
+                )
+            });
+            match self.store.append_submission(submission).await {
+                Err(StoreError::KeyTaken) if attempts < 3 => continue,
+                Err(StoreError::KeyTaken) => {
+                    return Err(Problem::caller(
+                        StatusCode::CONFLICT,
+                        "concurrent_submission",
+                        "other submissions with the same record keys kept arriving at the same moment; nothing was stored; send the batch again",
+                    ))
+                }
+                other => break (accepted, rejected, body, replay, other?),
+            }
+        };
+        match outcome {
             AppendOutcome::Stored => {
                 let m = &self.metrics;
                 for (outcome, n) in [("accepted", accepted), ("rejected", rejected)] {
@@ -490,17 +652,110 @@ impl Ingest {
     }
 }
 
-/// A validated submission with its answer (`response_body`), ready for
-/// [`Ingest::commit`].
-pub struct Prepared(NewSubmission);
+/// One record of a prepared submission.
+#[derive(Clone)]
+enum Entry {
+    /// Refused; its result is final.
+    Rejected(RecordResult),
+    /// Valid; stored unless its natural key is held already.
+    Candidate {
+        index: usize,
+        warnings: Vec<Finding>,
+        /// Names of the natural key's fields (pointers of `duplicate_key`).
+        key_fields: Vec<String>,
+        record: Box<NewRecord>,
+    },
+}
+
+/// A validated submission, ready for [`Ingest::commit`].
+pub struct Prepared {
+    /// The submission without its records and answer.
+    submission: NewSubmission,
+    entries: Vec<Entry>,
+    rejection_codes: BTreeMap<String, usize>,
+    /// Findings the answer may still list.
+    budget: usize,
+}
 
 impl std::fmt::Debug for Prepared {
     // Never the records' field values.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Prepared")
-            .field("submission", &self.0.id)
-            .field("accepted", &self.0.records.len())
-            .field("rejected", &self.0.rejected)
+            .field("submission", &self.submission.id)
+            .field("records", &self.entries.len())
             .finish_non_exhaustive()
     }
+}
+
+/// How a record is recognised again.
+struct Identity {
+    /// Keyed digest of the item and the natural key's values, or of the
+    /// content when the record lacks a key part.
+    natural_key: String,
+    /// Keyed digest of the content (the canonical JSON text: object keys
+    /// sorted, as `serde_json` writes them without `preserve_order`).
+    content_hash: String,
+    /// The key's field names (empty when identified by content).
+    fields: Vec<String>,
+}
+
+impl Identity {
+    fn of(redactor: &Redactor, item: &CatalogItem, record: &Value, body: &str) -> Identity {
+        let content_hash = redactor.keyed_digest([
+            b"content".as_slice(),
+            item.def.id.as_bytes(),
+            body.as_bytes(),
+        ]);
+        match item.natural_key(record) {
+            Some(parts) => {
+                let mut input: Vec<&[u8]> = vec![b"key", item.def.id.as_bytes()];
+                for (field, value) in &parts {
+                    input.push(field.as_bytes());
+                    input.push(value.trim().as_bytes());
+                }
+                Identity {
+                    natural_key: format!("k:{}", redactor.keyed_digest(input)),
+                    content_hash,
+                    fields: parts.iter().map(|(f, _)| (*f).to_owned()).collect(),
+                }
+            }
+            None => Identity {
+                natural_key: format!("c:{content_hash}"),
+                content_hash,
+                fields: Vec::new(),
+            },
+        }
+    }
+}
+
+/// Normalises identifiers as departments send them: a resident ID's
+/// lower-case check character `x` becomes `X`. Returns a warning per
+/// change (pointer, `normalised_check_character`); never the value.
+pub fn normalise_codes(record: &mut Value) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let Some(obj) = record.as_object_mut() else {
+        return out;
+    };
+    for (kind, number) in [
+        ("id_type", "id_number"),
+        (
+            "legal_representative_id_type",
+            "legal_representative_id_number",
+        ),
+    ] {
+        if obj.get(kind).and_then(Value::as_str) != Some("resident_id") {
+            continue;
+        }
+        if let Some(Value::String(n)) = obj.get_mut(number) {
+            if n.len() == 18 && n.ends_with('x') {
+                n.replace_range(17.., "X");
+                out.push(Finding {
+                    pointer: format!("/{number}"),
+                    code: "normalised_check_character".into(),
+                    message: "the check character x was stored as upper-case X".into(),
+                });
+            }
+        }
+    }
+    out
 }

@@ -125,7 +125,7 @@ pub struct Subscription {
 }
 
 fn lowest() -> Severity {
-    Severity::Minor
+    Severity::General
 }
 
 fn yes() -> bool {
@@ -434,7 +434,7 @@ mod tests {
             agency: agency.into(),
             items: vec![],
             notice_types: vec![],
-            min_severity: Severity::Minor,
+            min_severity: Severity::General,
             subject_types: vec![],
             regions: vec![],
             delivery: DeliveryMode::Pull,
@@ -505,7 +505,7 @@ mod tests {
             list,
         };
         let ids: Vec<_> = subs
-            .route(&facts(Severity::Minor, None))
+            .route(&facts(Severity::General, None))
             .into_iter()
             .map(|r| r.subscription.id.clone())
             .collect();

@@ -136,7 +136,7 @@ pub fn record(item: &str, n: u64, severity: &str) -> Value {
     let facts = "经查，当事人于2026年3月至9月期间在其经营场所销售超过保质期的预包装食品共计十二批次，货值金额合计人民币三千六百元，违法所得人民币八百元。上述事实有现场检查笔录、询问笔录、进货票据等证据证实。";
     let body = match item {
         "administrative_penalty" => json!({
-            "decision_number": format!("榕市监罚〔2026〕{}号", 100 + n % 9000),
+            "decision_number": format!("榕市监罚〔2026〕{}号", 100 + n),
             "violation_type": "销售超过保质期的食品",
             "violation_facts": facts,
             "legal_basis": "《中华人民共和国食品安全法》第三十四条第（十）项、第一百二十四条第一款第（五）项",
@@ -155,10 +155,10 @@ pub fn record(item: &str, n: u64, severity: &str) -> Value {
         }),
         "administrative_licence" => json!({
             "decision_title": "食品经营许可决定书",
-            "decision_number": format!("JY1350102{:07}", n % 10_000_000),
+            "decision_number": format!("JY1350102{n:07}"),
             "licence_category": "ordinary",
             "certificate_name": "食品经营许可证",
-            "licence_number": format!("JY1350102{:07}", n % 10_000_000),
+            "licence_number": format!("JY1350102{n:07}"),
             "content": "预包装食品（含冷藏冷冻食品）销售，散装食品（不含熟食）销售",
             "decision_date": "2026-09-01",
             "valid_from": "2026-09-01",
@@ -170,7 +170,7 @@ pub fn record(item: &str, n: u64, severity: &str) -> Value {
             "source_unit_uscc": auth_uscc,
         }),
         "abnormal_operations" => json!({
-            "decision_number": format!("榕市监异〔2026〕{}号", n % 9000),
+            "decision_number": format!("榕市监异〔2026〕{n}号"),
             "listing_reason": "annual_report_not_filed",
             "listing_reason_detail": "未依照《企业信息公示暂行条例》第八条规定的期限公示2025年度年度报告",
             "listing_date": "2026-07-01",
@@ -183,7 +183,7 @@ pub fn record(item: &str, n: u64, severity: &str) -> Value {
             "facts": facts,
             "deciding_department": auth,
             "deciding_department_uscc": auth_uscc,
-            "decision_number": format!("榕市监严失〔2026〕{}号", n % 9000),
+            "decision_number": format!("榕市监严失〔2026〕{n}号"),
             "listing_date": "2026-11-02",
             "planned_removal_date": "2029-11-01",
             "removal_conditions": "列入之日起满三年且已履行行政处罚义务，未再发生违法行为的，可申请移出。",
@@ -194,6 +194,7 @@ pub fn record(item: &str, n: u64, severity: &str) -> Value {
             "commitment_date": "2026-08-20",
             "accepting_department": auth,
             "accepting_department_uscc": auth_uscc,
+            "commitment_number": format!("CN-2026-{n:08}"),
             "fulfilment_status": "fulfilled",
         }),
         "red_list" => json!({
@@ -201,7 +202,7 @@ pub fn record(item: &str, n: u64, severity: &str) -> Value {
             "basis": "《纳税信用管理办法》",
             "awarding_department": "国家税务总局福建省税务局",
             "awarding_department_uscc": uscc("11350000", 2),
-            "document_number": format!("闽税信〔2026〕{}号", n % 900),
+            "document_number": format!("闽税信〔2026〕{n}号"),
             "award_date": "2026-04-30",
             "valid_until": "2027-04-30",
         }),

@@ -75,6 +75,8 @@ pub(crate) fn submission(id: &str, record_id: &str) -> NewSubmission {
             effective_until: None,
             body: "{\"subject_name\":\"x\"}".into(),
             warnings: "[]".into(),
+            natural_key: format!("k:{record_id}"),
+            content_hash: format!("h:{record_id}"),
             notice: None,
         }],
         rejected: 0,
@@ -171,6 +173,61 @@ pub(crate) async fn a_failing_write_costs_only_its_own_caller(s: Subject) {
     let audited = store.audit_page(0, 10_000).await.expect("audit");
     assert!(audited.iter().all(|e| !e.details.get().contains("s-0-17")));
     assert!(audited.iter().any(|e| e.details.get().contains("s-0-16")));
+    assert_chain_intact(store.as_ref()).await;
+    store.close().await;
+}
+
+pub(crate) async fn a_natural_key_is_held_by_one_record_of_an_item(s: Subject) {
+    let store = s.store.clone();
+    let keyed = |sub: &str, record: &str, key: &str| {
+        let mut s = submission(sub, record);
+        s.records[0].natural_key = key.to_owned();
+        s
+    };
+    store
+        .append_submission(keyed("s-1", "r-1", "k:one"))
+        .await
+        .expect("first");
+    // Concurrent writers of one key: exactly one stores it; the others are
+    // told the key was taken, and store nothing.
+    let tasks: Vec<_> = (0..12)
+        .map(|i| {
+            let store = store.clone();
+            let sub = keyed(&format!("s-c{i}"), &format!("r-c{i}"), "k:contended");
+            tokio::spawn(async move { store.append_submission(sub).await })
+        })
+        .collect();
+    let mut won = 0;
+    for t in tasks {
+        match t.await.expect("task") {
+            Ok(AppendOutcome::Stored) => won += 1,
+            Err(StoreError::KeyTaken) => {}
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    }
+    assert_eq!(won, 1);
+    assert!(matches!(
+        store.append_submission(keyed("s-2", "r-2", "k:one")).await,
+        Err(StoreError::KeyTaken)
+    ));
+    assert!(store.record("r-2").await.expect("read").is_none());
+    // Another item may use the same key.
+    let mut other = keyed("s-3", "r-3", "k:one");
+    other.item = "red_list".into();
+    store.append_submission(other).await.expect("other item");
+    let mut found = store
+        .find_keys(
+            "administrative_penalty",
+            vec!["k:one".into(), "k:contended".into(), "k:none".into()],
+        )
+        .await
+        .expect("find");
+    found.sort_by(|a, b| a.natural_key.cmp(&b.natural_key));
+    assert_eq!(found.len(), 2);
+    assert_eq!(found[1].natural_key, "k:one");
+    assert_eq!(found[1].record_id, "r-1");
+    assert_eq!(found[1].content_hash, "h:r-1");
+    assert_eq!(found[1].submitter, "dept-market");
     assert_chain_intact(store.as_ref()).await;
     store.close().await;
 }
@@ -644,6 +701,7 @@ macro_rules! both_backends {
 
 both_backends!(
     a_failing_write_costs_only_its_own_caller,
+    a_natural_key_is_held_by_one_record_of_an_item,
     concurrent_duplicates_get_the_stored_answer,
     streams_are_gap_free_per_agency_and_acks_only_move_forward,
     claims_are_leased_and_fenced,

@@ -117,8 +117,27 @@ pub struct NewRecord {
     pub body: String,
     /// Warnings reported to the submitter (JSON array).
     pub warnings: String,
+    /// Keyed digest of the fields that identify the decision (or of the
+    /// whole content when the record lacks one); unique per item.
+    pub natural_key: String,
+    /// Keyed digest of the record's content: a resend with the same one is
+    /// a duplicate.
+    pub content_hash: String,
     /// Notice derived from it, if any.
     pub notice: Option<NewNotice>,
+}
+
+/// The stored record that holds a natural key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyHolder {
+    /// The natural key (digest).
+    pub natural_key: String,
+    /// Record id.
+    pub record_id: String,
+    /// Digest of its current content.
+    pub content_hash: String,
+    /// Who submitted it.
+    pub submitter: String,
 }
 
 impl std::fmt::Debug for NewRecord {
@@ -528,6 +547,10 @@ pub enum StoreError {
     /// Stored data could not be decoded.
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
+    /// A record's natural key was taken by a write committed since it was
+    /// looked up; nothing was stored. Look the keys up again and retry.
+    #[error("a natural key was taken concurrently")]
+    KeyTaken,
 }
 
 /// The use cases storage serves.
@@ -540,6 +563,9 @@ pub trait Store: Send + Sync + 'static {
         &self,
         submission: NewSubmission,
     ) -> Result<AppendOutcome, StoreError>;
+
+    /// The records of `item` that hold any of the natural keys `keys`.
+    async fn find_keys(&self, item: &str, keys: Vec<String>) -> Result<Vec<KeyHolder>, StoreError>;
 
     /// The response remembered for `(participant, key)`, if any.
     async fn idempotent_response(

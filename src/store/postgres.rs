@@ -40,7 +40,7 @@ use super::shared::{
 use super::{
     parse_kind, ActivateOutcome, AgencyFeedbackStats, AppendOutcome, ControlState, DeliveryInfo,
     DeliveryResult, DeliveryState, DepartmentStats, DocKind, EndOutcome, EndpointHealth, Feedback,
-    FeedbackOutcome, FeedbackStored, Finished, ItemActivation, NewNotice, NewSubmission,
+    FeedbackOutcome, FeedbackStored, Finished, ItemActivation, KeyHolder, NewNotice, NewSubmission,
     NoticeHistory, NoticeKind, Outbound, Store, StoreError, StoredNotice, StoredRecord,
     StoredResponse, VersionInfo,
 };
@@ -57,7 +57,8 @@ const LOCK_CHECKPOINT: i64 = 0x6372_6564_0002;
 
 /// Schema migrations, applied in order at start-up under an advisory lock
 /// (instances starting together migrate once). Never edit a shipped entry.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
     CREATE TABLE submissions (
         id              TEXT PRIMARY KEY,
         participant     TEXT NOT NULL,
@@ -206,12 +207,34 @@ const MIGRATIONS: &[&str] = &[r#"
         failures        INTEGER NOT NULL,
         paused_until    BIGINT NOT NULL
     );
-"#];
+"#,
+    // 2: the record's life: natural keys (records stored before have none
+    // and are not matched), revisions, removal documents.
+    r#"
+    ALTER TABLE records ADD COLUMN natural_key TEXT;
+    ALTER TABLE records ADD COLUMN content_hash TEXT;
+    ALTER TABLE records ADD COLUMN revision INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE records ADD COLUMN removal TEXT;
+    CREATE UNIQUE INDEX records_natural_key ON records(item, natural_key);
+    CREATE TABLE record_revisions (
+        record_id       TEXT NOT NULL REFERENCES records(id),
+        revision        INTEGER NOT NULL,
+        item_version    INTEGER NOT NULL,
+        body            TEXT NOT NULL,
+        warnings        TEXT NOT NULL,
+        stored_at       TIMESTAMPTZ NOT NULL,
+        stored_by       TEXT NOT NULL,
+        reason          TEXT,
+        PRIMARY KEY (record_id, revision)
+    );
+"#,
+];
 
 fn db_err(e: tokio_postgres::Error) -> StoreError {
     // The server's message and code, never its DETAIL (which can quote a
     // row's values).
     match e.as_db_error() {
+        Some(db) if db.constraint() == Some("records_natural_key") => StoreError::KeyTaken,
         Some(db) => StoreError::Database(format!("{} ({})", db.message(), db.code().code())),
         None => StoreError::Database(e.to_string()),
     }
@@ -1099,9 +1122,11 @@ async fn insert_submissions(
     let received: Vec<OffsetDateTime> = records.iter().map(|(s, _)| s.received_at).collect();
     let decisions: Vec<Option<Date>> = records.iter().map(|(_, r)| r.decision_date).collect();
     let untils: Vec<Option<Date>> = records.iter().map(|(_, r)| r.effective_until).collect();
-    exec(tx, "INSERT INTO records (id, submission_id, item, item_version, submitter, subject_type, subject_key, decision_date, received_at, body, warnings, effective_until) \
-         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::text[], $6::text[], $7::text[], $8::date[], $9::timestamptz[], $10::text[], $11::text[], $12::date[])",
-        &[&ids, &sub_ids, &items, &versions, &submitters, &types, &keys, &decisions, &received, &bodies, &warnings, &untils],).await?;
+    let natural = col(|_, r| Some(&r.natural_key));
+    let contents = col(|_, r| Some(&r.content_hash));
+    exec(tx, "INSERT INTO records (id, submission_id, item, item_version, submitter, subject_type, subject_key, decision_date, received_at, body, warnings, effective_until, natural_key, content_hash) \
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::text[], $6::text[], $7::text[], $8::date[], $9::timestamptz[], $10::text[], $11::text[], $12::date[], $13::text[], $14::text[])",
+        &[&ids, &sub_ids, &items, &versions, &submitters, &types, &keys, &decisions, &received, &bodies, &warnings, &untils, &natural, &contents],).await?;
     let notices: Vec<NoticeRow<'_>> = records
         .iter()
         .filter_map(|(s, r)| {
@@ -1706,6 +1731,27 @@ impl Store for PgStore {
             status: u16::try_from(r.get::<_, i32>(1)).unwrap_or(500),
             body: r.get(2),
         }))
+    }
+
+    async fn find_keys(&self, item: &str, keys: Vec<String>) -> Result<Vec<KeyHolder>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = self
+            .query(
+                "SELECT natural_key, id, content_hash, submitter FROM records WHERE item = $1 AND natural_key = ANY($2)",
+                &[&item, &keys],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| KeyHolder {
+                natural_key: r.get(0),
+                record_id: r.get(1),
+                content_hash: r.get::<_, Option<String>>(2).unwrap_or_default(),
+                submitter: r.get(3),
+            })
+            .collect())
     }
 
     async fn record(&self, id: &str) -> Result<Option<StoredRecord>, StoreError> {

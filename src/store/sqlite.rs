@@ -26,7 +26,7 @@ use super::sqlite_control;
 use super::{
     parse_kind, ActivateOutcome, AgencyFeedbackStats, AppendOutcome, ControlState, DeliveryInfo,
     DeliveryResult, DeliveryState, DepartmentStats, DocKind, EndOutcome, EndpointHealth, Feedback,
-    FeedbackOutcome, FeedbackStored, Finished, ItemActivation, NewNotice, NewSubmission,
+    FeedbackOutcome, FeedbackStored, Finished, ItemActivation, KeyHolder, NewNotice, NewSubmission,
     NoticeHistory, NoticeKind, Outbound, Store, StoreError, StoredNotice, StoredRecord,
     StoredResponse, VersionInfo,
 };
@@ -171,6 +171,26 @@ const MIGRATIONS: &[&str] = &[
         paused_until INTEGER NOT NULL
     );
     "#,
+    // 8: the record's life: natural keys (records stored before have
+    // none and are not matched), revisions, removal documents.
+    r#"
+    ALTER TABLE records ADD COLUMN natural_key TEXT;
+    ALTER TABLE records ADD COLUMN content_hash TEXT;
+    ALTER TABLE records ADD COLUMN revision INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE records ADD COLUMN removal TEXT;
+    CREATE UNIQUE INDEX records_natural_key ON records(item, natural_key);
+    CREATE TABLE record_revisions (
+        record_id     TEXT NOT NULL REFERENCES records(id),
+        revision      INTEGER NOT NULL,
+        item_version  INTEGER NOT NULL,
+        body          TEXT NOT NULL,
+        warnings      TEXT NOT NULL,
+        stored_at     TEXT NOT NULL,
+        stored_by     TEXT NOT NULL,
+        reason        TEXT,
+        PRIMARY KEY (record_id, revision)
+    );
+    "#,
 ];
 
 /// What a job tells the writer besides its result.
@@ -220,6 +240,20 @@ impl std::fmt::Debug for SqliteStore {
 
 fn db_err(e: rusqlite::Error) -> StoreError {
     StoreError::Database(e.to_string())
+}
+
+/// A write's error, telling a natural key taken since it was looked up
+/// apart from other failures.
+fn key_err(e: rusqlite::Error) -> StoreError {
+    match &e {
+        rusqlite::Error::SqliteFailure(f, Some(msg))
+            if f.code == rusqlite::ErrorCode::ConstraintViolation
+                && msg.contains("records.natural_key") =>
+        {
+            StoreError::KeyTaken
+        }
+        _ => db_err(e),
+    }
 }
 
 fn corrupt(e: impl std::fmt::Display) -> StoreError {
@@ -619,7 +653,7 @@ fn append_submission(
     .map_err(db_err)?;
     let mut stmt = tx
         .prepare_cached(
-            "INSERT INTO records (id, submission_id, item, item_version, submitter, subject_type, subject_key, decision_date, received_at, body, warnings, effective_until) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            "INSERT INTO records (id, submission_id, item, item_version, submitter, subject_type, subject_key, decision_date, received_at, body, warnings, effective_until, natural_key, content_hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
         )
         .map_err(db_err)?;
     for r in &sub.records {
@@ -636,8 +670,10 @@ fn append_submission(
             r.body,
             r.warnings,
             r.effective_until.map(|d| d.to_string()),
+            r.natural_key,
+            r.content_hash,
         ])
-        .map_err(db_err)?;
+        .map_err(key_err)?;
         if let Some(n) = &r.notice {
             insert_notice(
                 tx,
@@ -976,6 +1012,34 @@ impl Store for SqliteStore {
             .any(|r| r.notice.as_ref().is_some_and(|n| !n.deliveries.is_empty()));
         self.write(wake, move |sp, audit| {
             append_submission(sp, &submission, audit)
+        })
+        .await
+    }
+
+    async fn find_keys(&self, item: &str, keys: Vec<String>) -> Result<Vec<KeyHolder>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let item = item.to_owned();
+        self.read(move |conn| {
+            let keys = serde_json::to_string(&keys).map_err(corrupt)?;
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT natural_key, id, content_hash, submitter FROM records \
+                     WHERE item = ?1 AND natural_key IN (SELECT value FROM json_each(?2))",
+                )
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map(params![item, keys], |r| {
+                    Ok(KeyHolder {
+                        natural_key: r.get(0)?,
+                        record_id: r.get(1)?,
+                        content_hash: r.get::<_, Option<String>>(2)?.unwrap_or_default(),
+                        submitter: r.get(3)?,
+                    })
+                })
+                .map_err(db_err)?;
+            rows.collect::<Result<_, _>>().map_err(db_err)
         })
         .await
     }

@@ -45,14 +45,14 @@ pub(crate) fn push_sub(
     )
 }
 
-fn pull_sub(id: &str, agency: &str, filters: &str) -> String {
+pub(crate) fn pull_sub(id: &str, agency: &str, filters: &str) -> String {
     format!(
         "[[subscription]]\nid = \"{id}\"\nagency = \"{agency}\"\nmode = \"pull\"\n{filters}\n\n"
     )
 }
 
 /// A record of `item` about the given subject type.
-fn record_about(item: &str, subject_type: &str, severity: &str) -> Value {
+pub(crate) fn record_about(item: &str, subject_type: &str, severity: &str) -> Value {
     (0..200)
         .map(|n| synth::record(item, n, severity))
         .find(|r| r["subject_type"] == subject_type)
@@ -70,7 +70,7 @@ pub(crate) async fn submit(client: &Client, item: &str, record: Value) -> Value 
 }
 
 /// Pulls everything after `after` (no waiting); returns notices and the raw bytes.
-async fn pull_all(client: &Client, after: &str) -> (Vec<Value>, Vec<u8>, String) {
+pub(crate) async fn pull_all(client: &Client, after: &str) -> (Vec<Value>, Vec<u8>, String) {
     let resp = client
         .get(&format!("/v1/notices?after={after}&limit=1000"))
         .await;
@@ -84,7 +84,7 @@ async fn pull_all(client: &Client, after: &str) -> (Vec<Value>, Vec<u8>, String)
     )
 }
 
-fn ids(notices: &[Value]) -> Vec<String> {
+pub(crate) fn ids(notices: &[Value]) -> Vec<String> {
     notices
         .iter()
         .map(|n| n["notice_id"].as_str().expect("id").to_owned())
@@ -111,13 +111,10 @@ async fn full_cycle_routes_redacts_signs_retries_and_lifts() {
     // 1: serious penalty, legal entity in 350100 → procurement, finance.
     let r1_record = record_about("administrative_penalty", "legal_entity", "serious");
     let r1 = submit(&dept, "administrative_penalty", r1_record.clone()).await;
-    // 2: general penalty → no notice at all.
-    let r2 = submit(
-        &dept,
-        "administrative_penalty",
-        record_about("administrative_penalty", "legal_entity", "general"),
-    )
-    .await;
+    // 2: general penalty (another decision) → no notice at all.
+    let mut r2_record = record_about("administrative_penalty", "legal_entity", "general");
+    r2_record["decision_number"] = json!("榕市监罚〔2026〕99999号");
+    let r2 = submit(&dept, "administrative_penalty", r2_record).await;
     assert!(r2.get("notice_id").is_none(), "{r2:#}");
     // 3: serious dishonesty about a natural person (ID region 350102) → procurement, finance, land.
     let r3_record = record_about("serious_dishonesty", "natural_person", "");

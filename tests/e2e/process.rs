@@ -267,10 +267,10 @@ async fn sigterm_drains_and_exits_zero() {
     let env = Env::new();
     let mut running = spawn(&env).await;
     let client = env.client(running.main, "dept-market");
-    let body = json!({"item": "red_list", "records": (0..50).map(|n| synth::record("red_list", n, "")).collect::<Vec<_>>()});
     let mut inflight = Vec::new();
-    for _ in 0..8 {
-        let (client, body) = (client.clone(), body.clone());
+    for k in 0..8 {
+        let body = json!({"item": "red_list", "records": (0..50).map(|n| synth::record("red_list", k * 50 + n, "")).collect::<Vec<_>>()});
+        let client = client.clone();
         inflight.push(tokio::spawn(async move {
             client.post_json("/v1/records", &body).await.status
         }));

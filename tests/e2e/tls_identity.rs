@@ -105,11 +105,11 @@ async fn http2_and_http11_both_serve() {
     let server = Server::start(&env).await;
     let client = env.client(server.addr, "dept-market");
     let mut h2 = client.connect(true).await.expect("h2 connect");
-    let body = serde_json::to_vec(
-        &json!({"item": "red_list", "records": [synth::record("red_list", 5, "")]}),
-    )
-    .expect("json");
-    for _ in 0..3 {
+    for n in 0..3 {
+        let body = serde_json::to_vec(
+            &json!({"item": "red_list", "records": [synth::record("red_list", 5 + n, "")]}),
+        )
+        .expect("json");
         let r = h2
             .send(
                 "POST",
