@@ -1299,6 +1299,59 @@ mod tests {
     }
 
     #[test]
+    fn lifecycle_declarations_are_checked_together() {
+        let mut def: ItemDefinition = serde_json::from_value(json!({
+            "id": "test_item", "version": 1, "name": "Test", "name_zh": "测试",
+            "subject_types": ["legal_entity"], "providers": ["dept-a"],
+            "decision_date_field": "decision_date",
+            "schema": schema(json!({})),
+            "natural_key": [["uscc", "nope"], "decision_date"],
+            "notice": {"type": "punishment", "severity": "major", "measures": [
+                {"id": "m", "description": "d", "description_zh": "措施", "legal_basis": "b",
+                 "when": {"levels": ["serious"], "list_kinds": ["court"]}}
+            ]},
+            "removal": {"date_field": "removal_date", "schema": schema(json!({
+                "removal_date": {"type": "string", "format": "date", "x-class": "public", "x-zh": "移出日期"}
+            }))}
+        }))
+        .expect("definition parses");
+        let errs = CatalogItem::compile(def.clone(), &|p| p == "dept-a").expect_err("invalid");
+        let text = errs.join("\n");
+        assert!(
+            text.contains("natural_key[0]: unknown field \"nope\""),
+            "{text}"
+        );
+        assert!(text.contains("needs notice.list_kind_field"), "{text}");
+        // The shared subject block fields appear in both schemas.
+        assert!(
+            text.contains("removal.schema: \"subject_name\" is also a record field"),
+            "{text}"
+        );
+        def.natural_key = vec![KeyPart::FirstOf(vec!["uscc".into()])];
+        def.removal = None;
+        if let Some(n) = def.notice.as_mut() {
+            n.measures[0].when = Some(MeasureWhen {
+                levels: vec![Severity::Serious],
+                list_kinds: vec![],
+            });
+        }
+        let item = CatalogItem::compile(def, &|p| p == "dept-a").expect("valid");
+        assert_eq!(item.def.notice.as_ref().map(|n| n.measures.len()), Some(1));
+        assert!(!item.is_list());
+        // Severity: three levels; `minor` reads as `general`.
+        assert_eq!(
+            serde_json::from_value::<Severity>(json!("minor")).ok(),
+            Some(Severity::General)
+        );
+        assert_eq!(
+            serde_json::to_value(Severity::Major).ok(),
+            Some(json!("major"))
+        );
+        assert!(serde_json::from_value::<Severity>(json!("grave")).is_err());
+        assert!(Severity::General < Severity::Major && Severity::Major < Severity::Serious);
+    }
+
+    #[test]
     fn findings_point_at_fields_and_never_echo_values() {
         let item = item(schema(json!({}))).expect("valid");
         let v = item.validate(

@@ -72,7 +72,7 @@ pub struct StoredNotice {
     /// For a lift: the notice it lifts.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lifts: Option<String>,
-    /// For a lift: why (`repaired`, `revoked`, `corrected`, `expired`).
+    /// For a lift: why (`repaired`, `revoked`, `corrected`, `expired`, `removed`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
@@ -89,15 +89,18 @@ pub enum EndReason {
     Corrected,
     /// Its effective period passed.
     Expired,
+    /// Removed from its list (移出) by a removal decision.
+    Removed,
 }
 
 impl EndReason {
     /// Every reason.
-    pub const ALL: [EndReason; 4] = [
+    pub const ALL: [EndReason; 5] = [
         EndReason::Repaired,
         EndReason::Revoked,
         EndReason::Corrected,
         EndReason::Expired,
+        EndReason::Removed,
     ];
 
     /// Stored and API spelling.
@@ -107,6 +110,7 @@ impl EndReason {
             EndReason::Revoked => "revoked",
             EndReason::Corrected => "corrected",
             EndReason::Expired => "expired",
+            EndReason::Removed => "removed",
         }
     }
 
@@ -119,6 +123,7 @@ impl EndReason {
     pub fn record_status(self) -> &'static str {
         match self {
             EndReason::Expired => "expired",
+            EndReason::Removed => "removed",
             _ => "revoked",
         }
     }

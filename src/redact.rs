@@ -333,6 +333,28 @@ impl Redactor {
         }
     }
 
+    /// A list removal document for `audience`: fields above its clearance
+    /// (or not annotated in the item's removal schema) are left out.
+    pub fn removal_view(
+        &self,
+        item: Option<&CatalogItem>,
+        removal: &Value,
+        audience: Audience,
+    ) -> RecordView {
+        let Some(obj) = removal.as_object() else {
+            return RecordView(Map::new());
+        };
+        match audience {
+            Audience::Originator => RecordView(obj.clone()),
+            Audience::Cleared(c) => RecordView(
+                obj.iter()
+                    .filter(|(k, _)| item.is_some_and(|i| i.removal_class_of(k) <= c))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            ),
+        }
+    }
+
     /// A notice for a recipient of `clearance`; `cursor` is set for pulls.
     pub fn notice_view(
         &self,

@@ -81,6 +81,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/records", post(records::submit))
         .route("/v1/records/{record_id}", get(records::read))
         .route("/v1/records/{record_id}/revocation", post(records::revoke))
+        .route("/v1/records/{record_id}/removal", post(records::remove))
         .route("/v1/notices", get(notices::pull))
         .route("/v1/notices/ack", post(notices::ack))
         .route("/v1/notices/{notice_id}/feedback", post(notices::feedback))

@@ -16,7 +16,7 @@ use crate::ingest::{request_hash, MAX_IDEMPOTENCY_KEY};
 use crate::notice::EndReason;
 use crate::participants::Kind;
 use crate::redact::{Audience, RecordView};
-use crate::store::{EndOutcome, IdempotencyClaim, NoticeHistory};
+use crate::store::{EndOutcome, Ending, IdempotencyClaim, NoticeHistory};
 
 /// Bodies up to this size are parsed and validated on the async worker
 /// (microseconds); larger ones on the blocking pool.
@@ -109,6 +109,9 @@ struct RecordDocument {
     status: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     end_reason: Option<String>,
+    revision: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    removal: Option<RecordView>,
     decision_date: Option<String>,
     effective_until: Option<String>,
     received_at: String,
@@ -159,11 +162,12 @@ pub async fn read(
 ) -> Result<Response, Problem> {
     let (rec, audience) = visible_record(&state, &caller, &record_id).await?;
     let catalog = state.ingest.catalog.load();
-    let view = state.redactor.record_view(
-        catalog.get(&rec.item).map(|i| i.as_ref()),
-        &rec.body,
-        audience,
-    );
+    let item = catalog.get(&rec.item).map(|i| i.as_ref());
+    let view = state.redactor.record_view(item, &rec.body, audience);
+    let removal = rec
+        .removal
+        .as_ref()
+        .map(|r| state.redactor.removal_view(item, r, audience));
     let notices = state.ingest.store.record_notices(&rec.id).await?;
     let doc = RecordDocument {
         record_id: rec.id,
@@ -173,6 +177,8 @@ pub async fn read(
         subject_type: rec.subject_type,
         status: rec.status,
         end_reason: rec.end_reason,
+        revision: rec.revision,
+        removal,
         decision_date: rec.decision_date.map(|d| d.to_string()),
         effective_until: rec.effective_until.map(|d| d.to_string()),
         received_at: rec.received_at.format(&Rfc3339).unwrap_or_default(),
@@ -224,7 +230,7 @@ pub async fn revoke(
         _ => {
             return Err(invalid(
                 "/reason",
-                "must be repaired, revoked, corrected or expired",
+                "must be repaired, revoked, corrected or expired (removal: POST /v1/records/{record_id}/removal)",
             ))
         }
     };
@@ -238,12 +244,112 @@ pub async fn revoke(
             ))
         }
     };
+    if reason == EndReason::Removed {
+        return Err(invalid(
+            "/reason",
+            "a removal from a list needs its removal document: POST /v1/records/{record_id}/removal",
+        ));
+    }
     // Only the submitter or an administrator may end a record's effect.
     visible_record(&state, &caller, &record_id).await?;
+    end(
+        &state,
+        &caller,
+        &record_id,
+        Ending {
+            note,
+            ..Ending::new(reason)
+        },
+        None,
+    )
+    .await
+}
+
+/// `POST /v1/records/{record_id}/removal`: removes a listing from its list
+/// (移出) with the item's removal document, and sends a lift notice with
+/// reason `removed` to every agency that received one of its notices.
+pub async fn remove(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(record_id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Problem> {
+    let raw = read_json(&headers, body, &state.limits).await?;
+    let doc = parse_json(&raw, &state.limits)?;
+    let (rec, _) = visible_record(&state, &caller, &record_id).await?;
+    let catalog = state.ingest.catalog.load_full();
+    let item = catalog.get(&rec.item).ok_or_else(record_not_found)?;
+    let Some(validation) = item.validate_removal(
+        &doc,
+        rec.decision_date,
+        state.limits.max_findings_per_record,
+    ) else {
+        return Err(Problem::caller(
+            StatusCode::CONFLICT,
+            "not_a_list",
+            format!(
+                "records of {} are not list entries and cannot be removed; end their effect with POST /v1/records/{{record_id}}/revocation",
+                rec.item
+            ),
+        ));
+    };
+    if rec.status != "active" {
+        return Err(already_ended(&rec.status));
+    }
+    if !validation.errors.is_empty() {
+        return Err(Problem::caller(
+            StatusCode::BAD_REQUEST,
+            "invalid_removal",
+            "the removal document is not valid for this list; nothing was changed",
+        )
+        .with_errors(validation.errors));
+    }
+    let date_field = item
+        .def
+        .removal
+        .as_ref()
+        .map_or("removal_date", |r| r.date_field.as_str());
+    let on = doc
+        .get(date_field)
+        .and_then(serde_json::Value::as_str)
+        .and_then(crate::codes::parse_iso_date);
+    let text = serde_json::to_string(&doc).map_err(|e| Problem::gateway(&e))?;
+    end(
+        &state,
+        &caller,
+        &record_id,
+        Ending {
+            removal: Some(text),
+            on,
+            ..Ending::new(EndReason::Removed)
+        },
+        Some(doc),
+    )
+    .await
+}
+
+fn already_ended(status: &str) -> Problem {
+    Problem::caller(
+        StatusCode::CONFLICT,
+        "already_ended",
+        format!("the record is already {status}; its lift notices were sent then"),
+    )
+}
+
+/// Ends a record's effect and answers with the lift notices sent.
+async fn end(
+    state: &AppState,
+    caller: &crate::participants::Participant,
+    record_id: &str,
+    ending: Ending,
+    removal: Option<serde_json::Value>,
+) -> Result<Response, Problem> {
+    let reason = ending.reason;
     match state
         .ingest
         .store
-        .end_record(&record_id, reason, note, &caller.id)
+        .end_record(record_id, ending, &caller.id)
         .await?
     {
         EndOutcome::Ended {
@@ -251,21 +357,20 @@ pub async fn revoke(
             recipients,
         } => {
             tracing::info!(record = %record_id, by = %caller.id, reason = reason.as_str(), lifts = lift_notices.len(), "record effect ended");
-            let body = serde_json::to_vec(&serde_json::json!({
+            let mut doc = serde_json::json!({
                 "record_id": record_id,
                 "status": reason.record_status(),
                 "reason": reason,
                 "lift_notices": lift_notices,
                 "recipients": recipients,
-            }))
-            .map_err(|e| Problem::gateway(&e))?;
+            });
+            if let Some(removal) = removal {
+                doc["removal"] = removal;
+            }
+            let body = serde_json::to_vec(&doc).map_err(|e| Problem::gateway(&e))?;
             Ok(json_response(StatusCode::OK, body))
         }
         EndOutcome::NotFound => Err(record_not_found()),
-        EndOutcome::AlreadyEnded(status) => Err(Problem::caller(
-            StatusCode::CONFLICT,
-            "already_ended",
-            format!("the record is already {status}; its lift notices were sent then"),
-        )),
+        EndOutcome::AlreadyEnded(status) => Err(already_ended(&status)),
     }
 }

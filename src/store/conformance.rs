@@ -402,11 +402,15 @@ pub(crate) async fn ending_a_record_lifts_every_notice_once(s: Subject) {
         .append_submission(with_notice("1", &[("agency-a", false), ("agency-p", true)]))
         .await
         .expect("append");
+    let removed_on = time::macros::date!(2026 - 10 - 31);
     let ended = store
         .end_record(
             "r-1",
-            crate::notice::EndReason::Revoked,
-            None,
+            Ending {
+                removal: Some(r#"{"removal_date":"2026-10-31","removal_reason":"other"}"#.into()),
+                on: Some(removed_on),
+                ..Ending::new(crate::notice::EndReason::Removed)
+            },
             "dept-market",
         )
         .await
@@ -420,31 +424,37 @@ pub(crate) async fn ending_a_record_lifts_every_notice_once(s: Subject) {
     };
     assert_eq!(lift_notices.len(), 1);
     assert_eq!(recipients, ["agency-a", "agency-p"]);
+    let revoke = || Ending::new(crate::notice::EndReason::Revoked);
     assert!(matches!(
         store
-            .end_record(
-                "r-1",
-                crate::notice::EndReason::Revoked,
-                None,
-                "dept-market"
-            )
+            .end_record("r-1", revoke(), "dept-market")
             .await
             .expect("again"),
-        EndOutcome::AlreadyEnded(_)
+        EndOutcome::AlreadyEnded(status) if status == "removed"
     ));
     assert!(matches!(
         store
-            .end_record("nope", crate::notice::EndReason::Revoked, None, "x")
+            .end_record("nope", revoke(), "x")
             .await
             .expect("unknown"),
         EndOutcome::NotFound
     ));
     let record = store.record("r-1").await.expect("read").expect("record");
-    assert_eq!(record.status, "revoked");
+    assert_eq!(record.status, "removed");
+    assert_eq!(record.end_reason.as_deref(), Some("removed"));
+    assert_eq!(
+        record
+            .removal
+            .as_ref()
+            .and_then(|r| r.get("removal_reason")),
+        Some(&serde_json::json!("other"))
+    );
     let pulled = store.pull("agency-a", 1, 10).await.expect("pull");
     assert_eq!(pulled.len(), 1);
     assert_eq!(pulled[0].notice.kind, NoticeKind::Lift);
     assert_eq!(pulled[0].notice.lifts.as_deref(), Some("n-1"));
+    assert_eq!(pulled[0].notice.reason.as_deref(), Some("removed"));
+    assert_eq!(pulled[0].notice.effective_until, Some(removed_on));
     assert_eq!(pulled[0].position, 2);
     // Feedback: only recipients, only existing notices.
     let fb = |agency: &str, notice: &str| Feedback {

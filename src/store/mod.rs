@@ -230,10 +230,15 @@ pub struct StoredRecord {
     pub body: RecordBody,
     /// Warnings given at submission.
     pub warnings: Vec<Finding>,
-    /// `active`, `revoked` or `expired`.
+    /// `active`, `revoked`, `expired` or `removed`.
     pub status: String,
-    /// Why it stopped being active (`repaired`, `revoked`, `corrected`, `expired`).
+    /// Why it stopped being active (`repaired`, `revoked`, `corrected`,
+    /// `expired`, `removed`).
     pub end_reason: Option<String>,
+    /// The removal document, once removed from its list.
+    pub removal: Option<Value>,
+    /// Revision number (1 until corrected).
+    pub revision: u32,
 }
 
 /// A delivery on its way out, with what the egress step needs.
@@ -393,6 +398,32 @@ pub struct NoticeHistory {
     pub deliveries: Vec<DeliveryInfo>,
     /// Feedback received.
     pub feedback: Vec<Feedback>,
+}
+
+/// How a record's effect ends.
+#[derive(Debug, Clone)]
+pub struct Ending {
+    /// Why (the lift notices' `reason`).
+    pub reason: crate::notice::EndReason,
+    /// Free-text note of the submitter or administrator.
+    pub note: Option<String>,
+    /// The removal document (JSON text) of a removal from a list.
+    pub removal: Option<String>,
+    /// The day the effect ends (the lifts' `effective_until`); today when
+    /// not given.
+    pub on: Option<Date>,
+}
+
+impl Ending {
+    /// An ending for `reason` today, without note or document.
+    pub fn new(reason: crate::notice::EndReason) -> Ending {
+        Ending {
+            reason,
+            note: None,
+            removal: None,
+            on: None,
+        }
+    }
 }
 
 /// Result of ending a record's effect.
@@ -586,8 +617,7 @@ pub trait Store: Send + Sync + 'static {
     async fn end_record(
         &self,
         record_id: &str,
-        reason: crate::notice::EndReason,
-        note: Option<String>,
+        ending: Ending,
         actor: &str,
     ) -> Result<EndOutcome, StoreError>;
 
@@ -603,7 +633,11 @@ pub trait Store: Send + Sync + 'static {
         let mut ended = 0;
         for id in self.expiring(today, 1000).await? {
             if let EndOutcome::Ended { .. } = self
-                .end_record(&id, crate::notice::EndReason::Expired, None, "gateway")
+                .end_record(
+                    &id,
+                    Ending::new(crate::notice::EndReason::Expired),
+                    "gateway",
+                )
                 .await?
             {
                 ended += 1;

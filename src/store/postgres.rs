@@ -39,10 +39,10 @@ use super::shared::{
 };
 use super::{
     parse_kind, ActivateOutcome, AgencyFeedbackStats, AppendOutcome, ControlState, DeliveryInfo,
-    DeliveryResult, DeliveryState, DepartmentStats, DocKind, EndOutcome, EndpointHealth, Feedback,
-    FeedbackOutcome, FeedbackStored, Finished, ItemActivation, KeyHolder, NewNotice, NewSubmission,
-    NoticeHistory, NoticeKind, Outbound, Store, StoreError, StoredNotice, StoredRecord,
-    StoredResponse, VersionInfo,
+    DeliveryResult, DeliveryState, DepartmentStats, DocKind, EndOutcome, Ending, EndpointHealth,
+    Feedback, FeedbackOutcome, FeedbackStored, Finished, ItemActivation, KeyHolder, NewNotice,
+    NewSubmission, NoticeHistory, NoticeKind, Outbound, Store, StoreError, StoredNotice,
+    StoredRecord, StoredResponse, VersionInfo,
 };
 use crate::catalog::Severity;
 use crate::redact::RecordBody;
@@ -296,8 +296,7 @@ enum Op {
     Append(Box<NewSubmission>),
     End {
         record_id: String,
-        reason: crate::notice::EndReason,
-        note: Option<String>,
+        ending: Ending,
         actor: String,
     },
     Ack {
@@ -893,10 +892,9 @@ async fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(Out, Effects), StoreErr
         }
         Op::End {
             record_id,
-            reason,
-            note,
+            ending,
             actor,
-        } => Out::End(end_record(tx, record_id, *reason, note.as_deref(), actor, &mut fx).await?),
+        } => Out::End(end_record(tx, record_id, ending, actor, &mut fx).await?),
         Op::Ack { agency, position } => {
             ack(tx, agency, *position, &mut fx).await?;
             Out::Unit(())
@@ -1258,8 +1256,7 @@ fn notice_at(r: &Row, o: usize) -> Result<StoredNotice, StoreError> {
 async fn end_record(
     tx: &Transaction<'_>,
     record_id: &str,
-    reason: crate::notice::EndReason,
-    note: Option<&str>,
+    ending: &Ending,
     actor: &str,
     fx: &mut Effects,
 ) -> Result<EndOutcome, StoreError> {
@@ -1274,11 +1271,11 @@ async fn end_record(
         Some("active") => {}
         Some(other) => return Ok(EndOutcome::AlreadyEnded(other.to_owned())),
     }
-    let reason_text = reason.as_str();
+    let reason_text = ending.reason.as_str();
     exec(
         tx,
-        "UPDATE records SET status = $2, end_reason = $3, end_note = $4 WHERE id = $1",
-        &[&record_id, &reason.record_status(), &reason_text, &note],
+        "UPDATE records SET status = $2, end_reason = $3, end_note = $4, removal = $5 WHERE id = $1",
+        &[&record_id, &ending.reason.record_status(), &reason_text, &ending.note, &ending.removal],
     )
     .await?;
     let originals = tx
@@ -1289,7 +1286,7 @@ async fn end_record(
         .await
         .map_err(db_err)?;
     let now = OffsetDateTime::now_utc();
-    let today = crate::codes::today_cst();
+    let today = ending.on.unwrap_or_else(crate::codes::today_cst);
     let mut lift_notices = Vec::new();
     let mut recipients = Vec::new();
     for row in originals {
@@ -1757,7 +1754,7 @@ impl Store for PgStore {
     async fn record(&self, id: &str) -> Result<Option<StoredRecord>, StoreError> {
         let rows = self
             .query(
-                "SELECT id, item, item_version, submitter, subject_type, decision_date, effective_until, received_at, body, warnings, status, end_reason FROM records WHERE id = $1",
+                "SELECT id, item, item_version, submitter, subject_type, decision_date, effective_until, received_at, body, warnings, status, end_reason, removal, revision FROM records WHERE id = $1",
                 &[&id],
             )
             .await?;
@@ -1779,6 +1776,12 @@ impl Store for PgStore {
             warnings: serde_json::from_str(r.get::<_, &str>(9)).map_err(corrupt)?,
             status: r.get(10),
             end_reason: r.get(11),
+            removal: r
+                .get::<_, Option<&str>>(12)
+                .map(serde_json::from_str)
+                .transpose()
+                .map_err(corrupt)?,
+            revision: uint(r.get(13)),
         }))
     }
 
@@ -1822,15 +1825,13 @@ impl Store for PgStore {
     async fn end_record(
         &self,
         record_id: &str,
-        reason: crate::notice::EndReason,
-        note: Option<String>,
+        ending: Ending,
         actor: &str,
     ) -> Result<EndOutcome, StoreError> {
         expect_out!(
             self.write(Op::End {
                 record_id: record_id.to_owned(),
-                reason,
-                note,
+                ending,
                 actor: actor.to_owned(),
             })
             .await?,

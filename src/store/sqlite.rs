@@ -25,10 +25,10 @@ use super::shared::{self, outcome_audit, parse_time, rfc3339, submission_audit, 
 use super::sqlite_control;
 use super::{
     parse_kind, ActivateOutcome, AgencyFeedbackStats, AppendOutcome, ControlState, DeliveryInfo,
-    DeliveryResult, DeliveryState, DepartmentStats, DocKind, EndOutcome, EndpointHealth, Feedback,
-    FeedbackOutcome, FeedbackStored, Finished, ItemActivation, KeyHolder, NewNotice, NewSubmission,
-    NoticeHistory, NoticeKind, Outbound, Store, StoreError, StoredNotice, StoredRecord,
-    StoredResponse, VersionInfo,
+    DeliveryResult, DeliveryState, DepartmentStats, DocKind, EndOutcome, Ending, EndpointHealth,
+    Feedback, FeedbackOutcome, FeedbackStored, Finished, ItemActivation, KeyHolder, NewNotice,
+    NewSubmission, NoticeHistory, NoticeKind, Outbound, Store, StoreError, StoredNotice,
+    StoredRecord, StoredResponse, VersionInfo,
 };
 use crate::catalog::Severity;
 use crate::redact::RecordBody;
@@ -764,8 +764,7 @@ fn insert_notice(
 fn end_record(
     tx: &Connection,
     record_id: &str,
-    reason: crate::notice::EndReason,
-    note: Option<&str>,
+    ending: &Ending,
     actor: &str,
     audit: &mut Vec<AuditItem>,
 ) -> Result<EndOutcome, StoreError> {
@@ -782,12 +781,12 @@ fn end_record(
         Some("active") => {}
         Some(other) => return Ok(EndOutcome::AlreadyEnded(other.to_owned())),
     }
-    let status = reason.record_status();
-    let reason = reason.as_str();
+    let status = ending.reason.record_status();
+    let reason = ending.reason.as_str();
     exec(
         tx,
-        "UPDATE records SET status = ?2, end_reason = ?3, end_note = ?4 WHERE id = ?1",
-        params![record_id, status, reason, note],
+        "UPDATE records SET status = ?2, end_reason = ?3, end_note = ?4, removal = ?5 WHERE id = ?1",
+        params![record_id, status, reason, ending.note, ending.removal],
     )
     .map_err(db_err)?;
     let originals = {
@@ -802,7 +801,7 @@ fn end_record(
         rows.collect::<Result<Vec<_>, _>>().map_err(db_err)?
     };
     let now = OffsetDateTime::now_utc();
-    let today = crate::codes::today_cst();
+    let today = ending.on.unwrap_or_else(crate::codes::today_cst);
     let mut lift_notices = Vec::new();
     let mut recipients = Vec::new();
     for original in originals {
@@ -1074,20 +1073,20 @@ impl Store for SqliteStore {
         self.read(move |conn| {
             let row = conn
                 .query_row(
-                    "SELECT id, item, item_version, submitter, subject_type, decision_date, effective_until, received_at, body, warnings, status, end_reason FROM records WHERE id = ?1",
+                    "SELECT id, item, item_version, submitter, subject_type, decision_date, effective_until, received_at, body, warnings, status, end_reason, removal, revision FROM records WHERE id = ?1",
                     [&id],
                     |r| {
                         Ok((
                             (r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, u32>(2)?, r.get::<_, String>(3)?),
                             (r.get::<_, String>(4)?, r.get::<_, Option<String>>(5)?, r.get::<_, Option<String>>(6)?),
                             (r.get::<_, String>(7)?, r.get::<_, String>(8)?, r.get::<_, String>(9)?),
-                            (r.get::<_, String>(10)?, r.get::<_, Option<String>>(11)?),
+                            (r.get::<_, String>(10)?, r.get::<_, Option<String>>(11)?, r.get::<_, Option<String>>(12)?, r.get::<_, u32>(13)?),
                         ))
                     },
                 )
                 .optional()
                 .map_err(db_err)?;
-            let Some(((id, item, item_version, submitter), (subject_type, decision, until), (received, body, warnings), (status, end_reason))) = row else {
+            let Some(((id, item, item_version, submitter), (subject_type, decision, until), (received, body, warnings), (status, end_reason, removal, revision))) = row else {
                 return Ok(None);
             };
             Ok(Some(StoredRecord {
@@ -1103,6 +1102,8 @@ impl Store for SqliteStore {
                 subject_type,
                 status,
                 end_reason,
+                removal: removal.map(|r| serde_json::from_str(&r)).transpose().map_err(corrupt)?,
+                revision,
             }))
         })
         .await
@@ -1148,13 +1149,12 @@ impl Store for SqliteStore {
     async fn end_record(
         &self,
         record_id: &str,
-        reason: crate::notice::EndReason,
-        note: Option<String>,
+        ending: Ending,
         actor: &str,
     ) -> Result<EndOutcome, StoreError> {
         let (record_id, actor) = (record_id.to_owned(), actor.to_owned());
         self.write(true, move |sp, audit| {
-            end_record(sp, &record_id, reason, note.as_deref(), &actor, audit)
+            end_record(sp, &record_id, &ending, &actor, audit)
         })
         .await
     }

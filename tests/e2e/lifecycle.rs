@@ -5,7 +5,8 @@ use serde_json::{json, Value};
 
 use credgate::synth;
 
-use crate::notices::{ids, pull_all, pull_sub, record_about, submit};
+use crate::notices::{ids, pull_all, pull_sub, push_sub, record_about, submit, FIN_SECRET};
+use crate::receiver::Receiver;
 use crate::support::{Client, Env, Server};
 
 /// Posts a batch and returns the answer document (status 200 asserted).
@@ -177,5 +178,243 @@ async fn lower_case_x_is_normalised_and_records_without_a_key_match_by_content()
     let doc = batch(&dept, "credit_commitment", vec![commitment]).await;
     assert_eq!(doc["results"][0]["status"], "accepted", "{doc:#}");
     assert_eq!(env.count_rows("records"), 3);
+    server.stop().await;
+}
+
+/// A removal document for a listing made on 2026-07-01.
+fn removal_doc(date: &str) -> Value {
+    json!({
+        "removal_date": date,
+        "removal_reason": "annual_report_filed",
+        "removal_reason_detail": "已补报2025年度报告并公示",
+        "removal_authority": "福州市市场监督管理局",
+        "removal_authority_uscc": synth::authority().1,
+        "removal_decision_number": "榕市监移〔2026〕12号",
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removal_from_a_list_lifts_once_for_every_earlier_recipient() {
+    let env = Env::new();
+    let fin = Receiver::start(env.root.path(), "finance", &env.pki.dir.join("ca.pem"), 0).await;
+    env.subscribe(
+        &[
+            pull_sub("proc-pull", "agency-procurement", ""),
+            push_sub(
+                "fin-push",
+                "agency-finance",
+                &fin,
+                FIN_SECRET,
+                "items = [\"abnormal_operations\"]",
+            ),
+        ]
+        .concat(),
+    );
+    let server = Server::start(&env).await;
+    let dept = env.client(server.addr, "dept-market");
+    let admin = env.client(server.addr, "admin-credit-office");
+    let agency = env.client(server.addr, "agency-procurement");
+
+    // Removal fields in a new record are refused, pointing at each.
+    let mut with_removal = synth::record("abnormal_operations", 8, "");
+    with_removal["removal_date"] = json!("2026-10-01");
+    let doc = batch(&dept, "abnormal_operations", vec![with_removal]).await;
+    let errors = &doc["results"][0]["errors"];
+    assert_eq!(errors[0]["code"], "use_removal", "{doc:#}");
+    assert_eq!(errors[0]["pointer"], "/records/0/removal_date");
+    assert_eq!(errors.as_array().map(Vec::len), Some(1), "{doc:#}");
+
+    let listing = submit(
+        &dept,
+        "abnormal_operations",
+        synth::record("abnormal_operations", 9, ""),
+    )
+    .await;
+    let record_id = listing["record_id"].as_str().expect("id").to_owned();
+    let notice_id = listing["notice_id"].as_str().expect("notice").to_owned();
+    assert_eq!(fin.wait_for(1, 15).await.len(), 1);
+    let removal_path = format!("/v1/records/{record_id}/removal");
+
+    // Faults change nothing: before the listing, missing reason, unknown
+    // field, another department, a record that is not a listing.
+    let early = dept
+        .post_json(&removal_path, &removal_doc("2026-06-30"))
+        .await;
+    assert_eq!(
+        early.status,
+        400,
+        "{}",
+        String::from_utf8_lossy(&early.body)
+    );
+    let problem = early.json();
+    assert_eq!(problem["code"], "invalid_removal");
+    assert_eq!(problem["errors"][0]["code"], "removal_before_listing");
+    assert_eq!(problem["errors"][0]["pointer"], "/removal_date");
+    let mut incomplete = removal_doc("2026-10-01");
+    incomplete
+        .as_object_mut()
+        .expect("o")
+        .remove("removal_reason");
+    incomplete["color"] = json!("red");
+    let problem = dept.post_json(&removal_path, &incomplete).await.json();
+    assert_eq!(problem["code"], "invalid_removal", "{problem:#}");
+    let found: Vec<(&str, &str)> = problem["errors"]
+        .as_array()
+        .expect("errors")
+        .iter()
+        .filter_map(|e| Some((e["code"].as_str()?, e["pointer"].as_str()?)))
+        .collect();
+    assert!(
+        found.contains(&("required", "/removal_reason")),
+        "{problem:#}"
+    );
+    assert!(
+        found.iter().any(|(code, _)| *code == "unknown_field"),
+        "{problem:#}"
+    );
+    let other = env
+        .client(server.addr, "dept-tax")
+        .post_json(&removal_path, &removal_doc("2026-10-01"))
+        .await;
+    assert_eq!(other.status, 404);
+    let penalty = submit(
+        &dept,
+        "administrative_penalty",
+        synth::record("administrative_penalty", 9, "general"),
+    )
+    .await;
+    let not_a_list = dept
+        .post_json(
+            &format!(
+                "/v1/records/{}/removal",
+                penalty["record_id"].as_str().expect("id")
+            ),
+            &removal_doc("2026-10-01"),
+        )
+        .await;
+    assert_eq!(not_a_list.status, 409);
+    assert_eq!(not_a_list.json()["code"], "not_a_list");
+    let revoke_as_removal = dept
+        .post_json(
+            &format!("/v1/records/{record_id}/revocation"),
+            &json!({"reason": "removed"}),
+        )
+        .await;
+    assert_eq!(revoke_as_removal.status, 400);
+    let (notices, _, _) = pull_all(&agency, "0").await;
+    assert_eq!(ids(&notices), std::slice::from_ref(&notice_id));
+
+    // The removal, by an administrator: one lift to each earlier recipient.
+    let resp = admin
+        .post_json(&removal_path, &removal_doc("2026-10-01"))
+        .await;
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    let done = resp.json();
+    assert_eq!(done["status"], "removed");
+    assert_eq!(done["reason"], "removed");
+    assert_eq!(
+        done["recipients"],
+        json!(["agency-finance", "agency-procurement"])
+    );
+    let again = dept
+        .post_json(&removal_path, &removal_doc("2026-10-02"))
+        .await;
+    assert_eq!(again.status, 409);
+    assert_eq!(again.json()["code"], "already_ended");
+
+    let (notices, _, _) = pull_all(&agency, "0").await;
+    assert_eq!(notices.len(), 2, "{notices:#?}");
+    let lift = &notices[1];
+    assert_eq!(lift["type"], "lift");
+    assert_eq!(lift["reason"], "removed");
+    assert_eq!(lift["lifts"], notice_id.as_str());
+    assert_eq!(lift["effective_until"], "2026-10-01");
+    let pushed = fin.wait_for(2, 15).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(fin.accepted().len(), 2, "exactly one lift pushed");
+    assert_eq!(pushed[1].json()["type"], "lift");
+    assert_eq!(pushed[1].json()["lifts"], notice_id.as_str());
+
+    let read = dept.get(&format!("/v1/records/{record_id}")).await.json();
+    assert_eq!(read["status"], "removed");
+    assert_eq!(read["removal"]["removal_reason"], "annual_report_filed");
+    assert_eq!(read["removal"]["removal_date"], "2026-10-01");
+    // The listing's notice and its one lift; the penalty (general) has none.
+    assert_eq!(env.count_rows("notices"), 2);
+    server.stop().await;
+}
+
+/// The measure ids of a pulled notice.
+fn measures(notice: &Value) -> Vec<String> {
+    notice["measures"]
+        .as_array()
+        .expect("measures")
+        .iter()
+        .map(|m| m["id"].as_str().expect("id").to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn measures_follow_the_level_and_the_list_kind() {
+    let env = Env::new();
+    env.subscribe(&pull_sub(
+        "proc-pull",
+        "agency-procurement",
+        "min_severity = \"minor\"",
+    ));
+    let server = Server::start(&env).await;
+    let agency = env.client(server.addr, "agency-procurement");
+    let listing = |n: u64, kind: &str| {
+        let mut r = synth::record("serious_dishonesty", n, "");
+        r["list_kind"] = json!(kind);
+        r
+    };
+    let tax = submit(
+        &env.client(server.addr, "dept-tax"),
+        "serious_dishonesty",
+        listing(1, "major_tax_violation"),
+    )
+    .await;
+    let court = submit(
+        &env.client(server.addr, "dept-court"),
+        "serious_dishonesty",
+        listing(2, "dishonest_judgment_debtor"),
+    )
+    .await;
+    let dept = env.client(server.addr, "dept-market");
+    let major = submit(
+        &dept,
+        "administrative_penalty",
+        synth::record("administrative_penalty", 3, "major"),
+    )
+    .await;
+    // `minor` is still accepted, as `general`: no notice.
+    let minor = submit(
+        &dept,
+        "administrative_penalty",
+        synth::record("administrative_penalty", 4, "minor"),
+    )
+    .await;
+    assert!(minor.get("notice_id").is_none(), "{minor:#}");
+
+    let (notices, _, _) = pull_all(&agency, "0").await;
+    assert_eq!(
+        ids(&notices),
+        [&tax, &court, &major].map(|r| r["notice_id"].as_str().expect("id").to_owned())
+    );
+    let (tax, court, major) = (&notices[0], &notices[1], &notices[2]);
+    let tax_measures = measures(tax);
+    assert!(!tax_measures.contains(&"restrict_high_consumption".to_owned()));
+    assert!(tax_measures.contains(&"restrict_exit".to_owned()));
+    assert!(tax_measures.contains(&"restrict_government_procurement".to_owned()));
+    let court_measures = measures(court);
+    assert!(court_measures.contains(&"restrict_high_consumption".to_owned()));
+    assert!(!court_measures.contains(&"restrict_exit".to_owned()));
+    assert_eq!(major["severity"], "major");
+    assert_eq!(
+        measures(major),
+        ["enhanced_supervision", "exclude_from_honours"],
+        "a major penalty carries the measures configured for its level"
+    );
     server.stop().await;
 }
