@@ -90,6 +90,15 @@ impl Problem {
         }
     }
 
+    /// A change of a record whose effect has ended (`status`).
+    pub fn already_ended(status: &str) -> Problem {
+        Problem::caller(
+            StatusCode::CONFLICT,
+            "already_ended",
+            format!("the record is already {status}; its lift notices were sent then"),
+        )
+    }
+
     /// Adds field-level findings.
     pub fn with_errors(mut self, errors: Vec<Finding>) -> Problem {
         self.errors = errors;

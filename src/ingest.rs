@@ -378,7 +378,7 @@ impl Ingest {
     /// What is stored of a valid record: its subject key, natural key and
     /// content digest, and the notice it produces with its routed
     /// deliveries. Also answers the natural key's field names.
-    fn accepted_record(
+    pub(crate) fn accepted_record(
         &self,
         item: &CatalogItem,
         record: &Value,
@@ -436,6 +436,9 @@ impl Ingest {
                         push: r.subscription.is_push(),
                     })
                     .collect(),
+                lifts: None,
+                corrects: None,
+                reason: None,
             }
         });
         let body = serde_json::to_string(record).map_err(|e| Problem::gateway(&e))?;
@@ -648,6 +651,161 @@ impl Ingest {
                 let hash = replay.map(|(_, h)| h).unwrap_or_default();
                 self.answer_replay(&earlier, &hash)
             }
+        }
+    }
+}
+
+/// What a correction answers.
+#[derive(Serialize)]
+pub struct Corrected {
+    record_id: String,
+    /// `corrected` (a new revision) or `unchanged` (same content; nothing
+    /// stored).
+    status: &'static str,
+    revision: u32,
+    /// What the change meant for the notices: `corrected`, `lifted`,
+    /// `notified` or `none`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    effect: Option<&'static str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    notices: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    recipients: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    warnings: Vec<Finding>,
+}
+
+impl Ingest {
+    /// Corrects `current` (an active record the caller may change) with
+    /// the whole new content `record`: validated against the active item
+    /// version, stored as a new revision, and followed by correction, lift
+    /// or new notices as the change calls for.
+    pub async fn correct(
+        &self,
+        who: &Participant,
+        current: &crate::store::StoredRecord,
+        mut record: Value,
+        reason: String,
+        revision: Option<u32>,
+    ) -> Result<Corrected, Problem> {
+        if current.status != "active" {
+            return Err(Problem::already_ended(&current.status));
+        }
+        let catalog = self.catalog.load_full();
+        let item = catalog.get(&current.item).cloned().ok_or_else(|| {
+            Problem::caller(
+                StatusCode::CONFLICT,
+                "unknown_item",
+                "the record's catalog item is no longer in the catalog",
+            )
+        })?;
+        let prefix = |f: Finding| Finding {
+            pointer: format!("/record{}", f.pointer),
+            ..f
+        };
+        let normalised = normalise_codes(&mut record);
+        let mut v = item.validate(&record, self.limits.max_findings_per_record);
+        if !v.errors.is_empty() {
+            return Err(Problem::caller(
+                StatusCode::BAD_REQUEST,
+                "invalid_record",
+                "the corrected record is not valid for the active item version; nothing was changed",
+            )
+            .with_errors(v.errors.into_iter().map(prefix).collect()));
+        }
+        v.warnings.splice(0..0, normalised);
+        let subscriptions = self.subscriptions.load_full();
+        let registry = self.registry.load_full();
+        let (new, key_fields) = self.accepted_record(&item, &record, &subscriptions, &registry)?;
+        let holder = self
+            .store
+            .find_keys(&item.def.id, vec![new.natural_key.clone()])
+            .await?
+            .pop();
+        let key_taken = || {
+            let pointers: Vec<String> = key_fields
+                .iter()
+                .map(|f| format!("/record/{}", escape_pointer(f)))
+                .collect();
+            Problem::caller(
+                StatusCode::CONFLICT,
+                "duplicate_key",
+                "another record already has the corrected record's key; nothing was changed",
+            )
+            .with_errors(
+                pointers
+                    .into_iter()
+                    .map(|pointer| Finding {
+                        pointer,
+                        code: "duplicate_key".into(),
+                        message: format!("another record has this key ({})", key_fields.join(", ")),
+                    })
+                    .collect(),
+            )
+        };
+        let expected = revision.unwrap_or(current.revision);
+        match holder {
+            Some(h) if h.record_id != current.id => return Err(key_taken()),
+            Some(h) if h.content_hash == new.content_hash && expected == current.revision => {
+                return Ok(Corrected {
+                    record_id: current.id.clone(),
+                    status: "unchanged",
+                    revision: current.revision,
+                    effect: None,
+                    notices: Vec::new(),
+                    recipients: Vec::new(),
+                    warnings: Vec::new(),
+                })
+            }
+            _ => {}
+        }
+        let warnings = serde_json::to_string(&v.warnings).map_err(|e| Problem::gateway(&e))?;
+        let outcome = self
+            .store
+            .correct_record(
+                crate::store::Correction {
+                    record_id: current.id.clone(),
+                    expected_revision: expected,
+                    item_version: item.def.version,
+                    record: NewRecord { warnings, ..new },
+                    reason,
+                },
+                &who.id,
+            )
+            .await;
+        match outcome {
+            Ok(crate::store::CorrectOutcome::Corrected {
+                revision,
+                effect,
+                notices,
+                recipients,
+            }) => Ok(Corrected {
+                record_id: current.id.clone(),
+                status: "corrected",
+                revision,
+                effect: Some(effect),
+                notices,
+                recipients,
+                warnings: v.warnings.into_iter().map(prefix).collect(),
+            }),
+            Ok(crate::store::CorrectOutcome::NotFound) => Err(Problem::caller(
+                StatusCode::NOT_FOUND,
+                "record_not_found",
+                "no record with this id is visible to the caller",
+            )),
+            Ok(crate::store::CorrectOutcome::AlreadyEnded(status)) => {
+                Err(Problem::already_ended(&status))
+            }
+            Ok(crate::store::CorrectOutcome::RevisionChanged(now)) => Err(Problem::caller(
+                StatusCode::CONFLICT,
+                "revision_changed",
+                format!(
+                    "the record is at revision {now}, not {expected}: read it again and send the correction against it"
+                ),
+            )
+            .with("current_revision", now)),
+            Err(StoreError::KeyTaken) => Err(key_taken()),
+            Err(e) => Err(e.into()),
         }
     }
 }

@@ -17,6 +17,9 @@ pub enum NoticeKind {
     Incentive,
     /// Ends the effect of an earlier notice.
     Lift,
+    /// The record of an earlier notice was corrected: the notice's facts
+    /// as they now stand (`corrects` names the notice).
+    Correction,
 }
 
 impl NoticeKind {
@@ -26,6 +29,7 @@ impl NoticeKind {
             NoticeKind::Punishment => "punishment",
             NoticeKind::Incentive => "incentive",
             NoticeKind::Lift => "lift",
+            NoticeKind::Correction => "correction",
         }
     }
 
@@ -35,6 +39,7 @@ impl NoticeKind {
             "punishment" => Some(NoticeKind::Punishment),
             "incentive" => Some(NoticeKind::Incentive),
             "lift" => Some(NoticeKind::Lift),
+            "correction" => Some(NoticeKind::Correction),
             _ => None,
         }
     }
@@ -75,6 +80,9 @@ pub struct StoredNotice {
     /// For a lift: why (`repaired`, `revoked`, `corrected`, `expired`, `removed`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// For a correction: the notice whose facts it corrects.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub corrects: Option<String>,
 }
 
 /// Why a record's effect ended (the `reason` of its lift notices).

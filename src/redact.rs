@@ -194,6 +194,8 @@ pub struct NoticeView {
     lifts: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    corrects: Option<String>,
     /// Position in the recipient's pull stream (pull only).
     #[serde(skip_serializing_if = "Option::is_none")]
     cursor: Option<String>,
@@ -415,6 +417,7 @@ impl Redactor {
             issued_at: notice.issued_at,
             lifts: notice.lifts.clone(),
             reason: notice.reason.clone(),
+            corrects: notice.corrects.clone(),
             cursor,
         }
     }

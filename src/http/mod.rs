@@ -79,7 +79,11 @@ impl std::fmt::Debug for AppState {
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/records", post(records::submit))
-        .route("/v1/records/{record_id}", get(records::read))
+        .route(
+            "/v1/records/{record_id}",
+            get(records::read).put(records::correct),
+        )
+        .route("/v1/records/{record_id}/revisions", get(records::revisions))
         .route("/v1/records/{record_id}/revocation", post(records::revoke))
         .route("/v1/records/{record_id}/removal", post(records::remove))
         .route("/v1/notices", get(notices::pull))

@@ -190,6 +190,44 @@ pub async fn read(
     Ok(json_response(StatusCode::OK, body).into_response())
 }
 
+/// A problem builder for a small request document of `kind`: `code`, and
+/// one finding at a pointer.
+fn invalid_document(code: &'static str, kind: &'static str) -> impl Fn(&str, &str) -> Problem {
+    move |pointer, msg| {
+        Problem::caller(
+            StatusCode::BAD_REQUEST,
+            code,
+            format!("the {kind} document is not valid"),
+        )
+        .at(pointer, msg)
+    }
+}
+
+/// Reads a small request document: a JSON object with only the `allowed`
+/// members.
+async fn request_object(
+    state: &AppState,
+    headers: HeaderMap,
+    body: Body,
+    allowed: &[&str],
+    invalid: &impl Fn(&str, &str) -> Problem,
+) -> Result<serde_json::Map<String, serde_json::Value>, Problem> {
+    let raw = read_json(&headers, body, &state.limits).await?;
+    let serde_json::Value::Object(obj) = parse_json(&raw, &state.limits)? else {
+        return Err(invalid(
+            "",
+            &format!("must be an object with the members {}", allowed.join(", ")),
+        ));
+    };
+    if let Some(k) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(invalid(
+            &format!("/{}", crate::catalog::escape_pointer(k)),
+            "unknown field",
+        ));
+    }
+    Ok(obj)
+}
+
 /// Longest revocation note.
 const MAX_NOTE: usize = 2000;
 
@@ -202,25 +240,8 @@ pub async fn revoke(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Problem> {
-    let raw = read_json(&headers, body, &state.limits).await?;
-    let doc = parse_json(&raw, &state.limits)?;
-    let invalid = |pointer: &str, msg: &str| {
-        Problem::caller(
-            StatusCode::BAD_REQUEST,
-            "invalid_revocation",
-            "the revocation document is not valid",
-        )
-        .at(pointer, msg)
-    };
-    let Some(obj) = doc.as_object() else {
-        return Err(invalid("", "must be an object {\"reason\", \"note\"}"));
-    };
-    if let Some(k) = obj.keys().find(|k| *k != "reason" && *k != "note") {
-        return Err(invalid(
-            &format!("/{}", k.replace('~', "~0").replace('/', "~1")),
-            "unknown field",
-        ));
-    }
+    let invalid = invalid_document("invalid_revocation", "revocation");
+    let obj = request_object(&state, headers, body, &["reason", "note"], &invalid).await?;
     let reason = match obj
         .get("reason")
         .and_then(|v| v.as_str())
@@ -295,7 +316,7 @@ pub async fn remove(
         ));
     };
     if rec.status != "active" {
-        return Err(already_ended(&rec.status));
+        return Err(Problem::already_ended(&rec.status));
     }
     if !validation.errors.is_empty() {
         return Err(Problem::caller(
@@ -327,14 +348,6 @@ pub async fn remove(
         Some(doc),
     )
     .await
-}
-
-fn already_ended(status: &str) -> Problem {
-    Problem::caller(
-        StatusCode::CONFLICT,
-        "already_ended",
-        format!("the record is already {status}; its lift notices were sent then"),
-    )
 }
 
 /// Ends a record's effect and answers with the lift notices sent.
@@ -371,6 +384,109 @@ async fn end(
             Ok(json_response(StatusCode::OK, body))
         }
         EndOutcome::NotFound => Err(record_not_found()),
-        EndOutcome::AlreadyEnded(status) => Err(already_ended(&status)),
+        EndOutcome::AlreadyEnded(status) => Err(Problem::already_ended(&status)),
     }
+}
+
+/// Longest correction reason.
+const MAX_REASON: usize = 2000;
+
+/// `PUT /v1/records/{record_id}`: corrects a record with its whole new
+/// content, `{"record": {...}, "reason": "...", "revision": N}` (`revision`
+/// optional: the revision corrected, refused if another correction came
+/// first).
+pub async fn correct(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(record_id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Problem> {
+    let invalid = invalid_document("invalid_correction", "correction");
+    let mut obj = request_object(
+        &state,
+        headers,
+        body,
+        &["record", "reason", "revision"],
+        &invalid,
+    )
+    .await?;
+    let reason = match obj.get("reason") {
+        Some(serde_json::Value::String(r))
+            if !r.trim().is_empty() && r.chars().count() <= MAX_REASON =>
+        {
+            r.clone()
+        }
+        _ => {
+            return Err(invalid(
+                "/reason",
+                "is required: why the record is corrected (1-2000 characters)",
+            ))
+        }
+    };
+    let revision = match obj.get("revision") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(v) => match v.as_u64().and_then(|n| u32::try_from(n).ok()) {
+            Some(n) if n > 0 => Some(n),
+            _ => {
+                return Err(invalid(
+                    "/revision",
+                    "must be a revision number (1 or more)",
+                ))
+            }
+        },
+    };
+    let record = match obj.remove("record") {
+        Some(r @ serde_json::Value::Object(_)) => r,
+        _ => {
+            return Err(invalid(
+                "/record",
+                "is required: the whole corrected record (an object)",
+            ))
+        }
+    };
+    let (current, _) = visible_record(&state, &caller, &record_id).await?;
+    let answer = state
+        .ingest
+        .correct(&caller, &current, record, reason, revision)
+        .await?;
+    let body = serde_json::to_vec(&answer).map_err(|e| Problem::gateway(&e))?;
+    Ok(json_response(StatusCode::OK, body))
+}
+
+#[derive(Serialize)]
+struct RevisionView {
+    #[serde(flatten)]
+    revision: crate::store::Revision,
+    record: RecordView,
+}
+
+/// `GET /v1/records/{record_id}/revisions`: the earlier revisions of a
+/// record, oldest first, each as its reader may see it.
+pub async fn revisions(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(record_id): Path<String>,
+) -> Result<Response, Problem> {
+    let (rec, audience) = visible_record(&state, &caller, &record_id).await?;
+    let catalog = state.ingest.catalog.load();
+    let item = catalog.get(&rec.item).map(|i| i.as_ref());
+    let revisions: Vec<RevisionView> = state
+        .ingest
+        .store
+        .revisions(&rec.id)
+        .await?
+        .into_iter()
+        .map(|r| RevisionView {
+            record: state.redactor.record_view(item, &r.body, audience),
+            revision: r,
+        })
+        .collect();
+    let body = serde_json::to_vec(&serde_json::json!({
+        "record_id": rec.id,
+        "current_revision": rec.revision,
+        "revisions": revisions,
+    }))
+    .map_err(|e| Problem::gateway(&e))?;
+    Ok(json_response(StatusCode::OK, body))
 }

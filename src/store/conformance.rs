@@ -107,6 +107,9 @@ pub(crate) fn with_notice(id: &str, targets: &[(&str, bool)]) -> NewSubmission {
                 push: *push,
             })
             .collect(),
+        lifts: None,
+        corrects: None,
+        reason: None,
     });
     sub
 }

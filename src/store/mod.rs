@@ -96,6 +96,12 @@ pub struct NewNotice {
     pub region: Option<String>,
     /// Deliveries, one per routed subscription.
     pub deliveries: Vec<NewDelivery>,
+    /// For a lift: the notice it lifts.
+    pub lifts: Option<String>,
+    /// For a correction: the notice it corrects.
+    pub corrects: Option<String>,
+    /// For a lift: why.
+    pub reason: Option<String>,
 }
 
 /// An accepted record ready to be stored. Its `Debug` output never holds
@@ -426,6 +432,67 @@ impl Ending {
     }
 }
 
+/// A correction of a stored record: its whole new content.
+#[derive(Debug, Clone)]
+pub struct Correction {
+    /// The record corrected.
+    pub record_id: String,
+    /// The revision the corrector saw; another correction in between
+    /// refuses this one.
+    pub expected_revision: u32,
+    /// Item version the new content was validated against.
+    pub item_version: u32,
+    /// The new content and what follows from it (its `id` is ignored). Its
+    /// `notice`, routed as for a new record, is what the corrected record
+    /// calls for: it becomes a correction of each notice in effect, a new
+    /// notice when none is, and its absence lifts those in effect.
+    pub record: NewRecord,
+    /// Why (required; audited).
+    pub reason: String,
+}
+
+/// Result of a correction.
+#[derive(Debug, Clone)]
+pub enum CorrectOutcome {
+    /// Stored as revision `revision`.
+    Corrected {
+        /// The new revision number.
+        revision: u32,
+        /// `corrected` (correction notices sent), `lifted` (the notice
+        /// condition ended), `notified` (it started) or `none`.
+        effect: &'static str,
+        /// Notices created.
+        notices: Vec<String>,
+        /// Agencies that will be told.
+        recipients: Vec<String>,
+    },
+    /// No such record.
+    NotFound,
+    /// The record's effect has ended (`revoked`, `expired`, `removed`).
+    AlreadyEnded(String),
+    /// It was corrected since the corrector read it; now at this revision.
+    RevisionChanged(u32),
+}
+
+/// An earlier revision of a record.
+#[derive(Debug, Clone, Serialize)]
+pub struct Revision {
+    /// Revision number.
+    pub revision: u32,
+    /// Item version it was validated against.
+    pub item_version: u32,
+    /// When it was replaced.
+    #[serde(with = "time::serde::rfc3339")]
+    pub replaced_at: OffsetDateTime,
+    /// Who replaced it.
+    pub replaced_by: String,
+    /// Why it was replaced.
+    pub reason: Option<String>,
+    /// Its content, to be opened only by `redact`.
+    #[serde(skip)]
+    pub body: RecordBody,
+}
+
 /// Result of ending a record's effect.
 #[derive(Debug, Clone)]
 pub enum EndOutcome {
@@ -620,6 +687,19 @@ pub trait Store: Send + Sync + 'static {
         ending: Ending,
         actor: &str,
     ) -> Result<EndOutcome, StoreError>;
+
+    /// Replaces an active record's content with a new revision (the
+    /// earlier one kept), and in the same transaction creates the notices
+    /// the change calls for. A natural key held by another record fails
+    /// with [`StoreError::KeyTaken`].
+    async fn correct_record(
+        &self,
+        correction: Correction,
+        actor: &str,
+    ) -> Result<CorrectOutcome, StoreError>;
+
+    /// The earlier revisions of a record, oldest first.
+    async fn revisions(&self, record_id: &str) -> Result<Vec<Revision>, StoreError>;
 
     /// Up to `limit` active records whose effective period ended before
     /// `today`.

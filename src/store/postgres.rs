@@ -35,14 +35,14 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_postgres::{NoTls, Row};
 
 use super::shared::{
-    activation_audit, audit_entries, outcome_audit, rfc3339, submission_audit, AuditItem,
+    self, activation_audit, audit_entries, outcome_audit, rfc3339, submission_audit, AuditItem,
 };
 use super::{
-    parse_kind, ActivateOutcome, AgencyFeedbackStats, AppendOutcome, ControlState, DeliveryInfo,
-    DeliveryResult, DeliveryState, DepartmentStats, DocKind, EndOutcome, Ending, EndpointHealth,
-    Feedback, FeedbackOutcome, FeedbackStored, Finished, ItemActivation, KeyHolder, NewNotice,
-    NewSubmission, NoticeHistory, NoticeKind, Outbound, Store, StoreError, StoredNotice,
-    StoredRecord, StoredResponse, VersionInfo,
+    parse_kind, ActivateOutcome, AgencyFeedbackStats, AppendOutcome, ControlState, CorrectOutcome,
+    Correction, DeliveryInfo, DeliveryResult, DeliveryState, DepartmentStats, DocKind, EndOutcome,
+    Ending, EndpointHealth, Feedback, FeedbackOutcome, FeedbackStored, Finished, ItemActivation,
+    KeyHolder, NewNotice, NewSubmission, NoticeHistory, Outbound, Revision, Store, StoreError,
+    StoredNotice, StoredRecord, StoredResponse, VersionInfo,
 };
 use crate::catalog::Severity;
 use crate::redact::RecordBody;
@@ -216,14 +216,15 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE records ADD COLUMN revision INTEGER NOT NULL DEFAULT 1;
     ALTER TABLE records ADD COLUMN removal TEXT;
     CREATE UNIQUE INDEX records_natural_key ON records(item, natural_key);
+    ALTER TABLE notices ADD COLUMN corrects TEXT;
     CREATE TABLE record_revisions (
         record_id       TEXT NOT NULL REFERENCES records(id),
         revision        INTEGER NOT NULL,
         item_version    INTEGER NOT NULL,
         body            TEXT NOT NULL,
         warnings        TEXT NOT NULL,
-        stored_at       TIMESTAMPTZ NOT NULL,
-        stored_by       TEXT NOT NULL,
+        replaced_at     TIMESTAMPTZ NOT NULL,
+        replaced_by     TEXT NOT NULL,
         reason          TEXT,
         PRIMARY KEY (record_id, revision)
     );
@@ -299,6 +300,10 @@ enum Op {
         ending: Ending,
         actor: String,
     },
+    Correct {
+        correction: Box<Correction>,
+        actor: String,
+    },
     Ack {
         agency: String,
         position: i64,
@@ -326,6 +331,7 @@ enum Op {
 enum Out {
     Append(AppendOutcome),
     End(EndOutcome),
+    Correct(CorrectOutcome),
     Unit(()),
     Bool(bool),
     Feedback(FeedbackStored),
@@ -895,6 +901,9 @@ async fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(Out, Effects), StoreErr
             ending,
             actor,
         } => Out::End(end_record(tx, record_id, ending, actor, &mut fx).await?),
+        Op::Correct { correction, actor } => {
+            Out::Correct(correct_record(tx, correction, actor, &mut fx).await?)
+        }
         Op::Ack { agency, position } => {
             ack(tx, agency, *position, &mut fx).await?;
             Out::Unit(())
@@ -1137,8 +1146,6 @@ async fn insert_submissions(
                         record_id: &r.id,
                         source: &s.participant,
                         issued_at: s.received_at,
-                        lifts: None,
-                        reason: None,
                     },
                 )
             })
@@ -1154,8 +1161,6 @@ struct NoticeOrigin<'a> {
     record_id: &'a str,
     source: &'a str,
     issued_at: OffsetDateTime,
-    lifts: Option<&'a str>,
-    reason: Option<&'a str>,
 }
 
 /// A notice to insert and where it comes from.
@@ -1188,8 +1193,9 @@ async fn insert_notices(tx: &Transaction<'_>, notices: &[NoticeRow<'_>]) -> Resu
     let sources = text(|(_, o)| Some(o.source));
     let severities = text(|(n, _)| Some(n.severity.as_str()));
     let regions = text(|(n, _)| n.region.as_deref());
-    let lifts = text(|(_, o)| o.lifts);
-    let reasons = text(|(_, o)| o.reason);
+    let lifts = text(|(n, _)| n.lifts.as_deref());
+    let reasons = text(|(n, _)| n.reason.as_deref());
+    let corrects = text(|(n, _)| n.corrects.as_deref());
     let versions: Vec<i32> = notices.iter().map(|(_, o)| int(o.item_version)).collect();
     let measures: Vec<String> = notices
         .iter()
@@ -1198,9 +1204,9 @@ async fn insert_notices(tx: &Transaction<'_>, notices: &[NoticeRow<'_>]) -> Resu
     let froms: Vec<Option<Date>> = notices.iter().map(|(n, _)| n.effective_from).collect();
     let untils: Vec<Option<Date>> = notices.iter().map(|(n, _)| n.effective_until).collect();
     let issued: Vec<OffsetDateTime> = notices.iter().map(|(_, o)| o.issued_at).collect();
-    exec(tx, "INSERT INTO notices (id, kind, item, item_version, record_id, source, severity, region, measures, effective_from, effective_until, issued_at, lifts, reason) \
-         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::date[], $11::date[], $12::timestamptz[], $13::text[], $14::text[])",
-        &[&ids, &kinds, &items, &versions, &records, &sources, &severities, &regions, &measures, &froms, &untils, &issued, &lifts, &reasons],).await?;
+    exec(tx, "INSERT INTO notices (id, kind, item, item_version, record_id, source, severity, region, measures, effective_from, effective_until, issued_at, lifts, reason, corrects) \
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::date[], $11::date[], $12::timestamptz[], $13::text[], $14::text[], $15::text[])",
+        &[&ids, &kinds, &items, &versions, &records, &sources, &severities, &regions, &measures, &froms, &untils, &issued, &lifts, &reasons, &corrects],).await?;
     let deliveries: Vec<(&NewNotice, &super::NewDelivery, OffsetDateTime)> = notices
         .iter()
         .flat_map(|(n, o)| n.deliveries.iter().map(move |d| (*n, d, o.issued_at)))
@@ -1229,7 +1235,7 @@ async fn insert_notices(tx: &Transaction<'_>, notices: &[NoticeRow<'_>]) -> Resu
     Ok(())
 }
 
-const NOTICE_COLUMNS: &str = "n.id, n.kind, n.item, n.item_version, n.record_id, n.source, n.severity, n.measures, n.effective_from, n.effective_until, n.issued_at, n.lifts, n.reason";
+const NOTICE_COLUMNS: &str = "n.id, n.kind, n.item, n.item_version, n.record_id, n.source, n.severity, n.measures, n.effective_from, n.effective_until, n.issued_at, n.lifts, n.reason, n.corrects";
 
 fn notice_at(r: &Row, o: usize) -> Result<StoredNotice, StoreError> {
     let kind: String = r.get(o + 1);
@@ -1250,6 +1256,7 @@ fn notice_at(r: &Row, o: usize) -> Result<StoredNotice, StoreError> {
         issued_at: r.get(o + 10),
         lifts: r.get(o + 11),
         reason: r.get(o + 12),
+        corrects: r.get(o + 13),
     })
 }
 
@@ -1278,59 +1285,11 @@ async fn end_record(
         &[&record_id, &ending.reason.record_status(), &reason_text, &ending.note, &ending.removal],
     )
     .await?;
-    let originals = tx
-        .query(
-            &format!("SELECT {NOTICE_COLUMNS} FROM notices n WHERE n.record_id = $1 AND n.kind != 'lift' ORDER BY n.issued_at, n.id"),
-            &[&record_id],
-        )
-        .await
-        .map_err(db_err)?;
-    let now = OffsetDateTime::now_utc();
-    let today = ending.on.unwrap_or_else(crate::codes::today_cst);
-    let mut lift_notices = Vec::new();
-    let mut recipients = Vec::new();
-    for row in originals {
-        let original = notice_at(&row, 0)?;
-        let targets = run(tx, "SELECT DISTINCT subscription, agency, mode FROM deliveries WHERE notice_id = $1 ORDER BY subscription, agency",
-                &[&original.notice_id],).await?;
-        let lift = NewNotice {
-            id: uuid::Uuid::now_v7().to_string(),
-            kind: NoticeKind::Lift,
-            severity: original.severity,
-            measures: original.measures.clone(),
-            effective_from: original.effective_from,
-            effective_until: Some(today),
-            region: None,
-            deliveries: targets
-                .iter()
-                .map(|t| super::NewDelivery {
-                    id: uuid::Uuid::now_v7().to_string(),
-                    subscription: t.get(0),
-                    agency: t.get(1),
-                    push: t.get::<_, &str>(2) == "push",
-                })
-                .collect(),
-        };
-        insert_notices(
-            tx,
-            &[(
-                &lift,
-                NoticeOrigin {
-                    item: &original.item,
-                    item_version: original.item_version,
-                    record_id,
-                    source: &original.source,
-                    issued_at: now,
-                    lifts: Some(&original.notice_id),
-                    reason: Some(reason_text),
-                },
-            )],
-        )
-        .await?;
-        note_deliveries(&lift, fx);
-        recipients.extend(lift.deliveries.iter().map(|d| d.agency.clone()));
-        lift_notices.push(lift.id);
-    }
+    let on = ending.on.unwrap_or_else(crate::codes::today_cst);
+    let (lift_notices, mut recipients) = follow_up(tx, record_id, fx, |original, targets| {
+        Some(shared::lift_of(original, on, reason_text, targets))
+    })
+    .await?;
     recipients.sort();
     recipients.dedup();
     fx.audit.push(AuditItem::single(
@@ -1342,6 +1301,139 @@ async fn end_record(
     fx.wake = true;
     Ok(EndOutcome::Ended {
         lift_notices,
+        recipients,
+    })
+}
+
+/// Creates, for each of the record's notices in effect, the follow-up
+/// notice `make` builds (if any) with one delivery to every subscription
+/// that had a delivery of it. Returns the notices and their recipients.
+async fn follow_up(
+    tx: &Transaction<'_>,
+    record_id: &str,
+    fx: &mut Effects,
+    mut make: impl FnMut(&StoredNotice, &[(String, String, String)]) -> Option<NewNotice>,
+) -> Result<(Vec<String>, Vec<String>), StoreError> {
+    let notices = run(
+        tx,
+        &format!("SELECT {NOTICE_COLUMNS} FROM notices n WHERE n.record_id = $1 ORDER BY n.issued_at, n.id"),
+        &[&record_id],
+    )
+    .await?
+    .iter()
+    .map(|r| notice_at(r, 0))
+    .collect::<Result<Vec<_>, _>>()?;
+    let lifted = notices.iter().filter_map(|n| n.lifts.clone()).collect();
+    let now = OffsetDateTime::now_utc();
+    let (mut created, mut recipients) = (Vec::new(), Vec::new());
+    for original in shared::in_effect(notices, &lifted) {
+        let targets: Vec<(String, String, String)> = run(tx, "SELECT DISTINCT subscription, agency, mode FROM deliveries WHERE notice_id = $1 ORDER BY subscription, agency",
+                &[&original.notice_id],).await?
+            .iter()
+            .map(|t| (t.get(0), t.get(1), t.get(2)))
+            .collect();
+        let Some(notice) = make(&original, &targets) else {
+            continue;
+        };
+        insert_notices(
+            tx,
+            &[(
+                &notice,
+                NoticeOrigin {
+                    item: &original.item,
+                    item_version: original.item_version,
+                    record_id,
+                    source: &original.source,
+                    issued_at: now,
+                },
+            )],
+        )
+        .await?;
+        note_deliveries(&notice, fx);
+        recipients.extend(targets.into_iter().map(|(_, agency, _)| agency));
+        created.push(notice.id);
+    }
+    recipients.sort();
+    recipients.dedup();
+    Ok((created, recipients))
+}
+
+/// Stores a correction: the earlier revision kept, the new content in
+/// place, and the notices the change calls for.
+async fn correct_record(
+    tx: &Transaction<'_>,
+    c: &Correction,
+    actor: &str,
+    fx: &mut Effects,
+) -> Result<CorrectOutcome, StoreError> {
+    let Some(row) = run_opt(
+        tx,
+        "SELECT status, revision, item_version, body, warnings, submitter, item FROM records WHERE id = $1 FOR UPDATE",
+        &[&c.record_id],
+    )
+    .await?
+    else {
+        return Ok(CorrectOutcome::NotFound);
+    };
+    let (status, revision): (String, i32) = (row.get(0), row.get(1));
+    let revision = uint(revision);
+    if status != "active" {
+        return Ok(CorrectOutcome::AlreadyEnded(status));
+    }
+    if revision != c.expected_revision {
+        return Ok(CorrectOutcome::RevisionChanged(revision));
+    }
+    let (submitter, item): (String, String) = (row.get(5), row.get(6));
+    exec(tx,
+        "INSERT INTO record_revisions (record_id, revision, item_version, body, warnings, replaced_at, replaced_by, reason) VALUES ($1, $2, $3, $4, $5, now(), $6, $7)",
+        &[&c.record_id, &int(revision), &row.get::<_, i32>(2), &row.get::<_, &str>(3), &row.get::<_, &str>(4), &actor, &c.reason],
+    )
+    .await?;
+    let r = &c.record;
+    exec(tx,
+        "UPDATE records SET item_version = $2, subject_type = $3, subject_key = $4, decision_date = $5, effective_until = $6, body = $7, warnings = $8, natural_key = $9, content_hash = $10, revision = $11 WHERE id = $1",
+        &[&c.record_id, &int(c.item_version), &r.subject_type, &r.subject_key, &r.decision_date, &r.effective_until, &r.body, &r.warnings, &r.natural_key, &r.content_hash, &int(revision + 1)],
+    )
+    .await?;
+    let today = crate::codes::today_cst();
+    let (mut notices, mut recipients) = follow_up(tx, &c.record_id, fx, |original, targets| {
+        Some(match &r.notice {
+            Some(n) => shared::correction_of(original, n, targets),
+            None => shared::lift_of(
+                original,
+                today,
+                crate::notice::EndReason::Corrected.as_str(),
+                targets,
+            ),
+        })
+    })
+    .await?;
+    let effect = shared::correction_effect(r.notice.as_ref(), !notices.is_empty());
+    if let (Some(n), "notified") = (&r.notice, effect) {
+        let origin = NoticeOrigin {
+            item: &item,
+            item_version: c.item_version,
+            record_id: &c.record_id,
+            source: &submitter,
+            issued_at: OffsetDateTime::now_utc(),
+        };
+        insert_notices(tx, &[(n, origin)]).await?;
+        note_deliveries(n, fx);
+        shared::add_notice(n, &mut notices, &mut recipients);
+    }
+    fx.audit.push(shared::correction_audit(
+        actor,
+        c,
+        revision + 1,
+        effect,
+        &notices,
+        &recipients,
+    ));
+    fx.wake |= !notices.is_empty();
+    Ok(CorrectOutcome::Corrected {
+        revision: revision + 1,
+        effect,
+        notices,
         recipients,
     })
 }
@@ -1620,7 +1712,7 @@ async fn activate(
 }
 
 const OUTBOUND_SELECT: &str = "SELECT COALESCE(d.pos, 0), d.id, d.subscription, d.agency, d.attempts, \
-     n.id, n.kind, n.item, n.item_version, n.record_id, n.source, n.severity, n.measures, n.effective_from, n.effective_until, n.issued_at, n.lifts, n.reason, \
+     n.id, n.kind, n.item, n.item_version, n.record_id, n.source, n.severity, n.measures, n.effective_from, n.effective_until, n.issued_at, n.lifts, n.reason, n.corrects, \
      r.body, d.claims FROM deliveries d JOIN notices n ON n.id = d.notice_id JOIN records r ON r.id = n.record_id";
 
 fn outbound(r: &Row) -> Result<Outbound, StoreError> {
@@ -1632,9 +1724,9 @@ fn outbound(r: &Row) -> Result<Outbound, StoreError> {
         attempts: uint(r.get(4)),
         notice: notice_at(r, 5)?,
         record: RecordBody::from_store(
-            serde_json::from_str(r.get::<_, &str>(18)).map_err(corrupt)?,
+            serde_json::from_str(r.get::<_, &str>(19)).map_err(corrupt)?,
         ),
-        claim: r.get(19),
+        claim: r.get(20),
     })
 }
 
@@ -1837,6 +1929,43 @@ impl Store for PgStore {
             .await?,
             End
         )
+    }
+
+    async fn correct_record(
+        &self,
+        correction: Correction,
+        actor: &str,
+    ) -> Result<CorrectOutcome, StoreError> {
+        expect_out!(
+            self.write(Op::Correct {
+                correction: Box::new(correction),
+                actor: actor.to_owned(),
+            })
+            .await?,
+            Correct
+        )
+    }
+
+    async fn revisions(&self, record_id: &str) -> Result<Vec<Revision>, StoreError> {
+        self.query(
+            "SELECT revision, item_version, replaced_at, replaced_by, reason, body FROM record_revisions WHERE record_id = $1 ORDER BY revision",
+            &[&record_id],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(Revision {
+                revision: uint(r.get(0)),
+                item_version: uint(r.get(1)),
+                replaced_at: r.get(2),
+                replaced_by: r.get(3),
+                reason: r.get(4),
+                body: RecordBody::from_store(
+                    serde_json::from_str(r.get::<_, &str>(5)).map_err(corrupt)?,
+                ),
+            })
+        })
+        .collect()
     }
 
     async fn expiring(&self, today: Date, limit: usize) -> Result<Vec<String>, StoreError> {
@@ -2099,7 +2228,7 @@ impl Store for PgStore {
                 "SELECT d.agency, COUNT(DISTINCT n.id), COUNT(DISTINCT f.notice_id) \
                  FROM deliveries d JOIN notices n ON n.id = d.notice_id \
                  LEFT JOIN feedback f ON f.notice_id = n.id AND f.agency = d.agency \
-                 WHERE n.kind != 'lift' AND n.issued_at >= $1 AND n.issued_at < $2 \
+                 WHERE n.kind IN ('punishment', 'incentive') AND n.issued_at >= $1 AND n.issued_at < $2 \
                  GROUP BY d.agency ORDER BY d.agency",
                 &[&from, &to],
             )

@@ -251,6 +251,132 @@ pub(crate) fn department_stats(
     Ok(out)
 }
 
+/// Fresh deliveries to the subscriptions `(subscription, agency, mode)`
+/// that had a delivery of an earlier notice.
+pub(crate) fn deliveries_to(targets: &[(String, String, String)]) -> Vec<super::NewDelivery> {
+    targets
+        .iter()
+        .map(|(subscription, agency, mode)| super::NewDelivery {
+            id: uuid::Uuid::now_v7().to_string(),
+            subscription: subscription.clone(),
+            agency: agency.clone(),
+            push: mode == "push",
+        })
+        .collect()
+}
+
+/// The lift of `original` (reason `reason`, effect ended on `on`) to the
+/// subscriptions that received it.
+pub(crate) fn lift_of(
+    original: &crate::notice::StoredNotice,
+    on: time::Date,
+    reason: &str,
+    targets: &[(String, String, String)],
+) -> super::NewNotice {
+    super::NewNotice {
+        id: uuid::Uuid::now_v7().to_string(),
+        kind: super::NoticeKind::Lift,
+        severity: original.severity,
+        measures: original.measures.clone(),
+        effective_from: original.effective_from,
+        effective_until: Some(on),
+        region: None,
+        deliveries: deliveries_to(targets),
+        lifts: Some(original.notice_id.clone()),
+        corrects: None,
+        reason: Some(reason.to_owned()),
+    }
+}
+
+/// The correction of `original` to the facts of `now` (the notice the
+/// corrected record calls for), to the subscriptions that received it.
+pub(crate) fn correction_of(
+    original: &crate::notice::StoredNotice,
+    now: &super::NewNotice,
+    targets: &[(String, String, String)],
+) -> super::NewNotice {
+    super::NewNotice {
+        id: uuid::Uuid::now_v7().to_string(),
+        kind: super::NoticeKind::Correction,
+        deliveries: deliveries_to(targets),
+        lifts: None,
+        corrects: Some(original.notice_id.clone()),
+        reason: None,
+        ..now.clone()
+    }
+}
+
+/// Notices that are in effect: punishment and incentive notices not
+/// lifted since (`lifted`: the ids lift notices name).
+pub(crate) fn in_effect(
+    notices: Vec<crate::notice::StoredNotice>,
+    lifted: &std::collections::HashSet<String>,
+) -> Vec<crate::notice::StoredNotice> {
+    notices
+        .into_iter()
+        .filter(|n| {
+            matches!(
+                n.kind,
+                super::NoticeKind::Punishment | super::NoticeKind::Incentive
+            ) && !lifted.contains(&n.notice_id)
+        })
+        .collect()
+}
+
+/// The audit item of a correction: who, why, which revision, what followed
+/// (never the record's content).
+pub(crate) fn correction_audit(
+    actor: &str,
+    c: &super::Correction,
+    revision: u32,
+    effect: &str,
+    notices: &[String],
+    recipients: &[String],
+) -> AuditItem {
+    AuditItem::single(
+        actor,
+        "record.correct",
+        &c.record_id,
+        serde_json::json!({
+            "revision": revision,
+            "reason": c.reason,
+            "item_version": c.item_version,
+            "effect": effect,
+            "notices": notices,
+            "recipients": recipients,
+        }),
+    )
+}
+
+/// What a correction means for the notices: `corrected` (follow-ups of
+/// the notices in effect were made), `lifted` (the corrected record calls
+/// for no notice, so they were lifted), `notified` (none was in effect and
+/// the corrected record calls for `notice`: the caller stores it) or
+/// `none`.
+pub(crate) fn correction_effect(
+    notice: Option<&super::NewNotice>,
+    followed_up: bool,
+) -> &'static str {
+    match (notice, followed_up) {
+        (Some(_), true) => "corrected",
+        (None, true) => "lifted",
+        (Some(_), false) => "notified",
+        (None, false) => "none",
+    }
+}
+
+/// Adds a new notice and its recipients to a correction's lists.
+pub(crate) fn add_notice(
+    n: &super::NewNotice,
+    notices: &mut Vec<String>,
+    recipients: &mut Vec<String>,
+) {
+    notices.push(n.id.clone());
+    recipients.extend(n.deliveries.iter().map(|d| d.agency.clone()));
+    recipients.sort();
+    recipients.dedup();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

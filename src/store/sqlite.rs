@@ -24,13 +24,14 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::shared::{self, outcome_audit, parse_time, rfc3339, submission_audit, AuditItem};
 use super::sqlite_control;
 use super::{
-    parse_kind, ActivateOutcome, AgencyFeedbackStats, AppendOutcome, ControlState, DeliveryInfo,
-    DeliveryResult, DeliveryState, DepartmentStats, DocKind, EndOutcome, Ending, EndpointHealth,
-    Feedback, FeedbackOutcome, FeedbackStored, Finished, ItemActivation, KeyHolder, NewNotice,
-    NewSubmission, NoticeHistory, NoticeKind, Outbound, Store, StoreError, StoredNotice,
-    StoredRecord, StoredResponse, VersionInfo,
+    parse_kind, ActivateOutcome, AgencyFeedbackStats, AppendOutcome, ControlState, CorrectOutcome,
+    Correction, DeliveryInfo, DeliveryResult, DeliveryState, DepartmentStats, DocKind, EndOutcome,
+    Ending, EndpointHealth, Feedback, FeedbackOutcome, FeedbackStored, Finished, ItemActivation,
+    KeyHolder, NewNotice, NewSubmission, NoticeHistory, Outbound, Revision, Store, StoreError,
+    StoredNotice, StoredRecord, StoredResponse, VersionInfo,
 };
 use crate::catalog::Severity;
+use crate::notice::EndReason;
 use crate::redact::RecordBody;
 
 /// Schema migrations, applied in order at start-up. Never edit a shipped
@@ -179,14 +180,15 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE records ADD COLUMN revision INTEGER NOT NULL DEFAULT 1;
     ALTER TABLE records ADD COLUMN removal TEXT;
     CREATE UNIQUE INDEX records_natural_key ON records(item, natural_key);
+    ALTER TABLE notices ADD COLUMN corrects TEXT;
     CREATE TABLE record_revisions (
         record_id     TEXT NOT NULL REFERENCES records(id),
         revision      INTEGER NOT NULL,
         item_version  INTEGER NOT NULL,
         body          TEXT NOT NULL,
         warnings      TEXT NOT NULL,
-        stored_at     TEXT NOT NULL,
-        stored_by     TEXT NOT NULL,
+        replaced_at   TEXT NOT NULL,
+        replaced_by   TEXT NOT NULL,
         reason        TEXT,
         PRIMARY KEY (record_id, revision)
     );
@@ -683,8 +685,6 @@ fn append_submission(
                 &r.id,
                 &sub.participant,
                 &received,
-                None,
-                None,
             )?;
         }
     }
@@ -696,7 +696,6 @@ fn append_submission(
 const NEXT_POSITION: &str = "INSERT INTO agency_streams (agency, last_pos) VALUES (?1, 1) \
      ON CONFLICT(agency) DO UPDATE SET last_pos = last_pos + 1 RETURNING last_pos";
 
-#[allow(clippy::too_many_arguments)]
 fn insert_notice(
     tx: &Connection,
     n: &NewNotice,
@@ -705,11 +704,9 @@ fn insert_notice(
     record_id: &str,
     source: &str,
     issued_at: &str,
-    lifts: Option<&str>,
-    reason: Option<&str>,
 ) -> Result<(), StoreError> {
     tx.prepare_cached(
-        "INSERT INTO notices (id, kind, item, item_version, record_id, source, severity, region, measures, effective_from, effective_until, issued_at, lifts, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+        "INSERT INTO notices (id, kind, item, item_version, record_id, source, severity, region, measures, effective_from, effective_until, issued_at, lifts, reason, corrects) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
     )
     .map_err(db_err)?
     .execute(params![
@@ -725,8 +722,9 @@ fn insert_notice(
         n.effective_from.map(|d| d.to_string()),
         n.effective_until.map(|d| d.to_string()),
         issued_at,
-        lifts,
-        reason,
+        n.lifts,
+        n.reason,
+        n.corrects,
     ])
     .map_err(db_err)?;
     let mut stmt = tx
@@ -789,66 +787,10 @@ fn end_record(
         params![record_id, status, reason, ending.note, ending.removal],
     )
     .map_err(db_err)?;
-    let originals = {
-        let mut stmt = tx
-            .prepare_cached(&format!(
-                "{NOTICE_SELECT} WHERE record_id = ?1 AND kind != 'lift' ORDER BY issued_at"
-            ))
-            .map_err(db_err)?;
-        let rows = stmt
-            .query_map([record_id], notice_from_row)
-            .map_err(db_err)?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(db_err)?
-    };
-    let now = OffsetDateTime::now_utc();
-    let today = ending.on.unwrap_or_else(crate::codes::today_cst);
-    let mut lift_notices = Vec::new();
-    let mut recipients = Vec::new();
-    for original in originals {
-        let original = original?;
-        let targets: Vec<(String, String, String)> = {
-            let mut stmt = tx
-                .prepare_cached("SELECT DISTINCT subscription, agency, mode FROM deliveries WHERE notice_id = ?1")
-                .map_err(db_err)?;
-            let rows = stmt
-                .query_map([&original.notice_id], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                })
-                .map_err(db_err)?;
-            rows.collect::<Result<_, _>>().map_err(db_err)?
-        };
-        let lift = NewNotice {
-            id: uuid::Uuid::now_v7().to_string(),
-            kind: NoticeKind::Lift,
-            severity: original.severity,
-            measures: original.measures.clone(),
-            effective_from: original.effective_from,
-            effective_until: Some(today),
-            region: None,
-            deliveries: targets
-                .iter()
-                .map(|(subscription, agency, mode)| super::NewDelivery {
-                    id: uuid::Uuid::now_v7().to_string(),
-                    subscription: subscription.clone(),
-                    agency: agency.clone(),
-                    push: mode == "push",
-                })
-                .collect(),
-        };
-        insert_notice(
-            tx,
-            &lift,
-            &original.item,
-            original.item_version,
-            record_id,
-            &original.source,
-            &rfc3339(now),
-            Some(&original.notice_id),
-            Some(reason),
-        )?;
-        recipients.extend(targets.into_iter().map(|(_, agency, _)| agency));
-        lift_notices.push(lift.id);
-    }
+    let on = ending.on.unwrap_or_else(crate::codes::today_cst);
+    let (lift_notices, mut recipients) = follow_up(tx, record_id, |original, targets| {
+        Some(shared::lift_of(original, on, reason, targets))
+    })?;
     recipients.sort();
     recipients.dedup();
     audit.push(AuditItem::single(
@@ -863,9 +805,130 @@ fn end_record(
     })
 }
 
+/// Creates, for each of the record's notices in effect, the follow-up
+/// notice `make` builds (if any) with one delivery to every subscription
+/// that had a delivery of it. Returns the notices and their recipients.
+fn follow_up(
+    tx: &Connection,
+    record_id: &str,
+    mut make: impl FnMut(&StoredNotice, &[(String, String, String)]) -> Option<NewNotice>,
+) -> Result<(Vec<String>, Vec<String>), StoreError> {
+    let (notices, lifted) = {
+        let mut stmt = tx
+            .prepare_cached(&format!(
+                "{NOTICE_SELECT} WHERE record_id = ?1 ORDER BY issued_at, id"
+            ))
+            .map_err(db_err)?;
+        let rows = stmt
+            .query_map([record_id], notice_from_row)
+            .map_err(db_err)?;
+        let notices = collect(rows)?;
+        let lifted = notices.iter().filter_map(|n| n.lifts.clone()).collect();
+        (notices, lifted)
+    };
+    let now = rfc3339(OffsetDateTime::now_utc());
+    let (mut created, mut recipients) = (Vec::new(), Vec::new());
+    for original in shared::in_effect(notices, &lifted) {
+        let targets: Vec<(String, String, String)> = {
+            let mut stmt = tx
+                .prepare_cached("SELECT DISTINCT subscription, agency, mode FROM deliveries WHERE notice_id = ?1 ORDER BY subscription, agency")
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map([&original.notice_id], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .map_err(db_err)?;
+            rows.collect::<Result<_, _>>().map_err(db_err)?
+        };
+        let Some(notice) = make(&original, &targets) else {
+            continue;
+        };
+        insert_notice(
+            tx,
+            &notice,
+            &original.item,
+            original.item_version,
+            record_id,
+            &original.source,
+            &now,
+        )?;
+        recipients.extend(targets.into_iter().map(|(_, agency, _)| agency));
+        created.push(notice.id);
+    }
+    recipients.sort();
+    recipients.dedup();
+    Ok((created, recipients))
+}
+
+/// Stores a correction: the earlier revision kept, the new content in
+/// place, and the notices the change calls for.
+fn correct_record(
+    tx: &Connection,
+    c: &Correction,
+    actor: &str,
+    audit: &mut Vec<AuditItem>,
+) -> Result<CorrectOutcome, StoreError> {
+    type Current = (String, u32, u32, String, String, String, String);
+    let current: Option<Current> = tx
+        .query_row(
+            "SELECT status, revision, item_version, body, warnings, submitter, item FROM records WHERE id = ?1",
+            [&c.record_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)),
+        )
+        .optional()
+        .map_err(db_err)?;
+    let Some((status, revision, item_version, body, warnings, submitter, item)) = current else {
+        return Ok(CorrectOutcome::NotFound);
+    };
+    if status != "active" {
+        return Ok(CorrectOutcome::AlreadyEnded(status));
+    }
+    if revision != c.expected_revision {
+        return Ok(CorrectOutcome::RevisionChanged(revision));
+    }
+    let now = rfc3339(OffsetDateTime::now_utc());
+    exec(tx,
+        "INSERT INTO record_revisions (record_id, revision, item_version, body, warnings, replaced_at, replaced_by, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![c.record_id, revision, item_version, body, warnings, now, actor, c.reason],
+    )
+    .map_err(db_err)?;
+    let r = &c.record;
+    exec(tx,
+        "UPDATE records SET item_version = ?2, subject_type = ?3, subject_key = ?4, decision_date = ?5, effective_until = ?6, body = ?7, warnings = ?8, natural_key = ?9, content_hash = ?10, revision = ?11 WHERE id = ?1",
+        params![c.record_id, c.item_version, r.subject_type, r.subject_key, r.decision_date.map(|d| d.to_string()), r.effective_until.map(|d| d.to_string()), r.body, r.warnings, r.natural_key, r.content_hash, revision + 1],
+    )
+    .map_err(key_err)?;
+    let today = crate::codes::today_cst();
+    let (mut notices, mut recipients) = follow_up(tx, &c.record_id, |original, targets| {
+        Some(match &r.notice {
+            Some(n) => shared::correction_of(original, n, targets),
+            None => shared::lift_of(original, today, EndReason::Corrected.as_str(), targets),
+        })
+    })?;
+    let effect = shared::correction_effect(r.notice.as_ref(), !notices.is_empty());
+    if let (Some(n), "notified") = (&r.notice, effect) {
+        insert_notice(tx, n, &item, c.item_version, &c.record_id, &submitter, &now)?;
+        shared::add_notice(n, &mut notices, &mut recipients);
+    }
+    audit.push(shared::correction_audit(
+        actor,
+        c,
+        revision + 1,
+        effect,
+        &notices,
+        &recipients,
+    ));
+    Ok(CorrectOutcome::Corrected {
+        revision: revision + 1,
+        effect,
+        notices,
+        recipients,
+    })
+}
+
 // === impl reads ===
 
-const NOTICE_SELECT: &str = "SELECT id, kind, item, item_version, record_id, source, severity, measures, effective_from, effective_until, issued_at, lifts, reason FROM notices";
+const NOTICE_SELECT: &str = "SELECT id, kind, item, item_version, record_id, source, severity, measures, effective_from, effective_until, issued_at, lifts, reason, corrects FROM notices";
 
 /// Decodes a notice row; the outer `Result` is SQLite's, the inner ours.
 fn notice_from_row(r: &Row<'_>) -> rusqlite::Result<Result<StoredNotice, StoreError>> {
@@ -903,12 +966,13 @@ fn notice_at(r: &Row<'_>, o: usize) -> rusqlite::Result<Result<StoredNotice, Sto
         issued_at,
         lifts: r.get(o + 11)?,
         reason: r.get(o + 12)?,
+        corrects: r.get(o + 13)?,
     }))
 }
 
 /// Outbound rows: delivery columns, then the notice, then the record body.
 const OUTBOUND_SELECT: &str = "SELECT COALESCE(d.pos, 0), d.id, d.subscription, d.agency, d.attempts, \
-     n.id, n.kind, n.item, n.item_version, n.record_id, n.source, n.severity, n.measures, n.effective_from, n.effective_until, n.issued_at, n.lifts, n.reason, \
+     n.id, n.kind, n.item, n.item_version, n.record_id, n.source, n.severity, n.measures, n.effective_from, n.effective_until, n.issued_at, n.lifts, n.reason, n.corrects, \
      r.body, d.claims FROM deliveries d JOIN notices n ON n.id = d.notice_id JOIN records r ON r.id = n.record_id";
 
 fn outbound_from_row(r: &Row<'_>) -> rusqlite::Result<Result<Outbound, StoreError>> {
@@ -916,7 +980,7 @@ fn outbound_from_row(r: &Row<'_>) -> rusqlite::Result<Result<Outbound, StoreErro
         Ok(n) => n,
         Err(e) => return Ok(Err(e)),
     };
-    let body: String = r.get(18)?;
+    let body: String = r.get(19)?;
     let record = match serde_json::from_str(&body) {
         Ok(v) => RecordBody::from_store(v),
         Err(e) => return Ok(Err(corrupt(e))),
@@ -927,7 +991,7 @@ fn outbound_from_row(r: &Row<'_>) -> rusqlite::Result<Result<Outbound, StoreErro
         subscription: r.get(2)?,
         agency: r.get(3)?,
         attempts: r.get(4)?,
-        claim: r.get(19)?,
+        claim: r.get(20)?,
         notice,
         record,
     }))
@@ -1155,6 +1219,55 @@ impl Store for SqliteStore {
         let (record_id, actor) = (record_id.to_owned(), actor.to_owned());
         self.write(true, move |sp, audit| {
             end_record(sp, &record_id, &ending, &actor, audit)
+        })
+        .await
+    }
+
+    async fn correct_record(
+        &self,
+        correction: Correction,
+        actor: &str,
+    ) -> Result<CorrectOutcome, StoreError> {
+        let actor = actor.to_owned();
+        self.write(true, move |sp, audit| {
+            correct_record(sp, &correction, &actor, audit)
+        })
+        .await
+    }
+
+    async fn revisions(&self, record_id: &str) -> Result<Vec<Revision>, StoreError> {
+        let record_id = record_id.to_owned();
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT revision, item_version, replaced_at, replaced_by, reason, body FROM record_revisions WHERE record_id = ?1 ORDER BY revision",
+                )
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map([&record_id], |r| {
+                    Ok((
+                        r.get::<_, u32>(0)?,
+                        r.get::<_, u32>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, Option<String>>(4)?,
+                        r.get::<_, String>(5)?,
+                    ))
+                })
+                .map_err(db_err)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (revision, item_version, at, by, reason, body) = row.map_err(db_err)?;
+                out.push(Revision {
+                    revision,
+                    item_version,
+                    replaced_at: parse_time(&at)?,
+                    replaced_by: by,
+                    reason,
+                    body: RecordBody::from_store(serde_json::from_str(&body).map_err(corrupt)?),
+                });
+            }
+            Ok(out)
         })
         .await
     }
@@ -1523,7 +1636,7 @@ impl Store for SqliteStore {
                     "SELECT d.agency, COUNT(DISTINCT n.id), COUNT(DISTINCT f.notice_id) \
                      FROM deliveries d JOIN notices n ON n.id = d.notice_id \
                      LEFT JOIN feedback f ON f.notice_id = n.id AND f.agency = d.agency \
-                     WHERE n.kind != 'lift' AND julianday(n.issued_at) >= julianday(?1) AND julianday(n.issued_at) < julianday(?2) \
+                     WHERE n.kind IN ('punishment', 'incentive') AND julianday(n.issued_at) >= julianday(?1) AND julianday(n.issued_at) < julianday(?2) \
                      GROUP BY d.agency ORDER BY d.agency",
                 )
                 .map_err(db_err)?;
@@ -1805,7 +1918,7 @@ mod migration_tests {
         let mut sub = crate::store::conformance::submission("s2", "r2");
         sub.records[0].notice = Some(NewNotice {
             id: "n2".into(),
-            kind: NoticeKind::Punishment,
+            kind: crate::notice::NoticeKind::Punishment,
             severity: Severity::Serious,
             measures: vec![],
             effective_from: None,
@@ -1820,6 +1933,9 @@ mod migration_tests {
                     push: false,
                 })
                 .collect(),
+            lifts: None,
+            corrects: None,
+            reason: None,
         });
         store.append_submission(sub).await.expect("append");
         let a = store.pull("agency-a", 3, 10).await.expect("pull");

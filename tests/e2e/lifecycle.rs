@@ -9,6 +9,27 @@ use crate::notices::{ids, pull_all, pull_sub, push_sub, record_about, submit, FI
 use crate::receiver::Receiver;
 use crate::support::{Client, Env, Server};
 
+/// Subscribes the procurement centre (pull, restricted) to everything and
+/// the finance department (push, shared) to `item`; returns finance's
+/// receiver.
+async fn procurement_pulls_finance_pushed(env: &Env, item: &str) -> Receiver {
+    let fin = Receiver::start(env.root.path(), "finance", &env.pki.dir.join("ca.pem"), 0).await;
+    env.subscribe(
+        &[
+            pull_sub("proc-pull", "agency-procurement", ""),
+            push_sub(
+                "fin-push",
+                "agency-finance",
+                &fin,
+                FIN_SECRET,
+                &format!("items = [\"{item}\"]"),
+            ),
+        ]
+        .concat(),
+    );
+    fin
+}
+
 /// Posts a batch and returns the answer document (status 200 asserted).
 async fn batch(client: &Client, item: &str, records: Vec<Value>) -> Value {
     let resp = client
@@ -196,20 +217,7 @@ fn removal_doc(date: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removal_from_a_list_lifts_once_for_every_earlier_recipient() {
     let env = Env::new();
-    let fin = Receiver::start(env.root.path(), "finance", &env.pki.dir.join("ca.pem"), 0).await;
-    env.subscribe(
-        &[
-            pull_sub("proc-pull", "agency-procurement", ""),
-            push_sub(
-                "fin-push",
-                "agency-finance",
-                &fin,
-                FIN_SECRET,
-                "items = [\"abnormal_operations\"]",
-            ),
-        ]
-        .concat(),
-    );
+    let fin = procurement_pulls_finance_pushed(&env, "abnormal_operations").await;
     let server = Server::start(&env).await;
     let dept = env.client(server.addr, "dept-market");
     let admin = env.client(server.addr, "admin-credit-office");
@@ -416,5 +424,213 @@ async fn measures_follow_the_level_and_the_list_kind() {
         ["enhanced_supervision", "exclude_from_honours"],
         "a major penalty carries the measures configured for its level"
     );
+    server.stop().await;
+}
+
+/// `PUT /v1/records/{id}` with `{"record", "reason"}` (and a revision).
+async fn correct(
+    client: &Client,
+    id: &str,
+    record: &Value,
+    revision: Option<u32>,
+) -> crate::support::Resp {
+    let mut doc = json!({"record": record, "reason": "更正处罚内容：原决定书录入有误"});
+    if let Some(r) = revision {
+        doc["revision"] = json!(r);
+    }
+    let body = serde_json::to_vec(&doc).expect("json");
+    client
+        .send(
+            "PUT",
+            &format!("/v1/records/{id}"),
+            &[("content-type", "application/json")],
+            body,
+        )
+        .await
+        .expect("request")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_correction_reaches_every_earlier_recipient_and_a_downgrade_lifts() {
+    let env = Env::new();
+    let fin = procurement_pulls_finance_pushed(&env, "administrative_penalty").await;
+    let server = Server::start(&env).await;
+    let dept = env.client(server.addr, "dept-market");
+    let agency = env.client(server.addr, "agency-procurement");
+
+    // A serious penalty about a natural person.
+    let mut person = synth::record("administrative_penalty", 11, "serious");
+    let obj = person.as_object_mut().expect("object");
+    obj.retain(|k, _| !k.starts_with("legal_representative") && k != "uscc");
+    obj.insert("subject_type".into(), json!("natural_person"));
+    obj.insert("subject_name".into(), json!("陈静伟"));
+    obj.insert("id_type".into(), json!("resident_id"));
+    obj.insert("id_number".into(), json!(synth::resident_id(11)));
+    let first = submit(&dept, "administrative_penalty", person.clone()).await;
+    let (id, n1) = (
+        first["record_id"].as_str().expect("id").to_owned(),
+        first["notice_id"].as_str().expect("notice").to_owned(),
+    );
+    fin.wait_for(1, 15).await;
+
+    // Faults change nothing.
+    let no_reason = dept
+        .send(
+            "PUT",
+            &format!("/v1/records/{id}"),
+            &[("content-type", "application/json")],
+            serde_json::to_vec(&json!({"record": person})).expect("json"),
+        )
+        .await
+        .expect("request");
+    assert_eq!(no_reason.status, 400);
+    assert_eq!(no_reason.json()["errors"][0]["pointer"], "/reason");
+    let mut broken = person.clone();
+    broken.as_object_mut().expect("o").remove("legal_basis");
+    let resp = correct(&dept, &id, &broken, None).await;
+    assert_eq!(resp.status, 400);
+    assert_eq!(resp.json()["code"], "invalid_record");
+    assert_eq!(resp.json()["errors"][0]["pointer"], "/record/legal_basis");
+    let resp = correct(&env.client(server.addr, "dept-tax"), &id, &person, None).await;
+    assert_eq!(
+        resp.status, 404,
+        "only the submitter or an administrator corrects"
+    );
+    let resp = correct(&dept, &id, &person, None).await;
+    assert_eq!(resp.json()["status"], "unchanged");
+
+    // A correction: every earlier recipient gets a correction notice,
+    // redacted for its clearance.
+    let mut corrected = person.clone();
+    corrected["penalty_content"] = json!("一、警告；二、罚款人民币叁万元。");
+    let resp = correct(&dept, &id, &corrected, Some(1)).await;
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    let done = resp.json();
+    assert_eq!(done["status"], "corrected");
+    assert_eq!(done["revision"], 2);
+    assert_eq!(done["effect"], "corrected");
+    assert_eq!(
+        done["recipients"],
+        json!(["agency-finance", "agency-procurement"])
+    );
+    let stale = correct(&dept, &id, &person, Some(1)).await;
+    assert_eq!(stale.status, 409);
+    assert_eq!(stale.json()["code"], "revision_changed");
+    assert_eq!(stale.json()["current_revision"], 2);
+
+    let (notices, raw, _) = pull_all(&agency, "0").await;
+    assert_eq!(notices.len(), 2, "{notices:#?}");
+    let c = &notices[1];
+    assert_eq!(c["type"], "correction");
+    assert_eq!(c["corrects"], n1.as_str());
+    assert_eq!(c["record"]["penalty_content"], corrected["penalty_content"]);
+    assert_eq!(
+        c["subject"]["subject_name"], "陈静伟",
+        "restricted sees the name"
+    );
+    let pushed = fin.wait_for(2, 15).await;
+    let pushed_c = pushed[1].json();
+    assert_eq!(pushed_c["type"], "correction");
+    assert_eq!(pushed_c["corrects"], n1.as_str());
+    let mut outgoing = raw;
+    for r in fin.requests() {
+        outgoing.extend(r.body.iter());
+    }
+    let pushed_text = String::from_utf8_lossy(&pushed[1].body).into_owned();
+    assert!(
+        !pushed_text.contains("陈静伟"),
+        "a shared agency never sees a person's name"
+    );
+    assert!(
+        !String::from_utf8_lossy(&outgoing).contains(&synth::resident_id(11)),
+        "no ID number leaves in clear"
+    );
+
+    // The earlier revision is kept and readable.
+    let revs = dept
+        .get(&format!("/v1/records/{id}/revisions"))
+        .await
+        .json();
+    assert_eq!(revs["current_revision"], 2);
+    assert_eq!(revs["revisions"][0]["revision"], 1);
+    assert_eq!(revs["revisions"][0]["replaced_by"], "dept-market");
+    assert_eq!(
+        revs["revisions"][0]["record"]["penalty_content"],
+        person["penalty_content"]
+    );
+    assert!(revs["revisions"][0]["reason"].as_str().is_some());
+
+    // Downgraded to general: the notice condition ends, a lift each.
+    let mut general = corrected.clone();
+    general["severity"] = json!("general");
+    let done = correct(&dept, &id, &general, None).await.json();
+    assert_eq!(done["effect"], "lifted", "{done:#}");
+    let (notices, _, _) = pull_all(&agency, "0").await;
+    assert_eq!(notices.len(), 3);
+    assert_eq!(notices[2]["type"], "lift");
+    assert_eq!(notices[2]["reason"], "corrected");
+    assert_eq!(notices[2]["lifts"], n1.as_str());
+    // Back to serious: a new punishment notice, routed afresh.
+    let done = correct(&dept, &id, &corrected, None).await.json();
+    assert_eq!(done["effect"], "notified", "{done:#}");
+    let n2 = done["notices"][0].as_str().expect("notice").to_owned();
+    // Revocation lifts what is in effect (the new notice), once.
+    let resp = dept
+        .post_json(
+            &format!("/v1/records/{id}/revocation"),
+            &json!({"reason": "revoked"}),
+        )
+        .await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(
+        resp.json()["lift_notices"].as_array().map(Vec::len),
+        Some(1)
+    );
+    let (notices, _, _) = pull_all(&agency, "0").await;
+    let kinds: Vec<(&str, Option<&str>)> = notices
+        .iter()
+        .map(|n| {
+            (
+                n["type"].as_str().expect("type"),
+                n["lifts"].as_str().or(n["corrects"].as_str()),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("punishment", None),
+            ("correction", Some(n1.as_str())),
+            ("lift", Some(n1.as_str())),
+            ("punishment", None),
+            ("lift", Some(n2.as_str())),
+        ]
+    );
+    assert_eq!(fin.wait_for(5, 15).await.len(), 5);
+    // An ended record is not corrected.
+    let resp = correct(&dept, &id, &person, None).await;
+    assert_eq!(resp.status, 409);
+    assert_eq!(resp.json()["code"], "already_ended");
+    let (code, out) = env.audit_verify("verify");
+    assert_eq!(code, 0, "{out}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_correction_cannot_take_another_records_key() {
+    let env = Env::new();
+    let server = Server::start(&env).await;
+    let dept = env.client(server.addr, "dept-market");
+    let a = synth::record("administrative_penalty", 21, "general");
+    let b = synth::record("administrative_penalty", 22, "general");
+    let ra = submit(&dept, "administrative_penalty", a).await;
+    submit(&dept, "administrative_penalty", b.clone()).await;
+    let mut onto_b = b.clone();
+    onto_b["penalty_content"] = json!("另一内容");
+    let resp = correct(&dept, ra["record_id"].as_str().expect("id"), &onto_b, None).await;
+    assert_eq!(resp.status, 409, "{}", String::from_utf8_lossy(&resp.body));
+    let problem = resp.json();
+    assert_eq!(problem["code"], "duplicate_key");
+    assert_eq!(problem["errors"][1]["pointer"], "/record/decision_number");
     server.stop().await;
 }
