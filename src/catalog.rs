@@ -107,6 +107,9 @@ pub enum NoticeType {
     Punishment,
     /// Joint incentive (联合激励).
     Incentive,
+    /// Dishonesty warning (失信预警): a subject's repeated lesser records.
+    /// Only subscriptions that name it receive it.
+    Warning,
 }
 
 /// A catalog item as written in `catalogs/<catalog>/<id>.json` and as the
@@ -149,6 +152,45 @@ pub struct ItemDefinition {
     /// For a list item (名单): how a subject is removed from the list (移出).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub removal: Option<RemovalRule>,
+    /// Items whose active records about the same subject refuse a new
+    /// record of this item (`conflicts_with_dishonesty`): a red list
+    /// refuses a subject on the serious dishonesty list.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused_while_listed: Vec<String>,
+    /// List items a record of this item removes its subject from, in the
+    /// same transaction (a serious dishonesty listing ends a red-list
+    /// entry, with a lift to the red list's recipients).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removes_from: Option<RemovesFrom>,
+}
+
+/// How a record removes its subject from other lists.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemovesFrom {
+    /// List items (each with a removal document).
+    pub items: Vec<String>,
+    /// The removal reason written in their removal documents.
+    pub reason: String,
+    /// This item's fields that fill the removal document: deciding
+    /// authority, its USCC and the decision number.
+    pub authority_field: String,
+    /// See `authority_field`.
+    pub authority_uscc_field: String,
+    /// See `authority_field`.
+    pub decision_number_field: String,
+}
+
+/// When a subject's repeated records produce a warning notice (失信预警).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarningRule {
+    /// Levels that count.
+    pub levels: Vec<Severity>,
+    /// Records (this one included) that make a warning.
+    pub count: u32,
+    /// Window, in months before this record's decision date.
+    pub within_months: u32,
 }
 
 /// One part of a natural key.
@@ -221,6 +263,10 @@ pub struct NoticeRule {
     /// Date field that ends the record's effect (a lift notice follows).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub effective_until_field: Option<String>,
+    /// A warning notice for a subject's repeated records of a level that
+    /// makes no notice of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<WarningRule>,
     /// Field holding the list kind (名单类别) that measures select on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub list_kind_field: Option<String>,
@@ -658,6 +704,30 @@ impl CatalogItem {
                 }
             }
         }
+        if let Some(r) = &def.removes_from {
+            for f in [
+                &r.authority_field,
+                &r.authority_uscc_field,
+                &r.decision_number_field,
+            ] {
+                if !fields.is_empty() && !fields.contains_key(f) {
+                    errors.push(format!("removes_from: unknown field {f:?}"));
+                }
+            }
+            if r.items.is_empty() {
+                errors.push("removes_from.items: at least one list item is required".into());
+            }
+        }
+        if let Some(n) = &def.notice {
+            if n.notice_type == NoticeType::Warning {
+                errors.push("notice.type: warning notices follow a warning rule; use punishment or incentive".into());
+            }
+            if let Some(w) = &n.warning {
+                if w.count < 2 || w.within_months == 0 || w.levels.is_empty() {
+                    errors.push("notice.warning: count 2 or more, within_months 1 or more and at least one level are required".into());
+                }
+            }
+        }
         let removal = def.removal.as_ref().map(|r| {
             let specs = field_specs(&r.schema).unwrap_or_else(|errs| {
                 errors.extend(errs.into_iter().map(|e| format!("removal.{e}")));
@@ -904,6 +974,33 @@ impl CatalogItem {
                 })
             })
             .collect()
+    }
+
+    /// The level the record would have under this item's notice rule,
+    /// whether or not it produces a notice (`None`: no rule, or no level).
+    pub fn level(&self, record: &Value) -> Option<Severity> {
+        match &self.def.notice.as_ref()?.severity {
+            SeveritySource::Fixed(s) => Some(*s),
+            SeveritySource::Field { field } => record
+                .get(field)
+                .and_then(Value::as_str)
+                .and_then(Severity::parse),
+        }
+    }
+
+    /// The removal document a record of this item writes when it removes
+    /// its subject from another list (`removes_from`).
+    pub fn removal_by(&self, record: &Value) -> Option<Value> {
+        let r = self.def.removes_from.as_ref()?;
+        let text = |f: &str| record.get(f).cloned().unwrap_or(Value::Null);
+        Some(serde_json::json!({
+            "removal_date": text(&self.def.decision_date_field),
+            "removal_reason": r.reason,
+            "removal_reason_detail": format!("listed in {} ({})", self.def.name, self.def.name_zh),
+            "removal_authority": text(&r.authority_field),
+            "removal_authority_uscc": text(&r.authority_uscc_field),
+            "removal_decision_number": text(&r.decision_number_field),
+        }))
     }
 
     /// Whether records of this item can be removed from their list.
@@ -1258,6 +1355,8 @@ mod tests {
             notice: None,
             natural_key: vec![],
             removal: None,
+            refused_while_listed: vec![],
+            removes_from: None,
         };
         CatalogItem::compile(def, &|p| p == "dept-a")
     }

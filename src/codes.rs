@@ -287,6 +287,16 @@ pub fn today_cst() -> Date {
     time::OffsetDateTime::now_utc().to_offset(offset).date()
 }
 
+/// The same day `months` months earlier (the month's last day when the
+/// day does not exist there: 31 March less one month is 28/29 February).
+pub fn months_before(date: Date, months: u32) -> Date {
+    let total = date.year() * 12 + i32::from(u8::from(date.month())) - 1 - months as i32;
+    let (year, month) = (total.div_euclid(12), (total.rem_euclid(12) + 1) as u8);
+    let month = time::Month::try_from(month).unwrap_or(time::Month::January);
+    let day = date.day().min(month.length(year));
+    Date::from_calendar_date(year, month, day).unwrap_or(date)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -465,5 +475,30 @@ mod tests {
             let changed: String = chars.into_iter().collect();
             prop_assert!(check_resident_id(&changed, today).is_err(), "not caught: {changed}");
         }
+    }
+
+    #[test]
+    fn months_before_keeps_the_day_or_takes_the_months_last() {
+        use time::macros::date;
+        assert_eq!(
+            months_before(date!(2026 - 10 - 15), 12),
+            date!(2025 - 10 - 15)
+        );
+        assert_eq!(
+            months_before(date!(2026 - 03 - 31), 1),
+            date!(2026 - 02 - 28)
+        );
+        assert_eq!(
+            months_before(date!(2024 - 03 - 31), 1),
+            date!(2024 - 02 - 29)
+        );
+        assert_eq!(
+            months_before(date!(2026 - 01 - 10), 2),
+            date!(2025 - 11 - 10)
+        );
+        assert_eq!(
+            months_before(date!(2026 - 01 - 10), 0),
+            date!(2026 - 01 - 10)
+        );
     }
 }

@@ -22,7 +22,7 @@ use crate::redact::Redactor;
 use crate::routing::{region_of, NoticeFacts, Subscriptions};
 use crate::store::{
     AppendOutcome, IdempotencyClaim, KeyHolder, NewDelivery, NewNotice, NewRecord, NewSubmission,
-    NoticeKind, Store, StoreError, StoredResponse,
+    NoticeKind, Store, StoreError, StoredResponse, SubjectRecord,
 };
 
 /// Longest accepted `Idempotency-Key`.
@@ -334,7 +334,9 @@ impl Ingest {
                 }));
                 continue;
             }
-            let record = self.accepted_record(&item, &record, &subscriptions, &registry)?;
+            let mut accepted = self.accepted_record(&item, &record, &subscriptions, &registry)?;
+            accepted.record.warnings =
+                serde_json::to_string(&v.warnings).map_err(|e| Problem::gateway(&e))?;
             // Warnings past the budget are still stored with the record.
             let listed = v.warnings.len().min(budget);
             budget -= listed;
@@ -347,12 +349,7 @@ impl Ingest {
                     .cloned()
                     .map(prefix)
                     .collect(),
-                record: Box::new(NewRecord {
-                    warnings: serde_json::to_string(&v.warnings)
-                        .map_err(|e| Problem::gateway(&e))?,
-                    ..record.0
-                }),
-                key_fields: record.1,
+                accepted: Box::new(accepted),
             });
         }
         Ok(Prepared {
@@ -369,6 +366,7 @@ impl Ingest {
                 response_status: 200,
                 response_body: Vec::new(),
             },
+            item,
             entries,
             rejection_codes,
             budget,
@@ -377,14 +375,14 @@ impl Ingest {
 
     /// What is stored of a valid record: its subject key, natural key and
     /// content digest, and the notice it produces with its routed
-    /// deliveries. Also answers the natural key's field names.
+    /// deliveries (or the warning it may produce).
     pub(crate) fn accepted_record(
         &self,
         item: &CatalogItem,
         record: &Value,
         subscriptions: &Subscriptions,
         registry: &crate::participants::Registry,
-    ) -> Result<(NewRecord, Vec<String>), Problem> {
+    ) -> Result<Accepted, Problem> {
         let text = |f: &str| record.get(f).and_then(Value::as_str);
         let subject_key = match (text("uscc"), text("id_number")) {
             (Some(uscc), _) => Some(uscc.to_owned()),
@@ -397,16 +395,19 @@ impl Ingest {
         let region = region_of(text("uscc"), resident_id);
         let decision_date = item.decision_date(record);
         let derived = item.derive_notice(record);
-        let notice = derived.as_ref().map(|d| {
-            let subject_type = record
-                .get("subject_type")
-                .cloned()
-                .and_then(|v| serde_json::from_value::<SubjectType>(v).ok());
+        let subject_type = record
+            .get("subject_type")
+            .cloned()
+            .and_then(|v| serde_json::from_value::<SubjectType>(v).ok());
+        let routed = |notice_type: NoticeType,
+                      severity: crate::catalog::Severity,
+                      measures: Vec<String>,
+                      until: Option<time::Date>| {
             let routes = subscriptions
                 .route(&NoticeFacts {
                     item: &item.def.id,
-                    notice_type: d.notice_type,
-                    severity: d.severity,
+                    notice_type,
+                    severity,
                     subject_type,
                     region: region.as_deref(),
                 })
@@ -418,14 +419,15 @@ impl Ingest {
                 });
             NewNotice {
                 id: uuid::Uuid::now_v7().to_string(),
-                kind: match d.notice_type {
+                kind: match notice_type {
                     NoticeType::Punishment => NoticeKind::Punishment,
                     NoticeType::Incentive => NoticeKind::Incentive,
+                    NoticeType::Warning => NoticeKind::Warning,
                 },
-                severity: d.severity,
-                measures: d.measures.clone(),
+                severity,
+                measures,
                 effective_from: decision_date,
-                effective_until: d.effective_until,
+                effective_until: until,
                 region: region.clone(),
                 deliveries: routes
                     .into_iter()
@@ -440,11 +442,39 @@ impl Ingest {
                 corrects: None,
                 reason: None,
             }
+        };
+        let notice = derived.as_ref().map(|d| {
+            routed(
+                d.notice_type,
+                d.severity,
+                d.measures.clone(),
+                d.effective_until,
+            )
+        });
+        let level = item.level(record);
+        // A record that makes no notice of its own may still make a
+        // warning, if the subject's earlier records say so (at commit).
+        let warning = match (
+            &notice,
+            level,
+            item.def.notice.as_ref().and_then(|n| n.warning.as_ref()),
+        ) {
+            (None, Some(l), Some(w)) if w.levels.contains(&l) && subject_key.is_some() => {
+                Some(Box::new(routed(NoticeType::Warning, l, Vec::new(), None)))
+            }
+            _ => None,
+        };
+        let removes = item.def.removes_from.as_ref().and_then(|r| {
+            Some(crate::store::Removes {
+                items: r.items.clone(),
+                removal: item.removal_by(record)?.to_string(),
+                on: decision_date,
+            })
         });
         let body = serde_json::to_string(record).map_err(|e| Problem::gateway(&e))?;
         let identity = Identity::of(&self.redactor, item, record, &body);
-        Ok((
-            NewRecord {
+        Ok(Accepted {
+            record: NewRecord {
                 id: uuid::Uuid::now_v7().to_string(),
                 subject_type: text("subject_type").unwrap_or_default().to_owned(),
                 subject_key,
@@ -454,18 +484,33 @@ impl Ingest {
                 warnings: "[]".into(),
                 natural_key: identity.natural_key,
                 content_hash: identity.content_hash,
+                level,
+                removes,
                 notice,
             },
-            identity.fields,
-        ))
+            key_fields: identity.fields,
+            subject_pointer: ["uscc", "id_number"]
+                .into_iter()
+                .find(|f| record.get(*f).is_some_and(Value::is_string))
+                .map(|f| format!("/{f}")),
+            warning,
+        })
     }
 
     /// The submission to store, given the records that already hold the
-    /// natural keys: a record whose key is held with the same content is
-    /// a duplicate (nothing stored, the holder's id answered); with other
-    /// content it is refused (`duplicate_key`: a change is a correction).
-    /// The same holds between the records of one batch.
-    fn resolve(&self, p: &Prepared, holders: Vec<KeyHolder>) -> Result<NewSubmission, Problem> {
+    /// natural keys and the subjects' other records: a record whose key is
+    /// held with the same content is a duplicate (nothing stored, the
+    /// holder's id answered); with other content it is refused
+    /// (`duplicate_key`: a change is a correction). The same holds between
+    /// the records of one batch. A record of a subject on a list that
+    /// excludes it is refused (`conflicts_with_dishonesty`); a record that
+    /// completes a warning rule carries the warning notice.
+    fn resolve(
+        &self,
+        p: &Prepared,
+        holders: Vec<KeyHolder>,
+        subjects: &[SubjectRecord],
+    ) -> Result<NewSubmission, Problem> {
         let mut held: HashMap<String, KeyHolder> = holders
             .into_iter()
             .map(|h| (h.natural_key.clone(), h))
@@ -475,8 +520,9 @@ impl Ingest {
         let mut budget = p.budget;
         let mut results = Vec::with_capacity(p.entries.len());
         let mut stored = Vec::new();
+        let warning_rule = p.item.def.notice.as_ref().and_then(|n| n.warning.as_ref());
         for entry in &p.entries {
-            let (index, warnings, key_fields, record) = match entry {
+            let (index, warnings, accepted) = match entry {
                 Entry::Rejected(r) => {
                     results.push(r.clone());
                     continue;
@@ -484,10 +530,10 @@ impl Ingest {
                 Entry::Candidate {
                     index,
                     warnings,
-                    key_fields,
-                    record,
-                } => (*index, warnings, key_fields, record),
+                    accepted,
+                } => (*index, warnings, accepted),
             };
+            let (record, key_fields) = (&accepted.record, &accepted.key_fields);
             match held.get(&record.natural_key) {
                 Some(h) if h.content_hash == record.content_hash => {
                     results.push(RecordResult {
@@ -537,7 +583,35 @@ impl Ingest {
                         warnings: Vec::new(),
                     });
                 }
+                None if listed(&p.item, record, subjects) => {
+                    *codes.entry("conflicts_with_dishonesty".into()).or_default() += 1;
+                    budget = budget.saturating_sub(1);
+                    results.push(RecordResult {
+                        index,
+                        status: "rejected",
+                        record_id: None,
+                        notice_id: None,
+                        errors: vec![Finding {
+                            pointer: format!(
+                                "/records/{index}{}",
+                                accepted.subject_pointer.as_deref().unwrap_or("")
+                            ),
+                            code: "conflicts_with_dishonesty".into(),
+                            message: format!(
+                                "the subject is on a list that excludes it from {} ({}) while it stands",
+                                p.item.def.name, p.item.def.name_zh
+                            ),
+                        }],
+                        warnings: Vec::new(),
+                    });
+                }
                 None => {
+                    let mut record = record.clone();
+                    if let (Some(w), Some(rule)) = (&accepted.warning, warning_rule) {
+                        if warned(rule, &p.item.def.id, &record, subjects, &stored) {
+                            record.notice = Some(w.as_ref().clone());
+                        }
+                    }
                     held.insert(
                         record.natural_key.clone(),
                         KeyHolder {
@@ -555,7 +629,7 @@ impl Ingest {
                         errors: Vec::new(),
                         warnings: warnings.clone(),
                     });
-                    stored.push(record.as_ref().clone());
+                    stored.push(record);
                 }
             }
         }
@@ -584,20 +658,35 @@ impl Ingest {
     /// submission durably, then answers. A key taken by a concurrent
     /// submission between the look-up and the commit is looked up again.
     pub async fn commit(&self, prepared: Prepared) -> Result<Answer, Problem> {
-        let keys: Vec<String> = prepared
-            .entries
-            .iter()
-            .filter_map(|e| match e {
-                Entry::Candidate { record, .. } => Some(record.natural_key.clone()),
+        let candidates = || {
+            prepared.entries.iter().filter_map(|e| match e {
+                Entry::Candidate { accepted, .. } => Some(&accepted.record),
                 Entry::Rejected(_) => None,
             })
-            .collect();
+        };
+        let keys: Vec<String> = candidates().map(|r| r.natural_key.clone()).collect();
+        let mut subjects: Vec<String> =
+            candidates().filter_map(|r| r.subject_key.clone()).collect();
+        subjects.sort();
+        subjects.dedup();
+        let def = &prepared.item.def;
+        let mut rule_items = def.refused_while_listed.clone();
+        if def.notice.as_ref().is_some_and(|n| n.warning.is_some()) {
+            rule_items.push(def.id.clone());
+        }
         let item_id = prepared.submission.item.clone();
         let mut attempts = 0;
         let (accepted, rejected, body, replay, outcome) = loop {
             attempts += 1;
             let holders = self.store.find_keys(&item_id, keys.clone()).await?;
-            let submission = self.resolve(&prepared, holders)?;
+            let others = if rule_items.is_empty() || subjects.is_empty() {
+                Vec::new()
+            } else {
+                self.store
+                    .subject_records(subjects.clone(), rule_items.clone())
+                    .await?
+            };
+            let submission = self.resolve(&prepared, holders, &others)?;
             let (accepted, rejected) = (submission.records.len(), submission.rejected);
             let body = submission.response_body.clone();
             // (participant, key) and the request digest, for the replay cache.
@@ -716,7 +805,11 @@ impl Ingest {
         v.warnings.splice(0..0, normalised);
         let subscriptions = self.subscriptions.load_full();
         let registry = self.registry.load_full();
-        let (new, key_fields) = self.accepted_record(&item, &record, &subscriptions, &registry)?;
+        let Accepted {
+            record: new,
+            key_fields,
+            ..
+        } = self.accepted_record(&item, &record, &subscriptions, &registry)?;
         let holder = self
             .store
             .find_keys(&item.def.id, vec![new.natural_key.clone()])
@@ -810,8 +903,67 @@ impl Ingest {
     }
 }
 
+/// Whether `record`'s subject stands on a list that refuses it (an active
+/// record of one of the item's `refused_while_listed` items).
+fn listed(item: &CatalogItem, record: &NewRecord, subjects: &[SubjectRecord]) -> bool {
+    record.subject_key.as_ref().is_some_and(|key| {
+        subjects.iter().any(|s| {
+            &s.subject_key == key
+                && s.status == "active"
+                && item.def.refused_while_listed.contains(&s.item)
+        })
+    })
+}
+
+/// Whether `record` completes the warning rule: with the subject's records
+/// of the item at a counted level within the window before its decision
+/// (stored ones not revoked or removed, and those of this batch), it makes
+/// `rule.count`.
+fn warned(
+    rule: &crate::catalog::WarningRule,
+    item: &str,
+    record: &NewRecord,
+    subjects: &[SubjectRecord],
+    batch: &[NewRecord],
+) -> bool {
+    let (Some(key), Some(date)) = (&record.subject_key, record.decision_date) else {
+        return false;
+    };
+    let since = crate::codes::months_before(date, rule.within_months);
+    let counts = |level: Option<crate::catalog::Severity>, on: Option<time::Date>| {
+        level.is_some_and(|l| rule.levels.contains(&l))
+            && on.is_some_and(|d| d >= since && d <= date)
+    };
+    let stored = subjects
+        .iter()
+        .filter(|s| {
+            &s.subject_key == key
+                && s.item == item
+                && matches!(s.status.as_str(), "active" | "expired")
+                && counts(s.level, s.decision_date)
+        })
+        .count();
+    let earlier = batch
+        .iter()
+        .filter(|r| r.subject_key.as_ref() == Some(key) && counts(r.level, r.decision_date))
+        .count();
+    stored + earlier + 1 >= rule.count as usize
+}
+
+/// What is kept of a valid record until it is stored.
+pub(crate) struct Accepted {
+    /// The record as stored.
+    pub record: NewRecord,
+    /// Names of the natural key's fields (pointers of `duplicate_key`).
+    pub key_fields: Vec<String>,
+    /// Pointer to the subject's identifier (`/uscc`, `/id_number`).
+    subject_pointer: Option<String>,
+    /// The warning notice the record makes if it completes the item's
+    /// warning rule.
+    warning: Option<Box<NewNotice>>,
+}
+
 /// One record of a prepared submission.
-#[derive(Clone)]
 enum Entry {
     /// Refused; its result is final.
     Rejected(RecordResult),
@@ -819,9 +971,7 @@ enum Entry {
     Candidate {
         index: usize,
         warnings: Vec<Finding>,
-        /// Names of the natural key's fields (pointers of `duplicate_key`).
-        key_fields: Vec<String>,
-        record: Box<NewRecord>,
+        accepted: Box<Accepted>,
     },
 }
 
@@ -829,6 +979,8 @@ enum Entry {
 pub struct Prepared {
     /// The submission without its records and answer.
     submission: NewSubmission,
+    /// The item version validated against.
+    item: Arc<CatalogItem>,
     entries: Vec<Entry>,
     rejection_codes: BTreeMap<String, usize>,
     /// Findings the answer may still list.

@@ -20,6 +20,8 @@ pub enum NoticeKind {
     /// The record of an earlier notice was corrected: the notice's facts
     /// as they now stand (`corrects` names the notice).
     Correction,
+    /// Dishonesty warning (失信预警): the subject's repeated lesser records.
+    Warning,
 }
 
 impl NoticeKind {
@@ -30,6 +32,7 @@ impl NoticeKind {
             NoticeKind::Incentive => "incentive",
             NoticeKind::Lift => "lift",
             NoticeKind::Correction => "correction",
+            NoticeKind::Warning => "warning",
         }
     }
 
@@ -40,6 +43,7 @@ impl NoticeKind {
             "incentive" => Some(NoticeKind::Incentive),
             "lift" => Some(NoticeKind::Lift),
             "correction" => Some(NoticeKind::Correction),
+            "warning" => Some(NoticeKind::Warning),
             _ => None,
         }
     }

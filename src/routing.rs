@@ -199,7 +199,11 @@ impl Subscription {
     pub fn matches(&self, n: &NoticeFacts<'_>) -> bool {
         self.enabled
             && (self.items.is_empty() || self.items.iter().any(|i| i == n.item))
-            && (self.notice_types.is_empty() || self.notice_types.contains(&n.notice_type))
+            && (if self.notice_types.is_empty() {
+                n.notice_type != NoticeType::Warning
+            } else {
+                self.notice_types.contains(&n.notice_type)
+            })
             && n.severity >= self.min_severity
             && (self.subject_types.is_empty()
                 || n.subject_type

@@ -77,6 +77,8 @@ pub(crate) fn submission(id: &str, record_id: &str) -> NewSubmission {
             warnings: "[]".into(),
             natural_key: format!("k:{record_id}"),
             content_hash: format!("h:{record_id}"),
+            level: None,
+            removes: None,
             notice: None,
         }],
         rejected: 0,

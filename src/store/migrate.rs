@@ -70,6 +70,7 @@ const TABLES: &[Table] = &[
             ("content_hash", Text),
             ("revision", Int),
             ("removal", Text),
+            ("level", Text),
         ],
         "seq",
     ),

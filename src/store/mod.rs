@@ -129,8 +129,42 @@ pub struct NewRecord {
     /// Keyed digest of the record's content: a resend with the same one is
     /// a duplicate.
     pub content_hash: String,
+    /// Level (一般/较重/严重) under the item's notice rule, if it has one.
+    pub level: Option<Severity>,
+    /// Other lists this record removes its subject from, in the same
+    /// transaction.
+    pub removes: Option<Removes>,
     /// Notice derived from it, if any.
     pub notice: Option<NewNotice>,
+}
+
+/// A record's removal of its subject from other lists: every active
+/// record of `items` with the same subject key is ended as removed.
+#[derive(Debug, Clone)]
+pub struct Removes {
+    /// List items.
+    pub items: Vec<String>,
+    /// The removal document written on each (JSON).
+    pub removal: String,
+    /// The removal date.
+    pub on: Option<Date>,
+}
+
+/// What is known of a subject's record, for rules across records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubjectRecord {
+    /// Record id.
+    pub record_id: String,
+    /// Subject key.
+    pub subject_key: String,
+    /// Catalog item.
+    pub item: String,
+    /// `active`, `revoked`, `expired` or `removed`.
+    pub status: String,
+    /// Level, if the item grades its records.
+    pub level: Option<Severity>,
+    /// Decision date.
+    pub decision_date: Option<Date>,
 }
 
 /// The stored record that holds a natural key.
@@ -664,6 +698,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// The records of `item` that hold any of the natural keys `keys`.
     async fn find_keys(&self, item: &str, keys: Vec<String>) -> Result<Vec<KeyHolder>, StoreError>;
+
+    /// The records of `items` about any of `subjects` (subject keys).
+    async fn subject_records(
+        &self,
+        subjects: Vec<String>,
+        items: Vec<String>,
+    ) -> Result<Vec<SubjectRecord>, StoreError>;
 
     /// The response remembered for `(participant, key)`, if any.
     async fn idempotent_response(

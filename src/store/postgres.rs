@@ -37,6 +37,7 @@ use tokio_postgres::{NoTls, Row};
 use super::shared::{
     self, activation_audit, audit_entries, outcome_audit, rfc3339, submission_audit, AuditItem,
 };
+use super::SubjectRecord;
 use super::{
     parse_kind, ActivateOutcome, AgencyFeedbackStats, AppendOutcome, ControlState, CorrectOutcome,
     Correction, DeliveryInfo, DeliveryResult, DeliveryState, DepartmentStats, DocKind, EndOutcome,
@@ -217,6 +218,8 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE records ADD COLUMN removal TEXT;
     CREATE UNIQUE INDEX records_natural_key ON records(item, natural_key);
     ALTER TABLE notices ADD COLUMN corrects TEXT;
+    ALTER TABLE records ADD COLUMN level TEXT;
+    CREATE INDEX records_subject ON records(subject_key, item) WHERE subject_key IS NOT NULL;
     CREATE TABLE record_revisions (
         record_id       TEXT NOT NULL REFERENCES records(id),
         revision        INTEGER NOT NULL,
@@ -1070,7 +1073,9 @@ async fn append_many(
     if !stored.is_empty() {
         insert_submissions(tx, &stored).await?;
     }
-    Ok(subs
+    let stored_ids: std::collections::HashSet<&str> =
+        stored.iter().map(|s| s.id.as_str()).collect();
+    let mut outcomes = subs
         .iter()
         .enumerate()
         .map(|(i, sub)| match replays.remove(&i) {
@@ -1084,7 +1089,28 @@ async fn append_many(
                 (Out::Append(AppendOutcome::Stored), fx)
             }
         })
-        .collect())
+        .collect::<Vec<_>>();
+    // Records that remove their subject from other lists, in this
+    // transaction.
+    for (sub, (_, fx)) in subs.iter().zip(outcomes.iter_mut()) {
+        if stored_ids.contains(sub.id.as_str()) {
+            for r in &sub.records {
+                if let (Some(removes), Some(subject)) = (&r.removes, &r.subject_key) {
+                    let listed = run(tx, "SELECT id FROM records WHERE subject_key = $1 AND item = ANY($2) AND status = 'active' ORDER BY id",
+                        &[subject, &removes.items]).await?;
+                    for row in listed {
+                        let ending = Ending {
+                            removal: Some(removes.removal.clone()),
+                            on: removes.on,
+                            ..Ending::new(crate::notice::EndReason::Removed)
+                        };
+                        end_record(tx, row.get(0), &ending, &sub.participant, fx).await?;
+                    }
+                }
+            }
+        }
+    }
+    Ok(outcomes)
 }
 
 /// The multi-row inserts of stored submissions.
@@ -1131,9 +1157,10 @@ async fn insert_submissions(
     let untils: Vec<Option<Date>> = records.iter().map(|(_, r)| r.effective_until).collect();
     let natural = col(|_, r| Some(&r.natural_key));
     let contents = col(|_, r| Some(&r.content_hash));
-    exec(tx, "INSERT INTO records (id, submission_id, item, item_version, submitter, subject_type, subject_key, decision_date, received_at, body, warnings, effective_until, natural_key, content_hash) \
-         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::text[], $6::text[], $7::text[], $8::date[], $9::timestamptz[], $10::text[], $11::text[], $12::date[], $13::text[], $14::text[])",
-        &[&ids, &sub_ids, &items, &versions, &submitters, &types, &keys, &decisions, &received, &bodies, &warnings, &untils, &natural, &contents],).await?;
+    let levels = col(|_, r| r.level.map(|l| l.as_str()));
+    exec(tx, "INSERT INTO records (id, submission_id, item, item_version, submitter, subject_type, subject_key, decision_date, received_at, body, warnings, effective_until, natural_key, content_hash, level) \
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::text[], $6::text[], $7::text[], $8::date[], $9::timestamptz[], $10::text[], $11::text[], $12::date[], $13::text[], $14::text[], $15::text[])",
+        &[&ids, &sub_ids, &items, &versions, &submitters, &types, &keys, &decisions, &received, &bodies, &warnings, &untils, &natural, &contents, &levels],).await?;
     let notices: Vec<NoticeRow<'_>> = records
         .iter()
         .filter_map(|(s, r)| {
@@ -1391,8 +1418,8 @@ async fn correct_record(
     .await?;
     let r = &c.record;
     exec(tx,
-        "UPDATE records SET item_version = $2, subject_type = $3, subject_key = $4, decision_date = $5, effective_until = $6, body = $7, warnings = $8, natural_key = $9, content_hash = $10, revision = $11 WHERE id = $1",
-        &[&c.record_id, &int(c.item_version), &r.subject_type, &r.subject_key, &r.decision_date, &r.effective_until, &r.body, &r.warnings, &r.natural_key, &r.content_hash, &int(revision + 1)],
+        "UPDATE records SET item_version = $2, subject_type = $3, subject_key = $4, decision_date = $5, effective_until = $6, body = $7, warnings = $8, natural_key = $9, content_hash = $10, revision = $11, level = $12 WHERE id = $1",
+        &[&c.record_id, &int(c.item_version), &r.subject_type, &r.subject_key, &r.decision_date, &r.effective_until, &r.body, &r.warnings, &r.natural_key, &r.content_hash, &int(revision + 1), &r.level.map(|l| l.as_str())],
     )
     .await?;
     let today = crate::codes::today_cst();
@@ -1841,6 +1868,33 @@ impl Store for PgStore {
                 submitter: r.get(3),
             })
             .collect())
+    }
+
+    async fn subject_records(
+        &self,
+        subjects: Vec<String>,
+        items: Vec<String>,
+    ) -> Result<Vec<SubjectRecord>, StoreError> {
+        if subjects.is_empty() || items.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.query(
+            "SELECT id, subject_key, item, status, level, decision_date FROM records WHERE subject_key = ANY($1) AND item = ANY($2)",
+            &[&subjects, &items],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(SubjectRecord {
+                record_id: r.get(0),
+                subject_key: r.get(1),
+                item: r.get(2),
+                status: r.get(3),
+                level: r.get::<_, Option<&str>>(4).and_then(Severity::parse),
+                decision_date: r.get(5),
+            })
+        })
+        .collect()
     }
 
     async fn record(&self, id: &str) -> Result<Option<StoredRecord>, StoreError> {

@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::shared::{self, outcome_audit, parse_time, rfc3339, submission_audit, AuditItem};
 use super::sqlite_control;
+use super::SubjectRecord;
 use super::{
     parse_kind, ActivateOutcome, AgencyFeedbackStats, AppendOutcome, ControlState, CorrectOutcome,
     Correction, DeliveryInfo, DeliveryResult, DeliveryState, DepartmentStats, DocKind, EndOutcome,
@@ -181,6 +182,8 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE records ADD COLUMN removal TEXT;
     CREATE UNIQUE INDEX records_natural_key ON records(item, natural_key);
     ALTER TABLE notices ADD COLUMN corrects TEXT;
+    ALTER TABLE records ADD COLUMN level TEXT;
+    CREATE INDEX records_subject ON records(subject_key, item) WHERE subject_key IS NOT NULL;
     CREATE TABLE record_revisions (
         record_id     TEXT NOT NULL REFERENCES records(id),
         revision      INTEGER NOT NULL,
@@ -655,7 +658,7 @@ fn append_submission(
     .map_err(db_err)?;
     let mut stmt = tx
         .prepare_cached(
-            "INSERT INTO records (id, submission_id, item, item_version, submitter, subject_type, subject_key, decision_date, received_at, body, warnings, effective_until, natural_key, content_hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+            "INSERT INTO records (id, submission_id, item, item_version, submitter, subject_type, subject_key, decision_date, received_at, body, warnings, effective_until, natural_key, content_hash, level) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
         )
         .map_err(db_err)?;
     for r in &sub.records {
@@ -674,6 +677,7 @@ fn append_submission(
             r.effective_until.map(|d| d.to_string()),
             r.natural_key,
             r.content_hash,
+            r.level.map(|l| l.as_str()),
         ])
         .map_err(key_err)?;
         if let Some(n) = &r.notice {
@@ -689,7 +693,37 @@ fn append_submission(
         }
     }
     audit.push(submission_audit(sub));
+    for r in &sub.records {
+        if let (Some(removes), Some(subject)) = (&r.removes, &r.subject_key) {
+            for listed in subject_listings(tx, subject, &removes.items)? {
+                let ending = Ending {
+                    removal: Some(removes.removal.clone()),
+                    on: removes.on,
+                    ..Ending::new(EndReason::Removed)
+                };
+                end_record(tx, &listed, &ending, &sub.participant, audit)?;
+            }
+        }
+    }
     Ok(AppendOutcome::Stored)
+}
+
+/// The active records of `items` about `subject`.
+fn subject_listings(
+    tx: &Connection,
+    subject: &str,
+    items: &[String],
+) -> Result<Vec<String>, StoreError> {
+    let items = serde_json::to_string(items).map_err(corrupt)?;
+    let mut stmt = tx
+        .prepare_cached(
+            "SELECT id FROM records WHERE subject_key = ?1 AND item IN (SELECT value FROM json_each(?2)) AND status = 'active'",
+        )
+        .map_err(db_err)?;
+    let rows = stmt
+        .query_map(params![subject, items], |r| r.get(0))
+        .map_err(db_err)?;
+    rows.collect::<Result<_, _>>().map_err(db_err)
 }
 
 /// Takes the next position of an agency's pull stream.
@@ -894,8 +928,8 @@ fn correct_record(
     .map_err(db_err)?;
     let r = &c.record;
     exec(tx,
-        "UPDATE records SET item_version = ?2, subject_type = ?3, subject_key = ?4, decision_date = ?5, effective_until = ?6, body = ?7, warnings = ?8, natural_key = ?9, content_hash = ?10, revision = ?11 WHERE id = ?1",
-        params![c.record_id, c.item_version, r.subject_type, r.subject_key, r.decision_date.map(|d| d.to_string()), r.effective_until.map(|d| d.to_string()), r.body, r.warnings, r.natural_key, r.content_hash, revision + 1],
+        "UPDATE records SET item_version = ?2, subject_type = ?3, subject_key = ?4, decision_date = ?5, effective_until = ?6, body = ?7, warnings = ?8, natural_key = ?9, content_hash = ?10, revision = ?11, level = ?12 WHERE id = ?1",
+        params![c.record_id, c.item_version, r.subject_type, r.subject_key, r.decision_date.map(|d| d.to_string()), r.effective_until.map(|d| d.to_string()), r.body, r.warnings, r.natural_key, r.content_hash, revision + 1, r.level.map(|l| l.as_str())],
     )
     .map_err(key_err)?;
     let today = crate::codes::today_cst();
@@ -1069,10 +1103,9 @@ impl Store for SqliteStore {
         &self,
         submission: NewSubmission,
     ) -> Result<AppendOutcome, StoreError> {
-        let wake = submission
-            .records
-            .iter()
-            .any(|r| r.notice.as_ref().is_some_and(|n| !n.deliveries.is_empty()));
+        let wake = submission.records.iter().any(|r| {
+            r.removes.is_some() || r.notice.as_ref().is_some_and(|n| !n.deliveries.is_empty())
+        });
         self.write(wake, move |sp, audit| {
             append_submission(sp, &submission, audit)
         })
@@ -1099,6 +1132,42 @@ impl Store for SqliteStore {
                         record_id: r.get(1)?,
                         content_hash: r.get::<_, Option<String>>(2)?.unwrap_or_default(),
                         submitter: r.get(3)?,
+                    })
+                })
+                .map_err(db_err)?;
+            rows.collect::<Result<_, _>>().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn subject_records(
+        &self,
+        subjects: Vec<String>,
+        items: Vec<String>,
+    ) -> Result<Vec<SubjectRecord>, StoreError> {
+        if subjects.is_empty() || items.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.read(move |conn| {
+            let (subjects, items) = (
+                serde_json::to_string(&subjects).map_err(corrupt)?,
+                serde_json::to_string(&items).map_err(corrupt)?,
+            );
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT id, subject_key, item, status, level, decision_date FROM records \
+                     WHERE subject_key IN (SELECT value FROM json_each(?1)) AND item IN (SELECT value FROM json_each(?2))",
+                )
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map(params![subjects, items], |r| {
+                    Ok(SubjectRecord {
+                        record_id: r.get(0)?,
+                        subject_key: r.get(1)?,
+                        item: r.get(2)?,
+                        status: r.get(3)?,
+                        level: r.get::<_, Option<String>>(4)?.as_deref().and_then(Severity::parse),
+                        decision_date: parse_date(r.get(5)?),
                     })
                 })
                 .map_err(db_err)?;

@@ -634,3 +634,145 @@ async fn a_correction_cannot_take_another_records_key() {
     assert_eq!(problem["errors"][1]["pointer"], "/record/decision_number");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blacklisted_subject_leaves_the_red_list_and_repeated_penalties_warn() {
+    let env = Env::new();
+    env.subscribe(
+        &[
+            pull_sub("cs-pull", "agency-credit-service", "items = [\"red_list\"]"),
+            pull_sub(
+                "proc-pull",
+                "agency-procurement",
+                "notice_types = [\"punishment\", \"warning\"]",
+            ),
+            pull_sub("fin-pull", "agency-finance", ""),
+        ]
+        .concat(),
+    );
+    let server = Server::start(&env).await;
+    let dept = env.client(server.addr, "dept-market");
+    let (cs, proc_client, fin) = (
+        env.client(server.addr, "agency-credit-service"),
+        env.client(server.addr, "agency-procurement"),
+        env.client(server.addr, "agency-finance"),
+    );
+    let about = |item: &str, n: u64, subject: u64| {
+        let mut r = synth::record(item, n, "general");
+        let s = synth::record(item, subject, "general");
+        for f in [
+            "subject_name",
+            "subject_type",
+            "uscc",
+            "legal_representative",
+        ] {
+            r[f] = s[f].clone();
+        }
+        r
+    };
+    // Subject 2 is a legal entity in synth.
+    assert_eq!(
+        synth::record("red_list", 2, "")["subject_type"],
+        "legal_entity"
+    );
+    let red = submit(&dept, "red_list", about("red_list", 2, 2)).await;
+    let red_id = red["record_id"].as_str().expect("id").to_owned();
+    let listing = submit(
+        &dept,
+        "serious_dishonesty",
+        about("serious_dishonesty", 3, 2),
+    )
+    .await;
+    assert!(listing["notice_id"].is_string());
+    // The red-list entry was removed in the same transaction, with a lift
+    // to the red list's recipients.
+    let read = dept.get(&format!("/v1/records/{red_id}")).await.json();
+    assert_eq!(read["status"], "removed", "{read:#}");
+    assert_eq!(read["removal"]["removal_reason"], "dishonesty_found");
+    let (cs_notices, _, _) = pull_all(&cs, "0").await;
+    assert_eq!(cs_notices.len(), 2);
+    assert_eq!(cs_notices[1]["type"], "lift");
+    assert_eq!(cs_notices[1]["reason"], "removed");
+    assert_eq!(cs_notices[1]["lifts"], red["notice_id"]);
+    // While listed, the subject cannot be put on the red list.
+    let doc = batch(
+        &dept,
+        "red_list",
+        vec![about("red_list", 4, 2), about("red_list", 5, 6)],
+    )
+    .await;
+    assert_eq!(doc["results"][0]["status"], "rejected", "{doc:#}");
+    assert_eq!(
+        doc["results"][0]["errors"][0]["code"],
+        "conflicts_with_dishonesty"
+    );
+    assert_eq!(doc["results"][0]["errors"][0]["pointer"], "/records/0/uscc");
+    assert_eq!(
+        doc["results"][1]["status"], "accepted",
+        "another subject is not refused"
+    );
+
+    // Warnings: a subject's second general penalty within 12 months.
+    let penalty = |n: u64, subject: u64, date: &str| {
+        let mut r = about("administrative_penalty", n, subject);
+        r["decision_date"] = json!(date);
+        r
+    };
+    let first = submit(
+        &dept,
+        "administrative_penalty",
+        penalty(10, 7, "2026-01-10"),
+    )
+    .await;
+    assert!(first.get("notice_id").is_none());
+    let second = submit(
+        &dept,
+        "administrative_penalty",
+        penalty(11, 7, "2026-10-15"),
+    )
+    .await;
+    let warning_id = second["notice_id"].as_str().expect("a warning").to_owned();
+    // More than 12 months apart: no warning. Two in one batch: the second warns.
+    let old = submit(
+        &dept,
+        "administrative_penalty",
+        penalty(12, 8, "2025-09-01"),
+    )
+    .await;
+    assert!(old.get("notice_id").is_none());
+    let late = submit(
+        &dept,
+        "administrative_penalty",
+        penalty(13, 8, "2026-10-15"),
+    )
+    .await;
+    assert!(late.get("notice_id").is_none(), "{late:#}");
+    let doc = batch(
+        &dept,
+        "administrative_penalty",
+        vec![penalty(14, 9, "2026-09-01"), penalty(15, 9, "2026-09-02")],
+    )
+    .await;
+    assert!(doc["results"][0].get("notice_id").is_none(), "{doc:#}");
+    let batch_warning = doc["results"][1]["notice_id"]
+        .as_str()
+        .expect("warning")
+        .to_owned();
+
+    let (notices, _, _) = pull_all(&proc_client, "0").await;
+    let warnings: Vec<&Value> = notices.iter().filter(|n| n["type"] == "warning").collect();
+    assert_eq!(
+        warnings
+            .iter()
+            .map(|n| n["notice_id"].as_str().expect("id"))
+            .collect::<Vec<_>>(),
+        [warning_id.as_str(), batch_warning.as_str()]
+    );
+    assert_eq!(warnings[0]["severity"], "general");
+    let (fin_notices, _, _) = pull_all(&fin, "0").await;
+    assert!(
+        fin_notices.iter().all(|n| n["type"] != "warning"),
+        "warnings go only to subscriptions that name them"
+    );
+    server.stop().await;
+}
