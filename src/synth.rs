@@ -41,7 +41,7 @@ pub fn resident_id(n: u64) -> String {
     let month = 1 + (x / 55 % 12) as u8;
     let day = 1 + (x / 660 % 28) as u8;
     let seq = x / 18480 % 1000;
-    let body = format!("350102{year:04}{month:02}{day:02}{seq:03}");
+    let body = format!("320102{year:04}{month:02}{day:02}{seq:03}");
     let check = codes::resident_id_check_char(&body).unwrap_or('0');
     format!("{body}{check}")
 }
@@ -53,14 +53,7 @@ const GIVEN: &[&str] = &[
     "伟", "芳", "娜", "敏", "静", "强", "磊", "洋", "艳", "勇", "军", "杰",
 ];
 const FIRMS: &[&str] = &[
-    "榕城",
-    "闽江",
-    "海峡",
-    "鼓山",
-    "三坊七巷",
-    "马尾",
-    "仓山",
-    "晋安",
+    "金陵", "秦淮", "钟山", "玄武", "鼓楼", "建邺", "栖霞", "江宁",
 ];
 const TRADES: &[&str] = &[
     "食品", "建材", "物流", "贸易", "科技", "餐饮", "医药", "环保",
@@ -79,7 +72,7 @@ fn person(n: u64) -> String {
 fn firm(n: u64) -> String {
     let x = mix(n ^ 0x55);
     format!(
-        "福州{}{}{}有限公司",
+        "南京{}{}{}有限公司",
         FIRMS[(x % 8) as usize],
         TRADES[(x / 8 % 8) as usize],
         x % 1000
@@ -88,7 +81,7 @@ fn firm(n: u64) -> String {
 
 /// The authority used as deciding/listing department in synthetic records.
 pub fn authority() -> (String, String) {
-    ("福州市市场监督管理局".into(), uscc("11350100", 1))
+    ("南京市市场监督管理局".into(), uscc("11320100", 1))
 }
 
 /// The subject block of a record about a legal entity, an individual
@@ -106,15 +99,15 @@ fn subject_of(n: u64, persons: bool) -> Value {
             "id_number": resident_id(n),
         }),
         1 => json!({
-            "subject_name": format!("福州市仓山区{}小吃店", person(n)),
+            "subject_name": format!("南京市秦淮区{}小吃店", person(n)),
             "subject_type": "individual_business",
-            "uscc": uscc("92350104", n),
+            "uscc": uscc("92320104", n),
             "legal_representative": person(n + 1),
         }),
         _ => json!({
             "subject_name": firm(n),
             "subject_type": "legal_entity",
-            "uscc": uscc("91350100", n),
+            "uscc": uscc("91320100", n),
             "legal_representative": person(n + 1),
             "legal_representative_id_type": "resident_id",
             "legal_representative_id_number": resident_id(n + 1),
@@ -136,7 +129,7 @@ pub fn record(item: &str, n: u64, severity: &str) -> Value {
     let facts = "经查，当事人于2026年3月至9月期间在其经营场所销售超过保质期的预包装食品共计十二批次，货值金额合计人民币三千六百元，违法所得人民币八百元。上述事实有现场检查笔录、询问笔录、进货票据等证据证实。";
     let body = match item {
         "administrative_penalty" => json!({
-            "decision_number": format!("榕市监罚〔2026〕{}号", 100 + n),
+            "decision_number": format!("宁市监罚〔2026〕{}号", 100 + n),
             "violation_type": "销售超过保质期的食品",
             "violation_facts": facts,
             "legal_basis": "《中华人民共和国食品安全法》第三十四条第（十）项、第一百二十四条第一款第（五）项",
@@ -155,10 +148,10 @@ pub fn record(item: &str, n: u64, severity: &str) -> Value {
         }),
         "administrative_licence" => json!({
             "decision_title": "食品经营许可决定书",
-            "decision_number": format!("JY1350102{n:07}"),
+            "decision_number": format!("JY1320102{n:07}"),
             "licence_category": "ordinary",
             "certificate_name": "食品经营许可证",
-            "licence_number": format!("JY1350102{n:07}"),
+            "licence_number": format!("JY1320102{n:07}"),
             "content": "预包装食品（含冷藏冷冻食品）销售，散装食品（不含熟食）销售",
             "decision_date": "2026-09-01",
             "valid_from": "2026-09-01",
@@ -170,7 +163,7 @@ pub fn record(item: &str, n: u64, severity: &str) -> Value {
             "source_unit_uscc": auth_uscc,
         }),
         "abnormal_operations" => json!({
-            "decision_number": format!("榕市监异〔2026〕{n}号"),
+            "decision_number": format!("宁市监异〔2026〕{n}号"),
             "listing_reason": "annual_report_not_filed",
             "listing_reason_detail": "未依照《企业信息公示暂行条例》第八条规定的期限公示2025年度年度报告",
             "listing_date": "2026-07-01",
@@ -183,7 +176,7 @@ pub fn record(item: &str, n: u64, severity: &str) -> Value {
             "facts": facts,
             "deciding_department": auth,
             "deciding_department_uscc": auth_uscc,
-            "decision_number": format!("榕市监严失〔2026〕{n}号"),
+            "decision_number": format!("宁市监严失〔2026〕{n}号"),
             "listing_date": "2026-11-02",
             "planned_removal_date": "2029-11-01",
             "removal_conditions": "列入之日起满三年且已履行行政处罚义务，未再发生违法行为的，可申请移出。",
@@ -200,9 +193,9 @@ pub fn record(item: &str, n: u64, severity: &str) -> Value {
         "red_list" => json!({
             "list_kind": "a_grade_taxpayer",
             "basis": "《纳税信用管理办法》",
-            "awarding_department": "国家税务总局福建省税务局",
-            "awarding_department_uscc": uscc("11350000", 2),
-            "document_number": format!("闽税信〔2026〕{n}号"),
+            "awarding_department": "国家税务总局江苏省税务局",
+            "awarding_department_uscc": uscc("11320000", 2),
+            "document_number": format!("苏税信〔2026〕{n}号"),
             "award_date": "2026-04-30",
             "valid_until": "2027-04-30",
         }),
@@ -228,7 +221,7 @@ mod tests {
     #[test]
     fn generated_codes_are_valid() {
         for n in 0..500 {
-            assert_eq!(codes::check_uscc(&uscc("91350100", n)), Ok(vec![]));
+            assert_eq!(codes::check_uscc(&uscc("91320100", n)), Ok(vec![]));
             assert_eq!(
                 codes::check_resident_id(&resident_id(n), codes::today_cst()),
                 Ok(())

@@ -33,7 +33,7 @@ fn validation(c: &mut Criterion) {
 }
 
 fn code_checks(c: &mut Criterion) {
-    let uscc = synth::uscc("91350100", 7);
+    let uscc = synth::uscc("91320100", 7);
     let rid = synth::resident_id(7);
     let today = codes::today_cst();
     c.bench_function("codes/uscc", |b| {
@@ -125,7 +125,7 @@ fn routing(c: &mut Criterion) {
                 "id": format!("sub-{i:03}"), "agency": format!("agency-{i:03}"), "mode": "pull",
                 "items": if i % 2 == 0 { json!(["serious_dishonesty"]) } else { json!([]) },
                 "min_severity": if i % 3 == 0 { "serious" } else { "minor" },
-                "regions": if i % 5 == 0 { json!(["3501"]) } else { json!([]) },
+                "regions": if i % 5 == 0 { json!(["3201"]) } else { json!([]) },
             }))
             .expect("spec")
         })
@@ -136,7 +136,7 @@ fn routing(c: &mut Criterion) {
         notice_type: NoticeType::Punishment,
         severity: Severity::Serious,
         subject_type: Some(SubjectType::LegalEntity),
-        region: Some("350102"),
+        region: Some("320102"),
     };
     c.bench_function("route/100_subscriptions", |b| {
         b.iter(|| subs.route(std::hint::black_box(&facts)).len())

@@ -85,7 +85,7 @@ async fn a_resend_is_a_duplicate_and_a_changed_resend_needs_a_correction() {
     let mut changed = original.clone();
     changed["penalty_content"] = json!("一、警告；二、罚款人民币叁万元。");
     let mut fresh = original.clone();
-    fresh["decision_number"] = json!("榕市监罚〔2026〕77777号");
+    fresh["decision_number"] = json!("宁市监罚〔2026〕77777号");
     let doc = batch(
         &dept,
         "administrative_penalty",
@@ -208,9 +208,9 @@ fn removal_doc(date: &str) -> Value {
         "removal_date": date,
         "removal_reason": "annual_report_filed",
         "removal_reason_detail": "已补报2025年度报告并公示",
-        "removal_authority": "福州市市场监督管理局",
+        "removal_authority": "南京市市场监督管理局",
         "removal_authority_uscc": synth::authority().1,
-        "removal_decision_number": "榕市监移〔2026〕12号",
+        "removal_decision_number": "宁市监移〔2026〕12号",
     })
 }
 

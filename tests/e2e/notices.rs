@@ -100,7 +100,7 @@ async fn full_cycle_routes_redacts_signs_retries_and_lifts() {
         pull_sub("proc-pull", "agency-procurement", "notice_types = [\"punishment\"]"),
         pull_sub("cs-pull", "agency-credit-service", "items = [\"red_list\"]"),
         push_sub("fin-push", "agency-finance", &fin, FIN_SECRET, "items = [\"serious_dishonesty\", \"administrative_penalty\"]\nmin_severity = \"serious\""),
-        push_sub("land-push", "agency-land", &land, LAND_SECRET, "items = [\"serious_dishonesty\"]\nregions = [\"3501\"]"),
+        push_sub("land-push", "agency-land", &land, LAND_SECRET, "items = [\"serious_dishonesty\"]\nregions = [\"3201\"]"),
     ]
     .concat());
     let server = Server::start(&env).await;
@@ -108,15 +108,15 @@ async fn full_cycle_routes_redacts_signs_retries_and_lifts() {
     let proc_client = env.client(server.addr, "agency-procurement");
     let cs_client = env.client(server.addr, "agency-credit-service");
 
-    // 1: serious penalty, legal entity in 350100 → procurement, finance.
+    // 1: serious penalty, legal entity in 320100 → procurement, finance.
     let r1_record = record_about("administrative_penalty", "legal_entity", "serious");
     let r1 = submit(&dept, "administrative_penalty", r1_record.clone()).await;
     // 2: general penalty (another decision) → no notice at all.
     let mut r2_record = record_about("administrative_penalty", "legal_entity", "general");
-    r2_record["decision_number"] = json!("榕市监罚〔2026〕99999号");
+    r2_record["decision_number"] = json!("宁市监罚〔2026〕99999号");
     let r2 = submit(&dept, "administrative_penalty", r2_record).await;
     assert!(r2.get("notice_id").is_none(), "{r2:#}");
-    // 3: serious dishonesty about a natural person (ID region 350102) → procurement, finance, land.
+    // 3: serious dishonesty about a natural person (ID region 320102) → procurement, finance, land.
     let r3_record = record_about("serious_dishonesty", "natural_person", "");
     let r3 = submit(&dept, "serious_dishonesty", r3_record.clone()).await;
     // 4: serious dishonesty of a Shenzhen company → procurement, finance; not land (region).
