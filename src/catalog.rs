@@ -1003,6 +1003,20 @@ impl CatalogItem {
         }))
     }
 
+    /// Takes a list item's removal fields out of `record` (a historical
+    /// listing sent with its removal), as a removal document; `None` when
+    /// there are none or the item is not a list.
+    pub fn take_removal(&self, record: &mut Value) -> Option<Value> {
+        let removal = self.removal.as_ref()?;
+        let obj = record.as_object_mut()?;
+        let doc: serde_json::Map<String, Value> = removal
+            .fields
+            .keys()
+            .filter_map(|k| obj.remove(k).map(|v| (k.clone(), v)))
+            .collect();
+        (!doc.is_empty()).then_some(Value::Object(doc))
+    }
+
     /// Whether records of this item can be removed from their list.
     pub fn is_list(&self) -> bool {
         self.removal.is_some()

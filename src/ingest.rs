@@ -184,6 +184,31 @@ impl Ingest {
         idempotency: Option<IdempotencyClaim>,
         deadline: Option<std::time::Instant>,
     ) -> Result<Prepared, Problem> {
+        self.prepare_as(who, doc, idempotency, deadline, None)
+    }
+
+    /// [`Ingest::prepare`] for records loaded from history on `today`:
+    /// 15-digit resident IDs are converted (with a warning); a listing
+    /// sent with its removal fields is stored as removed, a record whose
+    /// effect ended before `today` as expired, both without a notice;
+    /// records still in effect notify once, marked historical; no warnings.
+    pub fn prepare_historical(
+        &self,
+        who: &Participant,
+        doc: Value,
+        today: time::Date,
+    ) -> Result<Prepared, Problem> {
+        self.prepare_as(who, doc, None, None, Some(today))
+    }
+
+    fn prepare_as(
+        &self,
+        who: &Participant,
+        doc: Value,
+        idempotency: Option<IdempotencyClaim>,
+        deadline: Option<std::time::Instant>,
+        history: Option<time::Date>,
+    ) -> Result<Prepared, Problem> {
         let Value::Object(mut doc) = doc else {
             return Err(Problem::caller(
                 StatusCode::BAD_REQUEST,
@@ -300,9 +325,18 @@ impl Ingest {
                     "the batch took too long to validate; nothing was stored; send smaller batches",
                 ));
             }
-            let normalised = normalise_codes(&mut record);
+            let removal = history.and_then(|_| item.take_removal(&mut record));
+            let normalised = normalise_codes(&mut record, history.is_some());
             let mut v = item.validate(&record, self.limits.max_findings_per_record);
             v.warnings.splice(0..0, normalised);
+            if let Some(r) = &removal {
+                let listed = item.decision_date(&record);
+                if let Some(rv) =
+                    item.validate_removal(r, listed, self.limits.max_findings_per_record)
+                {
+                    v.errors.extend(rv.errors);
+                }
+            }
             let prefix = |f: Finding| Finding {
                 pointer: format!("/records/{index}{}", f.pointer),
                 ..f
@@ -335,6 +369,9 @@ impl Ingest {
                 continue;
             }
             let mut accepted = self.accepted_record(&item, &record, &subscriptions, &registry)?;
+            if let Some(today) = history {
+                historical(&mut accepted, removal, today)?;
+            }
             accepted.record.warnings =
                 serde_json::to_string(&v.warnings).map_err(|e| Problem::gateway(&e))?;
             // Warnings past the budget are still stored with the record.
@@ -365,6 +402,7 @@ impl Ingest {
                 idempotency,
                 response_status: 200,
                 response_body: Vec::new(),
+                historical: history.is_some(),
             },
             item,
             entries,
@@ -441,6 +479,7 @@ impl Ingest {
                 lifts: None,
                 corrects: None,
                 reason: None,
+                historical: false,
             }
         };
         let notice = derived.as_ref().map(|d| {
@@ -486,6 +525,7 @@ impl Ingest {
                 content_hash: identity.content_hash,
                 level,
                 removes,
+                ended: None,
                 notice,
             },
             key_fields: identity.fields,
@@ -792,7 +832,7 @@ impl Ingest {
             pointer: format!("/record{}", f.pointer),
             ..f
         };
-        let normalised = normalise_codes(&mut record);
+        let normalised = normalise_codes(&mut record, false);
         let mut v = item.validate(&record, self.limits.max_findings_per_record);
         if !v.errors.is_empty() {
             return Err(Problem::caller(
@@ -1038,10 +1078,44 @@ impl Identity {
     }
 }
 
+/// What history changes in an accepted record: a listing with a removal
+/// ends as removed, a record past its effect as expired, both without a
+/// notice; one still in effect notifies, marked historical. No warnings.
+fn historical(
+    accepted: &mut Accepted,
+    removal: Option<Value>,
+    today: time::Date,
+) -> Result<(), Problem> {
+    let r = &mut accepted.record;
+    accepted.warning = None;
+    let ended = match removal {
+        Some(doc) => Some(crate::store::Ended {
+            reason: crate::notice::EndReason::Removed,
+            removal: Some(serde_json::to_string(&doc).map_err(|e| Problem::gateway(&e))?),
+        }),
+        None if r.effective_until.is_some_and(|d| d < today) => Some(crate::store::Ended {
+            reason: crate::notice::EndReason::Expired,
+            removal: None,
+        }),
+        None => None,
+    };
+    if ended.is_some() {
+        r.notice = None;
+        r.removes = None;
+        r.ended = ended;
+    } else if let Some(n) = &mut r.notice {
+        n.historical = true;
+    }
+    Ok(())
+}
+
 /// Normalises identifiers as departments send them: a resident ID's
-/// lower-case check character `x` becomes `X`. Returns a warning per
-/// change (pointer, `normalised_check_character`); never the value.
-pub fn normalise_codes(record: &mut Value) -> Vec<Finding> {
+/// lower-case check character `x` becomes `X`; with `legacy` (historical
+/// imports only), a 15-digit resident ID (GB 11643-1989) becomes its
+/// 18-digit form (`19` before the year, check character computed).
+/// Returns a warning per change (pointer, `normalised_check_character`
+/// or `converted_legacy_id`); never the value.
+pub fn normalise_codes(record: &mut Value, legacy: bool) -> Vec<Finding> {
     let mut out = Vec::new();
     let Some(obj) = record.as_object_mut() else {
         return out;
@@ -1064,6 +1138,16 @@ pub fn normalise_codes(record: &mut Value) -> Vec<Finding> {
                     code: "normalised_check_character".into(),
                     message: "the check character x was stored as upper-case X".into(),
                 });
+            } else if legacy && n.len() == 15 && n.bytes().all(|b| b.is_ascii_digit()) {
+                let first17 = format!("{}19{}", &n[..6], &n[6..]);
+                if let Some(check) = crate::codes::resident_id_check_char(&first17) {
+                    *n = format!("{first17}{check}");
+                    out.push(Finding {
+                        pointer: format!("/{number}"),
+                        code: "converted_legacy_id".into(),
+                        message: "a 15-digit resident ID was converted to its 18-digit form".into(),
+                    });
+                }
             }
         }
     }

@@ -87,6 +87,9 @@ pub struct StoredNotice {
     /// For a correction: the notice whose facts it corrects.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub corrects: Option<String>,
+    /// About a record loaded from history (`credgate import`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub historical: bool,
 }
 
 /// Why a record's effect ended (the `reason` of its lift notices).

@@ -196,6 +196,8 @@ pub struct NoticeView {
     reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     corrects: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    historical: bool,
     /// Position in the recipient's pull stream (pull only).
     #[serde(skip_serializing_if = "Option::is_none")]
     cursor: Option<String>,
@@ -418,6 +420,7 @@ impl Redactor {
             lifts: notice.lifts.clone(),
             reason: notice.reason.clone(),
             corrects: notice.corrects.clone(),
+            historical: notice.historical,
             cursor,
         }
     }

@@ -79,6 +79,7 @@ pub(crate) fn submission(id: &str, record_id: &str) -> NewSubmission {
             content_hash: format!("h:{record_id}"),
             level: None,
             removes: None,
+            ended: None,
             notice: None,
         }],
         rejected: 0,
@@ -86,6 +87,7 @@ pub(crate) fn submission(id: &str, record_id: &str) -> NewSubmission {
         idempotency: None,
         response_status: 200,
         response_body: b"{}".to_vec(),
+        historical: false,
     }
 }
 
@@ -112,6 +114,7 @@ pub(crate) fn with_notice(id: &str, targets: &[(&str, bool)]) -> NewSubmission {
         lifts: None,
         corrects: None,
         reason: None,
+        historical: false,
     });
     sub
 }

@@ -102,6 +102,8 @@ pub struct NewNotice {
     pub corrects: Option<String>,
     /// For a lift: why.
     pub reason: Option<String>,
+    /// About a record loaded from history (`credgate import`).
+    pub historical: bool,
 }
 
 /// An accepted record ready to be stored. Its `Debug` output never holds
@@ -134,8 +136,20 @@ pub struct NewRecord {
     /// Other lists this record removes its subject from, in the same
     /// transaction.
     pub removes: Option<Removes>,
+    /// Stored as already ended (a historical record whose effect ended
+    /// before it was loaded): no notice.
+    pub ended: Option<Ended>,
     /// Notice derived from it, if any.
     pub notice: Option<NewNotice>,
+}
+
+/// How a record loaded from history had ended.
+#[derive(Debug, Clone)]
+pub struct Ended {
+    /// `expired` or `removed`.
+    pub reason: crate::notice::EndReason,
+    /// The removal document of a removed listing (JSON).
+    pub removal: Option<String>,
 }
 
 /// A record's removal of its subject from other lists: every active
@@ -216,6 +230,9 @@ pub struct NewSubmission {
     pub response_status: u16,
     /// Response body (JSON).
     pub response_body: Vec<u8>,
+    /// Loaded from history (`credgate import`): left out of the
+    /// timeliness and acceptance statistics.
+    pub historical: bool,
 }
 
 /// An idempotency key claimed by a submission.

@@ -219,6 +219,8 @@ const MIGRATIONS: &[&str] = &[
     CREATE UNIQUE INDEX records_natural_key ON records(item, natural_key);
     ALTER TABLE notices ADD COLUMN corrects TEXT;
     ALTER TABLE records ADD COLUMN level TEXT;
+    ALTER TABLE submissions ADD COLUMN historical BOOLEAN NOT NULL DEFAULT false;
+    ALTER TABLE notices ADD COLUMN historical BOOLEAN NOT NULL DEFAULT false;
     CREATE INDEX records_subject ON records(subject_key, item) WHERE subject_key IS NOT NULL;
     CREATE TABLE record_revisions (
         record_id       TEXT NOT NULL REFERENCES records(id),
@@ -1129,9 +1131,10 @@ async fn insert_submissions(
     let received: Vec<OffsetDateTime> = subs.iter().map(|s| s.received_at).collect();
     let accepted: Vec<i32> = subs.iter().map(|s| s.records.len() as i32).collect();
     let rejected: Vec<i32> = subs.iter().map(|s| s.rejected as i32).collect();
-    exec(tx, "INSERT INTO submissions (id, participant, item, item_version, received_at, accepted, rejected, rejection_codes) \
-         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::timestamptz[], $6::int4[], $7::int4[], $8::text[])",
-        &[&ids, &participants, &items, &versions, &received, &accepted, &rejected, &codes],).await?;
+    let historical: Vec<bool> = subs.iter().map(|s| s.historical).collect();
+    exec(tx, "INSERT INTO submissions (id, participant, item, item_version, received_at, accepted, rejected, rejection_codes, historical) \
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::timestamptz[], $6::int4[], $7::int4[], $8::text[], $9::bool[])",
+        &[&ids, &participants, &items, &versions, &received, &accepted, &rejected, &codes, &historical],).await?;
     // Records of every submission, with their submission's columns.
     let records: Vec<(&NewSubmission, &super::NewRecord)> = subs
         .iter()
@@ -1158,9 +1161,18 @@ async fn insert_submissions(
     let natural = col(|_, r| Some(&r.natural_key));
     let contents = col(|_, r| Some(&r.content_hash));
     let levels = col(|_, r| r.level.map(|l| l.as_str()));
-    exec(tx, "INSERT INTO records (id, submission_id, item, item_version, submitter, subject_type, subject_key, decision_date, received_at, body, warnings, effective_until, natural_key, content_hash, level) \
-         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::text[], $6::text[], $7::text[], $8::date[], $9::timestamptz[], $10::text[], $11::text[], $12::date[], $13::text[], $14::text[], $15::text[])",
-        &[&ids, &sub_ids, &items, &versions, &submitters, &types, &keys, &decisions, &received, &bodies, &warnings, &untils, &natural, &contents, &levels],).await?;
+    let statuses = col(|_, r| {
+        Some(
+            r.ended
+                .as_ref()
+                .map_or("active", |e| e.reason.record_status()),
+        )
+    });
+    let end_reasons = col(|_, r| r.ended.as_ref().map(|e| e.reason.as_str()));
+    let removals = col(|_, r| r.ended.as_ref().and_then(|e| e.removal.as_deref()));
+    exec(tx, "INSERT INTO records (id, submission_id, item, item_version, submitter, subject_type, subject_key, decision_date, received_at, body, warnings, effective_until, natural_key, content_hash, level, status, end_reason, removal) \
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::text[], $6::text[], $7::text[], $8::date[], $9::timestamptz[], $10::text[], $11::text[], $12::date[], $13::text[], $14::text[], $15::text[], $16::text[], $17::text[], $18::text[])",
+        &[&ids, &sub_ids, &items, &versions, &submitters, &types, &keys, &decisions, &received, &bodies, &warnings, &untils, &natural, &contents, &levels, &statuses, &end_reasons, &removals],).await?;
     let notices: Vec<NoticeRow<'_>> = records
         .iter()
         .filter_map(|(s, r)| {
@@ -1223,6 +1235,7 @@ async fn insert_notices(tx: &Transaction<'_>, notices: &[NoticeRow<'_>]) -> Resu
     let lifts = text(|(n, _)| n.lifts.as_deref());
     let reasons = text(|(n, _)| n.reason.as_deref());
     let corrects = text(|(n, _)| n.corrects.as_deref());
+    let historical: Vec<bool> = notices.iter().map(|(n, _)| n.historical).collect();
     let versions: Vec<i32> = notices.iter().map(|(_, o)| int(o.item_version)).collect();
     let measures: Vec<String> = notices
         .iter()
@@ -1231,9 +1244,9 @@ async fn insert_notices(tx: &Transaction<'_>, notices: &[NoticeRow<'_>]) -> Resu
     let froms: Vec<Option<Date>> = notices.iter().map(|(n, _)| n.effective_from).collect();
     let untils: Vec<Option<Date>> = notices.iter().map(|(n, _)| n.effective_until).collect();
     let issued: Vec<OffsetDateTime> = notices.iter().map(|(_, o)| o.issued_at).collect();
-    exec(tx, "INSERT INTO notices (id, kind, item, item_version, record_id, source, severity, region, measures, effective_from, effective_until, issued_at, lifts, reason, corrects) \
-         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::date[], $11::date[], $12::timestamptz[], $13::text[], $14::text[], $15::text[])",
-        &[&ids, &kinds, &items, &versions, &records, &sources, &severities, &regions, &measures, &froms, &untils, &issued, &lifts, &reasons, &corrects],).await?;
+    exec(tx, "INSERT INTO notices (id, kind, item, item_version, record_id, source, severity, region, measures, effective_from, effective_until, issued_at, lifts, reason, corrects, historical) \
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::date[], $11::date[], $12::timestamptz[], $13::text[], $14::text[], $15::text[], $16::bool[])",
+        &[&ids, &kinds, &items, &versions, &records, &sources, &severities, &regions, &measures, &froms, &untils, &issued, &lifts, &reasons, &corrects, &historical],).await?;
     let deliveries: Vec<(&NewNotice, &super::NewDelivery, OffsetDateTime)> = notices
         .iter()
         .flat_map(|(n, o)| n.deliveries.iter().map(move |d| (*n, d, o.issued_at)))
@@ -1262,7 +1275,7 @@ async fn insert_notices(tx: &Transaction<'_>, notices: &[NoticeRow<'_>]) -> Resu
     Ok(())
 }
 
-const NOTICE_COLUMNS: &str = "n.id, n.kind, n.item, n.item_version, n.record_id, n.source, n.severity, n.measures, n.effective_from, n.effective_until, n.issued_at, n.lifts, n.reason, n.corrects";
+const NOTICE_COLUMNS: &str = "n.id, n.kind, n.item, n.item_version, n.record_id, n.source, n.severity, n.measures, n.effective_from, n.effective_until, n.issued_at, n.lifts, n.reason, n.corrects, n.historical";
 
 fn notice_at(r: &Row, o: usize) -> Result<StoredNotice, StoreError> {
     let kind: String = r.get(o + 1);
@@ -1284,6 +1297,7 @@ fn notice_at(r: &Row, o: usize) -> Result<StoredNotice, StoreError> {
         lifts: r.get(o + 11),
         reason: r.get(o + 12),
         corrects: r.get(o + 13),
+        historical: r.get(o + 14),
     })
 }
 
@@ -1739,7 +1753,7 @@ async fn activate(
 }
 
 const OUTBOUND_SELECT: &str = "SELECT COALESCE(d.pos, 0), d.id, d.subscription, d.agency, d.attempts, \
-     n.id, n.kind, n.item, n.item_version, n.record_id, n.source, n.severity, n.measures, n.effective_from, n.effective_until, n.issued_at, n.lifts, n.reason, n.corrects, \
+     n.id, n.kind, n.item, n.item_version, n.record_id, n.source, n.severity, n.measures, n.effective_from, n.effective_until, n.issued_at, n.lifts, n.reason, n.corrects, n.historical, \
      r.body, d.claims FROM deliveries d JOIN notices n ON n.id = d.notice_id JOIN records r ON r.id = n.record_id";
 
 fn outbound(r: &Row) -> Result<Outbound, StoreError> {
@@ -1751,9 +1765,9 @@ fn outbound(r: &Row) -> Result<Outbound, StoreError> {
         attempts: uint(r.get(4)),
         notice: notice_at(r, 5)?,
         record: RecordBody::from_store(
-            serde_json::from_str(r.get::<_, &str>(19)).map_err(corrupt)?,
+            serde_json::from_str(r.get::<_, &str>(20)).map_err(corrupt)?,
         ),
-        claim: r.get(20),
+        claim: r.get(21),
     })
 }
 
@@ -2444,13 +2458,13 @@ impl Store for PgStore {
     ) -> Result<Vec<DepartmentStats>, StoreError> {
         let subs = self
             .query(
-                "SELECT participant, item, accepted::bigint, rejected::bigint, rejection_codes FROM submissions WHERE received_at >= $1 AND received_at < $2",
+                "SELECT participant, item, accepted::bigint, rejected::bigint, rejection_codes FROM submissions WHERE received_at >= $1 AND received_at < $2 AND NOT historical",
                 &[&from, &to],
             )
             .await?;
         let records = self
             .query(
-                "SELECT submitter, item, decision_date, received_at FROM records WHERE received_at >= $1 AND received_at < $2 AND decision_date IS NOT NULL",
+                "SELECT r.submitter, r.item, r.decision_date, r.received_at FROM records r JOIN submissions s ON s.id = r.submission_id WHERE r.received_at >= $1 AND r.received_at < $2 AND r.decision_date IS NOT NULL AND NOT s.historical",
                 &[&from, &to],
             )
             .await?;

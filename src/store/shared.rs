@@ -285,6 +285,7 @@ pub(crate) fn lift_of(
         lifts: Some(original.notice_id.clone()),
         corrects: None,
         reason: Some(reason.to_owned()),
+        historical: false,
     }
 }
 
@@ -302,6 +303,7 @@ pub(crate) fn correction_of(
         lifts: None,
         corrects: Some(original.notice_id.clone()),
         reason: None,
+        historical: false,
         ..now.clone()
     }
 }

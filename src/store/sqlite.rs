@@ -183,6 +183,8 @@ const MIGRATIONS: &[&str] = &[
     CREATE UNIQUE INDEX records_natural_key ON records(item, natural_key);
     ALTER TABLE notices ADD COLUMN corrects TEXT;
     ALTER TABLE records ADD COLUMN level TEXT;
+    ALTER TABLE submissions ADD COLUMN historical INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE notices ADD COLUMN historical INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX records_subject ON records(subject_key, item) WHERE subject_key IS NOT NULL;
     CREATE TABLE record_revisions (
         record_id     TEXT NOT NULL REFERENCES records(id),
@@ -652,13 +654,13 @@ fn append_submission(
     let received = rfc3339(sub.received_at);
     let codes = serde_json::to_string(&sub.rejection_codes).map_err(corrupt)?;
     exec(tx,
-        "INSERT INTO submissions (id, participant, item, item_version, received_at, accepted, rejected, rejection_codes) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        params![sub.id, sub.participant, sub.item, sub.item_version, received, sub.records.len() as i64, sub.rejected as i64, codes],
+        "INSERT INTO submissions (id, participant, item, item_version, received_at, accepted, rejected, rejection_codes, historical) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        params![sub.id, sub.participant, sub.item, sub.item_version, received, sub.records.len() as i64, sub.rejected as i64, codes, sub.historical],
     )
     .map_err(db_err)?;
     let mut stmt = tx
         .prepare_cached(
-            "INSERT INTO records (id, submission_id, item, item_version, submitter, subject_type, subject_key, decision_date, received_at, body, warnings, effective_until, natural_key, content_hash, level) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+            "INSERT INTO records (id, submission_id, item, item_version, submitter, subject_type, subject_key, decision_date, received_at, body, warnings, effective_until, natural_key, content_hash, level, status, end_reason, removal) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
         )
         .map_err(db_err)?;
     for r in &sub.records {
@@ -678,6 +680,11 @@ fn append_submission(
             r.natural_key,
             r.content_hash,
             r.level.map(|l| l.as_str()),
+            r.ended
+                .as_ref()
+                .map_or("active", |e| e.reason.record_status()),
+            r.ended.as_ref().map(|e| e.reason.as_str()),
+            r.ended.as_ref().and_then(|e| e.removal.as_deref()),
         ])
         .map_err(key_err)?;
         if let Some(n) = &r.notice {
@@ -740,7 +747,7 @@ fn insert_notice(
     issued_at: &str,
 ) -> Result<(), StoreError> {
     tx.prepare_cached(
-        "INSERT INTO notices (id, kind, item, item_version, record_id, source, severity, region, measures, effective_from, effective_until, issued_at, lifts, reason, corrects) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+        "INSERT INTO notices (id, kind, item, item_version, record_id, source, severity, region, measures, effective_from, effective_until, issued_at, lifts, reason, corrects, historical) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
     )
     .map_err(db_err)?
     .execute(params![
@@ -759,6 +766,7 @@ fn insert_notice(
         n.lifts,
         n.reason,
         n.corrects,
+        n.historical,
     ])
     .map_err(db_err)?;
     let mut stmt = tx
@@ -962,7 +970,7 @@ fn correct_record(
 
 // === impl reads ===
 
-const NOTICE_SELECT: &str = "SELECT id, kind, item, item_version, record_id, source, severity, measures, effective_from, effective_until, issued_at, lifts, reason, corrects FROM notices";
+const NOTICE_SELECT: &str = "SELECT id, kind, item, item_version, record_id, source, severity, measures, effective_from, effective_until, issued_at, lifts, reason, corrects, historical FROM notices";
 
 /// Decodes a notice row; the outer `Result` is SQLite's, the inner ours.
 fn notice_from_row(r: &Row<'_>) -> rusqlite::Result<Result<StoredNotice, StoreError>> {
@@ -1001,12 +1009,13 @@ fn notice_at(r: &Row<'_>, o: usize) -> rusqlite::Result<Result<StoredNotice, Sto
         lifts: r.get(o + 11)?,
         reason: r.get(o + 12)?,
         corrects: r.get(o + 13)?,
+        historical: r.get(o + 14)?,
     }))
 }
 
 /// Outbound rows: delivery columns, then the notice, then the record body.
 const OUTBOUND_SELECT: &str = "SELECT COALESCE(d.pos, 0), d.id, d.subscription, d.agency, d.attempts, \
-     n.id, n.kind, n.item, n.item_version, n.record_id, n.source, n.severity, n.measures, n.effective_from, n.effective_until, n.issued_at, n.lifts, n.reason, n.corrects, \
+     n.id, n.kind, n.item, n.item_version, n.record_id, n.source, n.severity, n.measures, n.effective_from, n.effective_until, n.issued_at, n.lifts, n.reason, n.corrects, n.historical, \
      r.body, d.claims FROM deliveries d JOIN notices n ON n.id = d.notice_id JOIN records r ON r.id = n.record_id";
 
 fn outbound_from_row(r: &Row<'_>) -> rusqlite::Result<Result<Outbound, StoreError>> {
@@ -1014,7 +1023,7 @@ fn outbound_from_row(r: &Row<'_>) -> rusqlite::Result<Result<Outbound, StoreErro
         Ok(n) => n,
         Err(e) => return Ok(Err(e)),
     };
-    let body: String = r.get(19)?;
+    let body: String = r.get(20)?;
     let record = match serde_json::from_str(&body) {
         Ok(v) => RecordBody::from_store(v),
         Err(e) => return Ok(Err(corrupt(e))),
@@ -1025,7 +1034,7 @@ fn outbound_from_row(r: &Row<'_>) -> rusqlite::Result<Result<Outbound, StoreErro
         subscription: r.get(2)?,
         agency: r.get(3)?,
         attempts: r.get(4)?,
-        claim: r.get(20)?,
+        claim: r.get(21)?,
         notice,
         record,
     }))
@@ -2005,6 +2014,7 @@ mod migration_tests {
             lifts: None,
             corrects: None,
             reason: None,
+            historical: false,
         });
         store.append_submission(sub).await.expect("append");
         let a = store.pull("agency-a", 3, 10).await.expect("pull");

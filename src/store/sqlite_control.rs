@@ -488,7 +488,7 @@ pub(super) fn department_stats(
 ) -> Result<Vec<DepartmentStats>, StoreError> {
     let submissions: Vec<super::shared::SubmissionRow> = {
         let mut stmt = conn
-            .prepare_cached("SELECT participant, item, accepted, rejected, rejection_codes FROM submissions WHERE julianday(received_at) >= julianday(?1) AND julianday(received_at) < julianday(?2)")
+            .prepare_cached("SELECT participant, item, accepted, rejected, rejection_codes FROM submissions WHERE julianday(received_at) >= julianday(?1) AND julianday(received_at) < julianday(?2) AND NOT historical")
             .map_err(db_err)?;
         let rows = stmt
             .query_map(params![from, to], |r| {
@@ -500,7 +500,7 @@ pub(super) fn department_stats(
     let mut records: Vec<super::shared::DelayRow> = Vec::new();
     {
         let mut stmt = conn
-            .prepare_cached("SELECT submitter, item, decision_date, received_at FROM records WHERE julianday(received_at) >= julianday(?1) AND julianday(received_at) < julianday(?2) AND decision_date IS NOT NULL")
+            .prepare_cached("SELECT r.submitter, r.item, r.decision_date, r.received_at FROM records r JOIN submissions s ON s.id = r.submission_id WHERE julianday(r.received_at) >= julianday(?1) AND julianday(r.received_at) < julianday(?2) AND r.decision_date IS NOT NULL AND NOT s.historical")
             .map_err(db_err)?;
         let rows = stmt
             .query_map(params![from, to], |r| {
