@@ -1074,6 +1074,19 @@ impl CatalogItem {
             .map_or(FieldClass::Secret, |f| f.class)
     }
 
+    /// The end of the record's effect: the date in the notice rule's
+    /// `effective_until_field`, whether or not the record makes a notice.
+    pub fn effective_until(&self, record: &Value) -> Option<Date> {
+        self.def
+            .notice
+            .as_ref()?
+            .effective_until_field
+            .as_ref()
+            .and_then(|f| record.get(f))
+            .and_then(Value::as_str)
+            .and_then(codes::parse_iso_date)
+    }
+
     /// The record's decision date, if it has a valid one.
     pub fn decision_date(&self, record: &Value) -> Option<Date> {
         record

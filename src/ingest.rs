@@ -58,6 +58,9 @@ struct RecordResult {
     record_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     notice_id: Option<String>,
+    /// A historical record stored as already ended (`expired`, `removed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ended: Option<&'static str>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     errors: Vec<Finding>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -363,6 +366,7 @@ impl Ingest {
                     status: "rejected",
                     record_id: None,
                     notice_id: None,
+                    ended: None,
                     errors,
                     warnings: Vec::new(),
                 }));
@@ -518,7 +522,7 @@ impl Ingest {
                 subject_type: text("subject_type").unwrap_or_default().to_owned(),
                 subject_key,
                 decision_date,
-                effective_until: derived.and_then(|d| d.effective_until),
+                effective_until: item.effective_until(record),
                 body,
                 warnings: "[]".into(),
                 natural_key: identity.natural_key,
@@ -581,6 +585,7 @@ impl Ingest {
                         status: "duplicate",
                         record_id: Some(h.record_id.clone()),
                         notice_id: None,
+                        ended: None,
                         errors: Vec::new(),
                         warnings: Vec::new(),
                     });
@@ -611,6 +616,7 @@ impl Ingest {
                         status: "rejected",
                         record_id: None,
                         notice_id: None,
+                        ended: None,
                         errors: pointers
                             .into_iter()
                             .take(listed)
@@ -631,6 +637,7 @@ impl Ingest {
                         status: "rejected",
                         record_id: None,
                         notice_id: None,
+                        ended: None,
                         errors: vec![Finding {
                             pointer: format!(
                                 "/records/{index}{}",
@@ -666,6 +673,7 @@ impl Ingest {
                         status: "accepted",
                         record_id: Some(record.id.clone()),
                         notice_id: record.notice.as_ref().map(|n| n.id.clone()),
+                        ended: record.ended.as_ref().map(|e| e.reason.record_status()),
                         errors: Vec::new(),
                         warnings: warnings.clone(),
                     });
@@ -694,10 +702,18 @@ impl Ingest {
         })
     }
 
-    /// The I/O half: looks up the records' natural keys, stores the
-    /// submission durably, then answers. A key taken by a concurrent
-    /// submission between the look-up and the commit is looked up again.
-    pub async fn commit(&self, prepared: Prepared) -> Result<Answer, Problem> {
+    /// What [`Ingest::commit`] would answer, storing nothing (a dry run).
+    pub async fn check(&self, prepared: Prepared) -> Result<Vec<u8>, Problem> {
+        let (holders, others) = self.lookups(&prepared).await?;
+        Ok(self.resolve(&prepared, holders, &others)?.response_body)
+    }
+
+    /// The records already holding the prepared records' natural keys, and
+    /// the subjects' records the item's rules look at.
+    async fn lookups(
+        &self,
+        prepared: &Prepared,
+    ) -> Result<(Vec<KeyHolder>, Vec<SubjectRecord>), Problem> {
         let candidates = || {
             prepared.entries.iter().filter_map(|e| match e {
                 Entry::Candidate { accepted, .. } => Some(&accepted.record),
@@ -714,18 +730,24 @@ impl Ingest {
         if def.notice.as_ref().is_some_and(|n| n.warning.is_some()) {
             rule_items.push(def.id.clone());
         }
+        let holders = self.store.find_keys(&def.id, keys).await?;
+        let others = if rule_items.is_empty() || subjects.is_empty() {
+            Vec::new()
+        } else {
+            self.store.subject_records(subjects, rule_items).await?
+        };
+        Ok((holders, others))
+    }
+
+    /// The I/O half: looks up the records' natural keys, stores the
+    /// submission durably, then answers. A key taken by a concurrent
+    /// submission between the look-up and the commit is looked up again.
+    pub async fn commit(&self, prepared: Prepared) -> Result<Answer, Problem> {
         let item_id = prepared.submission.item.clone();
         let mut attempts = 0;
         let (accepted, rejected, body, replay, outcome) = loop {
             attempts += 1;
-            let holders = self.store.find_keys(&item_id, keys.clone()).await?;
-            let others = if rule_items.is_empty() || subjects.is_empty() {
-                Vec::new()
-            } else {
-                self.store
-                    .subject_records(subjects.clone(), rule_items.clone())
-                    .await?
-            };
+            let (holders, others) = self.lookups(&prepared).await?;
             let submission = self.resolve(&prepared, holders, &others)?;
             let (accepted, rejected) = (submission.records.len(), submission.rejected);
             let body = submission.response_body.clone();

@@ -20,6 +20,7 @@ pub mod cursor;
 pub mod delivery;
 pub mod error;
 pub mod http;
+pub mod import;
 pub mod ingest;
 pub mod metrics;
 pub mod notice;

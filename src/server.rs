@@ -123,7 +123,8 @@ fn load_push_identity(config: &Config) -> Result<crate::delivery::Identity, Stri
     Ok(id)
 }
 
-fn load_secret(path: &Path) -> Result<Arc<[u8]>, String> {
+/// The gateway secret (at least 32 bytes) from its file.
+pub(crate) fn load_secret(path: &Path) -> Result<Arc<[u8]>, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("privacy.secret_file: {}: {e}", path.display()))?;
     let secret = text.trim().as_bytes().to_vec();
