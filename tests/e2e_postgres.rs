@@ -11,6 +11,8 @@ mod admin;
 mod cluster;
 #[path = "e2e/hardening.rs"]
 mod hardening;
+#[path = "e2e/import.rs"]
+mod import;
 #[path = "e2e/lifecycle.rs"]
 mod lifecycle;
 #[path = "e2e/migrate.rs"]

@@ -7,6 +7,7 @@ pub const BACKEND: credgate::config::StoreBackend = credgate::config::StoreBacke
 
 mod admin;
 mod hardening;
+mod import;
 mod lifecycle;
 mod notices;
 mod process;
