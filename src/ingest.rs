@@ -727,7 +727,10 @@ impl Ingest {
         subjects.dedup();
         let def = &prepared.item.def;
         let mut rule_items = def.refused_while_listed.clone();
-        if def.notice.as_ref().is_some_and(|n| n.warning.is_some()) {
+        // History makes no warnings.
+        if def.notice.as_ref().is_some_and(|n| n.warning.is_some())
+            && !prepared.submission.historical
+        {
             rule_items.push(def.id.clone());
         }
         let holders = self.store.find_keys(&def.id, keys).await?;

@@ -85,7 +85,7 @@ enum Command {
         #[arg(long)]
         report: Option<PathBuf>,
         /// Records per transaction.
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = 5000)]
         batch: usize,
         /// Configuration of the gateway whose store receives the records.
         #[arg(long, short, default_value = "config/credgate.toml")]

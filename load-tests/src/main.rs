@@ -154,6 +154,16 @@ enum Scenario {
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
+    /// `credgate import` of a generated JSON Lines file, with a dry run of
+    /// the same file as the baseline and a resuming re-run.
+    Import {
+        /// Rows in the file.
+        #[arg(long, default_value_t = 200_000)]
+        rows: u64,
+        /// Records per transaction (`credgate import --batch`).
+        #[arg(long, default_value_t = 5000)]
+        batch: usize,
+    },
     /// A few seconds of every scenario with small numbers; exit code 1 on
     /// any error (run in CI).
     Smoke,
@@ -186,6 +196,7 @@ async fn main() -> std::process::ExitCode {
             rate,
             duration,
         } => scenarios::fanout(subscriptions, connections, rate, duration).await,
+        Scenario::Import { rows, batch } => scenarios::import(rows, batch).await,
         Scenario::Fairness {
             duration,
             quota,
