@@ -69,6 +69,8 @@ fn redaction(c: &mut Criterion) {
         issued_at: time::OffsetDateTime::now_utc(),
         lifts: None,
         reason: None,
+        corrects: None,
+        historical: false,
     };
     let redactor = Redactor::new(
         Policy::default(),
