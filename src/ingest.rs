@@ -67,6 +67,21 @@ struct RecordResult {
     warnings: Vec<Finding>,
 }
 
+impl RecordResult {
+    /// A refused record with its findings.
+    fn rejected(index: usize, errors: Vec<Finding>) -> RecordResult {
+        RecordResult {
+            index,
+            status: "rejected",
+            record_id: None,
+            notice_id: None,
+            ended: None,
+            errors,
+            warnings: Vec::new(),
+        }
+    }
+}
+
 /// The submission use case and what it needs.
 pub struct Ingest {
     /// Active catalog; loaded once per request.
@@ -361,15 +376,7 @@ impl Ingest {
                         ),
                     ));
                 }
-                entries.push(Entry::Rejected(RecordResult {
-                    index,
-                    status: "rejected",
-                    record_id: None,
-                    notice_id: None,
-                    ended: None,
-                    errors,
-                    warnings: Vec::new(),
-                }));
+                entries.push(Entry::Rejected(RecordResult::rejected(index, errors)));
                 continue;
             }
             let mut accepted = self.accepted_record(&item, &record, &subscriptions, &registry)?;
@@ -611,13 +618,9 @@ impl Ingest {
                             .map(|f| format!("/records/{index}/{}", escape_pointer(f)))
                             .collect()
                     };
-                    results.push(RecordResult {
+                    results.push(RecordResult::rejected(
                         index,
-                        status: "rejected",
-                        record_id: None,
-                        notice_id: None,
-                        ended: None,
-                        errors: pointers
+                        pointers
                             .into_iter()
                             .take(listed)
                             .map(|pointer| Finding {
@@ -626,19 +629,12 @@ impl Ingest {
                                 message: message.clone(),
                             })
                             .collect(),
-                        warnings: Vec::new(),
-                    });
+                    ));
                 }
                 None if listed(&p.item, record, subjects) => {
                     *codes.entry("conflicts_with_dishonesty".into()).or_default() += 1;
                     budget = budget.saturating_sub(1);
-                    results.push(RecordResult {
-                        index,
-                        status: "rejected",
-                        record_id: None,
-                        notice_id: None,
-                        ended: None,
-                        errors: vec![Finding {
+                    results.push(RecordResult::rejected(index, vec![Finding {
                             pointer: format!(
                                 "/records/{index}{}",
                                 accepted.subject_pointer.as_deref().unwrap_or("")
@@ -648,9 +644,7 @@ impl Ingest {
                                 "the subject is on a list that excludes it from {} ({}) while it stands",
                                 p.item.def.name, p.item.def.name_zh
                             ),
-                        }],
-                        warnings: Vec::new(),
-                    });
+                        }]));
                 }
                 None => {
                     let mut record = record.clone();
@@ -727,10 +721,13 @@ impl Ingest {
         subjects.dedup();
         let def = &prepared.item.def;
         let mut rule_items = def.refused_while_listed.clone();
-        // History makes no warnings.
-        if def.notice.as_ref().is_some_and(|n| n.warning.is_some())
-            && !prepared.submission.historical
-        {
+        // The subject's records of this item matter only to a record that
+        // could complete a warning (none in history, none that notifies).
+        let may_warn = prepared.entries.iter().any(|e| match e {
+            Entry::Candidate { accepted, .. } => accepted.warning.is_some(),
+            Entry::Rejected(_) => false,
+        });
+        if may_warn {
             rule_items.push(def.id.clone());
         }
         let holders = self.store.find_keys(&def.id, keys).await?;
