@@ -367,9 +367,13 @@ pub struct CatalogItem {
     /// Field annotations by field name.
     pub fields: BTreeMap<String, FieldSpec>,
     validator: jsonschema::Validator,
-    uscc_fields: Vec<String>,
+    /// Fields with a code format, and the warn-only check of that format.
+    coded_fields: Vec<(String, CodeCheck)>,
     removal: Option<Removal>,
 }
+
+/// The warn-only check of a code format: a valid value's warnings.
+type CodeCheck = fn(&str) -> Vec<codes::CodeWarning>;
 
 /// A list item's compiled removal document.
 struct Removal {
@@ -762,10 +766,16 @@ impl CatalogItem {
         };
         match validator {
             Some(validator) if errors.is_empty() => {
-                let uscc_fields = fields
+                let coded_fields = fields
                     .iter()
-                    .filter(|(_, f)| f.format.as_deref() == Some("uscc"))
-                    .map(|(k, _)| k.clone())
+                    .filter_map(|(k, f)| {
+                        let check: CodeCheck = match f.format.as_deref()? {
+                            "uscc" => |s| codes::check_uscc(s).unwrap_or_default(),
+                            "cn-resident-id" => codes::resident_id_warnings,
+                            _ => return None,
+                        };
+                        Some((k.clone(), check))
+                    })
                     .collect();
                 let removal = match removal {
                     Some((specs, Some(v))) => Some(Removal {
@@ -778,7 +788,7 @@ impl CatalogItem {
                     def,
                     fields,
                     validator,
-                    uscc_fields,
+                    coded_fields,
                     removal,
                 })
             }
@@ -895,10 +905,25 @@ impl CatalogItem {
             }
         }
         if out.errors.is_empty() {
-            for f in &self.uscc_fields {
-                if let Some(Ok(warnings)) =
-                    obj.get(f).and_then(Value::as_str).map(codes::check_uscc)
-                {
+            // Code fields by format, and ID numbers whose type field says
+            // they are resident IDs (the schema's conditional format).
+            let resident_ids = RESIDENT_ID_FIELDS.iter().filter_map(|(kind, number)| {
+                let covered = self.coded_fields.iter().any(|(f, _)| f == number);
+                (!covered && obj.get(*kind).and_then(Value::as_str) == Some("resident_id")).then(
+                    || {
+                        let check: CodeCheck = codes::resident_id_warnings;
+                        ((*number).to_owned(), check)
+                    },
+                )
+            });
+            let coded: Vec<_> = self
+                .coded_fields
+                .iter()
+                .cloned()
+                .chain(resident_ids)
+                .collect();
+            for (f, check) in &coded {
+                if let Some(warnings) = obj.get(f).and_then(Value::as_str).map(check) {
                     for w in warnings {
                         out.warnings.push(Finding {
                             pointer: format!("/{f}"),
@@ -1285,6 +1310,16 @@ fn list_names(names: &[String]) -> String {
     }
     out.join(", ")
 }
+
+/// The (type, number) field pairs of identity documents: the number is a
+/// resident ID number when the type is `resident_id`.
+pub const RESIDENT_ID_FIELDS: [(&str, &str); 2] = [
+    ("id_type", "id_number"),
+    (
+        "legal_representative_id_type",
+        "legal_representative_id_number",
+    ),
+];
 
 /// Turns a schema error into a finding without echoing the value.
 fn finding_from(e: &jsonschema::ValidationError<'_>) -> Finding {

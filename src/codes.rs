@@ -68,20 +68,45 @@ pub enum CodeError {
     DivisionCharacter(usize),
 }
 
-/// First two digits of the GB/T 2260 provinces, autonomous regions,
-/// municipalities and special administrative regions.
-const PROVINCES: [&str; 34] = [
-    "11", "12", "13", "14", "15", "21", "22", "23", "31", "32", "33", "34", "35", "36", "37", "41",
-    "42", "43", "44", "45", "46", "50", "51", "52", "53", "54", "61", "62", "63", "64", "65", "71",
-    "81", "82",
-];
+/// GB/T 2260 divisions at province and prefecture level, present and past
+/// (`src/gb2260.tsv`: code, name), by code.
+static DIVISIONS: std::sync::LazyLock<std::collections::HashMap<u32, &'static str>> =
+    std::sync::LazyLock::new(|| {
+        include_str!("gb2260.tsv")
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|l| {
+                let (code, name) = l.split_once('\t')?;
+                Some((code.parse().ok()?, name))
+            })
+            .collect()
+    });
 
-/// Whether a six-digit division code lies in a GB/T 2260 province.
-/// (Province level only: the prefecture table is not shipped yet.)
+/// The six-digit division code as a number, if it is six digits.
+fn division_number(division: &str) -> Option<u32> {
+    (division.len() == 6 && division.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| division.parse().ok())
+        .flatten()
+}
+
+/// Whether a six-digit division code lies in a GB/T 2260 province,
+/// autonomous region, municipality or special administrative region.
 pub fn in_a_province(division: &str) -> bool {
-    division.len() == 6
-        && division.bytes().all(|b| b.is_ascii_digit())
-        && PROVINCES.contains(&&division[..2])
+    division_number(division).is_some_and(|n| DIVISIONS.contains_key(&(n / 10_000 * 10_000)))
+}
+
+/// Whether a six-digit division code lies in a GB/T 2260 prefecture that
+/// exists or existed since 1980, or names a province itself (`XX00..`).
+pub fn in_a_prefecture(division: &str) -> bool {
+    division_number(division).is_some_and(|n| {
+        in_a_province(division) && (n / 100 % 100 == 0 || DIVISIONS.contains_key(&(n / 100 * 100)))
+    })
+}
+
+/// The name of a province- or prefecture-level division (`320100` →
+/// 南京市), present or past.
+pub fn division_name(code: &str) -> Option<&'static str> {
+    division_number(code).and_then(|n| DIVISIONS.get(&n).copied())
 }
 
 /// Findings that do not reject a code but are worth telling the submitter.
@@ -92,6 +117,9 @@ pub enum CodeWarning {
     OrganisationCodeCheck,
     /// Position 2 is not a category listed for the authority in position 1.
     UnlistedCategory,
+    /// A resident ID's positions 1-4 are no GB/T 2260 prefecture, present
+    /// or past (its province is real).
+    UnknownPrefecture,
 }
 
 impl CodeWarning {
@@ -100,6 +128,7 @@ impl CodeWarning {
         match self {
             CodeWarning::OrganisationCodeCheck => "uscc_org_code_check",
             CodeWarning::UnlistedCategory => "uscc_unlisted_category",
+            CodeWarning::UnknownPrefecture => "unknown_prefecture",
         }
     }
 
@@ -111,6 +140,9 @@ impl CodeWarning {
             }
             CodeWarning::UnlistedCategory => {
                 "the organisation category (position 2) is not listed for this registration authority; accepted, please verify the code"
+            }
+            CodeWarning::UnknownPrefecture => {
+                "the division code (positions 1-4) is no GB/T 2260 prefecture, present or past; accepted, please verify the number"
             }
         }
     }
@@ -230,6 +262,15 @@ pub fn check_resident_id(id: &str, today: Date) -> Result<(), CodeError> {
         return Err(CodeError::CheckCharacter);
     }
     Ok(())
+}
+
+/// Warn-only findings of a valid resident ID number: a prefecture that
+/// no GB/T 2260 edition since 1980 lists.
+pub fn resident_id_warnings(id: &str) -> Vec<CodeWarning> {
+    match id.get(..6) {
+        Some(division) if !in_a_prefecture(division) => vec![CodeWarning::UnknownPrefecture],
+        _ => Vec::new(),
+    }
 }
 
 fn parse_compact_date(s: &str) -> Option<Date> {
@@ -406,6 +447,54 @@ mod tests {
         );
     }
 
+    fn provinces() -> Vec<String> {
+        let mut p: Vec<String> = DIVISIONS
+            .keys()
+            .map(|c| format!("{:02}", c / 10_000))
+            .collect();
+        p.sort();
+        p.dedup();
+        p
+    }
+
+    #[test]
+    fn the_division_table_holds_provinces_and_prefectures_past_and_present() {
+        // Every province of domain.md, and nothing else, is a province.
+        let listed: Vec<String> = [
+            11, 12, 13, 14, 15, 21, 22, 23, 31, 32, 33, 34, 35, 36, 37, 41, 42, 43, 44, 45, 46, 50,
+            51, 52, 53, 54, 61, 62, 63, 64, 65, 71, 81, 82, 83,
+        ]
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+        assert_eq!(provinces(), listed);
+        assert_eq!(division_name("320000"), Some("江苏省"));
+        assert_eq!(division_name("320500"), Some("苏州市"));
+        // A prefecture merged away in 1983 still names old ID numbers.
+        assert_eq!(division_name("322700"), Some("苏州地区"));
+        assert!(in_a_prefecture("322701"));
+        assert!(in_a_prefecture("320102") && in_a_prefecture("429004"));
+        assert!(in_a_prefecture("810000"), "a province-level code");
+        assert!(!in_a_prefecture("329900") && in_a_province("329900"));
+        assert!(!in_a_province("990000") && !in_a_province("000000"));
+        assert!(!in_a_province("32010") && !in_a_province("32010a"));
+    }
+
+    #[test]
+    fn an_unknown_prefecture_warns() {
+        let today = date!(2026 - 11 - 27);
+        let id = |body: &str| format!("{body}{}", resident_id_check_char(body).expect("digits"));
+        let known = id("32010219900307123");
+        assert_eq!(check_resident_id(&known, today), Ok(()));
+        assert!(resident_id_warnings(&known).is_empty());
+        let unknown = id("32990019900307123");
+        assert_eq!(check_resident_id(&unknown, today), Ok(()));
+        assert_eq!(
+            resident_id_warnings(&unknown),
+            vec![CodeWarning::UnknownPrefecture]
+        );
+    }
+
     #[test]
     fn iso_dates() {
         assert_eq!(parse_iso_date("2024-02-29"), Some(date!(2024 - 02 - 29)));
@@ -454,7 +543,7 @@ mod tests {
 
         #[test]
         fn single_changed_character_in_resident_id_is_caught(
-            province in prop::sample::select(PROVINCES.to_vec()),
+            province in prop::sample::select(provinces()),
             area in 0u32..10000,
             days in 0i64..30000,
             seq in 0u32..1000,

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 use crate::catalog::{CatalogItem, Finding};
 use crate::config::Config;
@@ -569,7 +569,11 @@ async fn import_batch(
     if records.is_empty() {
         return Ok(out);
     }
-    let doc = json!({"item": item, "records": records});
+    // Built in place: `json!` would copy every record through `to_value`.
+    let doc = Value::Object(Map::from_iter([
+        ("item".to_owned(), Value::String(item.to_owned())),
+        ("records".to_owned(), Value::Array(records)),
+    ]));
     let prepared = ingest
         .prepare_historical(who, doc, today)
         .map_err(|p| format!("{}: {}", p.code, p.detail))?;

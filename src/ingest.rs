@@ -1142,13 +1142,7 @@ pub fn normalise_codes(record: &mut Value, legacy: bool) -> Vec<Finding> {
     let Some(obj) = record.as_object_mut() else {
         return out;
     };
-    for (kind, number) in [
-        ("id_type", "id_number"),
-        (
-            "legal_representative_id_type",
-            "legal_representative_id_number",
-        ),
-    ] {
+    for (kind, number) in crate::catalog::RESIDENT_ID_FIELDS {
         if obj.get(kind).and_then(Value::as_str) != Some("resident_id") {
             continue;
         }

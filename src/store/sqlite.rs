@@ -267,6 +267,10 @@ fn corrupt(e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(e.to_string())
 }
 
+/// WAL frames after which the writer checkpoints itself (64 MiB of 4 KiB
+/// pages): the background checkpointer keeps the WAL far below this.
+const WAL_CAP_PAGES: u32 = 16_384;
+
 /// Runs WAL checkpoints on its own connection and thread, so copying WAL
 /// pages into the database file never delays the writer's next commit.
 /// The connection is opened by the caller: SQLite can deadlock when one
@@ -381,7 +385,11 @@ impl SqliteStore {
         }
         let (tx, rx) = mpsc::channel(group_commit_max.max(1) * 4);
         let (changes_tx, changes) = watch::channel(0u64);
-        conn.execute_batch("PRAGMA wal_autocheckpoint=0;")
+        // Checkpoints run on their own thread. Should the writer outpace
+        // it (a bulk import), the WAL would never restart and grow without
+        // bound, every commit writing to new, zero-filled file pages; past
+        // WAL_CAP_PAGES the writer checkpoints itself after a commit.
+        conn.execute_batch(&format!("PRAGMA wal_autocheckpoint={WAL_CAP_PAGES};"))
             .map_err(db_err)?;
         let (stop_checkpoints, stopped) = std::sync::mpsc::channel::<()>();
         let checkpoint_conn = open_connection(path)?;

@@ -177,9 +177,33 @@ async fn lower_case_x_is_normalised_and_records_without_a_key_match_by_content()
     );
     // Sent again with the upper-case X: the same record.
     person["id_number"] = json!(synth::resident_id(n));
-    let doc = batch(&dept, "administrative_penalty", vec![person]).await;
+    let doc = batch(&dept, "administrative_penalty", vec![person.clone()]).await;
     assert_eq!(doc["results"][0]["status"], "duplicate", "{doc:#}");
     assert_eq!(doc["results"][0]["record_id"], result["record_id"]);
+
+    // A prefecture no GB/T 2260 edition lists (32 99..) is accepted with
+    // a warning; one merged away in 1983 (苏州地区 3227..) still names
+    // numbers issued then, without one.
+    let id = |body: &str| {
+        let check = credgate::codes::resident_id_check_char(body).expect("digits");
+        json!(format!("{body}{check}"))
+    };
+    let mut unknown = person.clone();
+    unknown["id_number"] = id("32990019850307123");
+    unknown["decision_number"] = json!("苏市监罚〔2026〕9901号");
+    let mut old = person;
+    old["id_number"] = id("32272219620307123");
+    old["decision_number"] = json!("苏市监罚〔2026〕9902号");
+    let doc = batch(&dept, "administrative_penalty", vec![unknown, old]).await;
+    let results = &doc["results"];
+    assert_eq!(results[0]["status"], "accepted", "{doc:#}");
+    assert_eq!(results[0]["warnings"][0]["code"], "unknown_prefecture");
+    assert_eq!(results[0]["warnings"][0]["pointer"], "/records/0/id_number");
+    assert_eq!(results[1]["status"], "accepted", "{doc:#}");
+    assert!(
+        results[1]["warnings"].as_array().is_none_or(Vec::is_empty),
+        "{doc:#}"
+    );
 
     // A commitment without a commitment number has no natural key: an
     // identical resend is a duplicate, a different one a new record.
@@ -198,7 +222,7 @@ async fn lower_case_x_is_normalised_and_records_without_a_key_match_by_content()
     commitment["commitment_date"] = json!("2026-08-21");
     let doc = batch(&dept, "credit_commitment", vec![commitment]).await;
     assert_eq!(doc["results"][0]["status"], "accepted", "{doc:#}");
-    assert_eq!(env.count_rows("records"), 3);
+    assert_eq!(env.count_rows("records"), 5);
     server.stop().await;
 }
 
