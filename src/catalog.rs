@@ -318,6 +318,10 @@ pub struct Measure {
     /// Kinds of implementing departments.
     #[serde(default)]
     pub implementers: Vec<String>,
+    /// The credit review purposes (`review::Purpose`) the measure restricts
+    /// or favours; empty = every purpose.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub purposes: Vec<crate::review::Purpose>,
     /// Which records call for this measure; absent = every record that
     /// produces a notice.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -45,6 +45,35 @@ pub struct Config {
     pub privacy: PrivacyConfig,
     /// Audit log checkpoints.
     pub audit: AuditConfig,
+    /// Credit review reports.
+    pub review: ReviewConfig,
+}
+
+/// Credit review reports (信用审查报告).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReviewConfig {
+    /// The Ed25519 key reports are signed with (PKCS#8, base64; `credgate
+    /// review keygen FILE` writes one). Generated in dev mode if missing;
+    /// every instance of a cluster needs the same file.
+    pub signing_key_file: PathBuf,
+    /// Ended records decided within this many years are listed as ended.
+    pub look_back_years: u8,
+    /// The issuing centre, as reports name it.
+    pub issuer: String,
+    /// Its official Chinese name.
+    pub issuer_zh: String,
+}
+
+impl Default for ReviewConfig {
+    fn default() -> Self {
+        Self {
+            signing_key_file: "data/review-signing.key".into(),
+            look_back_years: 5,
+            issuer: "Jiangsu Public Credit Information Centre".into(),
+            issuer_zh: "江苏省公共信用信息中心".into(),
+        }
+    }
 }
 
 /// Audit log settings.
@@ -414,6 +443,7 @@ impl Default for Config {
             rate_limit: RateLimitConfig::default(),
             privacy: PrivacyConfig::default(),
             audit: AuditConfig::default(),
+            review: ReviewConfig::default(),
         }
     }
 }
@@ -558,6 +588,9 @@ impl Config {
             }
         }
         errors.extend(self.privacy.redaction.problems());
+        if !(1..=30).contains(&self.review.look_back_years) {
+            errors.push("review.look_back_years: must be 1 to 30".into());
+        }
         if self.server.listen == self.server.ops_listen && self.server.listen.port() != 0 {
             errors.push("server.ops_listen: must differ from server.listen".into());
         }
@@ -570,6 +603,7 @@ impl Config {
                 ("tls.cert", &self.tls.cert),
                 ("tls.key", &self.tls.key),
                 ("privacy.secret_file", &self.privacy.secret_file),
+                ("review.signing_key_file", &self.review.signing_key_file),
             ],
         };
         for (key, path) in must_exist {

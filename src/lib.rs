@@ -28,6 +28,7 @@ pub mod participants;
 pub mod pki;
 pub mod ratelimit;
 pub mod redact;
+pub mod review;
 pub mod routing;
 pub mod sealed;
 pub mod server;

@@ -55,6 +55,11 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Credit review report tools.
+    Review {
+        #[command(subcommand)]
+        command: ReviewCommand,
+    },
     /// Store tools.
     Store {
         #[command(subcommand)]
@@ -110,6 +115,31 @@ enum StoreCommand {
         /// Configuration whose `privacy.secret_file` keys the audit checkpoints.
         #[arg(long, short, default_value = "config/credgate.toml")]
         config: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ReviewCommand {
+    /// Verify a signed credit review report offline: exit code 0 and the
+    /// report's id, subject and verdict if the signature holds; 1 if it
+    /// does not (changed after signing, or another key); 2 if it cannot be
+    /// checked.
+    Verify {
+        /// The report as the gateway answered it (JSON).
+        report: PathBuf,
+        /// The key set (the answer of GET /v1/credit-reviews/keys). Without
+        /// it, the key of the gateway configured by --config.
+        #[arg(long)]
+        keys: Option<PathBuf>,
+        /// Configuration whose `review.signing_key_file` holds the key.
+        #[arg(long, short, default_value = "config/credgate.toml")]
+        config: PathBuf,
+    },
+    /// Write a new report signing key (Ed25519, PKCS#8) to FILE, for
+    /// `review.signing_key_file` in production. Never overwrites.
+    Keygen {
+        /// Target file (readable by the owner only).
+        file: PathBuf,
     },
 }
 
@@ -227,6 +257,26 @@ fn main() -> ExitCode {
                 progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
             },
         ),
+        Command::Review {
+            command:
+                ReviewCommand::Verify {
+                    report,
+                    keys,
+                    config,
+                },
+        } => review_verify(&report, keys.as_deref(), &config),
+        Command::Review {
+            command: ReviewCommand::Keygen { file },
+        } => match credgate::review::Signer::generate(&file) {
+            Ok(()) => {
+                println!("wrote a credit review signing key to {}", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Store {
             command: StoreCommand::Migrate { from, to, config },
         } => store_migrate(&from, &to, &config),
@@ -611,6 +661,69 @@ fn audit_key(config: &Config) -> Result<Vec<u8>, ExitCode> {
                 config.privacy.secret_file.display()
             );
             Err(ExitCode::from(2))
+        }
+    }
+}
+
+fn review_verify(
+    report: &std::path::Path,
+    keys: Option<&std::path::Path>,
+    config: &std::path::Path,
+) -> ExitCode {
+    use credgate::review::{KeySet, Signer, VerifyError};
+    let keys: KeySet = match keys {
+        Some(path) => match std::fs::read(path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+        {
+            Ok(k) => k,
+            Err(e) => {
+                eprintln!("--keys: {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        },
+        None => {
+            let config = match load_config(config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match Signer::load(&config.review.signing_key_file) {
+                Ok(s) => KeySet {
+                    keys: vec![s.public_key()],
+                },
+                Err(e) => {
+                    eprintln!("review.signing_key_file: {e} (or give --keys)");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+    };
+    let document = match std::fs::read(report) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("{}: {e}", report.display());
+            return ExitCode::from(2);
+        }
+    };
+    match credgate::review::verify(&document, &keys) {
+        Ok(r) => {
+            println!(
+                "signature valid: report {} issued {} to {} ({}), restricted: {}",
+                r["report_id"].as_str().unwrap_or("?"),
+                r["issued_at"].as_str().unwrap_or("?"),
+                r["requested_by"]["id"].as_str().unwrap_or("?"),
+                r["purpose"].as_str().unwrap_or("?"),
+                r["restricted"],
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e @ (VerifyError::BadSignature | VerifyError::UnknownKey(_))) => {
+            println!("signature INVALID: {e}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(2)
         }
     }
 }

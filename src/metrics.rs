@@ -43,6 +43,15 @@ pub struct PushLabels {
     pub outcome: &'static str,
 }
 
+/// Who asked for a credit review, and why.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReviewLabels {
+    /// The asking participant.
+    pub agency: String,
+    /// Purpose code.
+    pub purpose: &'static str,
+}
+
 /// Why a connection ended before HTTP.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HandshakeLabels {
@@ -61,6 +70,8 @@ pub struct Metrics {
     pub records: Family<RecordLabels, Counter>,
     /// Push attempts by outcome.
     pub push_attempts: Family<PushLabels, Counter>,
+    /// Credit review reports issued, by agency and purpose.
+    pub credit_reviews: Family<ReviewLabels, Counter>,
     /// TLS handshakes that did not complete.
     pub handshake_failures: Family<HandshakeLabels, Counter>,
     /// Connections open now.
@@ -127,6 +138,12 @@ fn build() -> Metrics {
         "Push delivery attempts by outcome",
         push_attempts.clone(),
     );
+    let credit_reviews = Family::<ReviewLabels, Counter>::default();
+    registry.register(
+        "credit_reviews",
+        "Credit review reports issued, by asking agency and purpose",
+        credit_reviews.clone(),
+    );
     let handshake_failures = Family::<HandshakeLabels, Counter>::default();
     registry.register(
         "tls_handshake_failures",
@@ -157,6 +174,7 @@ fn build() -> Metrics {
         http_duration,
         records,
         push_attempts,
+        credit_reviews,
         handshake_failures,
         connections,
         store_commits,

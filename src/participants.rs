@@ -56,6 +56,12 @@ pub struct Participant {
     /// Highest field class this participant may receive.
     #[serde(default = "default_clearance")]
     pub clearance: FieldClass,
+    /// The kinds of implementing body an agency is (`procurement`,
+    /// `finance`, `land`, …): a catalog measure names the kinds that apply
+    /// it (`implementers`), and a credit review lists the measures that
+    /// bind the asking agency's kinds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub implements: Vec<String>,
     /// Own request quota; the kind's default from config otherwise.
     #[serde(default)]
     pub quota: Option<Quota>,
@@ -194,6 +200,7 @@ mod tests {
             name_zh: "x".into(),
             region: None,
             clearance,
+            implements: vec![],
             quota: None,
             enabled: true,
             certificate_sha256: vec![],

@@ -33,6 +33,12 @@ impl RecordBody {
     pub fn from_store(v: Value) -> RecordBody {
         RecordBody(v)
     }
+
+    /// What the item's notice rule derives from this body: type, level
+    /// and measures (catalog facts, no field value).
+    pub fn derived_notice(&self, item: &CatalogItem) -> Option<crate::catalog::DerivedNotice> {
+        item.derive_notice(&self.0)
+    }
 }
 
 impl std::fmt::Debug for RecordBody {

@@ -107,6 +107,11 @@ fn prepare_dev(config: &Config, registry: Option<&Registry>) -> Result<(), Strin
             .map_err(|e| format!("privacy.secret_file: {e}"))?;
         tracing::warn!(path = %config.privacy.secret_file.display(), "generated a development gateway secret");
     }
+    if !config.review.signing_key_file.is_file() {
+        crate::review::Signer::generate(&config.review.signing_key_file)
+            .map_err(|e| format!("review.signing_key_file: {e}"))?;
+        tracing::warn!(path = %config.review.signing_key_file.display(), "generated a development credit review signing key");
+    }
     Ok(())
 }
 
@@ -180,6 +185,9 @@ impl Gateway {
         let secret = load_secret(&config.privacy.secret_file)
             .map_err(|e| errors.push(e))
             .ok();
+        let signer = crate::review::Signer::load(&config.review.signing_key_file)
+            .map_err(|e| errors.push(format!("review.signing_key_file: {e}")))
+            .ok();
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let store = match &secret {
             Some(secret) if errors.is_empty() => crate::store::open(
@@ -199,7 +207,8 @@ impl Gateway {
             Some(tls),
             Some(secret),
             Some(store),
-        ) = (registry, catalog, subscriptions, tls, secret, store)
+            Some(signer),
+        ) = (registry, catalog, subscriptions, tls, secret, store, signer)
         else {
             return Err(StartupErrors(errors));
         };
@@ -307,6 +316,10 @@ impl Gateway {
             dispatcher: dispatcher.clone(),
             shutdown: shutdown.clone(),
             metrics,
+            reviews: crate::http::reviews::Reviews {
+                signer,
+                config: config.review.clone(),
+            },
         });
         Ok(Gateway {
             config,

@@ -25,6 +25,8 @@ mod process;
 mod receiver;
 #[path = "e2e/records.rs"]
 mod records;
+#[path = "e2e/reviews.rs"]
+mod reviews;
 #[path = "e2e/support.rs"]
 mod support;
 #[path = "e2e/tls_identity.rs"]

@@ -115,6 +115,7 @@ fn routing(c: &mut Criterion) {
             name_zh: "部门".into(),
             region: None,
             clearance: FieldClass::Public,
+            implements: vec![],
             quota: None,
             enabled: true,
             certificate_sha256: vec![],

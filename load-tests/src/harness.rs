@@ -122,6 +122,8 @@ impl Workspace {
         config.delivery.poll_interval_ms = 50;
         config.store.data_dir = dir.join("data");
         config.privacy.secret_file = dir.join("gateway.secret");
+        config.review.signing_key_file = dir.join("review-signing.key");
+        credgate::review::Signer::generate(&config.review.signing_key_file)?;
         let unlimited = Quota {
             per_second: 10_000_000,
             burst: 10_000_000,

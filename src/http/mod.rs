@@ -10,6 +10,7 @@ pub mod notices;
 pub mod ops;
 pub mod query;
 pub mod records;
+pub mod reviews;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -67,6 +68,8 @@ pub struct AppState {
     pub shutdown: tokio_util::sync::CancellationToken,
     /// This gateway's metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Credit review reports: signing key and settings.
+    pub reviews: reviews::Reviews,
 }
 
 impl std::fmt::Debug for AppState {
@@ -86,6 +89,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/records/{record_id}/revisions", get(records::revisions))
         .route("/v1/records/{record_id}/revocation", post(records::revoke))
         .route("/v1/records/{record_id}/removal", post(records::remove))
+        .route("/v1/credit-reviews", post(reviews::issue))
+        .route("/v1/credit-reviews/keys", get(reviews::keys))
+        .route("/v1/credit-reviews/{report_id}", get(reviews::read))
+        .route("/admin/v1/credit-reviews/lookup", post(reviews::lookup))
         .route("/v1/notices", get(notices::pull))
         .route("/v1/notices/ack", post(notices::ack))
         .route("/v1/notices/{notice_id}/feedback", post(notices::feedback))

@@ -192,7 +192,10 @@ pub async fn read(
 
 /// A problem builder for a small request document of `kind`: `code`, and
 /// one finding at a pointer.
-fn invalid_document(code: &'static str, kind: &'static str) -> impl Fn(&str, &str) -> Problem {
+pub(super) fn invalid_document(
+    code: &'static str,
+    kind: &'static str,
+) -> impl Fn(&str, &str) -> Problem {
     move |pointer, msg| {
         Problem::caller(
             StatusCode::BAD_REQUEST,
@@ -205,7 +208,7 @@ fn invalid_document(code: &'static str, kind: &'static str) -> impl Fn(&str, &st
 
 /// Reads a small request document: a JSON object with only the `allowed`
 /// members.
-async fn request_object(
+pub(super) async fn request_object(
     state: &AppState,
     headers: HeaderMap,
     body: Body,

@@ -90,6 +90,18 @@ const TABLES: &[Table] = &[
         "rowid",
     ),
     (
+        "credit_reviews",
+        &[
+            ("id", Text),
+            ("agency", Text),
+            ("subject_key", Text),
+            ("purpose", Text),
+            ("issued_at", Time),
+            ("document", Bytes),
+        ],
+        "rowid",
+    ),
+    (
         "idempotency",
         &[
             ("participant", Text),

@@ -181,6 +181,45 @@ pub struct SubjectRecord {
     pub decision_date: Option<Date>,
 }
 
+/// An issued credit review report, to store.
+#[derive(Debug, Clone)]
+pub struct NewReview {
+    /// Report id.
+    pub id: String,
+    /// The participant that asked.
+    pub agency: String,
+    /// The subject's key (its USCC, or the pseudonym of its ID number).
+    pub subject_key: String,
+    /// Purpose code.
+    pub purpose: String,
+    /// Issue time.
+    pub issued_at: OffsetDateTime,
+    /// The signed report as issued (JSON).
+    pub document: Vec<u8>,
+}
+
+/// A stored credit review report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredReview {
+    /// The participant that asked.
+    pub agency: String,
+    /// The signed report as issued (JSON).
+    pub document: Vec<u8>,
+}
+
+/// Who asked about a subject, when and why (the subject's right to know).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReviewEntry {
+    /// Report id.
+    pub report_id: String,
+    /// The participant that asked.
+    pub agency: String,
+    /// Purpose code.
+    pub purpose: String,
+    /// Issue time (RFC 3339).
+    pub issued_at: String,
+}
+
 /// The stored record that holds a natural key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyHolder {
@@ -722,6 +761,21 @@ pub trait Store: Send + Sync + 'static {
         subjects: Vec<String>,
         items: Vec<String>,
     ) -> Result<Vec<SubjectRecord>, StoreError>;
+
+    /// Stores an issued credit review report, with its audit entry, in
+    /// one commit.
+    async fn add_review(&self, review: NewReview) -> Result<(), StoreError>;
+
+    /// A stored credit review report.
+    async fn review(&self, id: &str) -> Result<Option<StoredReview>, StoreError>;
+
+    /// The reviews made about a subject (its key), newest first, at most
+    /// `limit`.
+    async fn reviews_about(
+        &self,
+        subject_key: &str,
+        limit: usize,
+    ) -> Result<Vec<ReviewEntry>, StoreError>;
 
     /// The response remembered for `(participant, key)`, if any.
     async fn idempotent_response(

@@ -42,8 +42,8 @@ use super::{
     parse_kind, ActivateOutcome, AgencyFeedbackStats, AppendOutcome, ControlState, CorrectOutcome,
     Correction, DeliveryInfo, DeliveryResult, DeliveryState, DepartmentStats, DocKind, EndOutcome,
     Ending, EndpointHealth, Feedback, FeedbackOutcome, FeedbackStored, Finished, ItemActivation,
-    KeyHolder, NewNotice, NewSubmission, NoticeHistory, Outbound, Revision, Store, StoreError,
-    StoredNotice, StoredRecord, StoredResponse, VersionInfo,
+    KeyHolder, NewNotice, NewReview, NewSubmission, NoticeHistory, Outbound, ReviewEntry, Revision,
+    Store, StoreError, StoredNotice, StoredRecord, StoredResponse, StoredReview, VersionInfo,
 };
 use crate::catalog::Severity;
 use crate::redact::RecordBody;
@@ -234,6 +234,19 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (record_id, revision)
     );
 "#,
+    // 3: issued credit review reports, findable by subject (who looked a
+    // subject up).
+    r#"
+    CREATE TABLE credit_reviews (
+        id              TEXT PRIMARY KEY,
+        agency          TEXT NOT NULL,
+        subject_key     TEXT NOT NULL,
+        purpose         TEXT NOT NULL,
+        issued_at       TIMESTAMPTZ NOT NULL,
+        document        BYTEA NOT NULL
+    );
+    CREATE INDEX credit_reviews_subject ON credit_reviews(subject_key, issued_at);
+"#,
 ];
 
 fn db_err(e: tokio_postgres::Error) -> StoreError {
@@ -319,6 +332,7 @@ enum Op {
         actor: String,
     },
     Feedback(Feedback),
+    Review(Box<NewReview>),
     Seed {
         items: Vec<Value>,
         participants: Vec<(String, Value)>,
@@ -932,6 +946,12 @@ async fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(Out, Effects), StoreErr
             Out::Bool(n == 1)
         }
         Op::Feedback(f) => Out::Feedback(add_feedback(tx, f, &mut fx).await?),
+        Op::Review(r) => {
+            exec(tx, "INSERT INTO credit_reviews (id, agency, subject_key, purpose, issued_at, document) VALUES ($1, $2, $3, $4, $5, $6)",
+                &[&r.id, &r.agency, &r.subject_key, &r.purpose, &r.issued_at, &r.document]).await?;
+            fx.audit.push(shared::review_audit(r));
+            Out::Unit(())
+        }
         Op::Seed {
             items,
             participants,
@@ -2012,6 +2032,46 @@ impl Store for PgStore {
             .await?,
             Correct
         )
+    }
+
+    async fn add_review(&self, review: NewReview) -> Result<(), StoreError> {
+        expect_out!(self.write(Op::Review(Box::new(review))).await?, Unit)
+    }
+
+    async fn review(&self, id: &str) -> Result<Option<StoredReview>, StoreError> {
+        Ok(self
+            .query(
+                "SELECT agency, document FROM credit_reviews WHERE id = $1",
+                &[&id],
+            )
+            .await?
+            .first()
+            .map(|r| StoredReview {
+                agency: r.get(0),
+                document: r.get(1),
+            }))
+    }
+
+    async fn reviews_about(
+        &self,
+        subject_key: &str,
+        limit: usize,
+    ) -> Result<Vec<ReviewEntry>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        Ok(self
+            .query(
+                "SELECT id, agency, purpose, issued_at FROM credit_reviews WHERE subject_key = $1 ORDER BY issued_at DESC, id DESC LIMIT $2",
+                &[&subject_key, &limit],
+            )
+            .await?
+            .iter()
+            .map(|r| ReviewEntry {
+                report_id: r.get(0),
+                agency: r.get(1),
+                purpose: r.get(2),
+                issued_at: rfc3339(r.get(3)),
+            })
+            .collect())
     }
 
     async fn revisions(&self, record_id: &str) -> Result<Vec<Revision>, StoreError> {

@@ -116,6 +116,17 @@ pub(crate) fn audit_entries(items: Vec<AuditItem>) -> Vec<(String, String, Strin
     out
 }
 
+/// The audit entry of an issued review: who, about whom, why; never the
+/// report itself.
+pub(crate) fn review_audit(r: &super::NewReview) -> AuditItem {
+    AuditItem::single(
+        &r.agency,
+        "credit_review",
+        &r.id,
+        serde_json::json!({"subject": r.subject_key, "purpose": r.purpose}),
+    )
+}
+
 /// The audit item of a stored submission: counts and ids only, never
 /// field values.
 pub(crate) fn submission_audit(sub: &super::NewSubmission) -> AuditItem {

@@ -28,8 +28,8 @@ use super::{
     parse_kind, ActivateOutcome, AgencyFeedbackStats, AppendOutcome, ControlState, CorrectOutcome,
     Correction, DeliveryInfo, DeliveryResult, DeliveryState, DepartmentStats, DocKind, EndOutcome,
     Ending, EndpointHealth, Feedback, FeedbackOutcome, FeedbackStored, Finished, ItemActivation,
-    KeyHolder, NewNotice, NewSubmission, NoticeHistory, Outbound, Revision, Store, StoreError,
-    StoredNotice, StoredRecord, StoredResponse, VersionInfo,
+    KeyHolder, NewNotice, NewReview, NewSubmission, NoticeHistory, Outbound, ReviewEntry, Revision,
+    Store, StoreError, StoredNotice, StoredRecord, StoredResponse, StoredReview, VersionInfo,
 };
 use crate::catalog::Severity;
 use crate::notice::EndReason;
@@ -197,6 +197,19 @@ const MIGRATIONS: &[&str] = &[
         reason        TEXT,
         PRIMARY KEY (record_id, revision)
     );
+    "#,
+    // 9: issued credit review reports, findable by subject (who looked a
+    // subject up).
+    r#"
+    CREATE TABLE credit_reviews (
+        id            TEXT PRIMARY KEY,
+        agency        TEXT NOT NULL,
+        subject_key   TEXT NOT NULL,
+        purpose       TEXT NOT NULL,
+        issued_at     TEXT NOT NULL,
+        document      BLOB NOT NULL
+    );
+    CREATE INDEX credit_reviews_subject ON credit_reviews(subject_key, issued_at);
     "#,
 ];
 
@@ -1617,6 +1630,64 @@ impl Store for SqliteStore {
                 .query_map(params![state, limit as i64], delivery_from_row)
                 .map_err(db_err)?;
             collect(rows)
+        })
+        .await
+    }
+
+    async fn add_review(&self, review: NewReview) -> Result<(), StoreError> {
+        self.write(false, move |sp, audit| {
+            exec(
+                sp,
+                "INSERT INTO credit_reviews (id, agency, subject_key, purpose, issued_at, document) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![review.id, review.agency, review.subject_key, review.purpose, rfc3339(review.issued_at), review.document],
+            )
+            .map_err(db_err)?;
+            audit.push(shared::review_audit(&review));
+            Ok(())
+        })
+        .await
+    }
+
+    async fn review(&self, id: &str) -> Result<Option<StoredReview>, StoreError> {
+        let id = id.to_owned();
+        self.read(move |conn| {
+            conn.prepare_cached("SELECT agency, document FROM credit_reviews WHERE id = ?1")
+                .map_err(db_err)?
+                .query_row([&id], |r| {
+                    Ok(StoredReview {
+                        agency: r.get(0)?,
+                        document: r.get(1)?,
+                    })
+                })
+                .optional()
+                .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn reviews_about(
+        &self,
+        subject_key: &str,
+        limit: usize,
+    ) -> Result<Vec<ReviewEntry>, StoreError> {
+        let key = subject_key.to_owned();
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT id, agency, purpose, issued_at FROM credit_reviews WHERE subject_key = ?1 ORDER BY issued_at DESC, id DESC LIMIT ?2",
+                )
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map(params![key, limit as i64], |r| {
+                    Ok(ReviewEntry {
+                        report_id: r.get(0)?,
+                        agency: r.get(1)?,
+                        purpose: r.get(2)?,
+                        issued_at: r.get(3)?,
+                    })
+                })
+                .map_err(db_err)?;
+            rows.collect::<Result<_, _>>().map_err(db_err)
         })
         .await
     }

@@ -13,5 +13,6 @@ mod notices;
 mod process;
 mod receiver;
 mod records;
+mod reviews;
 mod support;
 mod tls_identity;

@@ -179,6 +179,8 @@ impl Env {
         config.participants.file = participants_file;
         config.store.data_dir = root.path().join("data");
         config.privacy.secret_file = secret;
+        config.review.signing_key_file = root.path().join("review-signing.key");
+        credgate::review::Signer::generate(&config.review.signing_key_file).expect("signing key");
         config.subscriptions.file = root.path().join("subscriptions.toml");
         std::fs::write(&config.subscriptions.file, "").expect("write subscriptions");
         config.delivery.client_cert = certs.join("gateway.pem");
