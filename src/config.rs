@@ -642,26 +642,14 @@ impl Config {
 /// Deserializes each top-level section on its own so one bad section does
 /// not hide the problems of the others.
 fn deserialize_collecting(table: toml::Table, errors: &mut Vec<String>) -> Option<Config> {
-    let known: BTreeMap<&str, ()> = [
-        "mode",
-        "server",
-        "tls",
-        "catalog",
-        "participants",
-        "subscriptions",
-        "delivery",
-        "store",
-        "limits",
-        "rate_limit",
-        "privacy",
-        "audit",
-    ]
-    .into_iter()
-    .map(|k| (k, ()))
-    .collect();
+    // The sections are those of the configuration itself (its defaults
+    // serialised), so a new section needs no second list.
+    let known: BTreeMap<String, ()> = toml::Table::try_from(Config::default())
+        .map(|t| t.into_iter().map(|(k, _)| (k, ())).collect())
+        .unwrap_or_default();
     let mut good = toml::Table::new();
     for (key, value) in table {
-        if !known.contains_key(key.as_str()) {
+        if !known.contains_key(&key) {
             errors.push(format!("{key}: unknown key"));
             continue;
         }
