@@ -2,7 +2,9 @@
 //! side-by-side comparison, and the CI smoke mode.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
 
 use serde_json::{json, Value};
 
@@ -115,6 +117,7 @@ fn spec_for(load: &Load, target: &Target, departments: Vec<String>, per_request:
         streams: load.streams,
         h2: load.h2,
         new_connection_per_request: per_request,
+        path: "/v1/records",
         rate: None,
         duration: Duration::from_secs(load.duration),
         bodies: Arc::new(bodies(
@@ -252,6 +255,7 @@ pub async fn fairness(
         streams: 1,
         h2: false,
         new_connection_per_request: false,
+        path: "/v1/records",
         rate: Some(steady_rate),
         duration: Duration::from_secs(duration),
         bodies: pool.clone(),
@@ -449,4 +453,121 @@ pub async fn smoke() -> Result<(String, Value), String> {
     }
     lines.push(format!("smoke: {} passed, 0 failed", all.len()));
     Ok((lines.join("\n"), json!({"smoke": all})))
+}
+
+/// The review request about synthetic record `n`'s subject.
+fn review_body(n: u64) -> Bytes {
+    let r = credgate::synth::record("administrative_penalty", n, "serious");
+    let subject = match r.get("uscc") {
+        Some(u) => json!({"uscc": u}),
+        None => json!({"id_type": r["id_type"], "id_number": r["id_number"]}),
+    };
+    Bytes::from(
+        serde_json::to_vec(&json!({"subject": subject, "purpose": "government_procurement"}))
+            .unwrap_or_default(),
+    )
+}
+
+/// `review`: credit review reports (`POST /v1/credit-reviews`, each one
+/// signed and stored). Seeds `subjects` subjects with a serious penalty
+/// each (every 10th also a general one), then drives reviews from
+/// `load.connections` connections: about one warm subject, then cycling
+/// over every subject. nginx's static responder, driven the same way in the
+/// same run, is the reference.
+pub async fn review(load: &Load, subjects: u64) -> Result<Report, String> {
+    let ws = Workspace::create("review", 2, None).await?;
+    let certs = ws.certs.clone();
+    let gateway = ws.start().await?;
+    let addr = gateway.addrs[0];
+    // Seed in batches of 500 records.
+    let tls = crate::client::tls_config(&certs, "dept-market", false)?;
+    let mut conn = crate::client::connect(addr, tls, false).await?;
+    let seeded = Instant::now();
+    let mut n = 0;
+    while n < subjects {
+        let end = (n + 500).min(subjects);
+        let mut records = Vec::new();
+        for i in n..end {
+            records.push(credgate::synth::record("administrative_penalty", i, "serious"));
+            if i.is_multiple_of(10) {
+                let mut extra = credgate::synth::record("administrative_penalty", i, "general");
+                extra["decision_number"] = json!(format!("宁市监罚〔2026〕附{i}号"));
+                records.push(extra);
+            }
+        }
+        let body = serde_json::to_vec(&json!({"item": "administrative_penalty", "records": records}))
+            .map_err(|e| e.to_string())?;
+        let (status, answer) = conn
+            .request("POST", "/v1/records", Some(Bytes::from(body)))
+            .await?;
+        if status != 200 {
+            return Err(format!(
+                "seeding: {status} {}",
+                String::from_utf8_lossy(&answer)
+            ));
+        }
+        n = end;
+    }
+    let seed_secs = seeded.elapsed().as_secs_f64();
+    let agencies = vec!["agency-load-00".to_owned(), "agency-load-01".to_owned()];
+    let spec = |bodies: Vec<Bytes>, addrs: Vec<std::net::SocketAddr>, path| Spec {
+        targets: addrs,
+        certs: certs.clone(),
+        participants: agencies.clone(),
+        connections: load.connections,
+        streams: load.streams,
+        h2: load.h2,
+        new_connection_per_request: false,
+        rate: None,
+        duration: Duration::from_secs(load.duration),
+        bodies: Arc::new(bodies),
+        path,
+    };
+    let gw = Target {
+        addr,
+        addrs: vec![addr],
+        certs: certs.clone(),
+        gateway: Some(gateway),
+        nginx: None,
+        _ws: None,
+    };
+    let warm_spec = spec(vec![review_body(10)], vec![addr], "/v1/credit-reviews");
+    let (warm, warm_cpu, _) = measured(&warm_spec, &gw).await?;
+    let spread_spec = spec(
+        (0..subjects).map(review_body).collect(),
+        vec![addr],
+        "/v1/credit-reviews",
+    );
+    let (spread, spread_cpu, after) = measured(&spread_spec, &gw).await?;
+    gw.stop();
+    let nginx = ws.start_nginx().await?;
+    let nginx_spec = spec(vec![review_body(10)], vec![nginx.addr], "/v1/credit-reviews");
+    let reference = drive::run(&nginx_spec).await?;
+    drop(nginx);
+    let rate = |o: &drive::Outcome| o.ok as f64 / o.secs;
+    let (w, s, r) = (rate(&warm), rate(&spread), rate(&reference));
+    let json = json!({
+        "scenario": "review", "subjects": subjects, "connections": load.connections, "seed_secs": seed_secs,
+        "warm": {"reports_per_s": w, "latency_ms": percentiles(&warm.hist), "errors": warm.errors.json(),
+                 "cpu_us_per_report": warm_cpu * 1e6 / (warm.ok.max(1) as f64), "ratio_to_nginx": w / r.max(1.0)},
+        "spread": {"reports_per_s": s, "latency_ms": percentiles(&spread.hist), "errors": spread.errors.json(),
+                   "cpu_us_per_report": spread_cpu * 1e6 / (spread.ok.max(1) as f64), "ratio_to_nginx": s / r.max(1.0)},
+        "nginx_requests_per_s": r, "server_peak_rss_mb": after.peak_rss as f64 / 1048576.0,
+    });
+    let summary = format!(
+        "review ({subjects} subjects, {} connections): warm subject {w:.0} reports/s (p99 {} ms, {:.2}× nginx), every subject in turn {s:.0} reports/s (p99 {} ms, {:.2}× nginx); nginx {r:.0} req/s; errors {} / {}",
+        load.connections,
+        json["warm"]["latency_ms"]["p99"],
+        w / r.max(1.0),
+        json["spread"]["latency_ms"]["p99"],
+        s / r.max(1.0),
+        warm.errors.json(),
+        spread.errors.json(),
+    );
+    Ok(Report {
+        summary,
+        json,
+        rate: w,
+        cpu_us: warm_cpu * 1e6 / (warm.ok.max(1) as f64),
+    })
 }

@@ -30,6 +30,8 @@ pub struct Spec {
     pub h2: bool,
     /// A full TLS handshake for every request.
     pub new_connection_per_request: bool,
+    /// The route every request is POSTed to.
+    pub path: &'static str,
     /// Total requests per second; `None` = as fast as answers come.
     pub rate: Option<f64>,
     /// How long.
@@ -133,7 +135,7 @@ pub async fn run(spec: &Spec) -> Result<Outcome, String> {
                                 &mut fresh
                             }
                         };
-                        c.request("POST", "/v1/records", Some(body)).await
+                        c.request("POST", spec.path, Some(body)).await
                     };
                     match tokio::time::timeout(TIMEOUT, attempt).await {
                         Ok(Ok((status, b))) => {

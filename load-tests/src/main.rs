@@ -164,6 +164,15 @@ enum Scenario {
         #[arg(long, default_value_t = 5000)]
         batch: usize,
     },
+    /// Credit review reports about one warm subject, then about every one
+    /// of `subjects` in turn; nginx driven alike is the reference.
+    Review {
+        #[command(flatten)]
+        load: Load,
+        /// Distinct subjects seeded (each with a serious penalty).
+        #[arg(long, default_value_t = 100_000)]
+        subjects: u64,
+    },
     /// A few seconds of every scenario with small numbers; exit code 1 on
     /// any error (run in CI).
     Smoke,
@@ -197,6 +206,7 @@ async fn main() -> std::process::ExitCode {
             duration,
         } => scenarios::fanout(subscriptions, connections, rate, duration).await,
         Scenario::Import { rows, batch } => scenarios::import(rows, batch).await,
+        Scenario::Review { load, subjects } => report(bench::review(&load, subjects).await),
         Scenario::Fairness {
             duration,
             quota,
