@@ -479,24 +479,29 @@ pub async fn review(load: &Load, subjects: u64) -> Result<Report, String> {
     let certs = ws.certs.clone();
     let gateway = ws.start().await?;
     let addr = gateway.addrs[0];
-    // Seed in batches of 500 records.
+    // Seed in batches of at most 440 records (the limit is 500).
     let tls = crate::client::tls_config(&certs, "dept-market", false)?;
     let mut conn = crate::client::connect(addr, tls, false).await?;
     let seeded = Instant::now();
     let mut n = 0;
     while n < subjects {
-        let end = (n + 500).min(subjects);
+        let end = (n + 400).min(subjects);
         let mut records = Vec::new();
         for i in n..end {
-            records.push(credgate::synth::record("administrative_penalty", i, "serious"));
+            records.push(credgate::synth::record(
+                "administrative_penalty",
+                i,
+                "serious",
+            ));
             if i.is_multiple_of(10) {
                 let mut extra = credgate::synth::record("administrative_penalty", i, "general");
                 extra["decision_number"] = json!(format!("宁市监罚〔2026〕附{i}号"));
                 records.push(extra);
             }
         }
-        let body = serde_json::to_vec(&json!({"item": "administrative_penalty", "records": records}))
-            .map_err(|e| e.to_string())?;
+        let body =
+            serde_json::to_vec(&json!({"item": "administrative_penalty", "records": records}))
+                .map_err(|e| e.to_string())?;
         let (status, answer) = conn
             .request("POST", "/v1/records", Some(Bytes::from(body)))
             .await?;
@@ -541,7 +546,11 @@ pub async fn review(load: &Load, subjects: u64) -> Result<Report, String> {
     let (spread, spread_cpu, after) = measured(&spread_spec, &gw).await?;
     gw.stop();
     let nginx = ws.start_nginx().await?;
-    let nginx_spec = spec(vec![review_body(10)], vec![nginx.addr], "/v1/credit-reviews");
+    let nginx_spec = spec(
+        vec![review_body(10)],
+        vec![nginx.addr],
+        "/v1/credit-reviews",
+    );
     let reference = drive::run(&nginx_spec).await?;
     drop(nginx);
     let rate = |o: &drive::Outcome| o.ok as f64 / o.secs;

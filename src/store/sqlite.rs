@@ -1235,8 +1235,11 @@ impl Store for SqliteStore {
         let id = id.to_owned();
         self.read(move |conn| {
             let row = conn
-                .query_row(
+                .prepare_cached(
                     "SELECT id, item, item_version, submitter, subject_type, decision_date, effective_until, received_at, body, warnings, status, end_reason, removal, revision FROM records WHERE id = ?1",
+                )
+                .map_err(db_err)?
+                .query_row(
                     [&id],
                     |r| {
                         Ok((
