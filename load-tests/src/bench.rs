@@ -440,6 +440,14 @@ pub async fn smoke() -> Result<(String, Value), String> {
     let ok =
         r.json["flood"]["http_429"].as_u64().unwrap_or(0) > 0 && r.json["flood"]["timeouts"] == 0;
     check("fairness", r, ok);
+    let r = review(&load(2, 1, false, 1), 200).await?;
+    let ok = ["warm", "spread"].iter().all(|case| {
+        r.json[case]["reports_per_s"].as_f64().unwrap_or(0.0) > 0.0
+            && r.json[case]["errors"]
+                .as_object()
+                .is_some_and(|e| e.is_empty())
+    });
+    check("review", r, ok);
     let (summary, json) = crate::scenarios::fanout(4, 2, 50, 2).await?;
     let ok = json["deliveries_received"] == json["deliveries_expected"]
         && json["deliveries_received"].as_u64().unwrap_or(0) > 0;
