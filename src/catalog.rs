@@ -110,6 +110,10 @@ pub enum NoticeType {
     /// Dishonesty warning (失信预警): a subject's repeated lesser records.
     /// Only subscriptions that name it receive it.
     Warning,
+    /// A subject's credit grade changed (分类监管). Only subscriptions that
+    /// name it receive it.
+    #[serde(rename = "grade_change")]
+    GradeChange,
 }
 
 /// A catalog item as written in `catalogs/<catalog>/<id>.json` and as the

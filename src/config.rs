@@ -63,6 +63,14 @@ pub struct ReviewConfig {
     pub issuer: String,
     /// Its official Chinese name.
     pub issuer_zh: String,
+    /// Memory for the per-subject record cache reports are assembled
+    /// from, MiB (0: no cache).
+    pub cache_mib: u64,
+    /// Longest a cached subject is kept, seconds. This instance drops a
+    /// subject at once when it commits, corrects or ends one of its
+    /// records; the bound is for writes it cannot see (another instance on
+    /// a shared PostgreSQL database, `credgate import` running beside it).
+    pub cache_ttl_secs: u64,
 }
 
 impl Default for ReviewConfig {
@@ -72,6 +80,8 @@ impl Default for ReviewConfig {
             look_back_years: 5,
             issuer: "Jiangsu Public Credit Information Centre".into(),
             issuer_zh: "江苏省公共信用信息中心".into(),
+            cache_mib: 64,
+            cache_ttl_secs: 10,
         }
     }
 }
@@ -590,6 +600,9 @@ impl Config {
         errors.extend(self.privacy.redaction.problems());
         if !(1..=30).contains(&self.review.look_back_years) {
             errors.push("review.look_back_years: must be 1 to 30".into());
+        }
+        if self.review.cache_ttl_secs > 3600 {
+            errors.push("review.cache_ttl_secs: at most 3600 (an hour)".into());
         }
         if self.server.listen == self.server.ops_listen && self.server.listen.port() != 0 {
             errors.push("server.ops_listen: must differ from server.listen".into());

@@ -845,12 +845,20 @@ impl Dispatcher {
     }
 
     /// Runs until `shutdown`: lifts records whose effective period passed.
-    pub async fn run_expiry(self: Arc<Self>, shutdown: CancellationToken) {
+    /// Ended records leave the subject cache of credit reviews.
+    pub async fn run_expiry(
+        self: Arc<Self>,
+        shutdown: CancellationToken,
+        subjects: Arc<crate::subjects::SubjectCache>,
+    ) {
         let every = Duration::from_secs(self.cfg.expiry_check_secs);
         loop {
             match self.store.expire_due(crate::codes::today_cst()).await {
                 Ok(0) => {}
-                Ok(n) => tracing::info!(records = n, "records past their effective period lifted"),
+                Ok(n) => {
+                    subjects.invalidate_all();
+                    tracing::info!(records = n, "records past their effective period lifted")
+                }
                 Err(e) => tracing::error!(error = %e, "expiry check failed"),
             }
             tokio::select! {

@@ -459,6 +459,7 @@ async fn run_async(config: &Config, opts: &Options) -> Result<Summary, String> {
         )),
         limits,
         metrics,
+        Arc::new(crate::subjects::SubjectCache::disabled()),
     ));
     let report_path = opts.report.clone().unwrap_or_else(|| {
         let mut p = opts.file.clone().into_os_string();

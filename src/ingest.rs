@@ -100,6 +100,8 @@ pub struct Ingest {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Recently given answers by (participant, key), in front of the store.
     replays: moka::sync::Cache<(String, String), Arc<StoredResponse>>,
+    /// Records per subject for credit reviews; told of every change here.
+    pub subjects: Arc<crate::subjects::SubjectCache>,
 }
 
 impl std::fmt::Debug for Ingest {
@@ -123,9 +125,11 @@ impl Ingest {
         redactor: Arc<Redactor>,
         limits: crate::config::LimitsConfig,
         metrics: Arc<crate::metrics::Metrics>,
+        subjects: Arc<crate::subjects::SubjectCache>,
     ) -> Ingest {
         Ingest {
             metrics,
+            subjects,
             catalog: active.catalog.clone(),
             subscriptions: active.subscriptions.clone(),
             registry: active.registry.clone(),
@@ -433,11 +437,7 @@ impl Ingest {
         registry: &crate::participants::Registry,
     ) -> Result<Accepted, Problem> {
         let text = |f: &str| record.get(f).and_then(Value::as_str);
-        let subject_key = match (text("uscc"), text("id_number")) {
-            (Some(uscc), _) => Some(uscc.to_owned()),
-            (None, Some(number)) => Some(self.redactor.pseudonym(number)),
-            (None, None) => None,
-        };
+        let subject_key = self.redactor.subject_key(record);
         let resident_id = (text("id_type") == Some("resident_id"))
             .then(|| text("id_number"))
             .flatten();
@@ -472,6 +472,7 @@ impl Ingest {
                     NoticeType::Punishment => NoticeKind::Punishment,
                     NoticeType::Incentive => NoticeKind::Incentive,
                     NoticeType::Warning => NoticeKind::Warning,
+                    NoticeType::GradeChange => NoticeKind::GradeChange,
                 },
                 severity,
                 measures,
@@ -745,12 +746,17 @@ impl Ingest {
     pub async fn commit(&self, prepared: Prepared) -> Result<Answer, Problem> {
         let item_id = prepared.submission.item.clone();
         let mut attempts = 0;
-        let (accepted, rejected, body, replay, outcome) = loop {
+        let (accepted, rejected, body, replay, subjects, outcome) = loop {
             attempts += 1;
             let (holders, others) = self.lookups(&prepared).await?;
             let submission = self.resolve(&prepared, holders, &others)?;
             let (accepted, rejected) = (submission.records.len(), submission.rejected);
             let body = submission.response_body.clone();
+            let subjects: Vec<String> = submission
+                .records
+                .iter()
+                .filter_map(|r| r.subject_key.clone())
+                .collect();
             // (participant, key) and the request digest, for the replay cache.
             let replay = submission.idempotency.as_ref().map(|c| {
                 (
@@ -767,11 +773,14 @@ impl Ingest {
                         "other submissions with the same record keys kept arriving at the same moment; nothing was stored; send the batch again",
                     ))
                 }
-                other => break (accepted, rejected, body, replay, other?),
+                other => break (accepted, rejected, body, replay, subjects, other?),
             }
         };
         match outcome {
             AppendOutcome::Stored => {
+                for key in &subjects {
+                    self.subjects.invalidate(key);
+                }
                 let m = &self.metrics;
                 for (outcome, n) in [("accepted", accepted), ("rejected", rejected)] {
                     m.records
@@ -915,6 +924,10 @@ impl Ingest {
             _ => {}
         }
         let warnings = serde_json::to_string(&v.warnings).map_err(|e| Problem::gateway(&e))?;
+        let changed_subjects = [
+            current.body.subject_key(&self.redactor),
+            new.subject_key.clone(),
+        ];
         let outcome = self
             .store
             .correct_record(
@@ -934,15 +947,20 @@ impl Ingest {
                 effect,
                 notices,
                 recipients,
-            }) => Ok(Corrected {
+            }) => {
+                for key in changed_subjects.iter().flatten() {
+                    self.subjects.invalidate(key);
+                }
+                Ok(Corrected {
                 record_id: current.id.clone(),
                 status: "corrected",
                 revision,
                 effect: Some(effect),
                 notices,
                 recipients,
-                warnings: v.warnings.into_iter().map(prefix).collect(),
-            }),
+                    warnings: v.warnings.into_iter().map(prefix).collect(),
+                })
+            }
             Ok(crate::store::CorrectOutcome::NotFound) => Err(Problem::caller(
                 StatusCode::NOT_FOUND,
                 "record_not_found",

@@ -19,6 +19,7 @@ pub mod control;
 pub mod cursor;
 pub mod delivery;
 pub mod error;
+pub mod grades;
 pub mod http;
 pub mod import;
 pub mod ingest;
@@ -34,6 +35,7 @@ pub mod sealed;
 pub mod server;
 pub mod signing;
 pub mod store;
+pub mod subjects;
 pub mod synth;
 pub mod tls;
 

@@ -22,6 +22,9 @@ pub enum NoticeKind {
     Correction,
     /// Dishonesty warning (失信预警): the subject's repeated lesser records.
     Warning,
+    /// The subject's credit grade changed (`grade` says from what to what).
+    #[serde(rename = "grade_change")]
+    GradeChange,
 }
 
 impl NoticeKind {
@@ -33,6 +36,7 @@ impl NoticeKind {
             NoticeKind::Lift => "lift",
             NoticeKind::Correction => "correction",
             NoticeKind::Warning => "warning",
+            NoticeKind::GradeChange => "grade_change",
         }
     }
 
@@ -44,6 +48,7 @@ impl NoticeKind {
             "lift" => Some(NoticeKind::Lift),
             "correction" => Some(NoticeKind::Correction),
             "warning" => Some(NoticeKind::Warning),
+            "grade_change" => Some(NoticeKind::GradeChange),
             _ => None,
         }
     }

@@ -34,6 +34,11 @@ impl RecordBody {
         RecordBody(v)
     }
 
+    /// The subject key the record is stored under.
+    pub fn subject_key(&self, redactor: &Redactor) -> Option<String> {
+        redactor.subject_key(&self.0)
+    }
+
     /// What the item's notice rule derives from this body: type, level
     /// and measures (catalog facts, no field value).
     pub fn derived_notice(&self, item: &CatalogItem) -> Option<crate::catalog::DerivedNotice> {
@@ -237,6 +242,17 @@ impl Redactor {
     /// A redactor with `policy`, keyed by `secret`.
     pub fn new(policy: Policy, secret: Arc<[u8]>) -> Redactor {
         Redactor { policy, secret }
+    }
+
+    /// The key a record about a subject is stored and found under: its
+    /// unified social credit code, or the keyed pseudonym of its ID number.
+    pub fn subject_key(&self, record: &Value) -> Option<String> {
+        let text = |f: &str| record.get(f).and_then(Value::as_str);
+        match (text("uscc"), text("id_number")) {
+            (Some(uscc), _) => Some(uscc.to_owned()),
+            (None, Some(number)) => Some(self.pseudonym(number)),
+            (None, None) => None,
+        }
     }
 
     /// The keyed pseudonym of a personal identifier (upper-cased first).

@@ -294,12 +294,17 @@ impl Gateway {
             let d = dispatcher.clone();
             control.set_push_check(Box::new(move |sub| d.check_push(sub)));
         }
+        let subjects = Arc::new(crate::subjects::SubjectCache::new(
+            config.review.cache_mib,
+            Duration::from_secs(config.review.cache_ttl_secs),
+        ));
         let ingest = Ingest::new(
             &control.active(),
             store.clone(),
             redactor.clone(),
             config.limits.clone(),
             metrics.clone(),
+            subjects,
         );
         let shutdown = CancellationToken::new();
         let state = Arc::new(AppState {
@@ -381,7 +386,11 @@ impl Gateway {
         });
         // Background work stops on the internal token, after HTTP drained.
         let push = tokio::spawn(self.dispatcher.clone().run_push(self.shutdown.clone()));
-        let expiry = tokio::spawn(self.dispatcher.clone().run_expiry(self.shutdown.clone()));
+        let expiry = tokio::spawn(
+            self.dispatcher
+                .clone()
+                .run_expiry(self.shutdown.clone(), self.state.ingest.subjects.clone()),
+        );
         let checkpoints = tokio::spawn(run_checkpoints(
             self.store.clone(),
             Duration::from_secs(self.config.audit.checkpoint_secs),

@@ -275,11 +275,11 @@ pub async fn revoke(
         ));
     }
     // Only the submitter or an administrator may end a record's effect.
-    visible_record(&state, &caller, &record_id).await?;
+    let (rec, _) = visible_record(&state, &caller, &record_id).await?;
     end(
         &state,
         &caller,
-        &record_id,
+        &rec,
         Ending {
             note,
             ..Ending::new(reason)
@@ -342,7 +342,7 @@ pub async fn remove(
     end(
         &state,
         &caller,
-        &record_id,
+        &rec,
         Ending {
             removal: Some(text),
             on,
@@ -357,17 +357,22 @@ pub async fn remove(
 async fn end(
     state: &AppState,
     caller: &crate::participants::Participant,
-    record_id: &str,
+    rec: &crate::store::StoredRecord,
     ending: Ending,
     removal: Option<serde_json::Value>,
 ) -> Result<Response, Problem> {
     let reason = ending.reason;
-    match state
+    let record_id = rec.id.as_str();
+    let outcome = state
         .ingest
         .store
         .end_record(record_id, ending, &caller.id)
-        .await?
-    {
+        .await?;
+    if let Some(key) = rec.body.subject_key(&state.redactor) {
+        // Ended or not (a concurrent end), the subject's state moved.
+        state.ingest.subjects.invalidate(&key);
+    }
+    match outcome {
         EndOutcome::Ended {
             lift_notices,
             recipients,

@@ -195,21 +195,15 @@ pub async fn issue(
     }
 
     let catalog = state.ingest.catalog.load_full();
-    let items: Vec<String> = catalog
-        .items()
-        .filter(|i| i.def.notice.is_some())
-        .map(|i| i.def.id.clone())
-        .collect();
+    // Every item: the cache holds the subject whole; assembly skips the
+    // items without a punishment or incentive rule.
+    let items: Vec<String> = catalog.items().map(|i| i.def.id.clone()).collect();
     let store = &state.ingest.store;
-    let found = store
-        .subject_records(vec![subject.key().to_owned()], items)
+    let records = state
+        .ingest
+        .subjects
+        .records(store.as_ref(), subject.key(), items)
         .await?;
-    let mut records = Vec::with_capacity(found.len());
-    for r in found {
-        if let Some(rec) = store.record(&r.record_id).await? {
-            records.push(rec);
-        }
-    }
     let report_id = uuid::Uuid::now_v7().to_string();
     let issued_at = time::OffsetDateTime::now_utc();
     let registry = state.registry.load();
@@ -224,7 +218,7 @@ pub async fn issue(
         purpose,
         purpose_detail: detail,
         subject: &subject,
-        records: &records,
+        records: records.as_slice(),
         catalog: &catalog,
         registry: &registry,
         redactor: &state.redactor,

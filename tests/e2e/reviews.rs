@@ -409,3 +409,81 @@ async fn review_requests_are_checked() {
     assert_eq!(env.count_rows("credit_reviews"), 0);
     server.stop().await;
 }
+
+/// The record of `record_id` in a report's records in effect.
+fn in_effect<'a>(doc: &'a Value, record_id: &str) -> Option<&'a Value> {
+    doc["report"]["records_in_effect"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .find(|r| r["record_id"] == record_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_change_about_the_subject_reaches_the_next_report_at_once() {
+    let env = Env::new();
+    let server = Server::start(&env).await;
+    let market = env.client(server.addr, "dept-market");
+    let admin = env.client(server.addr, "admin-credit-office");
+    let (_, subject) = firm();
+    let uscc = synth::uscc("91320100", 9_101);
+    let mut subject = subject;
+    subject["uscc"] = json!(uscc);
+    let ask = || review(&admin, json!({"uscc": uscc}), "fiscal_funds");
+
+    // Asked twice: the second answer comes from the subject cache.
+    let first = submit(
+        &market,
+        "administrative_penalty",
+        with(
+            &subject,
+            synth::record("administrative_penalty", 9_101, "general"),
+        ),
+    )
+    .await;
+    for _ in 0..2 {
+        let (doc, _) = ask().await;
+        assert!(in_effect(&doc, &first).is_some(), "{doc:#}");
+    }
+
+    // A new penalty is in the very next report.
+    let mut record = with(
+        &subject,
+        synth::record("administrative_penalty", 9_102, "general"),
+    );
+    let second = submit(&market, "administrative_penalty", record.clone()).await;
+    let (doc, _) = ask().await;
+    assert!(in_effect(&doc, &second).is_some(), "new record: {doc:#}");
+
+    // A correction: the corrected content.
+    record["penalty_content"] = json!("更正后的处罚内容：警告。");
+    let resp = market
+        .send(
+            "PUT",
+            &format!("/v1/records/{second}"),
+            &[("content-type", "application/json")],
+            serde_json::to_vec(&json!({"record": record, "reason": "错字更正"})).expect("json"),
+        )
+        .await
+        .expect("request");
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    let (doc, _) = ask().await;
+    assert_eq!(
+        in_effect(&doc, &second).expect("corrected record")["record"]["penalty_content"],
+        "更正后的处罚内容：警告。",
+        "{doc:#}"
+    );
+
+    // A revocation: out of effect, listed as ended.
+    let resp = market
+        .post_json(
+            &format!("/v1/records/{first}/revocation"),
+            &json!({"reason": "revoked"}),
+        )
+        .await;
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    let (doc, _) = ask().await;
+    assert!(in_effect(&doc, &first).is_none(), "{doc:#}");
+    assert_eq!(doc["report"]["ended_records"][0]["record_id"], first);
+    server.stop().await;
+}

@@ -1,0 +1,155 @@
+//! The per-subject record cache credit review reports are assembled from.
+//!
+//! A report about a subject reads every record about it; asked again and
+//! again about the same bidder, that is the same read. The cache keeps a
+//! subject's records (all items, every status) in memory until something
+//! about the subject changes: this instance drops the subject at once when
+//! it commits, corrects or ends one of its records, and everything when
+//! the expiry task ends records. Writes this instance cannot see (another
+//! instance on a shared database, `credgate import` beside a running
+//! gateway) are bounded by the time to live.
+//!
+//! A read racing a commit must not put the state before the commit back
+//! into the cache after the commit dropped it. Each subject hashes to one
+//! of [`SLOTS`] generation counters; a commit bumps the counter before it
+//! drops the entry, and a read stores what it read only if the counter did
+//! not move while it read.
+
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::store::{Store, StoreError, StoredRecord};
+
+/// Generation counters; a commit about one subject stops concurrent reads
+/// of the `1 / SLOTS` of subjects sharing its counter from filling.
+const SLOTS: usize = 4096;
+
+/// What one cached record is reckoned to take (the parsed body dominates).
+const RECORD_WEIGHT: u32 = 4096;
+
+/// Records about one subject, read together.
+pub type SubjectRecords = Arc<Vec<StoredRecord>>;
+
+/// See the module documentation.
+pub struct SubjectCache {
+    entries: Option<moka::sync::Cache<String, SubjectRecords>>,
+    generations: Box<[AtomicU64]>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl std::fmt::Debug for SubjectCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SubjectCache")
+            .field("enabled", &self.entries.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SubjectCache {
+    /// A cache of about `mib` MiB whose entries live at most `ttl`;
+    /// `mib == 0` or a zero `ttl` disables it (every report reads the
+    /// store).
+    pub fn new(mib: u64, ttl: Duration) -> SubjectCache {
+        let entries = (mib > 0 && !ttl.is_zero()).then(|| {
+            moka::sync::Cache::builder()
+                .max_capacity(mib.saturating_mul(1 << 20))
+                .weigher(|k: &String, v: &SubjectRecords| {
+                    let n = u32::try_from(v.len()).unwrap_or(u32::MAX);
+                    n.saturating_mul(RECORD_WEIGHT)
+                        .saturating_add(u32::try_from(k.len()).unwrap_or(0) + 64)
+                })
+                .time_to_live(ttl)
+                .build()
+        });
+        SubjectCache {
+            entries,
+            generations: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            hasher: std::collections::hash_map::RandomState::new(),
+        }
+    }
+
+    /// No cache (the import tool, which issues no reports).
+    pub fn disabled() -> SubjectCache {
+        SubjectCache::new(0, Duration::ZERO)
+    }
+
+    fn generation(&self, subject_key: &str) -> &AtomicU64 {
+        &self.generations[(self.hasher.hash_one(subject_key) as usize) % SLOTS]
+    }
+
+    /// Forgets a subject; call after a change about it is durable.
+    pub fn invalidate(&self, subject_key: &str) {
+        self.generation(subject_key).fetch_add(1, Ordering::AcqRel);
+        if let Some(e) = &self.entries {
+            e.invalidate(subject_key);
+        }
+    }
+
+    /// Forgets every subject (records ended in bulk).
+    pub fn invalidate_all(&self) {
+        for g in self.generations.iter() {
+            g.fetch_add(1, Ordering::AcqRel);
+        }
+        if let Some(e) = &self.entries {
+            e.invalidate_all();
+        }
+    }
+
+    /// Every record about the subject, from the cache or the store.
+    pub async fn records(
+        &self,
+        store: &dyn Store,
+        subject_key: &str,
+        items: Vec<String>,
+    ) -> Result<SubjectRecords, StoreError> {
+        if let Some(hit) = self.entries.as_ref().and_then(|e| e.get(subject_key)) {
+            return Ok(hit);
+        }
+        let generation = self.generation(subject_key);
+        let before = generation.load(Ordering::Acquire);
+        let found = store
+            .subject_records(vec![subject_key.to_owned()], items)
+            .await?;
+        let mut records = Vec::with_capacity(found.len());
+        for r in found {
+            if let Some(rec) = store.record(&r.record_id).await? {
+                records.push(rec);
+            }
+        }
+        let records = Arc::new(records);
+        if let Some(e) = &self.entries {
+            if generation.load(Ordering::Acquire) == before {
+                e.insert(subject_key.to_owned(), records.clone());
+            }
+        }
+        Ok(records)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalidation_moves_the_subjects_generation() {
+        let c = SubjectCache::new(1, Duration::from_secs(60));
+        let before = c.generation("a").load(Ordering::Acquire);
+        c.invalidate("a");
+        assert_eq!(c.generation("a").load(Ordering::Acquire), before + 1);
+        c.invalidate_all();
+        assert_eq!(c.generation("a").load(Ordering::Acquire), before + 2);
+    }
+
+    #[test]
+    fn zero_disables() {
+        assert!(SubjectCache::new(0, Duration::from_secs(5))
+            .entries
+            .is_none());
+        assert!(SubjectCache::disabled().entries.is_none());
+        assert!(SubjectCache::new(1, Duration::from_secs(5))
+            .entries
+            .is_some());
+    }
+}
