@@ -201,12 +201,16 @@ impl Default for TlsConfig {
 pub struct CatalogConfig {
     /// Folder with one JSON file per catalog item.
     pub dir: PathBuf,
+    /// Credit grade rules (分类监管); like the items, stored at the first
+    /// start and changed through the admin API from then on.
+    pub grades_file: PathBuf,
 }
 
 impl Default for CatalogConfig {
     fn default() -> Self {
         Self {
             dir: "catalogs/credit".into(),
+            grades_file: "catalogs/grades.toml".into(),
         }
     }
 }

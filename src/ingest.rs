@@ -15,11 +15,11 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
-use crate::catalog::{escape_pointer, Catalog, CatalogItem, Finding, NoticeType, SubjectType};
+use crate::catalog::{escape_pointer, Catalog, CatalogItem, Finding, NoticeType};
 use crate::error::Problem;
 use crate::participants::Participant;
 use crate::redact::Redactor;
-use crate::routing::{region_of, NoticeFacts, Subscriptions};
+use crate::routing::{NoticeFacts, Subscriptions};
 use crate::store::{
     AppendOutcome, IdempotencyClaim, KeyHolder, NewDelivery, NewNotice, NewRecord, NewSubmission,
     NoticeKind, Store, StoreError, StoredResponse, SubjectRecord,
@@ -102,6 +102,30 @@ pub struct Ingest {
     replays: moka::sync::Cache<(String, String), Arc<StoredResponse>>,
     /// Records per subject for credit reviews; told of every change here.
     pub subjects: Arc<crate::subjects::SubjectCache>,
+}
+
+/// One delivery to each enabled agency's subscription that wants the
+/// notice.
+pub(crate) fn routed_deliveries(
+    subscriptions: &Subscriptions,
+    registry: &crate::participants::Registry,
+    facts: &NoticeFacts<'_>,
+) -> Vec<NewDelivery> {
+    subscriptions
+        .route(facts)
+        .into_iter()
+        .filter(|r| {
+            registry
+                .get(&r.subscription.agency)
+                .is_some_and(|a| a.enabled)
+        })
+        .map(|r| NewDelivery {
+            id: uuid::Uuid::now_v7().to_string(),
+            subscription: r.subscription.id.clone(),
+            agency: r.subscription.agency.clone(),
+            push: r.subscription.is_push(),
+        })
+        .collect()
 }
 
 impl std::fmt::Debug for Ingest {
@@ -438,34 +462,24 @@ impl Ingest {
     ) -> Result<Accepted, Problem> {
         let text = |f: &str| record.get(f).and_then(Value::as_str);
         let subject_key = self.redactor.subject_key(record);
-        let resident_id = (text("id_type") == Some("resident_id"))
-            .then(|| text("id_number"))
-            .flatten();
-        let region = region_of(text("uscc"), resident_id);
+        let (region, subject_type) = crate::routing::subject_of_record(record);
         let decision_date = item.decision_date(record);
         let derived = item.derive_notice(record);
-        let subject_type = record
-            .get("subject_type")
-            .cloned()
-            .and_then(|v| serde_json::from_value::<SubjectType>(v).ok());
         let routed = |notice_type: NoticeType,
                       severity: crate::catalog::Severity,
                       measures: Vec<String>,
                       until: Option<time::Date>| {
-            let routes = subscriptions
-                .route(&NoticeFacts {
+            let deliveries = routed_deliveries(
+                subscriptions,
+                registry,
+                &NoticeFacts {
                     item: &item.def.id,
                     notice_type,
                     severity,
                     subject_type,
                     region: region.as_deref(),
-                })
-                .into_iter()
-                .filter(|r| {
-                    registry
-                        .get(&r.subscription.agency)
-                        .is_some_and(|a| a.enabled)
-                });
+                },
+            );
             NewNotice {
                 id: uuid::Uuid::now_v7().to_string(),
                 kind: match notice_type {
@@ -479,19 +493,12 @@ impl Ingest {
                 effective_from: decision_date,
                 effective_until: until,
                 region: region.clone(),
-                deliveries: routes
-                    .into_iter()
-                    .map(|r| NewDelivery {
-                        id: uuid::Uuid::now_v7().to_string(),
-                        subscription: r.subscription.id.clone(),
-                        agency: r.subscription.agency.clone(),
-                        push: r.subscription.is_push(),
-                    })
-                    .collect(),
+                deliveries,
                 lifts: None,
                 corrects: None,
                 reason: None,
                 historical: false,
+                grade: None,
             }
         };
         let notice = derived.as_ref().map(|d| {

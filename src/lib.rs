@@ -20,6 +20,7 @@ pub mod cursor;
 pub mod delivery;
 pub mod error;
 pub mod grades;
+pub mod grading;
 pub mod http;
 pub mod import;
 pub mod ingest;

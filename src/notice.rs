@@ -54,6 +54,21 @@ impl NoticeKind {
     }
 }
 
+/// What a `grade_change` notice says: the subject's grade before and
+/// after, and the rule (of which rule set version) that gave the new one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GradeShift {
+    /// Grade before (for a subject never assessed, the grade of the rule
+    /// set's last rule).
+    pub from: String,
+    /// Grade now.
+    pub to: String,
+    /// Rule that gave it.
+    pub rule: String,
+    /// Version of the rule set.
+    pub rules_version: u32,
+}
+
 /// A stored notice, without record data.
 #[derive(Debug, Clone, Serialize)]
 pub struct StoredNotice {
@@ -95,6 +110,9 @@ pub struct StoredNotice {
     /// About a record loaded from history (`credgate import`).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub historical: bool,
+    /// For a grade change: from what to what.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grade: Option<GradeShift>,
 }
 
 /// Why a record's effect ended (the `reason` of its lift notices).

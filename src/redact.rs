@@ -34,6 +34,17 @@ impl RecordBody {
         RecordBody(v)
     }
 
+    /// The record's level of dishonesty (or of its incentive), whether or
+    /// not it makes a notice.
+    pub fn level(&self, item: &CatalogItem) -> Option<crate::catalog::Severity> {
+        item.level(&self.0)
+    }
+
+    /// The subject's division code and type (notice routing).
+    pub fn subject_facts(&self) -> (Option<String>, Option<crate::catalog::SubjectType>) {
+        crate::routing::subject_of_record(&self.0)
+    }
+
     /// The subject key the record is stored under.
     pub fn subject_key(&self, redactor: &Redactor) -> Option<String> {
         redactor.subject_key(&self.0)
@@ -209,6 +220,9 @@ pub struct NoticeView {
     corrects: Option<String>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     historical: bool,
+    /// A grade change: from what to what, by which rule.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    grade: Option<crate::notice::GradeShift>,
     /// Position in the recipient's pull stream (pull only).
     #[serde(skip_serializing_if = "Option::is_none")]
     cursor: Option<String>,
@@ -402,6 +416,11 @@ impl Redactor {
         let subject_type = record
             .remove("subject_type")
             .and_then(|v| v.as_str().map(str::to_owned));
+        if notice.kind == NoticeKind::GradeChange {
+            // About the subject: the record it is filed under is no part
+            // of it.
+            record.clear();
+        }
         let catalog_measures = item
             .and_then(|i| i.def.notice.as_ref())
             .map(|n| &n.measures);
@@ -443,6 +462,7 @@ impl Redactor {
             reason: notice.reason.clone(),
             corrects: notice.corrects.clone(),
             historical: notice.historical,
+            grade: notice.grade.clone(),
             cursor,
         }
     }

@@ -136,6 +136,8 @@ pub struct Inputs<'a> {
     pub subject: &'a Subject,
     /// Every stored record about the subject (any status).
     pub records: &'a [StoredRecord],
+    /// The subject's credit grade from those records.
+    pub grade: &'a crate::grades::Grade,
     /// The catalog in force.
     pub catalog: &'a Catalog,
     /// The participants (issuing departments' names).
@@ -144,11 +146,7 @@ pub struct Inputs<'a> {
     pub redactor: &'a Redactor,
 }
 
-/// A record's state on `today`: in effect, or ended (by its status, or by
-/// its end date even if the hourly expiry has not run yet).
-fn in_effect(r: &StoredRecord, today: Date) -> bool {
-    r.status == "active" && r.effective_until.is_none_or(|u| u >= today)
-}
+use crate::grading::in_effect;
 
 /// Whether a measure binds `asker` for `purpose`: an administrator sees
 /// every measure of the purpose; an agency those its kinds implement (or
@@ -284,6 +282,7 @@ pub fn assemble(i: &Inputs<'_>) -> Value {
         "purpose_zh": i.purpose.name_zh(),
         "purpose_detail": i.purpose_detail,
         "subject": subject,
+        "grade": i.grade,
         "restricted": !restrictions.is_empty(),
         "restrictions": restrictions,
         "incentives": listed(NoticeType::Incentive),

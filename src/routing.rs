@@ -197,14 +197,19 @@ pub struct NoticeFacts<'a> {
 impl Subscription {
     /// Whether this subscription wants the notice.
     pub fn matches(&self, n: &NoticeFacts<'_>) -> bool {
+        // A grade change is about the subject, not one item or level.
+        let about_subject = n.notice_type == NoticeType::GradeChange;
         self.enabled
-            && (self.items.is_empty() || self.items.iter().any(|i| i == n.item))
+            && (about_subject || self.items.is_empty() || self.items.iter().any(|i| i == n.item))
             && (if self.notice_types.is_empty() {
-                n.notice_type != NoticeType::Warning
+                matches!(
+                    n.notice_type,
+                    NoticeType::Punishment | NoticeType::Incentive
+                )
             } else {
                 self.notice_types.contains(&n.notice_type)
             })
-            && n.severity >= self.min_severity
+            && (about_subject || n.severity >= self.min_severity)
             && (self.subject_types.is_empty()
                 || n.subject_type
                     .is_some_and(|t| self.subject_types.contains(&t)))
@@ -414,6 +419,20 @@ impl Subscriptions {
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Subscription>> {
         self.list.iter()
     }
+}
+
+/// The division code and subject type of the subject of a record (see
+/// [`region_of`]).
+pub fn subject_of_record(record: &serde_json::Value) -> (Option<String>, Option<SubjectType>) {
+    let text = |f: &str| record.get(f).and_then(serde_json::Value::as_str);
+    let resident_id = (text("id_type") == Some("resident_id"))
+        .then(|| text("id_number"))
+        .flatten();
+    let subject_type = record
+        .get("subject_type")
+        .cloned()
+        .and_then(|v| serde_json::from_value::<SubjectType>(v).ok());
+    (region_of(text("uscc"), resident_id), subject_type)
 }
 
 /// The 6-digit division code of a subject: USCC positions 3-8, or the first

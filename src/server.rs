@@ -169,6 +169,11 @@ impl Gateway {
             }
             None => None,
         };
+        let grade_rules = catalog.as_ref().and_then(|cat| {
+            crate::grades::RuleSet::read_file(&config.catalog.grades_file, cat)
+                .map_err(|e| errors.extend(e))
+                .ok()
+        });
         let subscriptions = match (&registry, &catalog) {
             (Some(reg), Some(cat)) => Subscriptions::read_file(&config.subscriptions.file)
                 .and_then(|specs| Subscriptions::build(specs, reg, cat))
@@ -208,7 +213,17 @@ impl Gateway {
             Some(secret),
             Some(store),
             Some(signer),
-        ) = (registry, catalog, subscriptions, tls, secret, store, signer)
+            Some(grade_rules),
+        ) = (
+            registry,
+            catalog,
+            subscriptions,
+            tls,
+            secret,
+            store,
+            signer,
+            grade_rules,
+        )
         else {
             return Err(StartupErrors(errors));
         };
@@ -298,6 +313,12 @@ impl Gateway {
             config.review.cache_mib,
             Duration::from_secs(config.review.cache_ttl_secs),
         ));
+        let rules =
+            crate::grading::stored_rules(store.as_ref(), grade_rules, &control.catalog.load())
+                .await
+                .map_err(|e| StartupErrors(vec![e]))?;
+        let grader =
+            crate::grading::Grader::new(rules, store.clone(), control.active(), subjects.clone());
         let ingest = Ingest::new(
             &control.active(),
             store.clone(),
@@ -324,6 +345,7 @@ impl Gateway {
             reviews: crate::http::reviews::Reviews {
                 signer,
                 config: config.review.clone(),
+                grader,
             },
         });
         Ok(Gateway {
@@ -400,9 +422,14 @@ impl Gateway {
             self.store.clone(),
             self.shutdown.clone(),
         ));
+        let grading = tokio::spawn(self.state.reviews.grader.clone().run(
+            self.shutdown.clone(),
+            Duration::from_secs(self.config.delivery.expiry_check_secs),
+        ));
         if let Some(changes) = self.store.control_changes() {
             tokio::spawn(follow_control_changes(
                 self.state.control.clone(),
+                self.state.reviews.grader.clone(),
                 changes,
                 self.shutdown.clone(),
             ));
@@ -546,6 +573,7 @@ impl Gateway {
         let _ = ops.await;
         let _ = push.await;
         let _ = expiry.await;
+        let _ = grading.await;
         let _ = checkpoints.await;
         let _ = purge.await;
         // The last checkpoint covers everything written before exit.
@@ -715,6 +743,7 @@ async fn run_idempotency_purge(store: Arc<dyn Store>, shutdown: CancellationToke
 /// notification connection reconnects, which may have missed some).
 async fn follow_control_changes(
     control: Arc<crate::control::Control>,
+    grader: Arc<crate::grading::Grader>,
     mut changes: tokio::sync::watch::Receiver<u64>,
     shutdown: CancellationToken,
 ) {
@@ -725,6 +754,10 @@ async fn follow_control_changes(
         }
         if let Err(e) = control.reload().await {
             tracing::error!(errors = ?e, "reloading the control plane from the database failed; keeping the previous one");
+        }
+        // The instance that changed the rules assesses every subject.
+        if let Err(e) = grader.reload(&control.catalog.load(), false).await {
+            tracing::error!(error = %e, "reloading the grade rules failed; keeping the previous ones");
         }
     }
 }

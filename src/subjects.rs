@@ -37,6 +37,8 @@ pub struct SubjectCache {
     entries: Option<moka::sync::Cache<String, SubjectRecords>>,
     generations: Box<[AtomicU64]>,
     hasher: std::collections::hash_map::RandomState,
+    /// Told the key of every subject that changed (the grader).
+    listener: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<String>>,
 }
 
 impl std::fmt::Debug for SubjectCache {
@@ -67,6 +69,7 @@ impl SubjectCache {
             entries,
             generations: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
             hasher: std::collections::hash_map::RandomState::new(),
+            listener: std::sync::OnceLock::new(),
         }
     }
 
@@ -79,11 +82,20 @@ impl SubjectCache {
         &self.generations[(self.hasher.hash_one(subject_key) as usize) % SLOTS]
     }
 
-    /// Forgets a subject; call after a change about it is durable.
+    /// Has `listener` told of every subject that changes from now on.
+    pub fn listen(&self, listener: tokio::sync::mpsc::UnboundedSender<String>) {
+        let _ = self.listener.set(listener);
+    }
+
+    /// Forgets a subject, and tells the listener; call after a change
+    /// about it is durable.
     pub fn invalidate(&self, subject_key: &str) {
         self.generation(subject_key).fetch_add(1, Ordering::AcqRel);
         if let Some(e) = &self.entries {
             e.invalidate(subject_key);
+        }
+        if let Some(l) = self.listener.get() {
+            let _ = l.send(subject_key.to_owned());
         }
     }
 

@@ -9,6 +9,8 @@ pub const BACKEND: credgate::config::StoreBackend = credgate::config::StoreBacke
 mod admin;
 #[path = "e2e/cluster.rs"]
 mod cluster;
+#[path = "e2e/grades.rs"]
+mod grades;
 #[path = "e2e/hardening.rs"]
 mod hardening;
 #[path = "e2e/import.rs"]

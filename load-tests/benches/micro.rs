@@ -71,6 +71,7 @@ fn redaction(c: &mut Criterion) {
         reason: None,
         corrects: None,
         historical: false,
+        grade: None,
     };
     let redactor = Redactor::new(
         Policy::default(),

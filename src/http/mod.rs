@@ -6,6 +6,7 @@ pub mod admin;
 pub mod admin_control;
 mod bounded;
 pub mod catalog;
+pub mod grades;
 pub mod notices;
 pub mod ops;
 pub mod query;
@@ -99,6 +100,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/admin/v1/deliveries", get(admin::deliveries))
         .route("/admin/v1/deliveries/{id}/retry", post(admin::retry))
         .route("/admin/v1/stats/feedback", get(admin::feedback_stats))
+        .route("/admin/v1/stats/grades", get(grades::stats))
+        .route("/admin/v1/grades", get(grades::rules).put(grades::change))
+        .route("/admin/v1/grades/versions/{n}", get(grades::version))
+        .route("/admin/v1/grades/reassess", post(grades::reassess))
         .route(
             "/admin/v1/stats/departments",
             get(admin_control::department_stats),

@@ -28,6 +28,8 @@ pub struct Reviews {
     pub signer: Signer,
     /// Look-back window and issuer names.
     pub config: ReviewConfig,
+    /// Credit grades: the rules in force, kept current per subject.
+    pub grader: Arc<crate::grading::Grader>,
 }
 
 /// Longest `purpose_detail`.
@@ -204,6 +206,8 @@ pub async fn issue(
         .subjects
         .records(store.as_ref(), subject.key(), items)
         .await?;
+    let today = crate::codes::today_cst();
+    let grade = state.reviews.grader.grade(&catalog, &records, today);
     let report_id = uuid::Uuid::now_v7().to_string();
     let issued_at = time::OffsetDateTime::now_utc();
     let registry = state.registry.load();
@@ -211,7 +215,7 @@ pub async fn issue(
     let report = crate::review::assemble(&crate::review::Inputs {
         report_id: &report_id,
         issued_at,
-        today: crate::codes::today_cst(),
+        today,
         look_back_years: config.look_back_years,
         issuer: (&config.issuer, &config.issuer_zh),
         asker: &caller,
@@ -219,6 +223,7 @@ pub async fn issue(
         purpose_detail: detail,
         subject: &subject,
         records: records.as_slice(),
+        grade: &grade,
         catalog: &catalog,
         registry: &registry,
         redactor: &state.redactor,

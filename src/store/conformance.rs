@@ -115,6 +115,7 @@ pub(crate) fn with_notice(id: &str, targets: &[(&str, bool)]) -> NewSubmission {
         corrects: None,
         reason: None,
         historical: false,
+        grade: None,
     });
     sub
 }

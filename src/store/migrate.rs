@@ -102,6 +102,30 @@ const TABLES: &[Table] = &[
         "rowid",
     ),
     (
+        "grade_rules",
+        &[
+            ("version", Int),
+            ("document", Text),
+            ("created_at", Text),
+            ("created_by", Text),
+            ("reason", Text),
+        ],
+        "version",
+    ),
+    (
+        "subject_grades",
+        &[
+            ("subject_key", Text),
+            ("grade", Text),
+            ("rule", Text),
+            ("rules_version", Int),
+            ("region", Text),
+            ("review_after", Date),
+            ("assessed_at", Time),
+        ],
+        "subject_key",
+    ),
+    (
         "idempotency",
         &[
             ("participant", Text),
@@ -132,6 +156,7 @@ const TABLES: &[Table] = &[
             ("reason", Text),
             ("corrects", Text),
             ("historical", Bool),
+            ("grade", Text),
         ],
         "rowid",
     ),

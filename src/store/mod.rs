@@ -104,6 +104,72 @@ pub struct NewNotice {
     pub reason: Option<String>,
     /// About a record loaded from history (`credgate import`).
     pub historical: bool,
+    /// For a grade change: filled in by the store, which knows the grade
+    /// before.
+    pub grade: Option<crate::notice::GradeShift>,
+}
+
+/// A subject's grade as assessed, to be stored (see
+/// [`Store::set_grades`]).
+#[derive(Debug, Clone)]
+pub struct GradeUpdate {
+    /// Subject key.
+    pub subject_key: String,
+    /// Grade code.
+    pub grade: String,
+    /// Rule that gave it.
+    pub rule: String,
+    /// Version of the rule set.
+    pub rules_version: u32,
+    /// 6-digit division code of the subject, when known.
+    pub region: Option<String>,
+    /// Day on which the same records may give another grade (a rule's
+    /// period closes): assess again then.
+    pub review_after: Option<Date>,
+    /// The grade a subject not assessed before had (the last rule's).
+    pub default_grade: String,
+    /// The `grade_change` notice to store if the grade changed, routed,
+    /// with the record it hangs on (the subject's latest).
+    pub notice: Option<GradeNotice>,
+}
+
+/// A `grade_change` notice and the record it is filed under.
+#[derive(Debug, Clone)]
+pub struct GradeNotice {
+    /// The notice, routed (its `grade` is filled in by the store).
+    pub notice: NewNotice,
+    /// Record id.
+    pub record_id: String,
+    /// The record's item and version.
+    pub item: String,
+    /// Item version.
+    pub item_version: u32,
+    /// The record's submitter.
+    pub source: String,
+}
+
+/// A stored grade that changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GradeChanged {
+    /// Subject key.
+    pub subject_key: String,
+    /// Grade before.
+    pub from: String,
+    /// Grade now.
+    pub to: String,
+    /// The notice stored, if one was given.
+    pub notice_id: Option<String>,
+}
+
+/// Subjects per grade and region.
+#[derive(Debug, Clone, Serialize)]
+pub struct GradeCount {
+    /// Grade code.
+    pub grade: String,
+    /// 6-digit division code (none when unknown).
+    pub region: Option<String>,
+    /// Subjects.
+    pub subjects: u64,
 }
 
 /// An accepted record ready to be stored. Its `Debug` output never holds
@@ -990,6 +1056,40 @@ pub trait Store: Send + Sync + 'static {
         from: OffsetDateTime,
         to: OffsetDateTime,
     ) -> Result<Vec<DepartmentStats>, StoreError>;
+
+    /// Versions of the grade rule set, oldest first; the last is active.
+    async fn grade_rule_versions(&self) -> Result<Vec<VersionInfo>, StoreError>;
+
+    /// One version of the grade rule set (`None`: the active one), with
+    /// its number.
+    async fn grade_rules(&self, version: Option<u32>) -> Result<Option<(u32, Value)>, StoreError>;
+
+    /// Stores a (checked) rule set as the next version and makes it
+    /// active, with its audit entry; returns its version.
+    async fn add_grade_rules(
+        &self,
+        document: Value,
+        actor: &str,
+        reason: Option<String>,
+    ) -> Result<u32, StoreError>;
+
+    /// Stores subjects' assessed grades in one transaction; where a grade
+    /// differs from the one stored (or, for a subject not assessed
+    /// before, from its default), stores the update's notice with the
+    /// grade before and after. Each subject's row is locked while it is
+    /// compared, so instances assessing at once send one notice.
+    async fn set_grades(&self, updates: Vec<GradeUpdate>) -> Result<Vec<GradeChanged>, StoreError>;
+
+    /// Up to `limit` subjects whose grade is due to be assessed again on
+    /// or before `today`.
+    async fn grades_due(&self, today: Date, limit: usize) -> Result<Vec<String>, StoreError>;
+
+    /// Up to `limit` subject keys of stored records after `after`, in
+    /// order (to assess every subject again).
+    async fn subjects_after(&self, after: &str, limit: usize) -> Result<Vec<String>, StoreError>;
+
+    /// Assessed subjects per grade and region.
+    async fn grade_counts(&self) -> Result<Vec<GradeCount>, StoreError>;
 
     /// Whether the store can take writes now.
     async fn ready(&self) -> bool;

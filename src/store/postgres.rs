@@ -41,9 +41,10 @@ use super::SubjectRecord;
 use super::{
     parse_kind, ActivateOutcome, AgencyFeedbackStats, AppendOutcome, ControlState, CorrectOutcome,
     Correction, DeliveryInfo, DeliveryResult, DeliveryState, DepartmentStats, DocKind, EndOutcome,
-    Ending, EndpointHealth, Feedback, FeedbackOutcome, FeedbackStored, Finished, ItemActivation,
-    KeyHolder, NewNotice, NewReview, NewSubmission, NoticeHistory, Outbound, ReviewEntry, Revision,
-    Store, StoreError, StoredNotice, StoredRecord, StoredResponse, StoredReview, VersionInfo,
+    Ending, EndpointHealth, Feedback, FeedbackOutcome, FeedbackStored, Finished, GradeChanged,
+    GradeCount, GradeUpdate, ItemActivation, KeyHolder, NewNotice, NewReview, NewSubmission,
+    NoticeHistory, Outbound, ReviewEntry, Revision, Store, StoreError, StoredNotice, StoredRecord,
+    StoredResponse, StoredReview, VersionInfo,
 };
 use crate::catalog::Severity;
 use crate::redact::RecordBody;
@@ -247,6 +248,28 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX credit_reviews_subject ON credit_reviews(subject_key, issued_at);
 "#,
+    // 4: credit grades: rule set versions, each subject's grade, and what
+    // a grade_change notice says.
+    r#"
+    CREATE TABLE grade_rules (
+        version         INTEGER PRIMARY KEY,
+        document        TEXT NOT NULL,
+        created_at      TEXT NOT NULL,
+        created_by      TEXT NOT NULL,
+        reason          TEXT
+    );
+    CREATE TABLE subject_grades (
+        subject_key     TEXT PRIMARY KEY,
+        grade           TEXT NOT NULL,
+        rule            TEXT NOT NULL,
+        rules_version   INTEGER NOT NULL,
+        region          TEXT,
+        review_after    DATE,
+        assessed_at     TIMESTAMPTZ NOT NULL
+    );
+    CREATE INDEX subject_grades_due ON subject_grades(review_after) WHERE review_after IS NOT NULL;
+    ALTER TABLE notices ADD COLUMN grade TEXT;
+"#,
 ];
 
 fn db_err(e: tokio_postgres::Error) -> StoreError {
@@ -333,6 +356,12 @@ enum Op {
     },
     Feedback(Feedback),
     Review(Box<NewReview>),
+    GradeRules {
+        document: String,
+        actor: String,
+        reason: Option<String>,
+    },
+    Grades(Vec<GradeUpdate>),
     Seed {
         items: Vec<Value>,
         participants: Vec<(String, Value)>,
@@ -356,6 +385,8 @@ enum Out {
     Feedback(FeedbackStored),
     Control(ControlState),
     Activate(ActivateOutcome),
+    Version(u32),
+    Grades(Vec<GradeChanged>),
 }
 
 /// What a write leaves for the end of the transaction.
@@ -952,6 +983,27 @@ async fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(Out, Effects), StoreErr
             fx.audit.push(shared::review_audit(r));
             Out::Unit(())
         }
+        Op::GradeRules {
+            document,
+            actor,
+            reason,
+        } => {
+            // The table lock orders concurrent versions.
+            exec(tx, "LOCK TABLE grade_rules IN EXCLUSIVE MODE", &[]).await?;
+            let version: i32 = tx
+                .query_one("SELECT COALESCE(MAX(version), 0) + 1 FROM grade_rules", &[])
+                .await
+                .map_err(db_err)?
+                .get(0);
+            exec(tx, "INSERT INTO grade_rules (version, document, created_at, created_by, reason) VALUES ($1, $2, $3, $4, $5)",
+                &[&version, document, &shared::rfc3339(OffsetDateTime::now_utc()), actor, reason]).await?;
+            let version = uint(version);
+            fx.audit
+                .push(shared::grade_rules_audit(actor, version, reason.as_deref()));
+            fx.control = true;
+            Out::Version(version)
+        }
+        Op::Grades(updates) => Out::Grades(set_grades(tx, updates, &mut fx).await?),
         Op::Seed {
             items,
             participants,
@@ -1222,6 +1274,65 @@ struct NoticeOrigin<'a> {
     issued_at: OffsetDateTime,
 }
 
+/// Stores assessed grades; see [`Store::set_grades`].
+async fn set_grades(
+    tx: &Transaction<'_>,
+    updates: &[GradeUpdate],
+    fx: &mut Effects,
+) -> Result<Vec<GradeChanged>, StoreError> {
+    let now = OffsetDateTime::now_utc();
+    let mut changed = Vec::new();
+    for u in updates {
+        // The row exists (default grade) and is locked before it is read,
+        // so two instances assessing the subject at once compare in turn.
+        exec(tx, "INSERT INTO subject_grades (subject_key, grade, rule, rules_version, region, review_after, assessed_at) VALUES ($1, $2, '', 0, NULL, NULL, $3) ON CONFLICT (subject_key) DO NOTHING",
+            &[&u.subject_key, &u.default_grade, &now]).await?;
+        let before: String = tx
+            .query_one(
+                "SELECT grade FROM subject_grades WHERE subject_key = $1 FOR UPDATE",
+                &[&u.subject_key],
+            )
+            .await
+            .map_err(db_err)?
+            .get(0);
+        let version = int(u.rules_version);
+        exec(tx, "UPDATE subject_grades SET grade = $2, rule = $3, rules_version = $4, region = $5, review_after = $6, assessed_at = $7 WHERE subject_key = $1",
+            &[&u.subject_key, &u.grade, &u.rule, &version, &u.region, &u.review_after, &now]).await?;
+        if before == u.grade {
+            continue;
+        }
+        let notice_id = match &u.notice {
+            Some(g) => {
+                let notice = shared::with_shift(g, &before, u);
+                insert_notices(
+                    tx,
+                    &[(
+                        &notice,
+                        NoticeOrigin {
+                            item: &g.item,
+                            item_version: g.item_version,
+                            record_id: &g.record_id,
+                            source: &g.source,
+                            issued_at: now,
+                        },
+                    )],
+                )
+                .await?;
+                note_deliveries(&notice, fx);
+                Some(notice.id)
+            }
+            None => None,
+        };
+        changed.push(GradeChanged {
+            subject_key: u.subject_key.clone(),
+            from: before,
+            to: u.grade.clone(),
+            notice_id,
+        });
+    }
+    Ok(changed)
+}
+
 /// A notice to insert and where it comes from.
 type NoticeRow<'a> = (&'a NewNotice, NoticeOrigin<'a>);
 
@@ -1256,6 +1367,11 @@ async fn insert_notices(tx: &Transaction<'_>, notices: &[NoticeRow<'_>]) -> Resu
     let reasons = text(|(n, _)| n.reason.as_deref());
     let corrects = text(|(n, _)| n.corrects.as_deref());
     let historical: Vec<bool> = notices.iter().map(|(n, _)| n.historical).collect();
+    let grades: Vec<Option<String>> = notices
+        .iter()
+        .map(|(n, _)| n.grade.as_ref().map(serde_json::to_string).transpose())
+        .collect::<Result<_, _>>()
+        .map_err(corrupt)?;
     let versions: Vec<i32> = notices.iter().map(|(_, o)| int(o.item_version)).collect();
     let measures: Vec<String> = notices
         .iter()
@@ -1264,9 +1380,9 @@ async fn insert_notices(tx: &Transaction<'_>, notices: &[NoticeRow<'_>]) -> Resu
     let froms: Vec<Option<Date>> = notices.iter().map(|(n, _)| n.effective_from).collect();
     let untils: Vec<Option<Date>> = notices.iter().map(|(n, _)| n.effective_until).collect();
     let issued: Vec<OffsetDateTime> = notices.iter().map(|(_, o)| o.issued_at).collect();
-    exec(tx, "INSERT INTO notices (id, kind, item, item_version, record_id, source, severity, region, measures, effective_from, effective_until, issued_at, lifts, reason, corrects, historical) \
-         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::date[], $11::date[], $12::timestamptz[], $13::text[], $14::text[], $15::text[], $16::bool[])",
-        &[&ids, &kinds, &items, &versions, &records, &sources, &severities, &regions, &measures, &froms, &untils, &issued, &lifts, &reasons, &corrects, &historical],).await?;
+    exec(tx, "INSERT INTO notices (id, kind, item, item_version, record_id, source, severity, region, measures, effective_from, effective_until, issued_at, lifts, reason, corrects, historical, grade) \
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::date[], $11::date[], $12::timestamptz[], $13::text[], $14::text[], $15::text[], $16::bool[], $17::text[])",
+        &[&ids, &kinds, &items, &versions, &records, &sources, &severities, &regions, &measures, &froms, &untils, &issued, &lifts, &reasons, &corrects, &historical, &grades],).await?;
     let deliveries: Vec<(&NewNotice, &super::NewDelivery, OffsetDateTime)> = notices
         .iter()
         .flat_map(|(n, o)| n.deliveries.iter().map(move |d| (*n, d, o.issued_at)))
@@ -1295,7 +1411,7 @@ async fn insert_notices(tx: &Transaction<'_>, notices: &[NoticeRow<'_>]) -> Resu
     Ok(())
 }
 
-const NOTICE_COLUMNS: &str = "n.id, n.kind, n.item, n.item_version, n.record_id, n.source, n.severity, n.measures, n.effective_from, n.effective_until, n.issued_at, n.lifts, n.reason, n.corrects, n.historical";
+const NOTICE_COLUMNS: &str = "n.id, n.kind, n.item, n.item_version, n.record_id, n.source, n.severity, n.measures, n.effective_from, n.effective_until, n.issued_at, n.lifts, n.reason, n.corrects, n.historical, n.grade";
 
 fn notice_at(r: &Row, o: usize) -> Result<StoredNotice, StoreError> {
     let kind: String = r.get(o + 1);
@@ -1318,6 +1434,11 @@ fn notice_at(r: &Row, o: usize) -> Result<StoredNotice, StoreError> {
         reason: r.get(o + 12),
         corrects: r.get(o + 13),
         historical: r.get(o + 14),
+        grade: r
+            .get::<_, Option<&str>>(o + 15)
+            .map(serde_json::from_str)
+            .transpose()
+            .map_err(corrupt)?,
     })
 }
 
@@ -1773,7 +1894,7 @@ async fn activate(
 }
 
 const OUTBOUND_SELECT: &str = "SELECT COALESCE(d.pos, 0), d.id, d.subscription, d.agency, d.attempts, \
-     n.id, n.kind, n.item, n.item_version, n.record_id, n.source, n.severity, n.measures, n.effective_from, n.effective_until, n.issued_at, n.lifts, n.reason, n.corrects, n.historical, \
+     n.id, n.kind, n.item, n.item_version, n.record_id, n.source, n.severity, n.measures, n.effective_from, n.effective_until, n.issued_at, n.lifts, n.reason, n.corrects, n.historical, n.grade, \
      r.body, d.claims FROM deliveries d JOIN notices n ON n.id = d.notice_id JOIN records r ON r.id = n.record_id";
 
 fn outbound(r: &Row) -> Result<Outbound, StoreError> {
@@ -1785,9 +1906,9 @@ fn outbound(r: &Row) -> Result<Outbound, StoreError> {
         attempts: uint(r.get(4)),
         notice: notice_at(r, 5)?,
         record: RecordBody::from_store(
-            serde_json::from_str(r.get::<_, &str>(20)).map_err(corrupt)?,
+            serde_json::from_str(r.get::<_, &str>(21)).map_err(corrupt)?,
         ),
-        claim: r.get(21),
+        claim: r.get(22),
     })
 }
 
@@ -2036,6 +2157,106 @@ impl Store for PgStore {
 
     async fn add_review(&self, review: NewReview) -> Result<(), StoreError> {
         expect_out!(self.write(Op::Review(Box::new(review))).await?, Unit)
+    }
+
+    async fn grade_rule_versions(&self) -> Result<Vec<VersionInfo>, StoreError> {
+        let rows = self
+            .query(
+                "SELECT version, created_at, created_by, reason FROM grade_rules ORDER BY version",
+                &[],
+            )
+            .await?;
+        let last = rows.len().saturating_sub(1);
+        Ok(rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| VersionInfo {
+                version: uint(r.get(0)),
+                created_at: r.get(1),
+                created_by: r.get(2),
+                reason: r.get(3),
+                breaking: false,
+                active: i == last,
+            })
+            .collect())
+    }
+
+    async fn grade_rules(&self, version: Option<u32>) -> Result<Option<(u32, Value)>, StoreError> {
+        let version = version.map(int);
+        self.query(
+            "SELECT version, document FROM grade_rules WHERE version = COALESCE($1, (SELECT MAX(version) FROM grade_rules))",
+            &[&version],
+        )
+        .await?
+        .first()
+        .map(|r| {
+            Ok((
+                uint(r.get(0)),
+                serde_json::from_str(r.get::<_, &str>(1)).map_err(corrupt)?,
+            ))
+        })
+        .transpose()
+    }
+
+    async fn add_grade_rules(
+        &self,
+        document: Value,
+        actor: &str,
+        reason: Option<String>,
+    ) -> Result<u32, StoreError> {
+        let document = serde_json::to_string(&document).map_err(corrupt)?;
+        let op = Op::GradeRules {
+            document,
+            actor: actor.to_owned(),
+            reason,
+        };
+        expect_out!(self.write(op).await?, Version)
+    }
+
+    async fn set_grades(&self, updates: Vec<GradeUpdate>) -> Result<Vec<GradeChanged>, StoreError> {
+        expect_out!(self.write(Op::Grades(updates)).await?, Grades)
+    }
+
+    async fn grades_due(&self, today: Date, limit: usize) -> Result<Vec<String>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        Ok(self
+            .query(
+                "SELECT subject_key FROM subject_grades WHERE review_after IS NOT NULL AND review_after <= $1 ORDER BY review_after LIMIT $2",
+                &[&today, &limit],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    async fn subjects_after(&self, after: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        Ok(self
+            .query(
+                "SELECT DISTINCT subject_key FROM records WHERE subject_key IS NOT NULL AND subject_key > $1 ORDER BY subject_key LIMIT $2",
+                &[&after, &limit],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    async fn grade_counts(&self) -> Result<Vec<GradeCount>, StoreError> {
+        Ok(self
+            .query(
+                "SELECT grade, region, COUNT(*) FROM subject_grades GROUP BY grade, region ORDER BY grade, region",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| GradeCount {
+                grade: r.get(0),
+                region: r.get(1),
+                subjects: u64::try_from(r.get::<_, i64>(2)).unwrap_or(0),
+            })
+            .collect())
     }
 
     async fn review(&self, id: &str) -> Result<Option<StoredReview>, StoreError> {

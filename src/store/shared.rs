@@ -118,6 +118,15 @@ pub(crate) fn audit_entries(items: Vec<AuditItem>) -> Vec<(String, String, Strin
 
 /// The audit entry of an issued review: who, about whom, why; never the
 /// report itself.
+pub(crate) fn grade_rules_audit(actor: &str, version: u32, reason: Option<&str>) -> AuditItem {
+    AuditItem::single(
+        actor,
+        "grade_rules_activated",
+        "grades",
+        serde_json::json!({"version": version, "reason": reason}),
+    )
+}
+
 pub(crate) fn review_audit(r: &super::NewReview) -> AuditItem {
     AuditItem::single(
         &r.agency,
@@ -276,6 +285,24 @@ pub(crate) fn deliveries_to(targets: &[(String, String, String)]) -> Vec<super::
         .collect()
 }
 
+/// A `grade_change` notice with what it says filled in: from `before` to
+/// the update's grade.
+pub(crate) fn with_shift(
+    g: &super::GradeNotice,
+    before: &str,
+    u: &super::GradeUpdate,
+) -> super::NewNotice {
+    super::NewNotice {
+        grade: Some(crate::notice::GradeShift {
+            from: before.to_owned(),
+            to: u.grade.clone(),
+            rule: u.rule.clone(),
+            rules_version: u.rules_version,
+        }),
+        ..g.notice.clone()
+    }
+}
+
 /// The lift of `original` (reason `reason`, effect ended on `on`) to the
 /// subscriptions that received it.
 pub(crate) fn lift_of(
@@ -297,6 +324,7 @@ pub(crate) fn lift_of(
         corrects: None,
         reason: Some(reason.to_owned()),
         historical: false,
+        grade: None,
     }
 }
 

@@ -27,9 +27,10 @@ use super::SubjectRecord;
 use super::{
     parse_kind, ActivateOutcome, AgencyFeedbackStats, AppendOutcome, ControlState, CorrectOutcome,
     Correction, DeliveryInfo, DeliveryResult, DeliveryState, DepartmentStats, DocKind, EndOutcome,
-    Ending, EndpointHealth, Feedback, FeedbackOutcome, FeedbackStored, Finished, ItemActivation,
-    KeyHolder, NewNotice, NewReview, NewSubmission, NoticeHistory, Outbound, ReviewEntry, Revision,
-    Store, StoreError, StoredNotice, StoredRecord, StoredResponse, StoredReview, VersionInfo,
+    Ending, EndpointHealth, Feedback, FeedbackOutcome, FeedbackStored, Finished, GradeChanged,
+    GradeCount, GradeUpdate, ItemActivation, KeyHolder, NewNotice, NewReview, NewSubmission,
+    NoticeHistory, Outbound, ReviewEntry, Revision, Store, StoreError, StoredNotice, StoredRecord,
+    StoredResponse, StoredReview, VersionInfo,
 };
 use crate::catalog::Severity;
 use crate::notice::EndReason;
@@ -210,6 +211,28 @@ const MIGRATIONS: &[&str] = &[
         document      BLOB NOT NULL
     );
     CREATE INDEX credit_reviews_subject ON credit_reviews(subject_key, issued_at);
+    "#,
+    // 10: credit grades: rule set versions, each subject's grade, and
+    // what a grade_change notice says.
+    r#"
+    CREATE TABLE grade_rules (
+        version       INTEGER PRIMARY KEY,
+        document      TEXT NOT NULL,
+        created_at    TEXT NOT NULL,
+        created_by    TEXT NOT NULL,
+        reason        TEXT
+    );
+    CREATE TABLE subject_grades (
+        subject_key   TEXT PRIMARY KEY,
+        grade         TEXT NOT NULL,
+        rule          TEXT NOT NULL,
+        rules_version INTEGER NOT NULL,
+        region        TEXT,
+        review_after  TEXT,
+        assessed_at   TEXT NOT NULL
+    );
+    CREATE INDEX subject_grades_due ON subject_grades(review_after) WHERE review_after IS NOT NULL;
+    ALTER TABLE notices ADD COLUMN grade TEXT;
     "#,
 ];
 
@@ -768,7 +791,7 @@ fn insert_notice(
     issued_at: &str,
 ) -> Result<(), StoreError> {
     tx.prepare_cached(
-        "INSERT INTO notices (id, kind, item, item_version, record_id, source, severity, region, measures, effective_from, effective_until, issued_at, lifts, reason, corrects, historical) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+        "INSERT INTO notices (id, kind, item, item_version, record_id, source, severity, region, measures, effective_from, effective_until, issued_at, lifts, reason, corrects, historical, grade) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
     )
     .map_err(db_err)?
     .execute(params![
@@ -788,6 +811,11 @@ fn insert_notice(
         n.reason,
         n.corrects,
         n.historical,
+        n.grade
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(corrupt)?,
     ])
     .map_err(db_err)?;
     let mut stmt = tx
@@ -991,7 +1019,7 @@ fn correct_record(
 
 // === impl reads ===
 
-const NOTICE_SELECT: &str = "SELECT id, kind, item, item_version, record_id, source, severity, measures, effective_from, effective_until, issued_at, lifts, reason, corrects, historical FROM notices";
+const NOTICE_SELECT: &str = "SELECT id, kind, item, item_version, record_id, source, severity, measures, effective_from, effective_until, issued_at, lifts, reason, corrects, historical, grade FROM notices";
 
 /// Decodes a notice row; the outer `Result` is SQLite's, the inner ours.
 fn notice_from_row(r: &Row<'_>) -> rusqlite::Result<Result<StoredNotice, StoreError>> {
@@ -1003,15 +1031,21 @@ fn notice_at(r: &Row<'_>, o: usize) -> rusqlite::Result<Result<StoredNotice, Sto
     let severity: String = r.get(o + 6)?;
     let measures: String = r.get(o + 7)?;
     let issued: String = r.get(o + 10)?;
+    let grade: Option<String> = r.get(o + 15)?;
     let decode = move || -> Result<_, StoreError> {
         Ok((
             parse_kind(&kind)?,
             Severity::parse(&severity).ok_or_else(|| corrupt(format!("severity {severity:?}")))?,
             serde_json::from_str::<Vec<String>>(&measures).map_err(corrupt)?,
             parse_time(&issued)?,
+            grade
+                .as_deref()
+                .map(serde_json::from_str)
+                .transpose()
+                .map_err(corrupt)?,
         ))
     };
-    let (kind, severity, measures, issued_at) = match decode() {
+    let (kind, severity, measures, issued_at, grade) = match decode() {
         Ok(x) => x,
         Err(e) => return Ok(Err(e)),
     };
@@ -1031,12 +1065,13 @@ fn notice_at(r: &Row<'_>, o: usize) -> rusqlite::Result<Result<StoredNotice, Sto
         reason: r.get(o + 12)?,
         corrects: r.get(o + 13)?,
         historical: r.get(o + 14)?,
+        grade,
     }))
 }
 
 /// Outbound rows: delivery columns, then the notice, then the record body.
 const OUTBOUND_SELECT: &str = "SELECT COALESCE(d.pos, 0), d.id, d.subscription, d.agency, d.attempts, \
-     n.id, n.kind, n.item, n.item_version, n.record_id, n.source, n.severity, n.measures, n.effective_from, n.effective_until, n.issued_at, n.lifts, n.reason, n.corrects, n.historical, \
+     n.id, n.kind, n.item, n.item_version, n.record_id, n.source, n.severity, n.measures, n.effective_from, n.effective_until, n.issued_at, n.lifts, n.reason, n.corrects, n.historical, n.grade, \
      r.body, d.claims FROM deliveries d JOIN notices n ON n.id = d.notice_id JOIN records r ON r.id = n.record_id";
 
 fn outbound_from_row(r: &Row<'_>) -> rusqlite::Result<Result<Outbound, StoreError>> {
@@ -1044,7 +1079,7 @@ fn outbound_from_row(r: &Row<'_>) -> rusqlite::Result<Result<Outbound, StoreErro
         Ok(n) => n,
         Err(e) => return Ok(Err(e)),
     };
-    let body: String = r.get(20)?;
+    let body: String = r.get(21)?;
     let record = match serde_json::from_str(&body) {
         Ok(v) => RecordBody::from_store(v),
         Err(e) => return Ok(Err(corrupt(e))),
@@ -1055,7 +1090,7 @@ fn outbound_from_row(r: &Row<'_>) -> rusqlite::Result<Result<Outbound, StoreErro
         subscription: r.get(2)?,
         agency: r.get(3)?,
         attempts: r.get(4)?,
-        claim: r.get(21)?,
+        claim: r.get(22)?,
         notice,
         record,
     }))
@@ -1651,6 +1686,166 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn grade_rule_versions(&self) -> Result<Vec<VersionInfo>, StoreError> {
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT version, created_at, created_by, reason FROM grade_rules ORDER BY version")
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok(VersionInfo {
+                        version: r.get(0)?,
+                        created_at: r.get(1)?,
+                        created_by: r.get(2)?,
+                        reason: r.get(3)?,
+                        breaking: false,
+                        active: false,
+                    })
+                })
+                .map_err(db_err)?;
+            let mut versions: Vec<VersionInfo> = rows.collect::<Result<_, _>>().map_err(db_err)?;
+            if let Some(last) = versions.last_mut() {
+                last.active = true;
+            }
+            Ok(versions)
+        })
+        .await
+    }
+
+    async fn grade_rules(&self, version: Option<u32>) -> Result<Option<(u32, Value)>, StoreError> {
+        self.read(move |conn| {
+            let row: Option<(u32, String)> = conn
+                .prepare_cached("SELECT version, document FROM grade_rules WHERE version = COALESCE(?1, (SELECT MAX(version) FROM grade_rules))")
+                .map_err(db_err)?
+                .query_row([version], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+                .map_err(db_err)?;
+            row.map(|(v, doc)| Ok((v, serde_json::from_str(&doc).map_err(corrupt)?)))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn add_grade_rules(
+        &self,
+        document: Value,
+        actor: &str,
+        reason: Option<String>,
+    ) -> Result<u32, StoreError> {
+        let actor = actor.to_owned();
+        let text = serde_json::to_string(&document).map_err(corrupt)?;
+        self.write(false, move |sp, audit| {
+            let version: u32 = sp
+                .query_row("SELECT COALESCE(MAX(version), 0) + 1 FROM grade_rules", [], |r| r.get(0))
+                .map_err(db_err)?;
+            exec(
+                sp,
+                "INSERT INTO grade_rules (version, document, created_at, created_by, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![version, text, now_text(), actor, reason],
+            )
+            .map_err(db_err)?;
+            audit.push(shared::grade_rules_audit(&actor, version, reason.as_deref()));
+            Ok(version)
+        })
+        .await
+    }
+
+    async fn set_grades(&self, updates: Vec<GradeUpdate>) -> Result<Vec<GradeChanged>, StoreError> {
+        self.write(false, move |sp, _audit| {
+            let now = now_text();
+            let mut changed = Vec::new();
+            for u in &updates {
+                let before: String = sp
+                    .prepare_cached("SELECT grade FROM subject_grades WHERE subject_key = ?1")
+                    .map_err(db_err)?
+                    .query_row([&u.subject_key], |r| r.get(0))
+                    .optional()
+                    .map_err(db_err)?
+                    .unwrap_or_else(|| u.default_grade.clone());
+                sp.prepare_cached(
+                    "INSERT INTO subject_grades (subject_key, grade, rule, rules_version, region, review_after, assessed_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+                     ON CONFLICT(subject_key) DO UPDATE SET grade = excluded.grade, rule = excluded.rule, rules_version = excluded.rules_version, region = excluded.region, review_after = excluded.review_after, assessed_at = excluded.assessed_at",
+                )
+                .map_err(db_err)?
+                .execute(params![
+                    u.subject_key,
+                    u.grade,
+                    u.rule,
+                    u.rules_version,
+                    u.region,
+                    u.review_after.map(|d| d.to_string()),
+                    now
+                ])
+                .map_err(db_err)?;
+                if before == u.grade {
+                    continue;
+                }
+                let notice_id = match &u.notice {
+                    Some(g) => {
+                        let notice = shared::with_shift(g, &before, u);
+                        insert_notice(sp, &notice, &g.item, g.item_version, &g.record_id, &g.source, &now)?;
+                        Some(notice.id)
+                    }
+                    None => None,
+                };
+                changed.push(GradeChanged {
+                    subject_key: u.subject_key.clone(),
+                    from: before,
+                    to: u.grade.clone(),
+                    notice_id,
+                });
+            }
+            Ok(changed)
+        })
+        .await
+    }
+
+    async fn grades_due(&self, today: Date, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT subject_key FROM subject_grades WHERE review_after IS NOT NULL AND review_after <= ?1 ORDER BY review_after LIMIT ?2")
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map(params![today.to_string(), limit as i64], |r| r.get(0))
+                .map_err(db_err)?;
+            rows.collect::<Result<_, _>>().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn subjects_after(&self, after: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+        let after = after.to_owned();
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT DISTINCT subject_key FROM records WHERE subject_key IS NOT NULL AND subject_key > ?1 ORDER BY subject_key LIMIT ?2")
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map(params![after, limit as i64], |r| r.get(0))
+                .map_err(db_err)?;
+            rows.collect::<Result<_, _>>().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn grade_counts(&self) -> Result<Vec<GradeCount>, StoreError> {
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT grade, region, COUNT(*) FROM subject_grades GROUP BY grade, region ORDER BY grade, region")
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok(GradeCount {
+                        grade: r.get(0)?,
+                        region: r.get(1)?,
+                        subjects: r.get::<_, i64>(2)? as u64,
+                    })
+                })
+                .map_err(db_err)?;
+            rows.collect::<Result<_, _>>().map_err(db_err)
+        })
+        .await
+    }
+
     async fn review(&self, id: &str) -> Result<Option<StoredReview>, StoreError> {
         let id = id.to_owned();
         self.read(move |conn| {
@@ -2097,6 +2292,7 @@ mod migration_tests {
             corrects: None,
             reason: None,
             historical: false,
+            grade: None,
         });
         store.append_submission(sub).await.expect("append");
         let a = store.pull("agency-a", 3, 10).await.expect("pull");
