@@ -9,6 +9,7 @@ pub mod catalog;
 pub mod grades;
 pub mod notices;
 pub mod ops;
+pub mod pages;
 pub mod query;
 pub mod records;
 pub mod reviews;

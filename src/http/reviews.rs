@@ -155,6 +155,7 @@ pub async fn issue(
         ));
     }
     let invalid = invalid_document("invalid_review_request", "credit review request");
+    let html = super::pages::wants_html(&headers);
     let obj: Map<String, Value> = request_object(
         &state,
         headers,
@@ -248,7 +249,11 @@ pub async fn issue(
         })
         .inc();
     tracing::info!(report = %report_id, agency = %caller.id, purpose = purpose.as_str(), "credit review report issued");
-    let mut resp = json_response(StatusCode::CREATED, document);
+    let mut resp = if html {
+        super::pages::html_response(StatusCode::CREATED, super::pages::report_html(&document)?)
+    } else {
+        json_response(StatusCode::CREATED, document)
+    };
     if let Ok(v) = HeaderValue::from_str(&format!("/v1/credit-reviews/{report_id}")) {
         resp.headers_mut().insert(header::LOCATION, v);
     }
@@ -261,6 +266,7 @@ pub async fn read(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     Path(report_id): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response, Problem> {
     if uuid::Uuid::parse_str(&report_id).is_err() {
         return Err(review_not_found());
@@ -273,6 +279,10 @@ pub async fn read(
         .ok_or_else(review_not_found)?;
     if review.agency != caller.id && caller.kind != Kind::Admin {
         return Err(review_not_found());
+    }
+    if super::pages::wants_html(&headers) {
+        let html = super::pages::report_html(&review.document)?;
+        return Ok(super::pages::html_response(StatusCode::OK, html));
     }
     Ok(json_response(StatusCode::OK, review.document))
 }

@@ -6,6 +6,7 @@
 pub const BACKEND: credgate::config::StoreBackend = credgate::config::StoreBackend::Sqlite;
 
 mod admin;
+mod browser;
 mod grades;
 mod hardening;
 mod import;
