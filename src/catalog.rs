@@ -166,6 +166,30 @@ pub struct ItemDefinition {
     /// entry, with a lift to the red list's recipients).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub removes_from: Option<RemovesFrom>,
+    /// Published on the public channel (双公示, red and black lists): its
+    /// `public` fields, for the publicity period of its rules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publicity: Option<PublicitySpec>,
+}
+
+/// How an item is published on the public channel.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublicitySpec {
+    /// Records about natural persons are published too (only where the
+    /// rules say so, e.g. court judgment defaulters); their names masked,
+    /// never an identity number.
+    #[serde(default)]
+    pub natural_persons: bool,
+    /// Field holding the record's level (`minor`, `general`, `major`,
+    /// `serious`), which chooses the period; none: the record's effect
+    /// (lists) or the rule set's `other_months` (licences).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level_field: Option<String>,
+    /// Field holding the end of publicity the deciding department set,
+    /// kept within the period's bounds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_field: Option<String>,
 }
 
 /// How a record removes its subject from other lists.
@@ -640,6 +664,16 @@ impl CatalogItem {
                 "decision_date_field: {:?} is not a field with format \"date\"",
                 def.decision_date_field
             ));
+        }
+        if let Some(p) = &def.publicity {
+            if let Some(f) = p.level_field.as_ref().filter(|f| !fields.contains_key(*f)) {
+                errors.push(format!("publicity.level_field: {f:?} is not a field"));
+            }
+            if let Some(f) = p.end_field.as_ref().filter(|f| !is_date(f)) {
+                errors.push(format!(
+                    "publicity.end_field: {f:?} is not a field with format \"date\""
+                ));
+            }
         }
         for (i, rule) in def.rules.iter().enumerate() {
             let names: Vec<&String> = match rule {
@@ -1427,6 +1461,7 @@ mod tests {
             removal: None,
             refused_while_listed: vec![],
             removes_from: None,
+            publicity: None,
         };
         CatalogItem::compile(def, &|p| p == "dept-a")
     }

@@ -47,6 +47,46 @@ pub struct Config {
     pub audit: AuditConfig,
     /// Credit review reports.
     pub review: ReviewConfig,
+    /// The public publicity channel (双公示 / 红黑名单公示).
+    pub public: PublicConfig,
+}
+
+/// The public publicity channel: a third listener, HTTPS with the server
+/// certificate and no client certificate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PublicConfig {
+    /// Serve it (off unless enabled; the development configuration
+    /// enables it).
+    pub enabled: bool,
+    /// Its address.
+    pub listen: SocketAddr,
+    /// Requests per second per client address.
+    pub per_address_per_second: u32,
+    /// Burst per client address.
+    pub per_address_burst: u32,
+    /// Results per page.
+    pub page_size: u32,
+    /// `Cache-Control: max-age` of answers, seconds.
+    pub max_age_secs: u32,
+    /// Publicity periods by the rules in force at the decision date,
+    /// stamped on records at acceptance (whether or not the channel is
+    /// served).
+    pub rule_set: Vec<crate::publicity::RuleSet>,
+}
+
+impl Default for PublicConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8444)),
+            per_address_per_second: 20,
+            per_address_burst: 40,
+            page_size: 20,
+            max_age_secs: 60,
+            rule_set: crate::publicity::default_rule_sets(),
+        }
+    }
 }
 
 /// Credit review reports (信用审查报告).
@@ -458,6 +498,7 @@ impl Default for Config {
             privacy: PrivacyConfig::default(),
             audit: AuditConfig::default(),
             review: ReviewConfig::default(),
+            public: PublicConfig::default(),
         }
     }
 }
@@ -604,6 +645,20 @@ impl Config {
         errors.extend(self.privacy.redaction.problems());
         if !(1..=30).contains(&self.review.look_back_years) {
             errors.push("review.look_back_years: must be 1 to 30".into());
+        }
+        errors.extend(crate::publicity::problems(&self.public.rule_set));
+        if !(1..=100).contains(&self.public.page_size) {
+            errors.push("public.page_size: 1 to 100".into());
+        }
+        if self.public.per_address_per_second == 0 || self.public.per_address_burst == 0 {
+            errors.push("public.per_address_per_second, per_address_burst: at least 1".into());
+        }
+        if self.public.enabled
+            && [self.server.listen, self.server.ops_listen].contains(&self.public.listen)
+            && self.public.listen.port() != 0
+        {
+            errors
+                .push("public.listen: must differ from server.listen and server.ops_listen".into());
         }
         if self.review.cache_ttl_secs > 3600 {
             errors.push("review.cache_ttl_secs: at most 3600 (an hour)".into());

@@ -146,7 +146,7 @@ pub fn months_before(today: Date, months: u32) -> Date {
 }
 
 /// `day` moved by `months` calendar months, the day clamped.
-fn shift_months(day: Date, months: i32) -> Date {
+pub(crate) fn shift_months(day: Date, months: i32) -> Date {
     let today = day;
     let total = today.year() * 12 + i32::from(u8::from(today.month())) - 1 + months;
     let (year, month0) = (total.div_euclid(12), total.rem_euclid(12));

@@ -460,6 +460,7 @@ async fn run_async(config: &Config, opts: &Options) -> Result<Summary, String> {
         limits,
         metrics,
         Arc::new(crate::subjects::SubjectCache::disabled()),
+        config.public.rule_set.clone(),
     ));
     let report_path = opts.report.clone().unwrap_or_else(|| {
         let mut p = opts.file.clone().into_os_string();

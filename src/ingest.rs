@@ -102,6 +102,8 @@ pub struct Ingest {
     replays: moka::sync::Cache<(String, String), Arc<StoredResponse>>,
     /// Records per subject for credit reviews; told of every change here.
     pub subjects: Arc<crate::subjects::SubjectCache>,
+    /// Publicity periods stamped on published records.
+    publicity: Vec<crate::publicity::RuleSet>,
 }
 
 /// One delivery to each enabled agency's subscription that wants the
@@ -150,8 +152,10 @@ impl Ingest {
         limits: crate::config::LimitsConfig,
         metrics: Arc<crate::metrics::Metrics>,
         subjects: Arc<crate::subjects::SubjectCache>,
+        publicity: Vec<crate::publicity::RuleSet>,
     ) -> Ingest {
         Ingest {
+            publicity,
             metrics,
             subjects,
             catalog: active.catalog.clone(),
@@ -531,9 +535,10 @@ impl Ingest {
         });
         let body = serde_json::to_string(record).map_err(|e| Problem::gateway(&e))?;
         let identity = Identity::of(&self.redactor, item, record, &body);
+        let id = uuid::Uuid::now_v7().to_string();
         Ok(Accepted {
             record: NewRecord {
-                id: uuid::Uuid::now_v7().to_string(),
+                id: id.clone(),
                 subject_type: text("subject_type").unwrap_or_default().to_owned(),
                 subject_key,
                 decision_date,
@@ -544,6 +549,20 @@ impl Ingest {
                 content_hash: identity.content_hash,
                 level,
                 removes,
+                publicity: crate::publicity::stamp(
+                    &self.publicity,
+                    item,
+                    record,
+                    decision_date,
+                    item.effective_until(record),
+                )
+                .map(|stamp| crate::store::Publication {
+                    public_id: self
+                        .redactor
+                        .keyed_digest([b"public-id".as_slice(), id.as_bytes()])[..24]
+                        .to_owned(),
+                    stamp,
+                }),
                 ended: None,
                 notice,
             },

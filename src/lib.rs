@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod notice;
 pub mod participants;
 pub mod pki;
+pub mod publicity;
 pub mod ratelimit;
 pub mod redact;
 pub mod review;

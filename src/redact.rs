@@ -373,6 +373,39 @@ impl Redactor {
         }
     }
 
+    /// A record for the public channel: only the fields the item marks
+    /// `public` for the record's subject type, nothing masked or
+    /// pseudonymised in their place; a natural person's name, which is
+    /// not public, shown as its first character and stars (`王*`). With
+    /// no catalog item, nothing.
+    pub fn public_view(&self, item: Option<&CatalogItem>, body: &RecordBody) -> RecordView {
+        let (Some(item), Some(obj)) = (item, body.0.as_object()) else {
+            return RecordView(Map::new());
+        };
+        let subject_type = obj
+            .get("subject_type")
+            .cloned()
+            .and_then(|v| serde_json::from_value::<SubjectType>(v).ok());
+        let mut out: Map<String, Value> = obj
+            .iter()
+            .filter(|(k, _)| item.class_of(k, subject_type) == FieldClass::Public)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if subject_type == Some(SubjectType::NaturalPerson) {
+            if let Some(name) = obj.get("subject_name").and_then(Value::as_str) {
+                let mut chars = name.trim().chars();
+                if let Some(first) = chars.next() {
+                    let stars = "*".repeat(chars.count().max(1));
+                    out.insert(
+                        "subject_name".into(),
+                        Value::String(format!("{first}{stars}")),
+                    );
+                }
+            }
+        }
+        RecordView(out)
+    }
+
     /// A list removal document for `audience`: fields above its clearance
     /// (or not annotated in the item's removal schema) are left out.
     pub fn removal_view(

@@ -40,6 +40,9 @@ pub struct Listeners {
     pub main: TcpListener,
     /// Operations listener (plain HTTP).
     pub ops: TcpListener,
+    /// The public channel's listener (HTTPS, no client certificate), when
+    /// `public.enabled`.
+    pub public: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -54,10 +57,17 @@ impl Listeners {
             bind(config.server.listen, "server.listen"),
             bind(config.server.ops_listen, "server.ops_listen")
         );
-        match (main, ops) {
-            (Ok(main), Ok(ops)) => Ok(Listeners { main, ops }),
-            (main, ops) => Err(StartupErrors(
-                [main.err(), ops.err()].into_iter().flatten().collect(),
+        let public = match config.public.enabled {
+            true => Some(bind(config.public.listen, "public.listen").await),
+            false => None,
+        };
+        match (main, ops, public.transpose()) {
+            (Ok(main), Ok(ops), Ok(public)) => Ok(Listeners { main, ops, public }),
+            (main, ops, public) => Err(StartupErrors(
+                [main.err(), ops.err(), public.err()]
+                    .into_iter()
+                    .flatten()
+                    .collect(),
             )),
         }
     }
@@ -326,6 +336,7 @@ impl Gateway {
             config.limits.clone(),
             metrics.clone(),
             subjects,
+            config.public.rule_set.clone(),
         );
         let shutdown = CancellationToken::new();
         let state = Arc::new(AppState {
@@ -406,6 +417,20 @@ impl Gateway {
                 .with_graceful_shutdown(async move { ops_shutdown.cancelled().await })
                 .await;
         });
+        let public = match (self.config.public.enabled, listeners.public) {
+            (true, Some(listener)) => {
+                tracing::info!(listen = ?listener.local_addr().ok(), "public publicity channel serving (HTTPS, no client certificate)");
+                Some(tokio::spawn(serve_public(
+                    listener,
+                    self.tls.clone(),
+                    http::public::router(self.state.clone(), self.config.public.clone()),
+                    shutdown.clone(),
+                    Duration::from_secs(self.config.server.handshake_timeout_secs),
+                    Duration::from_secs(self.config.server.request_timeout_secs),
+                )))
+            }
+            _ => None,
+        };
         // Background work stops on the internal token, after HTTP drained.
         let push = tokio::spawn(self.dispatcher.clone().run_push(self.shutdown.clone()));
         let expiry = tokio::spawn(
@@ -571,6 +596,9 @@ impl Gateway {
             );
         }
         let _ = ops.await;
+        if let Some(public) = public {
+            let _ = public.await;
+        }
         let _ = push.await;
         let _ = expiry.await;
         let _ = grading.await;
@@ -736,6 +764,71 @@ async fn run_idempotency_purge(store: Arc<dyn Store>, shutdown: CancellationToke
             tracing::info!(keys = total, "expired idempotency keys purged");
         }
     }
+}
+
+/// Serves the public channel until `shutdown`: TLS without client
+/// certificates, each connection told its client address (rate limits).
+async fn serve_public(
+    listener: TcpListener,
+    tls: Arc<TlsState>,
+    router: axum::Router,
+    shutdown: CancellationToken,
+    handshake_timeout: Duration,
+    request_timeout: Duration,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(request_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(64);
+    let builder = Arc::new(builder);
+    let connections = tokio_util::task::TaskTracker::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "public accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.public());
+        let (router, builder, stop) = (router.clone(), builder.clone(), shutdown.clone());
+        connections.spawn(async move {
+            let Ok(Ok(stream)) =
+                tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await
+            else {
+                return;
+            };
+            let ip = http::public::PublicPeer(peer.ip());
+            let svc = router.map_request(
+                move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(ip);
+                    req
+                },
+            );
+            let conn =
+                builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+                }
+            }
+        });
+    }
+    connections.close();
+    let _ = tokio::time::timeout(Duration::from_secs(10), connections.wait()).await;
 }
 
 /// On a shared database: reloads the catalog, participants and

@@ -33,6 +33,23 @@ pub fn install_default_provider() {
 /// Builds the main listener's server configuration. Every problem with the
 /// files is reported.
 pub fn server_config(cfg: &TlsConfig, production: bool) -> Result<Arc<ServerConfig>, Vec<String>> {
+    build(cfg, production, true)
+}
+
+/// The public channel's configuration: the same server certificate, no
+/// client certificate asked for.
+pub fn public_server_config(
+    cfg: &TlsConfig,
+    production: bool,
+) -> Result<Arc<ServerConfig>, Vec<String>> {
+    build(cfg, production, false)
+}
+
+fn build(
+    cfg: &TlsConfig,
+    production: bool,
+    client_auth: bool,
+) -> Result<Arc<ServerConfig>, Vec<String>> {
     let mut errors = Vec::new();
     let mut roots = RootCertStore::empty();
     match CertificateDer::pem_file_iter(&cfg.client_ca) {
@@ -105,6 +122,16 @@ pub fn server_config(cfg: &TlsConfig, production: bool) -> Result<Arc<ServerConf
         return Err(vec!["tls.key: missing".into()]);
     };
     let provider = provider();
+    if !client_auth {
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| vec![format!("tls: {e}")])?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(|e| vec![format!("tls.cert/tls.key: {e}")])?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        return Ok(Arc::new(config));
+    }
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .with_crls(crls)
         // Revocation is checked for the participant's own certificate;
@@ -173,6 +200,7 @@ pub fn check_validity(
 #[derive(Debug)]
 pub struct TlsState {
     current: ArcSwap<ServerConfig>,
+    public: ArcSwap<ServerConfig>,
     cfg: TlsConfig,
     /// Production mode: certificates about to expire are refused.
     production: bool,
@@ -184,6 +212,7 @@ impl TlsState {
         let config = server_config(&cfg, production)?;
         Ok(TlsState {
             current: ArcSwap::new(config),
+            public: ArcSwap::new(public_server_config(&cfg, production)?),
             cfg,
             production,
         })
@@ -198,8 +227,15 @@ impl TlsState {
     /// configuration stays in force.
     pub fn reload(&self) -> Result<(), Vec<String>> {
         let config = server_config(&self.cfg, self.production)?;
+        let public = public_server_config(&self.cfg, self.production)?;
         self.current.store(config);
+        self.public.store(public);
         Ok(())
+    }
+
+    /// The public channel's configuration for a new connection.
+    pub fn public(&self) -> Arc<ServerConfig> {
+        self.public.load_full()
     }
 
     /// Whether a SAN URI may name the participant.

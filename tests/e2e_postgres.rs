@@ -7,6 +7,8 @@ pub const BACKEND: credgate::config::StoreBackend = credgate::config::StoreBacke
 
 #[path = "e2e/admin.rs"]
 mod admin;
+#[path = "e2e/browser.rs"]
+mod browser;
 #[path = "e2e/cluster.rs"]
 mod cluster;
 #[path = "e2e/grades.rs"]
@@ -23,6 +25,8 @@ mod migrate;
 mod notices;
 #[path = "e2e/process.rs"]
 mod process;
+#[path = "e2e/public.rs"]
+mod public;
 #[path = "e2e/receiver.rs"]
 mod receiver;
 #[path = "e2e/records.rs"]

@@ -48,11 +48,7 @@ fn with_etag(
     body: impl FnOnce() -> Result<Vec<u8>, Problem>,
 ) -> Result<Response, Problem> {
     let etag_value = HeaderValue::from_str(etag).map_err(|e| Problem::gateway(&e))?;
-    let matches = headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
-    let mut resp = if matches {
+    let mut resp = if super::if_none_match(headers, etag) {
         StatusCode::NOT_MODIFIED.into_response()
     } else {
         json_response(StatusCode::OK, body()?)

@@ -10,6 +10,7 @@ pub mod grades;
 pub mod notices;
 pub mod ops;
 pub mod pages;
+pub mod public;
 pub mod query;
 pub mod records;
 pub mod reviews;
@@ -403,6 +404,14 @@ pub fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
         header::HeaderValue::from_static("application/json"),
     );
     resp
+}
+
+/// Whether the request's `If-None-Match` names `etag` (or `*`).
+pub(crate) fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
+    headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
 }
 
 /// The caller, as resolved by [`identify`].

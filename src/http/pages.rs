@@ -15,11 +15,24 @@ static TEMPLATES: LazyLock<Environment<'static>> = LazyLock::new(|| {
     let mut env = Environment::new();
     // A template that does not parse is a build defect, caught by the
     // tests that render it.
-    if let Err(e) = env.add_template("report.html", include_str!("../../templates/report.html")) {
-        tracing::error!(error = %e, "the report template does not parse");
+    for (name, source) in [
+        ("report.html", include_str!("../../templates/report.html")),
+        ("public.html", include_str!("../../templates/public.html")),
+    ] {
+        if let Err(e) = env.add_template(name, source) {
+            tracing::error!(template = name, error = %e, "a page template does not parse");
+        }
     }
     env
 });
+
+/// Renders page template `name` (auto-escaped).
+pub fn render(name: &str, ctx: minijinja::Value) -> Result<String, Problem> {
+    TEMPLATES
+        .get_template(name)
+        .and_then(|t| t.render(ctx))
+        .map_err(|e| Problem::gateway(&e))
+}
 
 /// Whether the request asks for HTML (a browser's `Accept`), rather than
 /// the JSON every API client gets.
@@ -60,11 +73,9 @@ pub fn html_response(status: StatusCode, html: String) -> Response {
 /// `{"report", "signature"}`.
 pub fn report_html(document: &[u8]) -> Result<String, Problem> {
     let doc: Value = serde_json::from_slice(document).map_err(|e| Problem::gateway(&e))?;
-    let template = TEMPLATES
-        .get_template("report.html")
-        .map_err(|e| Problem::gateway(&e))?;
-    template
-        .render(context! {
+    render(
+        "report.html",
+        context! {
             r => doc["report"],
             signature => doc["signature"],
             levels => json!({"general": "一般", "major": "较重", "serious": "严重"}),
@@ -81,8 +92,8 @@ pub fn report_html(document: &[u8]) -> Result<String, Problem> {
                 "expired": "期满",
                 "removed": "移出名单",
             }),
-        })
-        .map_err(|e| Problem::gateway(&e))
+        },
+    )
 }
 
 #[cfg(test)]

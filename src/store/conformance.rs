@@ -79,6 +79,7 @@ pub(crate) fn submission(id: &str, record_id: &str) -> NewSubmission {
             content_hash: format!("h:{record_id}"),
             level: None,
             removes: None,
+            publicity: None,
             ended: None,
             notice: None,
         }],

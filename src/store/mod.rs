@@ -207,6 +207,54 @@ pub struct NewRecord {
     pub ended: Option<Ended>,
     /// Notice derived from it, if any.
     pub notice: Option<NewNotice>,
+    /// Its public id and publicity period, if it is published.
+    pub publicity: Option<Publication>,
+}
+
+/// How a record is published on the public channel: stamped at acceptance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publication {
+    /// The id the public channel shows (not the record id).
+    pub public_id: String,
+    /// Rule set, start and end of publicity.
+    pub stamp: crate::publicity::Stamp,
+}
+
+/// A record as the public channel shows it (its fields still to be
+/// narrowed to the `public` ones).
+#[derive(Debug, Clone)]
+pub struct PublicRecord {
+    /// Public id.
+    pub public_id: String,
+    /// Catalog item.
+    pub item: String,
+    /// The record, to be opened only by `redact`.
+    pub body: RecordBody,
+    /// Publicity rule set.
+    pub rule_set: String,
+    /// First day shown.
+    pub start: Date,
+    /// Last day shown.
+    pub end: Date,
+    /// Last change (receipt or correction), for `ETag`s and `Last-Modified`.
+    pub revision: u32,
+}
+
+/// What the public asks for.
+#[derive(Debug, Clone)]
+pub struct PublicQuery {
+    /// A unified social credit code, exactly.
+    pub uscc: Option<String>,
+    /// Part of a subject name (legal entities only).
+    pub name: Option<String>,
+    /// One item.
+    pub item: Option<String>,
+    /// The day that decides what is inside its period.
+    pub today: Date,
+    /// Skip this many.
+    pub offset: u32,
+    /// At most this many.
+    pub limit: u32,
 }
 
 /// How a record loaded from history had ended.
@@ -1090,6 +1138,17 @@ pub trait Store: Send + Sync + 'static {
 
     /// Assessed subjects per grade and region.
     async fn grade_counts(&self) -> Result<Vec<GradeCount>, StoreError>;
+
+    /// Records on the public channel on `q.today` (stamped, in effect,
+    /// inside their period), newest decision first.
+    async fn public_records(&self, q: PublicQuery) -> Result<Vec<PublicRecord>, StoreError>;
+
+    /// One record on the public channel on `today`.
+    async fn public_record(
+        &self,
+        public_id: &str,
+        today: Date,
+    ) -> Result<Option<PublicRecord>, StoreError>;
 
     /// Whether the store can take writes now.
     async fn ready(&self) -> bool;

@@ -43,8 +43,8 @@ use super::{
     Correction, DeliveryInfo, DeliveryResult, DeliveryState, DepartmentStats, DocKind, EndOutcome,
     Ending, EndpointHealth, Feedback, FeedbackOutcome, FeedbackStored, Finished, GradeChanged,
     GradeCount, GradeUpdate, ItemActivation, KeyHolder, NewNotice, NewReview, NewSubmission,
-    NoticeHistory, Outbound, ReviewEntry, Revision, Store, StoreError, StoredNotice, StoredRecord,
-    StoredResponse, StoredReview, VersionInfo,
+    NoticeHistory, Outbound, PublicQuery, PublicRecord, ReviewEntry, Revision, Store, StoreError,
+    StoredNotice, StoredRecord, StoredResponse, StoredReview, VersionInfo,
 };
 use crate::catalog::Severity;
 use crate::redact::RecordBody;
@@ -269,6 +269,16 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX subject_grades_due ON subject_grades(review_after) WHERE review_after IS NOT NULL;
     ALTER TABLE notices ADD COLUMN grade TEXT;
+"#,
+    // 5: the public channel: each published record's public id and
+    // publicity period, stamped at acceptance.
+    r#"
+    ALTER TABLE records ADD COLUMN public_id TEXT;
+    ALTER TABLE records ADD COLUMN publicity_rule TEXT;
+    ALTER TABLE records ADD COLUMN publicity_start DATE;
+    ALTER TABLE records ADD COLUMN publicity_end DATE;
+    CREATE UNIQUE INDEX records_public_id ON records(public_id) WHERE public_id IS NOT NULL;
+    CREATE INDEX records_publicity ON records(publicity_end, decision_date) WHERE public_id IS NOT NULL;
 "#,
 ];
 
@@ -1242,9 +1252,19 @@ async fn insert_submissions(
     });
     let end_reasons = col(|_, r| r.ended.as_ref().map(|e| e.reason.as_str()));
     let removals = col(|_, r| r.ended.as_ref().and_then(|e| e.removal.as_deref()));
-    exec(tx, "INSERT INTO records (id, submission_id, item, item_version, submitter, subject_type, subject_key, decision_date, received_at, body, warnings, effective_until, natural_key, content_hash, level, status, end_reason, removal) \
-         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::text[], $6::text[], $7::text[], $8::date[], $9::timestamptz[], $10::text[], $11::text[], $12::date[], $13::text[], $14::text[], $15::text[], $16::text[], $17::text[], $18::text[])",
-        &[&ids, &sub_ids, &items, &versions, &submitters, &types, &keys, &decisions, &received, &bodies, &warnings, &untils, &natural, &contents, &levels, &statuses, &end_reasons, &removals],).await?;
+    let public_ids = col(|_, r| r.publicity.as_ref().map(|p| p.public_id.as_str()));
+    let public_rules = col(|_, r| r.publicity.as_ref().map(|p| p.stamp.rule_set.as_str()));
+    let public_starts: Vec<Option<Date>> = records
+        .iter()
+        .map(|(_, r)| r.publicity.as_ref().map(|p| p.stamp.start))
+        .collect();
+    let public_ends: Vec<Option<Date>> = records
+        .iter()
+        .map(|(_, r)| r.publicity.as_ref().map(|p| p.stamp.end))
+        .collect();
+    exec(tx, "INSERT INTO records (id, submission_id, item, item_version, submitter, subject_type, subject_key, decision_date, received_at, body, warnings, effective_until, natural_key, content_hash, level, status, end_reason, removal, public_id, publicity_rule, publicity_start, publicity_end) \
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::text[], $6::text[], $7::text[], $8::date[], $9::timestamptz[], $10::text[], $11::text[], $12::date[], $13::text[], $14::text[], $15::text[], $16::text[], $17::text[], $18::text[], $19::text[], $20::text[], $21::date[], $22::date[])",
+        &[&ids, &sub_ids, &items, &versions, &submitters, &types, &keys, &decisions, &received, &bodies, &warnings, &untils, &natural, &contents, &levels, &statuses, &end_reasons, &removals, &public_ids, &public_rules, &public_starts, &public_ends],).await?;
     let notices: Vec<NoticeRow<'_>> = records
         .iter()
         .filter_map(|(s, r)| {
@@ -1411,6 +1431,24 @@ async fn insert_notices(tx: &Transaction<'_>, notices: &[NoticeRow<'_>]) -> Resu
     Ok(())
 }
 
+/// Records on the public channel on day `$1`: stamped, in effect, inside
+/// their publicity period.
+const PUBLIC_SELECT: &str = "SELECT public_id, item, body, publicity_rule, publicity_start, publicity_end, revision FROM records \
+     WHERE public_id IS NOT NULL AND status = 'active' AND publicity_start <= $1 AND publicity_end >= $1 \
+     AND (effective_until IS NULL OR effective_until >= $1)";
+
+fn public_record(r: &Row) -> Result<PublicRecord, StoreError> {
+    Ok(PublicRecord {
+        public_id: r.get(0),
+        item: r.get(1),
+        body: RecordBody::from_store(serde_json::from_str(r.get::<_, &str>(2)).map_err(corrupt)?),
+        rule_set: r.get(3),
+        start: r.get(4),
+        end: r.get(5),
+        revision: uint(r.get(6)),
+    })
+}
+
 const NOTICE_COLUMNS: &str = "n.id, n.kind, n.item, n.item_version, n.record_id, n.source, n.severity, n.measures, n.effective_from, n.effective_until, n.issued_at, n.lifts, n.reason, n.corrects, n.historical, n.grade";
 
 fn notice_at(r: &Row, o: usize) -> Result<StoredNotice, StoreError> {
@@ -1573,8 +1611,10 @@ async fn correct_record(
     .await?;
     let r = &c.record;
     exec(tx,
-        "UPDATE records SET item_version = $2, subject_type = $3, subject_key = $4, decision_date = $5, effective_until = $6, body = $7, warnings = $8, natural_key = $9, content_hash = $10, revision = $11, level = $12 WHERE id = $1",
-        &[&c.record_id, &int(c.item_version), &r.subject_type, &r.subject_key, &r.decision_date, &r.effective_until, &r.body, &r.warnings, &r.natural_key, &r.content_hash, &int(revision + 1), &r.level.map(|l| l.as_str())],
+        "UPDATE records SET item_version = $2, subject_type = $3, subject_key = $4, decision_date = $5, effective_until = $6, body = $7, warnings = $8, natural_key = $9, content_hash = $10, revision = $11, level = $12, \
+         public_id = COALESCE(public_id, $13), publicity_rule = $14, publicity_start = $15, publicity_end = $16 WHERE id = $1",
+        &[&c.record_id, &int(c.item_version), &r.subject_type, &r.subject_key, &r.decision_date, &r.effective_until, &r.body, &r.warnings, &r.natural_key, &r.content_hash, &int(revision + 1), &r.level.map(|l| l.as_str()),
+            &r.publicity.as_ref().map(|p| p.public_id.as_str()), &r.publicity.as_ref().map(|p| p.stamp.rule_set.as_str()), &r.publicity.as_ref().map(|p| p.stamp.start), &r.publicity.as_ref().map(|p| p.stamp.end)],
     )
     .await?;
     let today = crate::codes::today_cst();
@@ -2257,6 +2297,38 @@ impl Store for PgStore {
                 subjects: u64::try_from(r.get::<_, i64>(2)).unwrap_or(0),
             })
             .collect())
+    }
+
+    async fn public_records(&self, q: PublicQuery) -> Result<Vec<PublicRecord>, StoreError> {
+        let (limit, offset) = (i64::from(q.limit), i64::from(q.offset));
+        self.query(
+            &format!(
+                "{PUBLIC_SELECT} AND ($2::text IS NULL OR (subject_key = $2 AND subject_type <> 'natural_person')) \
+                 AND ($3::text IS NULL OR (subject_type <> 'natural_person' AND strpos(body::jsonb ->> 'subject_name', $3) > 0)) \
+                 AND ($4::text IS NULL OR item = $4) \
+                 ORDER BY decision_date DESC, public_id LIMIT $5 OFFSET $6"
+            ),
+            &[&q.today, &q.uscc, &q.name, &q.item, &limit, &offset],
+        )
+        .await?
+        .iter()
+        .map(public_record)
+        .collect()
+    }
+
+    async fn public_record(
+        &self,
+        public_id: &str,
+        today: Date,
+    ) -> Result<Option<PublicRecord>, StoreError> {
+        self.query(
+            &format!("{PUBLIC_SELECT} AND public_id = $2"),
+            &[&today, &public_id],
+        )
+        .await?
+        .first()
+        .map(public_record)
+        .transpose()
     }
 
     async fn review(&self, id: &str) -> Result<Option<StoredReview>, StoreError> {

@@ -29,8 +29,8 @@ use super::{
     Correction, DeliveryInfo, DeliveryResult, DeliveryState, DepartmentStats, DocKind, EndOutcome,
     Ending, EndpointHealth, Feedback, FeedbackOutcome, FeedbackStored, Finished, GradeChanged,
     GradeCount, GradeUpdate, ItemActivation, KeyHolder, NewNotice, NewReview, NewSubmission,
-    NoticeHistory, Outbound, ReviewEntry, Revision, Store, StoreError, StoredNotice, StoredRecord,
-    StoredResponse, StoredReview, VersionInfo,
+    NoticeHistory, Outbound, PublicQuery, PublicRecord, ReviewEntry, Revision, Store, StoreError,
+    StoredNotice, StoredRecord, StoredResponse, StoredReview, VersionInfo,
 };
 use crate::catalog::Severity;
 use crate::notice::EndReason;
@@ -233,6 +233,16 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX subject_grades_due ON subject_grades(review_after) WHERE review_after IS NOT NULL;
     ALTER TABLE notices ADD COLUMN grade TEXT;
+    "#,
+    // 11: the public channel: each published record's public id and
+    // publicity period, stamped at acceptance.
+    r#"
+    ALTER TABLE records ADD COLUMN public_id TEXT;
+    ALTER TABLE records ADD COLUMN publicity_rule TEXT;
+    ALTER TABLE records ADD COLUMN publicity_start TEXT;
+    ALTER TABLE records ADD COLUMN publicity_end TEXT;
+    CREATE UNIQUE INDEX records_public_id ON records(public_id) WHERE public_id IS NOT NULL;
+    CREATE INDEX records_publicity ON records(publicity_end, decision_date) WHERE public_id IS NOT NULL;
     "#,
 ];
 
@@ -704,7 +714,7 @@ fn append_submission(
     .map_err(db_err)?;
     let mut stmt = tx
         .prepare_cached(
-            "INSERT INTO records (id, submission_id, item, item_version, submitter, subject_type, subject_key, decision_date, received_at, body, warnings, effective_until, natural_key, content_hash, level, status, end_reason, removal) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+            "INSERT INTO records (id, submission_id, item, item_version, submitter, subject_type, subject_key, decision_date, received_at, body, warnings, effective_until, natural_key, content_hash, level, status, end_reason, removal, public_id, publicity_rule, publicity_start, publicity_end) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)",
         )
         .map_err(db_err)?;
     for r in &sub.records {
@@ -729,6 +739,10 @@ fn append_submission(
                 .map_or("active", |e| e.reason.record_status()),
             r.ended.as_ref().map(|e| e.reason.as_str()),
             r.ended.as_ref().and_then(|e| e.removal.as_deref()),
+            r.publicity.as_ref().map(|p| p.public_id.as_str()),
+            r.publicity.as_ref().map(|p| p.stamp.rule_set.as_str()),
+            r.publicity.as_ref().map(|p| p.stamp.start.to_string()),
+            r.publicity.as_ref().map(|p| p.stamp.end.to_string()),
         ])
         .map_err(key_err)?;
         if let Some(n) = &r.notice {
@@ -985,8 +999,10 @@ fn correct_record(
     .map_err(db_err)?;
     let r = &c.record;
     exec(tx,
-        "UPDATE records SET item_version = ?2, subject_type = ?3, subject_key = ?4, decision_date = ?5, effective_until = ?6, body = ?7, warnings = ?8, natural_key = ?9, content_hash = ?10, revision = ?11, level = ?12 WHERE id = ?1",
-        params![c.record_id, c.item_version, r.subject_type, r.subject_key, r.decision_date.map(|d| d.to_string()), r.effective_until.map(|d| d.to_string()), r.body, r.warnings, r.natural_key, r.content_hash, revision + 1, r.level.map(|l| l.as_str())],
+        "UPDATE records SET item_version = ?2, subject_type = ?3, subject_key = ?4, decision_date = ?5, effective_until = ?6, body = ?7, warnings = ?8, natural_key = ?9, content_hash = ?10, revision = ?11, level = ?12, \
+         public_id = COALESCE(public_id, ?13), publicity_rule = ?14, publicity_start = ?15, publicity_end = ?16 WHERE id = ?1",
+        params![c.record_id, c.item_version, r.subject_type, r.subject_key, r.decision_date.map(|d| d.to_string()), r.effective_until.map(|d| d.to_string()), r.body, r.warnings, r.natural_key, r.content_hash, revision + 1, r.level.map(|l| l.as_str()),
+            r.publicity.as_ref().map(|p| p.public_id.as_str()), r.publicity.as_ref().map(|p| p.stamp.rule_set.as_str()), r.publicity.as_ref().map(|p| p.stamp.start.to_string()), r.publicity.as_ref().map(|p| p.stamp.end.to_string())],
     )
     .map_err(key_err)?;
     let today = crate::codes::today_cst();
@@ -1094,6 +1110,29 @@ fn outbound_from_row(r: &Row<'_>) -> rusqlite::Result<Result<Outbound, StoreErro
         notice,
         record,
     }))
+}
+
+/// Records on the public channel on day `?1`: stamped, in effect, inside
+/// their publicity period.
+const PUBLIC_SELECT: &str = "SELECT public_id, item, body, publicity_rule, publicity_start, publicity_end, revision FROM records \
+     WHERE public_id IS NOT NULL AND status = 'active' AND publicity_start <= ?1 AND publicity_end >= ?1 \
+     AND (effective_until IS NULL OR effective_until >= ?1)";
+
+fn public_from_row(r: &Row<'_>) -> rusqlite::Result<Result<PublicRecord, StoreError>> {
+    let body: String = r.get(2)?;
+    let (start, end): (String, String) = (r.get(4)?, r.get(5)?);
+    let decode = || -> Result<PublicRecord, StoreError> {
+        Ok(PublicRecord {
+            public_id: r.get(0).map_err(db_err)?,
+            item: r.get(1).map_err(db_err)?,
+            body: RecordBody::from_store(serde_json::from_str(&body).map_err(corrupt)?),
+            rule_set: r.get(3).map_err(db_err)?,
+            start: parse_date(Some(start)).ok_or_else(|| corrupt("publicity_start"))?,
+            end: parse_date(Some(end)).ok_or_else(|| corrupt("publicity_end"))?,
+            revision: r.get(6).map_err(db_err)?,
+        })
+    };
+    Ok(decode())
 }
 
 fn collect<T>(
@@ -1842,6 +1881,46 @@ impl Store for SqliteStore {
                 })
                 .map_err(db_err)?;
             rows.collect::<Result<_, _>>().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn public_records(&self, q: PublicQuery) -> Result<Vec<PublicRecord>, StoreError> {
+        self.read(move |conn| {
+            let today = q.today.to_string();
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "{PUBLIC_SELECT} AND (?2 IS NULL OR (subject_key = ?2 AND subject_type <> 'natural_person')) \
+                     AND (?3 IS NULL OR (subject_type <> 'natural_person' AND instr(json_extract(body, '$.subject_name'), ?3) > 0)) \
+                     AND (?4 IS NULL OR item = ?4) \
+                     ORDER BY decision_date DESC, public_id LIMIT ?5 OFFSET ?6"
+                ))
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map(
+                    params![today, q.uscc, q.name, q.item, q.limit, q.offset],
+                    public_from_row,
+                )
+                .map_err(db_err)?;
+            collect(rows)
+        })
+        .await
+    }
+
+    async fn public_record(
+        &self,
+        public_id: &str,
+        today: Date,
+    ) -> Result<Option<PublicRecord>, StoreError> {
+        let id = public_id.to_owned();
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(&format!("{PUBLIC_SELECT} AND public_id = ?2"))
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map(params![today.to_string(), id], public_from_row)
+                .map_err(db_err)?;
+            Ok(collect(rows)?.pop())
         })
         .await
     }

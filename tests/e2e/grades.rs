@@ -33,16 +33,7 @@ async fn submit(client: &Client, item: &str, subject: &Value, n: u64, level: &st
     if item == "serious_dishonesty" {
         record["list_kind"] = json!("dishonest_judgment_debtor");
     }
-    let resp = client
-        .post_json("/v1/records", &json!({"item": item, "records": [record]}))
-        .await;
-    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
-    let doc = resp.json();
-    assert_eq!(doc["results"][0]["status"], "accepted", "{doc:#}");
-    doc["results"][0]["record_id"]
-        .as_str()
-        .expect("record id")
-        .to_owned()
+    crate::support::submit_one(client, item, record).await
 }
 
 async fn grade_of(client: &Client, uscc: &str) -> Value {

@@ -13,6 +13,7 @@ mod import;
 mod lifecycle;
 mod notices;
 mod process;
+mod public;
 mod receiver;
 mod records;
 mod reviews;

@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 
 use credgate::synth;
 
-use crate::support::{credgate_cli, Client, Env, Server};
+use crate::support::{credgate_cli, submit_one as submit, Client, Env, Server};
 
 /// A legal entity of the tests (not produced by the synthetic generator's
 /// numbering used elsewhere).
@@ -42,19 +42,6 @@ fn with(subject: &Value, record: Value) -> Value {
         .expect("object")
         .extend(r.as_object().expect("object").clone());
     out
-}
-
-async fn submit(client: &Client, item: &str, record: Value) -> String {
-    let resp = client
-        .post_json("/v1/records", &json!({"item": item, "records": [record]}))
-        .await;
-    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
-    let doc = resp.json();
-    assert_eq!(doc["results"][0]["status"], "accepted", "{doc:#}");
-    doc["results"][0]["record_id"]
-        .as_str()
-        .expect("record id")
-        .to_owned()
 }
 
 async fn review(client: &Client, subject: Value, purpose: &str) -> (Value, Vec<u8>) {

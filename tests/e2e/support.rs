@@ -325,6 +325,8 @@ pub struct Server {
     pub addr: SocketAddr,
     /// Ops listener address.
     pub ops: SocketAddr,
+    /// Public channel address (served when the environment enables it).
+    pub public: SocketAddr,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), credgate::StartupErrors>>,
 }
@@ -335,9 +337,11 @@ impl Server {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let main = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let ops = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let (addr, ops_addr) = (
+        let public = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let (addr, ops_addr, public_addr) = (
             main.local_addr().expect("addr"),
             ops.local_addr().expect("addr"),
+            public.local_addr().expect("addr"),
         );
         let gateway = credgate::Gateway::build(env.config.clone())
             .await
@@ -346,12 +350,20 @@ impl Server {
         let token = shutdown.clone();
         let task = tokio::spawn(async move {
             Arc::new(gateway)
-                .serve(credgate::Listeners { main, ops }, token)
+                .serve(
+                    credgate::Listeners {
+                        main,
+                        ops,
+                        public: Some(public),
+                    },
+                    token,
+                )
                 .await
         });
         Server {
             addr,
             ops: ops_addr,
+            public: public_addr,
             shutdown,
             task,
         }
@@ -564,4 +576,22 @@ pub async fn ops_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Stri
         .map_err(std::io::Error::other)?
         .to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Submits one record of `item` as `client`; panics unless it is
+/// accepted; returns its record id.
+pub async fn submit_one(client: &Client, item: &str, record: Value) -> String {
+    let resp = client
+        .post_json(
+            "/v1/records",
+            &serde_json::json!({"item": item, "records": [record]}),
+        )
+        .await;
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    let doc = resp.json();
+    assert_eq!(doc["results"][0]["status"], "accepted", "{doc:#}");
+    doc["results"][0]["record_id"]
+        .as_str()
+        .expect("record id")
+        .to_owned()
 }

@@ -1,0 +1,360 @@
+//! The public publicity channel (双公示 / 红黑名单公示): a third listener,
+//! HTTPS without a client certificate, serving the `public` fields of
+//! published records inside their publicity period.
+//!
+//! - `GET /public/v1/records?q=&item=&page=`: search by unified social
+//!   credit code (exact) or part of a legal entity's name; natural
+//!   persons are listed (masked) but never found by name.
+//! - `GET /public/v1/records/{public_id}`: one record, by an id that is not
+//!   the record id.
+//! - `GET /public/`: a small Chinese search page over the same query.
+//!
+//! Per-client-address rate limits, `ETag` / `If-None-Match` and
+//! `Cache-Control` on every answer.
+
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use minijinja::context;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::AppState;
+use crate::catalog::Catalog;
+use crate::config::PublicConfig;
+use crate::error::Problem;
+use crate::store::{PublicQuery, PublicRecord};
+
+/// The client address of a public connection (set by the accept loop).
+#[derive(Debug, Clone, Copy)]
+pub struct PublicPeer(pub IpAddr);
+
+/// What the public channel serves from.
+pub struct PublicChannel {
+    state: Arc<AppState>,
+    cfg: PublicConfig,
+    limiter: DefaultKeyedRateLimiter<IpAddr>,
+}
+
+/// Deepest page (results beyond it: narrow the search).
+const MAX_PAGE: u32 = 500;
+
+/// Longest search text, characters.
+const MAX_QUERY: usize = 50;
+
+/// Query parameters.
+#[derive(Debug, Default, Deserialize)]
+pub struct Search {
+    /// USCC or part of a name.
+    pub q: Option<String>,
+    /// One item.
+    pub item: Option<String>,
+    /// Page, from 1.
+    pub page: Option<String>,
+}
+
+/// Routes of the public listener.
+pub fn router(state: Arc<AppState>, cfg: PublicConfig) -> Router {
+    let per_second = NonZeroU32::new(cfg.per_address_per_second).unwrap_or(NonZeroU32::MIN);
+    let burst = NonZeroU32::new(cfg.per_address_burst).unwrap_or(NonZeroU32::MIN);
+    let channel = Arc::new(PublicChannel {
+        state,
+        limiter: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
+        cfg,
+    });
+    Router::new()
+        .route("/public/", get(page))
+        .route("/public/v1/records", get(search))
+        .route("/public/v1/records/{public_id}", get(one))
+        .fallback(|| async {
+            Problem::caller(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "the public channel serves /public/ and /public/v1/records",
+            )
+            .into_response()
+        })
+        .layer(axum::middleware::from_fn_with_state(
+            channel.clone(),
+            rate_limit,
+        ))
+        .with_state(channel)
+}
+
+async fn rate_limit(
+    State(channel): State<Arc<PublicChannel>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let ip = req
+        .extensions()
+        .get::<PublicPeer>()
+        .map_or(IpAddr::from([0, 0, 0, 0]), |p| p.0);
+    if let Err(not_until) = channel.limiter.check_key(&ip) {
+        let wait = not_until.wait_time_from(governor::clock::Clock::now(
+            &governor::clock::DefaultClock::default(),
+        ));
+        let mut problem = Problem::caller(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many requests from this address; try again shortly",
+        );
+        problem.retry_after = Some(wait.as_secs().max(1));
+        return problem.into_response();
+    }
+    channel.limiter.retain_recent();
+    next.run(req).await
+}
+
+fn invalid(pointer: &str, message: &str) -> Problem {
+    Problem::caller(
+        StatusCode::BAD_REQUEST,
+        "invalid_query",
+        "the search is not valid",
+    )
+    .at(pointer, message)
+}
+
+/// The checked query for page `page` of the channel.
+fn query(
+    channel: &PublicChannel,
+    s: &Search,
+    catalog: &Catalog,
+) -> Result<(PublicQuery, u32), Problem> {
+    let page = match s.page.as_deref() {
+        None | Some("") => 1,
+        Some(p) => p
+            .parse::<u32>()
+            .ok()
+            .filter(|p| (1..=MAX_PAGE).contains(p))
+            .ok_or_else(|| invalid("/page", "must be a whole number from 1 to 500"))?,
+    };
+    let item = match s.item.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(i) => match catalog.get(i) {
+            Some(x) if x.def.publicity.is_some() => Some(i.to_owned()),
+            _ => return Err(invalid("/item", "is no published catalog item")),
+        },
+    };
+    let text = s.q.as_deref().map(str::trim).filter(|q| !q.is_empty());
+    let (mut uscc, mut name) = (None, None);
+    if let Some(q) = text {
+        if q.chars().count() > MAX_QUERY {
+            return Err(invalid("/q", "at most 50 characters"));
+        }
+        let upper = q.to_uppercase();
+        if crate::codes::check_uscc(&upper).is_ok() {
+            uscc = Some(upper);
+        } else if q.chars().count() < 2 {
+            return Err(invalid(
+                "/q",
+                "a unified social credit code, or at least 2 characters of a name",
+            ));
+        } else {
+            name = Some(q.to_owned());
+        }
+    }
+    let size = channel.cfg.page_size;
+    Ok((
+        PublicQuery {
+            uscc,
+            name,
+            item,
+            today: crate::codes::today_cst(),
+            offset: (page - 1) * size,
+            // One more than shown: whether a next page exists.
+            limit: size + 1,
+        },
+        page,
+    ))
+}
+
+/// A record as published.
+fn view(channel: &PublicChannel, catalog: &Catalog, r: &PublicRecord) -> Value {
+    let item = catalog.get(&r.item).map(|i| i.as_ref());
+    let fields = channel.state.redactor.public_view(item, &r.body);
+    json!({
+        "public_id": r.public_id,
+        "item": r.item,
+        "item_name_zh": item.map(|i| i.def.name_zh.as_str()),
+        "publicity": {"rule_set": r.rule_set, "from": r.start.to_string(), "until": r.end.to_string()},
+        "record": fields,
+    })
+}
+
+async fn results(
+    channel: &PublicChannel,
+    s: &Search,
+) -> Result<(Value, Vec<Value>, u32, bool), Problem> {
+    let catalog = channel.state.ingest.catalog.load_full();
+    let (q, page) = query(channel, s, &catalog)?;
+    let mut found = channel.state.ingest.store.public_records(q).await?;
+    let more = found.len() > channel.cfg.page_size as usize;
+    found.truncate(channel.cfg.page_size as usize);
+    let records: Vec<Value> = found.iter().map(|r| view(channel, &catalog, r)).collect();
+    let items: Vec<Value> = catalog
+        .items()
+        .filter(|i| i.def.publicity.is_some())
+        .map(|i| json!({"id": i.def.id, "name_zh": i.def.name_zh}))
+        .collect();
+    Ok((json!(items), records, page, more))
+}
+
+/// An answer with a validator and caching: `304` when the client has it.
+fn cached(
+    channel: &PublicChannel,
+    headers: &HeaderMap,
+    content_type: &'static str,
+    body: Vec<u8>,
+) -> Response {
+    use sha2::Digest;
+    let etag = format!("\"{}\"", &hex::encode(sha2::Sha256::digest(&body))[..32]);
+    let max_age = format!("public, max-age={}", channel.cfg.max_age_secs);
+    let mut resp = if super::if_none_match(headers, &etag) {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        let mut r = (StatusCode::OK, body).into_response();
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        r
+    };
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        h.insert(header::ETAG, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&max_age) {
+        h.insert(header::CACHE_CONTROL, v);
+    }
+    h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    resp
+}
+
+/// `GET /public/v1/records`.
+async fn search(
+    State(channel): State<Arc<PublicChannel>>,
+    headers: HeaderMap,
+    Query(s): Query<Search>,
+) -> Result<Response, Problem> {
+    let (_, records, page, more) = results(&channel, &s).await?;
+    let body = serde_json::to_vec(&json!({
+        "records": records,
+        "page": page,
+        "page_size": channel.cfg.page_size,
+        "next_page": more.then_some(page + 1),
+    }))
+    .map_err(|e| Problem::gateway(&e))?;
+    Ok(cached(&channel, &headers, "application/json", body))
+}
+
+/// `GET /public/v1/records/{public_id}`.
+async fn one(
+    State(channel): State<Arc<PublicChannel>>,
+    headers: HeaderMap,
+    Path(public_id): Path<String>,
+) -> Result<Response, Problem> {
+    let not_found = || {
+        Problem::caller(
+            StatusCode::NOT_FOUND,
+            "record_not_found",
+            "no published record with this id (it may have left publicity)",
+        )
+    };
+    if public_id.len() > 64 || !public_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(not_found());
+    }
+    let r = channel
+        .state
+        .ingest
+        .store
+        .public_record(&public_id, crate::codes::today_cst())
+        .await?
+        .ok_or_else(not_found)?;
+    let catalog = channel.state.ingest.catalog.load_full();
+    let body =
+        serde_json::to_vec(&view(&channel, &catalog, &r)).map_err(|e| Problem::gateway(&e))?;
+    Ok(cached(&channel, &headers, "application/json", body))
+}
+
+/// `GET /public/`: the search page.
+async fn page(
+    State(channel): State<Arc<PublicChannel>>,
+    headers: HeaderMap,
+    Query(s): Query<Search>,
+) -> Response {
+    let (items, records, page, more, error) = match results(&channel, &s).await {
+        Ok((items, records, page, more)) => (items, records, page, more, None),
+        Err(p) => {
+            let catalog = channel.state.ingest.catalog.load_full();
+            let items: Vec<Value> = catalog
+                .items()
+                .filter(|i| i.def.publicity.is_some())
+                .map(|i| json!({"id": i.def.id, "name_zh": i.def.name_zh}))
+                .collect();
+            let why = p
+                .errors
+                .first()
+                .map(|e| e.message.as_str())
+                .unwrap_or_default();
+            (
+                json!(items),
+                Vec::new(),
+                1,
+                false,
+                Some(format!("{} {why}", p.detail)),
+            )
+        }
+    };
+    let catalog = channel.state.ingest.catalog.load_full();
+    // Chinese field names per item, for the result cards.
+    let names: serde_json::Map<String, Value> = catalog
+        .items()
+        .filter(|i| i.def.publicity.is_some())
+        .map(|i| {
+            let fields: serde_json::Map<String, Value> = i
+                .fields
+                .iter()
+                .map(|(k, f)| (k.clone(), Value::String(f.name_zh.clone())))
+                .collect();
+            (i.def.id.clone(), Value::Object(fields))
+        })
+        .collect();
+    let html = super::pages::render(
+        "public.html",
+        context! {
+            q => s.q.as_deref().unwrap_or_default(),
+            item => s.item.as_deref().unwrap_or_default(),
+            items => items,
+            records => records,
+            names => names,
+            page => page,
+            next_page => more.then_some(page + 1),
+            error => error,
+        },
+    );
+    match html {
+        Ok(html) => {
+            let mut resp = cached(
+                &channel,
+                &headers,
+                "text/html; charset=utf-8",
+                html.into_bytes(),
+            );
+            resp.headers_mut().insert(
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(
+                    "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'",
+                ),
+            );
+            resp
+        }
+        Err(p) => p.into_response(),
+    }
+}
