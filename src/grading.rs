@@ -104,6 +104,7 @@ pub struct Grader {
     store: Arc<dyn Store>,
     active: crate::active::Active,
     subjects: Arc<SubjectCache>,
+    metrics: Arc<crate::metrics::Metrics>,
     inbox: std::sync::Mutex<Option<mpsc::UnboundedReceiver<String>>>,
 }
 
@@ -123,6 +124,7 @@ impl Grader {
         store: Arc<dyn Store>,
         active: crate::active::Active,
         subjects: Arc<SubjectCache>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Arc<Grader> {
         let (queue, inbox) = mpsc::unbounded_channel();
         subjects.listen(queue);
@@ -131,6 +133,7 @@ impl Grader {
             store,
             active,
             subjects,
+            metrics,
             inbox: std::sync::Mutex::new(Some(inbox)),
         })
     }
@@ -324,9 +327,12 @@ impl Grader {
             });
         }
         let n = updates.len();
-        for c in self.store.set_grades(updates).await? {
+        let changed = self.store.set_grades(updates).await?;
+        for c in &changed {
             tracing::info!(from = %c.from, to = %c.to, notice = ?c.notice_id, "credit grade changed");
         }
+        self.metrics.grade_assessments.inc_by(n as u64);
+        self.metrics.grade_changes.inc_by(changed.len() as u64);
         Ok(n)
     }
 }

@@ -80,6 +80,10 @@ pub struct Metrics {
     pub store_commits: Counter,
     /// Jobs per commit group.
     pub store_group_size: Histogram,
+    /// Subjects whose credit grade was assessed (and stored).
+    pub grade_assessments: Counter,
+    /// Stored grades that changed.
+    pub grade_changes: Counter,
 }
 
 impl Metrics {
@@ -162,6 +166,18 @@ fn build() -> Metrics {
         "Store commit groups (one fsync each)",
         store_commits.clone(),
     );
+    let grade_assessments = Counter::default();
+    registry.register(
+        "grade_assessments",
+        "Subjects whose credit grade was assessed and stored",
+        grade_assessments.clone(),
+    );
+    let grade_changes = Counter::default();
+    registry.register(
+        "grade_changes",
+        "Stored credit grades that changed",
+        grade_changes.clone(),
+    );
     let store_group_size = Histogram::new(exponential_buckets(1.0, 2.0, 11));
     registry.register(
         "store_group_size",
@@ -178,6 +194,8 @@ fn build() -> Metrics {
         handshake_failures,
         connections,
         store_commits,
+        grade_assessments,
+        grade_changes,
         store_group_size,
     }
 }

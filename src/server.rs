@@ -327,8 +327,13 @@ impl Gateway {
             crate::grading::stored_rules(store.as_ref(), grade_rules, &control.catalog.load())
                 .await
                 .map_err(|e| StartupErrors(vec![e]))?;
-        let grader =
-            crate::grading::Grader::new(rules, store.clone(), control.active(), subjects.clone());
+        let grader = crate::grading::Grader::new(
+            rules,
+            store.clone(),
+            control.active(),
+            subjects.clone(),
+            metrics.clone(),
+        );
         let ingest = Ingest::new(
             &control.active(),
             store.clone(),

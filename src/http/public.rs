@@ -237,6 +237,32 @@ fn cached(
     resp
 }
 
+/// A field of a published record as the page shows it: its Chinese name,
+/// and its value with coded values (`x-enum-zh`) in Chinese.
+fn display(item: &crate::catalog::CatalogItem, key: &str, value: &Value) -> (String, String) {
+    let label = item
+        .fields
+        .get(key)
+        .map_or_else(|| key.to_owned(), |f| f.name_zh.clone());
+    let spec = &item.def.schema["properties"][key];
+    let zh = spec
+        .get("x-enum-zh")
+        .or_else(|| spec["items"].get("x-enum-zh"));
+    let one = |v: &Value| match v {
+        Value::String(s) => zh
+            .and_then(|m| m.get(s))
+            .and_then(Value::as_str)
+            .unwrap_or(s)
+            .to_owned(),
+        other => other.to_string(),
+    };
+    let text = match value {
+        Value::Array(values) => values.iter().map(one).collect::<Vec<_>>().join("、"),
+        v => one(v),
+    };
+    (label, text)
+}
+
 /// `GET /public/v1/records`.
 async fn search(
     State(channel): State<Arc<PublicChannel>>,
@@ -313,17 +339,27 @@ async fn page(
         }
     };
     let catalog = channel.state.ingest.catalog.load_full();
-    // Chinese field names per item, for the result cards.
-    let names: serde_json::Map<String, Value> = catalog
-        .items()
-        .filter(|i| i.def.publicity.is_some())
-        .map(|i| {
-            let fields: serde_json::Map<String, Value> = i
-                .fields
-                .iter()
-                .map(|(k, f)| (k.clone(), Value::String(f.name_zh.clone())))
+    // Result cards: each field by its Chinese name, coded values by theirs.
+    let cards: Vec<Value> = records
+        .iter()
+        .map(|r| {
+            let item = r["item"].as_str().and_then(|i| catalog.get(i));
+            let rows: Vec<(String, String)> = r["record"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, _)| k.as_str() != "subject_name")
+                .map(|(k, v)| match item {
+                    Some(item) => display(item, k, v),
+                    None => (k.clone(), v.to_string()),
+                })
                 .collect();
-            (i.def.id.clone(), Value::Object(fields))
+            json!({
+                "item_name_zh": r["item_name_zh"],
+                "subject_name": r["record"]["subject_name"],
+                "publicity": r["publicity"],
+                "rows": rows,
+            })
         })
         .collect();
     let html = super::pages::render(
@@ -332,8 +368,7 @@ async fn page(
             q => s.q.as_deref().unwrap_or_default(),
             item => s.item.as_deref().unwrap_or_default(),
             items => items,
-            records => records,
-            names => names,
+            records => cards,
             page => page,
             next_page => more.then_some(page + 1),
             error => error,

@@ -698,6 +698,101 @@ pub(crate) async fn statistics_windows_compare_times_not_text(s: Subject) {
     store.close().await;
 }
 
+/// A published record is on the public channel from the first to the last
+/// day of its stamped period and while it is in effect, found by USCC
+/// and by part of a legal entity's name, never a natural person by name.
+pub(crate) async fn the_public_channel_keeps_to_the_stamped_period(s: Subject) {
+    use time::macros::date;
+    let store = s.store.clone();
+    let stamp = |public_id: &str| Publication {
+        public_id: public_id.to_owned(),
+        stamp: crate::publicity::Stamp {
+            rule_set: "2026-04".into(),
+            start: date!(2026 - 10 - 15),
+            end: date!(2027 - 10 - 14),
+        },
+    };
+    let mut firm = submission("s-firm", "r-firm");
+    firm.records[0].subject_key = Some("91320100M000100Y4N".into());
+    firm.records[0].body = "{\"subject_name\":\"南京金陵食品有限公司\"}".into();
+    firm.records[0].publicity = Some(stamp("aa01"));
+    let mut person = submission("s-person", "r-person");
+    person.records[0].subject_type = "natural_person".into();
+    person.records[0].subject_key = Some("pid:0123".into());
+    person.records[0].body = "{\"subject_name\":\"南京王五\"}".into();
+    person.records[0].publicity = Some(stamp("aa02"));
+    let unpublished = submission("s-none", "r-none");
+    for sub in [firm, person, unpublished] {
+        store.append_submission(sub).await.expect("append");
+    }
+    let ask = |today: Date, uscc: Option<&str>, name: Option<&str>| {
+        let store = store.clone();
+        let q = PublicQuery {
+            uscc: uscc.map(str::to_owned),
+            name: name.map(str::to_owned),
+            item: None,
+            today,
+            offset: 0,
+            limit: 10,
+        };
+        async move {
+            let mut ids: Vec<String> = store
+                .public_records(q)
+                .await
+                .expect("query")
+                .into_iter()
+                .map(|r| r.public_id)
+                .collect();
+            ids.sort();
+            ids
+        }
+    };
+    assert!(
+        ask(date!(2026 - 10 - 14), None, None).await.is_empty(),
+        "before"
+    );
+    assert_eq!(
+        ask(date!(2026 - 10 - 15), None, None).await,
+        ["aa01", "aa02"]
+    );
+    assert_eq!(
+        ask(date!(2027 - 10 - 14), None, None).await,
+        ["aa01", "aa02"]
+    );
+    assert!(
+        ask(date!(2027 - 10 - 15), None, None).await.is_empty(),
+        "after"
+    );
+    let today = date!(2026 - 12 - 01);
+    assert_eq!(ask(today, Some("91320100M000100Y4N"), None).await, ["aa01"]);
+    assert_eq!(ask(today, None, Some("金陵食品")).await, ["aa01"]);
+    assert!(
+        ask(today, None, Some("王五")).await.is_empty(),
+        "a person by name"
+    );
+    let one = store.public_record("aa01", today).await.expect("one");
+    assert_eq!(
+        one.map(|r| (r.rule_set, r.end)),
+        Some(("2026-04".into(), date!(2027 - 10 - 14)))
+    );
+    assert!(store
+        .public_record("aa01", date!(2027 - 10 - 15))
+        .await
+        .expect("one")
+        .is_none());
+    // Ended: off the channel at once.
+    store
+        .end_record(
+            "r-firm",
+            Ending::new(crate::notice::EndReason::Revoked),
+            "dept-market",
+        )
+        .await
+        .expect("end");
+    assert_eq!(ask(today, None, None).await, ["aa02"]);
+    store.close().await;
+}
+
 /// Instantiates every conformance test for one backend.
 macro_rules! conformance {
     ($backend:ident: $($test:ident),* $(,)?) => {
@@ -730,4 +825,5 @@ both_backends!(
     old_cursors_translate_to_positions,
     endpoint_health_is_counted_in_the_store,
     statistics_windows_compare_times_not_text,
+    the_public_channel_keeps_to_the_stamped_period,
 );

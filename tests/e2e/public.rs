@@ -279,6 +279,9 @@ async fn the_public_search_page_renders_in_chromium() {
         decision,
         uscc.as_str(),
         "公示期：2026-10-15 至 2027-10-14",
+        // Coded values by their Chinese names.
+        "警告、罚款、没收违法所得",
+        "法人及非法人组织",
     ] {
         assert!(dom.contains(want), "{want:?} not in the page:\n{dom}");
         assert!(
