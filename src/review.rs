@@ -208,7 +208,8 @@ pub fn assemble(i: &Inputs<'_>) -> Value {
         let view = i.redactor.record_view(item, &r.body, audience);
         let view = serde_json::to_value(&view).unwrap_or(Value::Null);
         let derived = item.and_then(|x| r.body.derived_notice(x));
-        entry["level"] = json!(derived.as_ref().map(|d| d.severity));
+        // The record's own level, whether or not it makes a notice.
+        entry["level"] = json!(item.and_then(|x| r.body.level(x)));
         let measures: Vec<String> = derived.map(|d| d.measures).unwrap_or_default();
         for id in &measures {
             let Some(m) = rule.measures.iter().find(|m| &m.id == id) else {

@@ -140,6 +140,17 @@ async fn a_report_lists_what_binds_the_asking_agency_for_its_purpose() {
         .map(|r| r["record_id"].as_str().expect("id"))
         .collect();
     assert!(in_force.contains(&listing_id.as_str()) && in_force.contains(&penalty_id.as_str()));
+    // Each record with its own level, a general penalty (no notice) too.
+    let level_of = |id: &str| {
+        report["records_in_effect"]
+            .as_array()
+            .expect("records")
+            .iter()
+            .find(|r| r["record_id"] == id)
+            .map(|r| r["level"].clone())
+    };
+    assert_eq!(level_of(&penalty_id), Some(json!("general")), "{doc:#}");
+    assert_eq!(level_of(&listing_id), Some(json!("serious")), "{doc:#}");
     assert!(!in_force.contains(&revoked_id.as_str()));
     let ended = report["ended_records"].as_array().expect("ended");
     assert_eq!(ended.len(), 1, "{doc:#}");
