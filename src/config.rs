@@ -69,6 +69,11 @@ pub struct PublicConfig {
     pub page_size: u32,
     /// `Cache-Control: max-age` of answers, seconds.
     pub max_age_secs: u32,
+    /// Most connections open at once (more wait to be accepted).
+    pub max_connections: usize,
+    /// A connection is closed after this many seconds, gracefully (its
+    /// requests finish), so idle clients cannot hold connections.
+    pub max_connection_age_secs: u64,
     /// Publicity periods by the rules in force at the decision date,
     /// stamped on records at acceptance (whether or not the channel is
     /// served).
@@ -84,6 +89,8 @@ impl Default for PublicConfig {
             per_address_burst: 40,
             page_size: 20,
             max_age_secs: 60,
+            max_connections: 1000,
+            max_connection_age_secs: 60,
             rule_set: crate::publicity::default_rule_sets(),
         }
     }
@@ -649,6 +656,9 @@ impl Config {
         errors.extend(crate::publicity::problems(&self.public.rule_set));
         if !(1..=100).contains(&self.public.page_size) {
             errors.push("public.page_size: 1 to 100".into());
+        }
+        if self.public.max_connections == 0 || self.public.max_connection_age_secs == 0 {
+            errors.push("public.max_connections, max_connection_age_secs: at least 1".into());
         }
         if self.public.per_address_per_second == 0 || self.public.per_address_burst == 0 {
             errors.push("public.per_address_per_second, per_address_burst: at least 1".into());

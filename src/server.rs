@@ -430,8 +430,12 @@ impl Gateway {
                     self.tls.clone(),
                     http::public::router(self.state.clone(), self.config.public.clone()),
                     shutdown.clone(),
-                    Duration::from_secs(self.config.server.handshake_timeout_secs),
-                    Duration::from_secs(self.config.server.request_timeout_secs),
+                    PublicLimits {
+                        handshake: Duration::from_secs(self.config.server.handshake_timeout_secs),
+                        request: Duration::from_secs(self.config.server.request_timeout_secs),
+                        max_age: Duration::from_secs(self.config.public.max_connection_age_secs),
+                        connections: self.config.public.max_connections,
+                    },
                 )))
             }
             _ => None,
@@ -771,16 +775,27 @@ async fn run_idempotency_purge(store: Arc<dyn Store>, shutdown: CancellationToke
     }
 }
 
+/// Bounds of the public listener's connections.
+struct PublicLimits {
+    handshake: Duration,
+    request: Duration,
+    max_age: Duration,
+    connections: usize,
+}
+
 /// Serves the public channel until `shutdown`: TLS without client
-/// certificates, each connection told its client address (rate limits).
+/// certificates, each connection told its client address (rate limits),
+/// at most `limits.connections` at once, each closed gracefully after
+/// `limits.max_age`.
 async fn serve_public(
     listener: TcpListener,
     tls: Arc<TlsState>,
     router: axum::Router,
     shutdown: CancellationToken,
-    handshake_timeout: Duration,
-    request_timeout: Duration,
+    limits: PublicLimits,
 ) {
+    let (handshake_timeout, request_timeout) = (limits.handshake, limits.request);
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.connections));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -793,6 +808,10 @@ async fn serve_public(
     let builder = Arc::new(builder);
     let connections = tokio_util::task::TaskTracker::new();
     loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
         let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             r = listener.accept() => match r {
@@ -807,7 +826,9 @@ async fn serve_public(
         let _ = tcp.set_nodelay(true);
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.public());
         let (router, builder, stop) = (router.clone(), builder.clone(), shutdown.clone());
+        let max_age = limits.max_age;
         connections.spawn(async move {
+            let _permit = permit;
             let Ok(Ok(stream)) =
                 tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await
             else {
@@ -828,6 +849,10 @@ async fn serve_public(
                 _ = stop.cancelled() => {
                     conn.as_mut().graceful_shutdown();
                     let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+                }
+                _ = tokio::time::sleep(max_age) => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(request_timeout, conn).await;
                 }
             }
         });

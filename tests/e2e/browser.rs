@@ -230,6 +230,33 @@ async fn the_printable_report_renders_in_chromium() {
     }
     let again = procurement.get(&path).await;
     assert_eq!(again.header("content-type"), Some("application/json"));
+    // Asked for HTML when issued: the page at once.
+    let resp = procurement
+        .send(
+            "POST",
+            "/v1/credit-reviews",
+            &[
+                ("content-type", "application/json"),
+                ("accept", "text/html"),
+            ],
+            serde_json::to_vec(
+                &json!({"subject": {"uscc": uscc}, "purpose": "government_procurement"}),
+            )
+            .expect("json"),
+        )
+        .await
+        .expect("request");
+    assert_eq!(resp.status, 201);
+    assert_eq!(
+        resp.header("content-type"),
+        Some("text/html; charset=utf-8")
+    );
+    assert!(resp.header("location").is_some());
+    let page = String::from_utf8_lossy(&resp.body).into_owned();
+    assert!(
+        page.contains("信用审查报告") && page.contains("审查结论：受限"),
+        "{page}"
+    );
 
     // Another agency's browser gets no report.
     drop(browser);

@@ -295,3 +295,59 @@ async fn the_public_search_page_renders_in_chromium() {
     }
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_connections_are_bounded_in_number_and_age() {
+    let mut env = Env::new();
+    env.config.public.enabled = true;
+    env.config.public.max_connection_age_secs = 2;
+    env.config.public.max_connections = 2;
+    let server = Server::start(&env).await;
+    let public = public_client(&env, &server);
+    // An old connection is told to go after its age; what it asked before
+    // is answered.
+    let mut conn = public.connect(false).await.expect("connect");
+    let opened = std::time::Instant::now();
+    let mut answered = 0;
+    while let Ok(r) = conn.send("GET", "/public/v1/records", &[], "").await {
+        assert_eq!(r.status, 200);
+        answered += 1;
+        assert!(
+            opened.elapsed() < std::time::Duration::from_secs(8),
+            "never closed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(
+        opened.elapsed() >= std::time::Duration::from_millis(1900) && answered >= 5,
+        "closed after {:?} and {answered} requests",
+        opened.elapsed()
+    );
+    // Two open connections take every slot: a third waits until one goes.
+    let mut a = public.connect(false).await.expect("a");
+    let _b = public.connect(false).await.expect("b");
+    assert_eq!(
+        a.send("GET", "/public/v1/records", &[], "")
+            .await
+            .expect("a")
+            .status,
+        200
+    );
+    let third = tokio::time::timeout(std::time::Duration::from_millis(700), async {
+        let mut c = public.connect(false).await?;
+        c.send("GET", "/public/v1/records", &[], "").await
+    })
+    .await;
+    assert!(third.is_err(), "a third connection was served at once");
+    drop(a);
+    let mut c = public.connect(false).await.expect("c");
+    let r = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        c.send("GET", "/public/v1/records", &[], ""),
+    )
+    .await
+    .expect("served once a slot is free")
+    .expect("answer");
+    assert_eq!(r.status, 200);
+    server.stop().await;
+}
