@@ -2,7 +2,10 @@
 # TLS configuration check with sslyze (Mozilla "intermediate" profile)
 # against credgate started the way an operator would run it: production
 # mode, a private CA and a server certificate valid for one year (ECDSA
-# P-256), made here with openssl. Exit code: sslyze's (0 = compliant).
+# P-256), made here with openssl. Both HTTPS listeners are scanned: the
+# mTLS one (with a client certificate) and the public channel (without).
+# Exit code 0 only when the gateway started and sslyze found both
+# compliant (sslyze itself exits 0 when it cannot connect at all).
 #
 #   load-tests/tls/sslyze-check.sh [path/to/credgate]
 #
@@ -38,9 +41,12 @@ extendedKeyUsage=serverAuth"
 issue admin "/CN=admin-credit-office" "keyUsage=critical,digitalSignature
 extendedKeyUsage=clientAuth"
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > gateway.secret
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-ops=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+port=$(free_port)
+ops=$(free_port)
+public=$(free_port)
 repo=$OLDPWD
+"$repo/$bin" review keygen "$dir/review-signing.key" > /dev/null
 cat > credgate.toml <<TOML
 mode = "production"
 [server]
@@ -52,6 +58,7 @@ cert = "$dir/server.pem"
 key = "$dir/server.key"
 [catalog]
 dir = "$repo/catalogs/credit"
+grades_file = "$repo/catalogs/grades.toml"
 [participants]
 file = "$repo/config/participants.toml"
 [subscriptions]
@@ -60,12 +67,31 @@ file = "$dir/none.toml"
 data_dir = "$dir/data"
 [privacy]
 secret_file = "$dir/gateway.secret"
+[review]
+signing_key_file = "$dir/review-signing.key"
+[public]
+enabled = true
+listen = "127.0.0.1:$public"
 TOML
 "$repo/$bin" serve --config credgate.toml 2> gateway.log &
 pid=$!
+ready=no
 for _ in $(seq 1 100); do
-  curl -fsS "http://127.0.0.1:$ops/readyz" >/dev/null 2>&1 && break
+  curl -fsS "http://127.0.0.1:$ops/readyz" >/dev/null 2>&1 && { ready=yes; break; }
   sleep 0.1
 done
-"$repo/$venv/bin/sslyze" --mozilla_config=intermediate --certinfo_ca_file ca.pem \
-  --cert admin.pem --key admin.key --sni localhost "127.0.0.1:$port"
+if [ "$ready" != yes ]; then
+  echo "the gateway did not start:" >&2
+  cat gateway.log >&2
+  exit 1
+fi
+status=0
+scan() { # label, then sslyze arguments
+  local label=$1; shift
+  "$repo/$venv/bin/sslyze" --mozilla_config=intermediate --certinfo_ca_file ca.pem --sni localhost "$@" > "scan-$label.txt" || status=1
+  cat "scan-$label.txt"
+  grep -q "OK - Compliant" "scan-$label.txt" || { echo "$label listener: not found compliant" >&2; status=1; }
+}
+scan mtls --cert admin.pem --key admin.key "127.0.0.1:$port"
+scan public "127.0.0.1:$public"
+exit $status
