@@ -42,7 +42,14 @@ pub struct PublicChannel {
     state: Arc<AppState>,
     cfg: PublicConfig,
     limiter: DefaultKeyedRateLimiter<IpAddr>,
+    /// Requests seen; every [`PRUNE_EVERY`] the limiter forgets addresses
+    /// that are back to a full quota (a scan of every address, so not on
+    /// every request).
+    requests: std::sync::atomic::AtomicU64,
 }
+
+/// How often the per-address limiter is pruned, in requests.
+const PRUNE_EVERY: u64 = 4096;
 
 /// Deepest page (results beyond it: narrow the search).
 const MAX_PAGE: u32 = 500;
@@ -68,6 +75,7 @@ pub fn router(state: Arc<AppState>, cfg: PublicConfig) -> Router {
     let channel = Arc::new(PublicChannel {
         state,
         limiter: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
+        requests: std::sync::atomic::AtomicU64::new(0),
         cfg,
     });
     Router::new()
@@ -110,7 +118,13 @@ async fn rate_limit(
         problem.retry_after = Some(wait.as_secs().max(1));
         return problem.into_response();
     }
-    channel.limiter.retain_recent();
+    let seen = channel
+        .requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if seen % PRUNE_EVERY == PRUNE_EVERY - 1 {
+        channel.limiter.retain_recent();
+        channel.limiter.shrink_to_fit();
+    }
     next.run(req).await
 }
 
