@@ -331,7 +331,17 @@ pub fn today_cst() -> Date {
 /// The same day `months` months earlier (the month's last day when the
 /// day does not exist there: 31 March less one month is 28/29 February).
 pub fn months_before(date: Date, months: u32) -> Date {
-    let total = date.year() * 12 + i32::from(u8::from(date.month())) - 1 - months as i32;
+    shift_months(date, -(months as i32))
+}
+
+/// The same day `months` months later (the month's last day when the day
+/// does not exist there).
+pub fn months_after(date: Date, months: u32) -> Date {
+    shift_months(date, months as i32)
+}
+
+fn shift_months(date: Date, months: i32) -> Date {
+    let total = date.year() * 12 + i32::from(u8::from(date.month())) - 1 + months;
     let (year, month) = (total.div_euclid(12), (total.rem_euclid(12) + 1) as u8);
     let month = time::Month::try_from(month).unwrap_or(time::Month::January);
     let day = date.day().min(month.length(year));

@@ -18,6 +18,7 @@ use serde_json::Value;
 use time::Date;
 
 use crate::catalog::{Catalog, NoticeType, Severity};
+use crate::codes::{months_after, months_before};
 
 /// Most grades in a rule set.
 const MAX_GRADES: usize = 20;
@@ -137,22 +138,6 @@ fn holds(c: &Condition, f: &Fact<'_>, today: Date) -> bool {
             f.decision_date
                 .is_some_and(|d| d >= months_before(today, m))
         })
-}
-
-/// `today` moved back `months` calendar months (the day clamped to the
-/// month's length).
-pub fn months_before(today: Date, months: u32) -> Date {
-    shift_months(today, -(months as i32))
-}
-
-/// `day` moved by `months` calendar months, the day clamped.
-pub(crate) fn shift_months(day: Date, months: i32) -> Date {
-    let today = day;
-    let total = today.year() * 12 + i32::from(u8::from(today.month())) - 1 + months;
-    let (year, month0) = (total.div_euclid(12), total.rem_euclid(12));
-    let month = time::Month::try_from(month0 as u8 + 1).unwrap_or(time::Month::January);
-    let day = today.day().min(month.length(year));
-    Date::from_calendar_date(year, month, day).unwrap_or(today)
 }
 
 impl RuleSet {
@@ -341,7 +326,7 @@ impl RuleSet {
                     if d < months_before(today, m) {
                         continue;
                     }
-                    let mut day = shift_months(d, m as i32)
+                    let mut day = months_after(d, m)
                         .saturating_sub(time::Duration::days(3))
                         .max(today);
                     while d >= months_before(day, m) {

@@ -14,6 +14,7 @@ use serde_json::Value;
 use time::Date;
 
 use crate::catalog::{CatalogItem, SubjectType};
+use crate::codes::months_after;
 
 /// A publicity period, in months from the decision date.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -161,11 +162,6 @@ pub fn problems(sets: &[RuleSet]) -> Vec<String> {
     errors
 }
 
-/// `day` moved forward `months` calendar months (day clamped).
-fn plus_months(day: Date, months: u32) -> Date {
-    crate::grades::shift_months(day, months as i32)
-}
-
 /// The stamp of a valid record of `item` (none: the item is not
 /// published, the record's subject may not be shown, or its level is not
 /// published under the rules that applied).
@@ -207,15 +203,15 @@ pub fn stamp(
                 _ => None,
             }?;
             let (shortest, longest) = (
-                plus_months(start, period.min_months),
-                plus_months(start, period.max_months),
+                months_after(start, period.min_months),
+                months_after(start, period.max_months),
             );
             // The record's own end of publicity, within the rule's bounds.
             text(&spec.end_field)
                 .and_then(parse)
                 .map_or(longest, |e| e.clamp(shortest, longest))
         }
-        None => effective_until.unwrap_or_else(|| plus_months(start, set.other_months)),
+        None => effective_until.unwrap_or_else(|| months_after(start, set.other_months)),
     };
     Some(Stamp {
         rule_set: set.id.clone(),
@@ -245,9 +241,12 @@ mod tests {
     #[test]
     fn months_are_calendar_months() {
         assert_eq!(
-            plus_months(date!(2026 - 10 - 15), 12),
+            months_after(date!(2026 - 10 - 15), 12),
             date!(2027 - 10 - 15)
         );
-        assert_eq!(plus_months(date!(2026 - 01 - 31), 1), date!(2026 - 02 - 28));
+        assert_eq!(
+            months_after(date!(2026 - 01 - 31), 1),
+            date!(2026 - 02 - 28)
+        );
     }
 }

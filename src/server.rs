@@ -505,15 +505,7 @@ impl Gateway {
             };
             let (tcp, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                r = listeners.main.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // Usually EMFILE: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
+                r = accept(&listeners.main) => match r { Some(x) => x, None => continue },
             };
             let _ = tcp.set_nodelay(true);
             let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.current());
@@ -775,6 +767,19 @@ async fn run_idempotency_purge(store: Arc<dyn Store>, shutdown: CancellationToke
     }
 }
 
+/// The next connection; on an error (usually EMFILE) none, after a short
+/// back-off instead of spinning.
+async fn accept(listener: &TcpListener) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+    match listener.accept().await {
+        Ok(x) => Some(x),
+        Err(e) => {
+            tracing::warn!(error = %e, "accept failed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            None
+        }
+    }
+}
+
 /// Bounds of the public listener's connections.
 struct PublicLimits {
     handshake: Duration,
@@ -814,14 +819,7 @@ async fn serve_public(
         };
         let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "public accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            r = accept(&listener) => match r { Some(x) => x, None => continue },
         };
         let _ = tcp.set_nodelay(true);
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.public());

@@ -214,12 +214,16 @@ async fn results(
     let more = found.len() > channel.cfg.page_size as usize;
     found.truncate(channel.cfg.page_size as usize);
     let records: Vec<Value> = found.iter().map(|r| view(channel, &catalog, r)).collect();
-    let items: Vec<Value> = catalog
+    Ok((published_items(&catalog), records, page, more))
+}
+
+/// The published items, for the page's choice of item.
+fn published_items(catalog: &Catalog) -> Value {
+    catalog
         .items()
         .filter(|i| i.def.publicity.is_some())
         .map(|i| json!({"id": i.def.id, "name_zh": i.def.name_zh}))
-        .collect();
-    Ok((json!(items), records, page, more))
+        .collect()
 }
 
 /// An answer with a validator and caching: `304` when the client has it.
@@ -329,30 +333,19 @@ async fn page(
     headers: HeaderMap,
     Query(s): Query<Search>,
 ) -> Response {
+    let catalog = channel.state.ingest.catalog.load_full();
     let (items, records, page, more, error) = match results(&channel, &s).await {
         Ok((items, records, page, more)) => (items, records, page, more, None),
         Err(p) => {
-            let catalog = channel.state.ingest.catalog.load_full();
-            let items: Vec<Value> = catalog
-                .items()
-                .filter(|i| i.def.publicity.is_some())
-                .map(|i| json!({"id": i.def.id, "name_zh": i.def.name_zh}))
-                .collect();
             let why = p
                 .errors
                 .first()
                 .map(|e| e.message.as_str())
                 .unwrap_or_default();
-            (
-                json!(items),
-                Vec::new(),
-                1,
-                false,
-                Some(format!("{} {why}", p.detail)),
-            )
+            let error = (p.status, format!("{} {why}", p.detail));
+            (published_items(&catalog), Vec::new(), 1, false, Some(error))
         }
     };
-    let catalog = channel.state.ingest.catalog.load_full();
     // Result cards: each field by its Chinese name, coded values by theirs.
     let cards: Vec<Value> = records
         .iter()
@@ -385,7 +378,7 @@ async fn page(
             records => cards,
             page => page,
             next_page => more.then_some(page + 1),
-            error => error,
+            error => error.as_ref().map(|(_, text)| text),
         },
     );
     match html {
@@ -396,6 +389,11 @@ async fn page(
                 "text/html; charset=utf-8",
                 html.into_bytes(),
             );
+            // A bad search is the asker's fault: the page says why, with
+            // the search's status.
+            if let (Some((status, _)), StatusCode::OK) = (error, resp.status()) {
+                *resp.status_mut() = status;
+            }
             resp.headers_mut().insert(
                 header::CONTENT_SECURITY_POLICY,
                 HeaderValue::from_static(

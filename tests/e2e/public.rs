@@ -215,6 +215,9 @@ async fn the_public_channel_shows_what_the_rules_publish_and_nothing_else() {
         .get("/public/v1/records?item=credit_commitment")
         .await;
     assert_eq!(bad.json()["errors"][0]["pointer"], "/item");
+    let page = public.get("/public/?q=x").await;
+    assert_eq!(page.status, 400, "a bad search on the page");
+    assert!(String::from_utf8_lossy(&page.body).contains("信用信息公示查询"));
     assert_eq!(public.get("/public/v1/records/00ff").await.status, 404);
     assert_eq!(public.get("/v1/catalog").await.status, 404);
 
