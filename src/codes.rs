@@ -322,6 +322,25 @@ pub mod iso_date_opt {
     }
 }
 
+/// A JSON number that is a whole non-negative number, written `3` or
+/// `3.0` alike (RFC 8259 does not tell them apart; JSON Schema's `integer`
+/// takes both).
+pub fn json_whole_number(v: &serde_json::Value) -> Option<u64> {
+    v.as_u64().or_else(|| {
+        v.as_f64()
+            .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= u32::MAX as f64)
+            .map(|f| f as u64)
+    })
+}
+
+/// Serde: a `u32` written as a whole JSON number, `3` or `3.0`.
+pub fn whole_u32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let v = <serde_json::Value as serde::Deserialize>::deserialize(d)?;
+    json_whole_number(&v)
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or_else(|| serde::de::Error::custom("expected a whole number"))
+}
+
 /// Today's date in China Standard Time (UTC+8), the calendar the records use.
 pub fn today_cst() -> Date {
     let offset = time::UtcOffset::from_hms(8, 0, 0).unwrap_or(time::UtcOffset::UTC);

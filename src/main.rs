@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use credgate::catalog::{Catalog, ItemDefinition};
-use credgate::config::Config;
+use credgate::config::{Config, StoreBackend};
 use credgate::participants::{Kind, Registry};
 
 /// mimalloc: the request path allocates many small, short-lived objects
@@ -59,6 +59,14 @@ enum Command {
     Review {
         #[command(subcommand)]
         command: ReviewCommand,
+    },
+    /// Print the OpenAPI 3.1 document (the one served at
+    /// `/v1/openapi.json`) with the record schemas of the active catalog
+    /// versions: the store's when it exists, else the catalog folder's.
+    Openapi {
+        /// Configuration of the gateway to describe.
+        #[arg(long, short, default_value = "config/credgate.toml")]
+        config: PathBuf,
     },
     /// Store tools.
     Store {
@@ -237,6 +245,7 @@ fn main() -> ExitCode {
         Command::Audit {
             command: AuditCommand::Verify { config },
         } => audit_verify(&config),
+        Command::Openapi { config } => openapi(&config),
         Command::Import {
             file,
             item,
@@ -615,6 +624,48 @@ fn catalog_export(dir: &std::path::Path, config: &std::path::Path) -> ExitCode {
         println!("wrote {} (v{})", path.display(), item["version"]);
     }
     ExitCode::SUCCESS
+}
+
+fn openapi(config: &std::path::Path) -> ExitCode {
+    let config = match load_config(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let all = |_: &str| true;
+    let stored = match config.store.backend {
+        StoreBackend::Sqlite if !config.database_path().exists() => None,
+        _ => credgate::store::active_items_of(&config)
+            .map_err(|e| eprintln!("note: the active catalog could not be read ({e}); describing the catalog folder"))
+            .ok()
+            .filter(|items| !items.is_empty()),
+    };
+    let catalog = match stored {
+        Some(items) => {
+            let defs: Result<Vec<_>, String> = items
+                .into_iter()
+                .map(|v| {
+                    let origin = format!("store item {}", v["id"]);
+                    serde_json::from_value(v)
+                        .map(|d| (origin.clone(), d))
+                        .map_err(|e| format!("{origin}: {e}"))
+                })
+                .collect();
+            defs.map_err(|e| vec![e])
+                .and_then(|defs| Catalog::compile_all(defs, &all))
+        }
+        None => Catalog::load_dir(&config.catalog.dir, &all),
+    };
+    match catalog {
+        Ok(catalog) => {
+            let doc = credgate::http::openapi::document(&catalog, &config.limits);
+            println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{}", e.join("\n"));
+            ExitCode::from(2)
+        }
+    }
 }
 
 fn import(config: &std::path::Path, opts: credgate::import::Options) -> ExitCode {

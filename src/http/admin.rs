@@ -13,14 +13,25 @@ use crate::error::Problem;
 use crate::store::DeliveryState;
 
 /// Query of the delivery list.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct DeliveryQuery {
+    /// `pending`, `inflight`, `delivered` or `dead` (default).
+    #[param(pattern = "^(pending|inflight|delivered|dead)$")]
     state: Option<String>,
+    /// Most listed (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
 }
 
 /// `GET /admin/v1/deliveries?state=dead`.
+#[utoipa::path(get, path = "/admin/v1/deliveries", tag = "admin",
+    params(DeliveryQuery),
+    responses(
+        (status = 200, description = "`{\"state\", \"deliveries\": [...], \"paused_subscriptions\"}`", body = Object),
+        (status = 400, description = "`invalid_query`: a parameter is not valid"),
+    ))]
 pub async fn deliveries(
     State(state): State<Arc<AppState>>,
     query: Result<Query<DeliveryQuery>, axum::extract::rejection::QueryRejection>,
@@ -49,6 +60,12 @@ pub async fn deliveries(
 }
 
 /// `POST /admin/v1/deliveries/{id}/retry`: a dead delivery back in the queue.
+#[utoipa::path(post, path = "/admin/v1/deliveries/{id}/retry", tag = "admin",
+    params(("id" = String, Path, description = "Delivery id")),
+    responses(
+        (status = 200, description = "The delivery is pending again", body = Object),
+        (status = 404, description = "`no_dead_delivery`: no dead delivery with this id"),
+    ))]
 pub async fn retry(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -68,6 +85,12 @@ pub async fn retry(
 }
 
 /// `GET /admin/v1/stats/feedback?from&to`: feedback rate per agency.
+#[utoipa::path(get, path = "/admin/v1/stats/feedback", tag = "admin",
+    params(super::query::PeriodQuery),
+    responses(
+        (status = 200, description = "`{\"from\", \"to\", \"agencies\": [...]}`: feedback per agency", body = Object),
+        (status = 400, description = "`invalid_query`: a parameter is not valid"),
+    ))]
 pub async fn feedback_stats(
     State(state): State<Arc<AppState>>,
     query: Result<Query<super::query::PeriodQuery>, axum::extract::rejection::QueryRejection>,

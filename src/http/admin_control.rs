@@ -99,6 +99,8 @@ fn enabled_by(action: &str) -> Result<bool, Problem> {
 // === catalog ===
 
 /// `GET /admin/v1/catalog/items`.
+#[utoipa::path(get, path = "/admin/v1/catalog/items", tag = "admin",
+    responses((status = 200, description = "`{\"items\": [...]}`: every item with its active version and version count", body = Object)))]
 pub async fn items(State(state): State<Arc<AppState>>) -> Result<Response, Problem> {
     let catalog = state.control.catalog.load_full();
     let mut out = Vec::new();
@@ -115,6 +117,12 @@ pub async fn items(State(state): State<Arc<AppState>>) -> Result<Response, Probl
 
 /// `GET /admin/v1/catalog/items/{item_id}`: the active definition, in the
 /// shape `PUT` takes.
+#[utoipa::path(get, path = "/admin/v1/catalog/items/{item_id}", tag = "admin",
+    params(("item_id" = String, Path, description = "Catalog item id")),
+    responses(
+        (status = 200, description = "The active definition, the shape `PUT` takes", body = Object),
+        (status = 404, description = "`unknown_item`: no such catalog item"),
+    ))]
 pub async fn item(
     State(state): State<Arc<AppState>>,
     Path(item_id): Path<String>,
@@ -131,6 +139,12 @@ pub async fn item(
 }
 
 /// `GET /admin/v1/catalog/items/{item_id}/versions`.
+#[utoipa::path(get, path = "/admin/v1/catalog/items/{item_id}/versions", tag = "admin",
+    params(("item_id" = String, Path, description = "Catalog item id")),
+    responses(
+        (status = 200, description = "`{\"item\", \"versions\": [...]}`", body = Object),
+        (status = 404, description = "`unknown_item`: no such catalog item"),
+    ))]
 pub async fn versions(
     State(state): State<Arc<AppState>>,
     Path(item_id): Path<String>,
@@ -147,11 +161,23 @@ pub async fn versions(
 }
 
 /// `GET /admin/v1/catalog/items/{item_id}/versions/{n}`.
+#[utoipa::path(get, path = "/admin/v1/catalog/items/{item_id}/versions/{n}", tag = "admin",
+    params(("item_id" = String, Path, description = "Catalog item id"), ("n" = u32, Path, description = "Version number", minimum = 1)),
+    responses(
+        (status = 200, description = "The definition of that version", body = Object),
+        (status = 404, description = "`unknown_version`: no such version of the item"),
+    ))]
 pub async fn version(
     State(state): State<Arc<AppState>>,
-    Path((item_id, n)): Path<(String, u32)>,
+    Path((item_id, n)): Path<(String, String)>,
 ) -> Result<Response, Problem> {
-    match state.ingest.store.item_version(&item_id, n).await? {
+    // A version that is not a number is a version the item does not have
+    // (a 404 problem, not the framework's plain-text 400).
+    let found = match n.parse::<u32>() {
+        Ok(n) => state.ingest.store.item_version(&item_id, n).await?,
+        Err(_) => None,
+    };
+    match found {
         Some(def) => ok(&def),
         None => Err(Problem::caller(
             StatusCode::NOT_FOUND,
@@ -162,9 +188,11 @@ pub async fn version(
 }
 
 /// Query of `PUT …/items/{item_id}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct PutQuery {
+    /// Validate and classify only; change nothing.
     #[serde(default)]
     dry_run: bool,
 }
@@ -172,6 +200,17 @@ pub struct PutQuery {
 /// `PUT /admin/v1/catalog/items/{item_id}[?dry_run=true]` (a whole
 /// definition) and `PATCH` (a JSON Merge Patch of the active one): the
 /// result is validated, classified and, unless a dry run, activated.
+#[utoipa::path(method(put, patch), path = "/admin/v1/catalog/items/{item_id}", tag = "admin",
+    params(("item_id" = String, Path, description = "Catalog item id"), PutQuery),
+    request_body(content = Object, content_type = "application/json",
+        description = "PUT: the whole definition; PATCH: a JSON Merge Patch (RFC 7396, `application/merge-patch+json`) of the active one. `force` and `reason` allow a breaking change"),
+    responses(
+        (status = 200, description = "Validated, classified and (unless `dry_run`) activated: `{\"item\", \"version\", \"classification\", \"changes\": [...]}`", body = Object),
+        (status = 400, description = "`invalid_query`, `invalid_document`: the query or the document is not valid"),
+        (status = 404, description = "`not_found`: no such item (PATCH)"),
+        (status = 409, description = "`breaking_change`, `conflicts`, `version_conflict`: the change needs `force` and a `reason`, would leave other settings invalid, or another version came first"),
+        (status = 422, description = "`invalid_definition`: the definition has problems, listed with pointers"),
+    ))]
 pub async fn change_item(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -203,6 +242,7 @@ pub async fn change_item(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RollbackBody {
+    #[serde(deserialize_with = "crate::codes::whole_u32")]
     version: u32,
     #[serde(default)]
     force: bool,
@@ -210,6 +250,16 @@ struct RollbackBody {
 }
 
 /// `POST /admin/v1/catalog/items/{item_id}/rollback` `{"version": n}`.
+#[utoipa::path(post, path = "/admin/v1/catalog/items/{item_id}/rollback", tag = "admin",
+    params(("item_id" = String, Path, description = "Catalog item id")),
+    request_body(content = ref("#/components/schemas/RollbackRequest"), content_type = "application/json"),
+    responses(
+        (status = 200, description = "That version's content is active again, as a new version", body = Object),
+        (status = 400, description = "`invalid_document`: not `{\"version\": n}`"),
+        (status = 404, description = "`not_found`: no such item or version"),
+        (status = 409, description = "`breaking_change`, `conflicts`, `version_conflict`: as for a change"),
+        (status = 422, description = "`invalid_definition`: that version is not valid any more"),
+    ))]
 pub async fn rollback(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -237,11 +287,19 @@ pub async fn rollback(
 // === participants and subscriptions ===
 
 /// `GET /admin/v1/participants`.
+#[utoipa::path(get, path = "/admin/v1/participants", tag = "admin",
+    responses((status = 200, description = "`{\"participants\": [...]}`", body = Object)))]
 pub async fn participants(State(state): State<Arc<AppState>>) -> Result<Response, Problem> {
     ok(&json!({"participants": state.control.registry.load().to_vec()}))
 }
 
 /// `GET /admin/v1/participants/{id}`.
+#[utoipa::path(get, path = "/admin/v1/participants/{id}", tag = "admin",
+    params(("id" = String, Path, description = "Participant id")),
+    responses(
+        (status = 200, description = "The participant", body = Object),
+        (status = 404, description = "`unknown_participant`: no such participant"),
+    ))]
 pub async fn participant(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -257,6 +315,15 @@ pub async fn participant(
 }
 
 /// `PUT /admin/v1/participants/{id}`: create or replace.
+#[utoipa::path(put, path = "/admin/v1/participants/{id}", tag = "admin",
+    params(("id" = String, Path, description = "Participant id")),
+    request_body(content = Object, content_type = "application/json", description = "The participant: `kind`, `name`, `clearance`, `enabled`, `certificate_sha256`, `rate`"),
+    responses(
+        (status = 200, description = "Stored and in force on every instance", body = Object),
+        (status = 400, description = "`invalid_document`: not a participant document"),
+        (status = 409, description = "`conflicts`, `version_conflict`: the change would leave other settings invalid"),
+        (status = 422, description = "`invalid_definition`: the participant has problems, listed with pointers"),
+    ))]
 pub async fn put_participant(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -304,6 +371,14 @@ async fn set_participant_enabled(
 }
 
 /// `POST /admin/v1/participants/{id}/disable` and `…/enable`.
+#[utoipa::path(post, path = "/admin/v1/participants/{id}/{action}", tag = "admin",
+    params(("id" = String, Path, description = "Participant id"),
+        ("action" = String, Path, description = "`enable` or `disable`", pattern = "^(enable|disable)$")),
+    responses(
+        (status = 200, description = "The participant as it is now", body = Object),
+        (status = 404, description = "`not_found`, `unknown_participant`: no such action or participant"),
+        (status = 409, description = "`conflicts`: disabling it would leave other settings invalid"),
+    ))]
 pub async fn switch_participant(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -326,6 +401,8 @@ fn shown(spec: &crate::routing::SubscriptionSpec) -> Value {
 }
 
 /// `GET /admin/v1/subscriptions`.
+#[utoipa::path(get, path = "/admin/v1/subscriptions", tag = "admin",
+    responses((status = 200, description = "`{\"subscriptions\": [...], \"paused\": [...]}`", body = Object)))]
 pub async fn subscriptions(State(state): State<Arc<AppState>>) -> Result<Response, Problem> {
     let subs = state.control.subscriptions.load();
     let list: Vec<Value> = subs.specs().iter().map(shown).collect();
@@ -333,6 +410,12 @@ pub async fn subscriptions(State(state): State<Arc<AppState>>) -> Result<Respons
 }
 
 /// `GET /admin/v1/subscriptions/{id}`.
+#[utoipa::path(get, path = "/admin/v1/subscriptions/{id}", tag = "admin",
+    params(("id" = String, Path, description = "Subscription id")),
+    responses(
+        (status = 200, description = "The subscription", body = Object),
+        (status = 404, description = "`unknown_subscription`: no such subscription"),
+    ))]
 pub async fn subscription(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -349,6 +432,15 @@ pub async fn subscription(
 }
 
 /// `PUT /admin/v1/subscriptions/{id}`: create or replace.
+#[utoipa::path(put, path = "/admin/v1/subscriptions/{id}", tag = "admin",
+    params(("id" = String, Path, description = "Subscription id")),
+    request_body(content = Object, content_type = "application/json", description = "The subscription: `agency`, `items`, `types`, `levels`, `mode` (`push` with `endpoint` and `secret`, or `pull`)"),
+    responses(
+        (status = 200, description = "Stored; a push subscription delivers from now on, on every instance", body = Object),
+        (status = 400, description = "`invalid_document`: not a subscription document"),
+        (status = 409, description = "`conflicts`, `version_conflict`: the subscription does not fit the catalog or participants"),
+        (status = 422, description = "`invalid_definition`, `push_unavailable`: the subscription has problems, or its endpoint cannot be delivered to"),
+    ))]
 pub async fn put_subscription(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -397,6 +489,15 @@ async fn set_subscription_enabled(
 }
 
 /// `POST /admin/v1/subscriptions/{id}/disable` and `…/enable`.
+#[utoipa::path(post, path = "/admin/v1/subscriptions/{id}/{action}", tag = "admin",
+    params(("id" = String, Path, description = "Subscription id"),
+        ("action" = String, Path, description = "`enable` or `disable`", pattern = "^(enable|disable)$")),
+    responses(
+        (status = 200, description = "The subscription as it is now", body = Object),
+        (status = 404, description = "`not_found`, `unknown_subscription`: no such action or subscription"),
+        (status = 409, description = "`conflicts`: the change would leave other settings invalid"),
+        (status = 422, description = "`invalid_definition`, `push_unavailable`: the subscription cannot be enabled"),
+    ))]
 pub async fn switch_subscription(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -408,14 +509,24 @@ pub async fn switch_subscription(
 // === audit and statistics ===
 
 /// Query of the audit page.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct AuditQuery {
+    /// Chain position after which to list (default: the beginning).
     after: Option<i64>,
+    /// Most listed (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
 }
 
 /// `GET /admin/v1/audit?after=&limit=`.
+#[utoipa::path(get, path = "/admin/v1/audit", tag = "admin",
+    params(AuditQuery),
+    responses(
+        (status = 200, description = "`{\"entries\": [...], \"next\"}`: audit entries with their chain position", body = Object),
+        (status = 400, description = "`invalid_query`: a parameter is not valid"),
+    ))]
 pub async fn audit(
     State(state): State<Arc<AppState>>,
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
@@ -436,6 +547,12 @@ pub async fn audit(
 }
 
 /// `GET /admin/v1/stats/departments?from&to`: what departments are scored on.
+#[utoipa::path(get, path = "/admin/v1/stats/departments", tag = "admin",
+    params(super::query::PeriodQuery),
+    responses(
+        (status = 200, description = "Submissions, acceptance and timeliness per department and item", body = Object),
+        (status = 400, description = "`invalid_query`: a parameter is not valid"),
+    ))]
 pub async fn department_stats(
     State(state): State<Arc<AppState>>,
     query: Result<Query<super::query::PeriodQuery>, axum::extract::rejection::QueryRejection>,

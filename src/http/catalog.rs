@@ -58,6 +58,12 @@ fn with_etag(
 }
 
 /// Lists the active items.
+#[utoipa::path(get, path = "/v1/catalog", tag = "catalog",
+    params(("If-None-Match" = Option<String>, Header, description = "ETag of a copy held")),
+    responses(
+        (status = 200, description = "`{\"items\": [...]}`: the active catalog items, with an `ETag`", body = Object),
+        (status = 304, description = "Not modified"),
+    ))]
 pub async fn list(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -71,6 +77,14 @@ pub async fn list(
 }
 
 /// The full active definition of one item, schema included.
+#[utoipa::path(get, path = "/v1/catalog/items/{item_id}", tag = "catalog",
+    params(("item_id" = String, Path, description = "Catalog item id"),
+        ("If-None-Match" = Option<String>, Header, description = "ETag of a copy held")),
+    responses(
+        (status = 200, description = "The active definition of the item, with an `ETag`", body = Object),
+        (status = 304, description = "Not modified"),
+        (status = 404, description = "`unknown_item`: no such catalog item"),
+    ))]
 pub async fn item(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,

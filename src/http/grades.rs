@@ -25,6 +25,8 @@ fn body(doc: &Value) -> Result<Vec<u8>, Problem> {
 }
 
 /// `GET /admin/v1/grades`: the rules in force and every version.
+#[utoipa::path(get, path = "/admin/v1/grades", tag = "admin",
+    responses((status = 200, description = "`{\"version\", \"rules\", \"versions\"}`: the grade rules in force", body = Object)))]
 pub async fn rules(State(state): State<Arc<AppState>>) -> Result<Response, Problem> {
     let active = state.reviews.grader.rules.load_full();
     let versions = state.ingest.store.grade_rule_versions().await?;
@@ -35,6 +37,12 @@ pub async fn rules(State(state): State<Arc<AppState>>) -> Result<Response, Probl
 }
 
 /// `GET /admin/v1/grades/versions/{n}`: one stored version.
+#[utoipa::path(get, path = "/admin/v1/grades/versions/{n}", tag = "admin",
+    params(("n" = String, Path, description = "Version number")),
+    responses(
+        (status = 200, description = "That version of the rule set", body = Object),
+        (status = 404, description = "`version_not_found`: no such version"),
+    ))]
 pub async fn version(
     State(state): State<Arc<AppState>>,
     Path(n): Path<String>,
@@ -63,6 +71,12 @@ pub async fn version(
 /// "reason": "..."}`: checks the rule set against the catalog, stores it as
 /// the next version (audited), puts it in force and assesses every subject
 /// again.
+#[utoipa::path(put, path = "/admin/v1/grades", tag = "admin",
+    request_body(content = Object, content_type = "application/json", description = "`{\"rules\": {grades, rules}, \"reason\"}`"),
+    responses(
+        (status = 200, description = "Activated as a new version; every subject is assessed again", body = Object),
+        (status = 400, description = "`invalid_grade_rules`: the rule set has problems, listed with pointers"),
+    ))]
 pub async fn change(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -129,6 +143,8 @@ pub async fn change(
 
 /// `POST /admin/v1/grades/reassess`: assesses every subject again in the
 /// background (after `credgate import`, for example).
+#[utoipa::path(post, path = "/admin/v1/grades/reassess", tag = "admin",
+    responses((status = 202, description = "Every subject will be assessed again in the background", body = Object)))]
 pub async fn reassess(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -143,6 +159,8 @@ pub async fn reassess(
 
 /// `GET /admin/v1/stats/grades`: assessed subjects per grade, in total and
 /// per prefecture (the first four digits of the division code).
+#[utoipa::path(get, path = "/admin/v1/stats/grades", tag = "admin",
+    responses((status = 200, description = "Subjects per grade and per prefecture", body = Object)))]
 pub async fn stats(State(state): State<Arc<AppState>>) -> Result<Response, Problem> {
     let counts = state.ingest.store.grade_counts().await?;
     let rules = state.reviews.grader.rules.load_full();

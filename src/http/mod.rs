@@ -8,6 +8,7 @@ mod bounded;
 pub mod catalog;
 pub mod grades;
 pub mod notices;
+pub mod openapi;
 pub mod ops;
 pub mod pages;
 pub mod public;
@@ -24,10 +25,11 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::Router;
 use http_body_util::BodyExt;
 use serde_json::Value;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::config::LimitsConfig;
 use crate::error::Problem;
@@ -81,75 +83,57 @@ impl std::fmt::Debug for AppState {
     }
 }
 
-/// The main listener's routes.
+/// The main listener's routes, each registered from its handler's
+/// `#[utoipa::path]` annotation, so the OpenAPI document lists every one.
+pub fn api_router() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::new()
+        .routes(routes!(records::submit))
+        .routes(routes!(records::read, records::correct))
+        .routes(routes!(records::revisions))
+        .routes(routes!(records::revoke))
+        .routes(routes!(records::remove))
+        .routes(routes!(reviews::issue))
+        .routes(routes!(reviews::keys))
+        .routes(routes!(reviews::read))
+        .routes(routes!(reviews::lookup))
+        .routes(routes!(notices::pull))
+        .routes(routes!(notices::ack))
+        .routes(routes!(notices::feedback))
+        .routes(routes!(catalog::list))
+        .routes(routes!(catalog::item))
+        .routes(routes!(openapi::serve))
+        .routes(routes!(admin::deliveries))
+        .routes(routes!(admin::retry))
+        .routes(routes!(admin::feedback_stats))
+        .routes(routes!(admin_control::department_stats))
+        .routes(routes!(grades::stats))
+        .routes(routes!(grades::rules, grades::change))
+        .routes(routes!(grades::version))
+        .routes(routes!(grades::reassess))
+        .routes(routes!(admin_control::audit))
+        .routes(routes!(admin_control::items))
+        .routes(routes!(admin_control::item, admin_control::change_item))
+        .routes(routes!(admin_control::versions))
+        .routes(routes!(admin_control::version))
+        .routes(routes!(admin_control::rollback))
+        .routes(routes!(admin_control::participants))
+        .routes(routes!(
+            admin_control::participant,
+            admin_control::put_participant
+        ))
+        .routes(routes!(admin_control::switch_participant))
+        .routes(routes!(admin_control::subscriptions))
+        .routes(routes!(
+            admin_control::subscription,
+            admin_control::put_subscription
+        ))
+        .routes(routes!(admin_control::switch_subscription))
+}
+
+/// The main listener's router.
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/v1/records", post(records::submit))
-        .route(
-            "/v1/records/{record_id}",
-            get(records::read).put(records::correct),
-        )
-        .route("/v1/records/{record_id}/revisions", get(records::revisions))
-        .route("/v1/records/{record_id}/revocation", post(records::revoke))
-        .route("/v1/records/{record_id}/removal", post(records::remove))
-        .route("/v1/credit-reviews", post(reviews::issue))
-        .route("/v1/credit-reviews/keys", get(reviews::keys))
-        .route("/v1/credit-reviews/{report_id}", get(reviews::read))
-        .route("/admin/v1/credit-reviews/lookup", post(reviews::lookup))
-        .route("/v1/notices", get(notices::pull))
-        .route("/v1/notices/ack", post(notices::ack))
-        .route("/v1/notices/{notice_id}/feedback", post(notices::feedback))
-        .route("/admin/v1/deliveries", get(admin::deliveries))
-        .route("/admin/v1/deliveries/{id}/retry", post(admin::retry))
-        .route("/admin/v1/stats/feedback", get(admin::feedback_stats))
-        .route("/admin/v1/stats/grades", get(grades::stats))
-        .route("/admin/v1/grades", get(grades::rules).put(grades::change))
-        .route("/admin/v1/grades/versions/{n}", get(grades::version))
-        .route("/admin/v1/grades/reassess", post(grades::reassess))
-        .route(
-            "/admin/v1/stats/departments",
-            get(admin_control::department_stats),
-        )
-        .route("/admin/v1/audit", get(admin_control::audit))
-        .route("/admin/v1/catalog/items", get(admin_control::items))
-        .route(
-            "/admin/v1/catalog/items/{item_id}",
-            get(admin_control::item)
-                .put(admin_control::change_item)
-                .patch(admin_control::change_item),
-        )
-        .route(
-            "/admin/v1/catalog/items/{item_id}/versions",
-            get(admin_control::versions),
-        )
-        .route(
-            "/admin/v1/catalog/items/{item_id}/versions/{n}",
-            get(admin_control::version),
-        )
-        .route(
-            "/admin/v1/catalog/items/{item_id}/rollback",
-            post(admin_control::rollback),
-        )
-        .route("/admin/v1/participants", get(admin_control::participants))
-        .route(
-            "/admin/v1/participants/{id}",
-            get(admin_control::participant).put(admin_control::put_participant),
-        )
-        .route(
-            "/admin/v1/participants/{id}/{action}",
-            post(admin_control::switch_participant),
-        )
-        .route("/admin/v1/subscriptions", get(admin_control::subscriptions))
-        .route(
-            "/admin/v1/subscriptions/{id}",
-            get(admin_control::subscription).put(admin_control::put_subscription),
-        )
-        .route(
-            "/admin/v1/subscriptions/{id}/{action}",
-            post(admin_control::switch_subscription),
-        )
-        .route("/v1/catalog", get(catalog::list))
-        .route("/v1/catalog/items/{item_id}", get(catalog::item))
+    let (routes, _) = api_router().split_for_parts();
+    routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), identify))
@@ -174,7 +158,16 @@ async fn method_not_allowed() -> Problem {
 
 /// Resolves the connection's certificate identity to a registered,
 /// enabled participant, applies its quota, and bounds the request's time.
-async fn identify(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
+async fn identify(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    // A body within the limit is read before anything can refuse the
+    // request: a refusal answered while the client is still sending would
+    // reach it as a connection reset (the socket closes with unread data),
+    // not as the problem document. Larger bodies are left to the body
+    // reader, which answers 413 after draining a moderate excess.
+    let mut req = match receive_body(&state, req).await {
+        Ok(req) => req,
+        Err(p) => return p.into_response(),
+    };
     let Some(PeerId { id, fingerprint }) = req.extensions().get::<PeerId>().cloned() else {
         return Problem::caller(
             StatusCode::FORBIDDEN,
@@ -283,6 +276,35 @@ async fn identify(State(state): State<Arc<AppState>>, mut req: Request, next: Ne
     h.insert("ratelimit-limit", quota.burst.into());
     h.insert("ratelimit-remaining", left.into());
     resp
+}
+
+/// The request with its body read into memory when it declares a length
+/// within `limits.max_body_bytes`, within the request's time limit.
+async fn receive_body(state: &AppState, req: Request) -> Result<Request, Problem> {
+    let max = state.limits.max_body_bytes;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if !declared.is_some_and(|n| n > 0 && n <= max) {
+        return Ok(req);
+    }
+    let (parts, body) = req.into_parts();
+    let read = http_body_util::Limited::new(body, max).collect();
+    match tokio::time::timeout(state.request_timeout, read).await {
+        Ok(Ok(c)) => Ok(Request::from_parts(parts, Body::from(c.to_bytes()))),
+        Ok(Err(_)) => Err(Problem::caller(
+            StatusCode::BAD_REQUEST,
+            "body_read_failed",
+            "the body could not be read to its declared length",
+        )),
+        Err(_) => Err(Problem::caller(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            "the request took too long to arrive or complete",
+        )),
+    }
 }
 
 /// How much of an oversized body is read and discarded so the client gets

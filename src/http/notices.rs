@@ -46,11 +46,18 @@ fn parse_cursor(s: &str) -> Result<Cursor, Problem> {
 }
 
 /// Query of a pull.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct PullQuery {
+    /// A `next_cursor` (or notice `cursor`) given earlier; without it, the
+    /// agency's acknowledged position.
     after: Option<String>,
+    /// Most notices in the page (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
+    /// Seconds to wait when none is ready (default 0).
+    #[param(minimum = 0, maximum = 30)]
     wait: Option<u64>,
 }
 
@@ -62,6 +69,13 @@ struct PullPage {
 
 /// Notices for the caller after a cursor, redacted for its clearance;
 /// waits up to `wait` seconds when none are ready.
+#[utoipa::path(get, path = "/v1/notices", tag = "notices",
+    params(PullQuery),
+    responses(
+        (status = 200, description = "Notices after the cursor, in order, redacted for the caller", body = inline(super::openapi::NoticePage)),
+        (status = 400, description = "`invalid_query`: a parameter is out of range or the cursor was not given by the gateway"),
+        (status = 403, description = "`agencies_only`: notices are for agencies"),
+    ))]
 pub async fn pull(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -114,6 +128,13 @@ pub async fn pull(
 }
 
 /// Stores the caller's acknowledged position.
+#[utoipa::path(post, path = "/v1/notices/ack", tag = "notices",
+    request_body(content = ref("#/components/schemas/AckRequest"), content_type = "application/json"),
+    responses(
+        (status = 200, description = "The position is stored; a pull without `after` starts there", body = inline(super::openapi::AckAnswer)),
+        (status = 400, description = "`invalid_document`, `invalid_query`: not `{\"cursor\": ...}` with a cursor the gateway gave"),
+        (status = 403, description = "`agencies_only`: notices are for agencies"),
+    ))]
 pub async fn ack(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -123,6 +144,22 @@ pub async fn ack(
     agency_only(&caller)?;
     let raw = read_json(&headers, body, &state.limits).await?;
     let doc = parse_json(&raw, &state.limits)?;
+    // Like every request document, only its own members (a typo such as
+    // "cusor" must not pass as a valid acknowledgement of something else).
+    if let Some(k) = doc
+        .as_object()
+        .and_then(|o| o.keys().find(|k| k.as_str() != "cursor"))
+    {
+        return Err(Problem::caller(
+            StatusCode::BAD_REQUEST,
+            "invalid_document",
+            "the acknowledgement is {\"cursor\": \"...\"} only",
+        )
+        .at(
+            format!("/{}", crate::catalog::escape_pointer(k)),
+            "unknown field",
+        ));
+    }
     let cursor = match doc.get("cursor") {
         Some(Value::String(c)) => {
             parse_cursor(c).map_err(|p| p.at("/cursor", "must be a next_cursor value"))?
@@ -158,6 +195,16 @@ struct FeedbackBody {
 const MAX_NOTE: usize = 2000;
 
 /// An agency reports what it did about one measure of a notice it received.
+#[utoipa::path(post, path = "/v1/notices/{notice_id}/feedback", tag = "notices",
+    params(("notice_id" = String, Path, description = "Notice id")),
+    request_body(content = ref("#/components/schemas/FeedbackRequest"), content_type = "application/json"),
+    responses(
+        (status = 200, description = "Feedback stored", body = inline(super::openapi::FeedbackAnswer)),
+        (status = 400, description = "`invalid_feedback`: not a feedback document, or the measure is not the notice's"),
+        (status = 403, description = "`agencies_only`: feedback comes from agencies"),
+        (status = 404, description = "`notice_not_found`: the caller received no notice with this id"),
+        (status = 409, description = "`lift_notice`: a lift notice takes no feedback"),
+    ))]
 pub async fn feedback(
     State(state): State<Arc<AppState>>,
     caller: Caller,

@@ -20,12 +20,13 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use axum::Router;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use minijinja::context;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::AppState;
 use crate::catalog::Catalog;
@@ -58,14 +59,39 @@ const MAX_PAGE: u32 = 500;
 const MAX_QUERY: usize = 50;
 
 /// Query parameters.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct Search {
-    /// USCC or part of a name.
+    /// A unified social credit code, or 2-50 characters of a legal
+    /// entity's name.
+    #[param(schema_with = crate::http::openapi::public_search_text)]
     pub q: Option<String>,
-    /// One item.
+    /// One published catalog item.
     pub item: Option<String>,
-    /// Page, from 1.
+    /// Page, from 1 to 500.
+    #[param(schema_with = crate::http::openapi::public_page)]
     pub page: Option<String>,
+}
+
+/// The query, or the `invalid_query` problem when it cannot be read (say,
+/// a broken percent-encoding) rather than the framework's plain text.
+fn search_query(
+    query: Result<Query<Search>, axum::extract::rejection::QueryRejection>,
+) -> Result<Search, Problem> {
+    query.map(|Query(s)| s).map_err(|_| {
+        invalid(
+            "",
+            "the query string cannot be read: use q, item and page, percent-encoded as UTF-8",
+        )
+    })
+}
+
+/// The public routes, registered from their annotations.
+pub fn api_router() -> OpenApiRouter<Arc<PublicChannel>> {
+    OpenApiRouter::new()
+        .routes(routes!(page))
+        .routes(routes!(search))
+        .routes(routes!(one))
 }
 
 /// Routes of the public listener.
@@ -78,10 +104,9 @@ pub fn router(state: Arc<AppState>, cfg: PublicConfig) -> Router {
         requests: std::sync::atomic::AtomicU64::new(0),
         cfg,
     });
-    Router::new()
-        .route("/public/", get(page))
-        .route("/public/v1/records", get(search))
-        .route("/public/v1/records/{public_id}", get(one))
+    api_router()
+        .split_for_parts()
+        .0
         .fallback(|| async {
             Problem::caller(
                 StatusCode::NOT_FOUND,
@@ -158,12 +183,15 @@ fn query(
             _ => return Err(invalid("/item", "is no published catalog item")),
         },
     };
+    if s.q
+        .as_deref()
+        .is_some_and(|q| q.chars().count() > MAX_QUERY)
+    {
+        return Err(invalid("/q", "at most 50 characters"));
+    }
     let text = s.q.as_deref().map(str::trim).filter(|q| !q.is_empty());
     let (mut uscc, mut name) = (None, None);
     if let Some(q) = text {
-        if q.chars().count() > MAX_QUERY {
-            return Err(invalid("/q", "at most 50 characters"));
-        }
         let upper = q.to_uppercase();
         if crate::codes::check_uscc(&upper).is_ok() {
             uscc = Some(upper);
@@ -282,11 +310,19 @@ fn display(item: &crate::catalog::CatalogItem, key: &str, value: &Value) -> (Str
 }
 
 /// `GET /public/v1/records`.
+#[utoipa::path(get, path = "/public/v1/records", tag = "public", params(Search),
+    responses(
+        (status = 200, description = "`{\"records\": [...], \"page\", \"page_size\", \"more\"}`: records inside their publicity period, `public` fields only; with `ETag` and `Cache-Control`", body = Object),
+        (status = 304, description = "Not modified"),
+        (status = 400, description = "`invalid_query`: the search is not valid"),
+        (status = 429, description = "`rate_limited`: too many requests from this address; see `Retry-After`"),
+    ))]
 async fn search(
     State(channel): State<Arc<PublicChannel>>,
     headers: HeaderMap,
-    Query(s): Query<Search>,
+    query: Result<Query<Search>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
+    let s = search_query(query)?;
     let (_, records, page, more) = results(&channel, &s).await?;
     let body = serde_json::to_vec(&json!({
         "records": records,
@@ -299,6 +335,14 @@ async fn search(
 }
 
 /// `GET /public/v1/records/{public_id}`.
+#[utoipa::path(get, path = "/public/v1/records/{public_id}", tag = "public",
+    params(("public_id" = String, Path, description = "The record's public id (not its record id)")),
+    responses(
+        (status = 200, description = "The published record", body = Object),
+        (status = 304, description = "Not modified"),
+        (status = 404, description = "`record_not_found`: no record with this public id is published now"),
+        (status = 429, description = "`rate_limited`: too many requests from this address; see `Retry-After`"),
+    ))]
 async fn one(
     State(channel): State<Arc<PublicChannel>>,
     headers: HeaderMap,
@@ -328,13 +372,26 @@ async fn one(
 }
 
 /// `GET /public/`: the search page.
+#[utoipa::path(get, path = "/public/", tag = "public", params(Search),
+    responses(
+        (status = 200, description = "The search page (Chinese, server-rendered, no script)", content_type = "text/html", body = String),
+        (status = 304, description = "Not modified"),
+        (status = 400, description = "The search page with the search's fault (`invalid_query`)", content_type = "text/html", body = String),
+        (status = 429, description = "`rate_limited`: too many requests from this address; see `Retry-After`"),
+    ))]
 async fn page(
     State(channel): State<Arc<PublicChannel>>,
     headers: HeaderMap,
-    Query(s): Query<Search>,
+    query: Result<Query<Search>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
+    let s = search_query(query);
+    let found = match &s {
+        Ok(s) => results(&channel, s).await,
+        Err(p) => Err(p.clone()),
+    };
+    let s = s.unwrap_or_default();
     let catalog = channel.state.ingest.catalog.load_full();
-    let (items, records, page, more, error) = match results(&channel, &s).await {
+    let (items, records, page, more, error) = match found {
         Ok((items, records, page, more)) => (items, records, page, more, None),
         Err(p) => {
             let why = p

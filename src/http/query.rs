@@ -14,10 +14,15 @@ pub fn page_limit(limit: Option<usize>) -> Option<usize> {
 }
 
 /// Query of a statistics period.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct PeriodQuery {
+    /// Start, inclusive: `YYYY-MM-DD` or an RFC 3339 time (default: the beginning).
+    #[param(schema_with = crate::http::openapi::date_or_time)]
     from: Option<String>,
+    /// End, exclusive: `YYYY-MM-DD` or an RFC 3339 time (default: tomorrow).
+    #[param(schema_with = crate::http::openapi::date_or_time)]
     to: Option<String>,
 }
 

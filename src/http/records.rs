@@ -23,6 +23,20 @@ use crate::store::{EndOutcome, Ending, IdempotencyClaim, NoticeHistory};
 const INLINE_BODY_BYTES: usize = 64 * 1024;
 
 /// Submits a batch of records of one catalog item.
+#[utoipa::path(post, path = "/v1/records", tag = "records",
+    request_body(content = ref("#/components/schemas/Submission"), content_type = "application/json",
+        description = "Records of one catalog item; each follows `record.<item>`"),
+    params(("Idempotency-Key" = Option<String>, Header, pattern = "^[!-~]{1,255}$",
+        description = "1-255 visible ASCII characters; a repeat returns the first answer and stores nothing new")),
+    responses(
+        (status = 200, description = "The batch was read; per record `accepted`, `duplicate` or `rejected`. Accepted records are durably stored", body = inline(super::openapi::SubmissionResult)),
+        (status = 400, description = "`invalid_idempotency_key`, `invalid_document`, `unknown_field`, `empty_batch`: the request is not a submission"),
+        (status = 403, description = "`not_a_provider`: the caller is not a listed provider of the item"),
+        (status = 404, description = "`unknown_item`: no such catalog item"),
+        (status = 409, description = "`concurrent_submission`, `unknown_item`: the same key is being submitted now, or the item changed meanwhile; retry"),
+        (status = 413, description = "`too_many_records`: more records than the batch limit"),
+        (status = 422, description = "`idempotency_key_reused`: the key was used with another body"),
+    ))]
 pub async fn submit(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -155,6 +169,12 @@ async fn visible_record(
 }
 
 /// Reads one record back (see [`visible_record`] for who sees what).
+#[utoipa::path(get, path = "/v1/records/{record_id}", tag = "records",
+    params(("record_id" = String, Path, description = "Record id (UUID)")),
+    responses(
+        (status = 200, description = "The record, its notices and their feedback", body = inline(super::openapi::RecordDocument)),
+        (status = 404, description = "`record_not_found`: no record with this id is visible to the caller"),
+    ))]
 pub async fn read(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -236,6 +256,15 @@ const MAX_NOTE: usize = 2000;
 
 /// `POST /v1/records/{record_id}/revocation`: ends the record's effect and
 /// sends a lift notice to every agency that received one of its notices.
+#[utoipa::path(post, path = "/v1/records/{record_id}/revocation", tag = "records",
+    params(("record_id" = String, Path, description = "Record id (UUID)")),
+    request_body(content = ref("#/components/schemas/RevocationRequest"), content_type = "application/json"),
+    responses(
+        (status = 200, description = "Ended; lift notices sent to every agency that got its notices", body = inline(super::openapi::EndAnswer)),
+        (status = 400, description = "`invalid_revocation`: the document is not a revocation"),
+        (status = 404, description = "`record_not_found`: no record with this id is visible to the caller"),
+        (status = 409, description = "`already_ended`: the record's effect has already ended"),
+    ))]
 pub async fn revoke(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -292,6 +321,16 @@ pub async fn revoke(
 /// `POST /v1/records/{record_id}/removal`: removes a listing from its list
 /// (移出) with the item's removal document, and sends a lift notice with
 /// reason `removed` to every agency that received one of its notices.
+#[utoipa::path(post, path = "/v1/records/{record_id}/removal", tag = "records",
+    params(("record_id" = String, Path, description = "Record id (UUID)")),
+    request_body(content = Object, content_type = "application/json",
+        description = "The item's removal document (`removal.schema` of the catalog item)"),
+    responses(
+        (status = 200, description = "Removed from the list; lift notices with reason `removed` sent", body = inline(super::openapi::EndAnswer)),
+        (status = 400, description = "`invalid_removal`: the removal document is not valid for this list"),
+        (status = 404, description = "`record_not_found`: no record with this id is visible to the caller"),
+        (status = 409, description = "`not_a_list`, `already_ended`: the record is not a list entry, or its effect has ended"),
+    ))]
 pub async fn remove(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -403,6 +442,15 @@ const MAX_REASON: usize = 2000;
 /// content, `{"record": {...}, "reason": "...", "revision": N}` (`revision`
 /// optional: the revision corrected, refused if another correction came
 /// first).
+#[utoipa::path(put, path = "/v1/records/{record_id}", tag = "records",
+    params(("record_id" = String, Path, description = "Record id (UUID)")),
+    request_body(content = ref("#/components/schemas/CorrectionRequest"), content_type = "application/json"),
+    responses(
+        (status = 200, description = "Corrected: a new revision; `correction` notices sent", body = Object),
+        (status = 400, description = "`invalid_correction`, `invalid_record`: the correction or the corrected record is not valid"),
+        (status = 404, description = "`record_not_found`: no record with this id is visible to the caller"),
+        (status = 409, description = "`already_ended`, `revision_changed`, `duplicate_key`: the record ended, another correction came first, or the new content is another record's"),
+    ))]
 pub async fn correct(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -434,7 +482,9 @@ pub async fn correct(
     };
     let revision = match obj.get("revision") {
         None | Some(serde_json::Value::Null) => None,
-        Some(v) => match v.as_u64().and_then(|n| u32::try_from(n).ok()) {
+        // 3 and 3.0 are the same JSON number (RFC 8259; JSON Schema
+        // counts both as integers).
+        Some(v) => match crate::codes::json_whole_number(v).and_then(|n| u32::try_from(n).ok()) {
             Some(n) if n > 0 => Some(n),
             _ => {
                 return Err(invalid(
@@ -471,6 +521,12 @@ struct RevisionView {
 
 /// `GET /v1/records/{record_id}/revisions`: the earlier revisions of a
 /// record, oldest first, each as its reader may see it.
+#[utoipa::path(get, path = "/v1/records/{record_id}/revisions", tag = "records",
+    params(("record_id" = String, Path, description = "Record id (UUID)")),
+    responses(
+        (status = 200, description = "`{\"record_id\", \"revisions\": [...]}`: earlier revisions, oldest first", body = Object),
+        (status = 404, description = "`record_not_found`: no record with this id is visible to the caller"),
+    ))]
 pub async fn revisions(
     State(state): State<Arc<AppState>>,
     caller: Caller,

@@ -141,6 +141,14 @@ fn subject_of(
 }
 
 /// `POST /v1/credit-reviews`: issues, stores and answers a signed report.
+#[utoipa::path(post, path = "/v1/credit-reviews", tag = "credit-reviews",
+    request_body(content = ref("#/components/schemas/ReviewRequest"), content_type = "application/json"),
+    responses(
+        (status = 201, description = "The signed report (JSON; with `Accept: text/html` the printable page)", content(
+            (Object = "application/json"), (String = "text/html"))),
+        (status = 400, description = "`invalid_review_request`: the request is not valid"),
+        (status = 403, description = "`reviewers_only`: reports are issued to agencies and administrators"),
+    ))]
 pub async fn issue(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -262,6 +270,13 @@ pub async fn issue(
 
 /// `GET /v1/credit-reviews/{report_id}`: the report as issued, to the
 /// participant that asked (or an administrator).
+#[utoipa::path(get, path = "/v1/credit-reviews/{report_id}", tag = "credit-reviews",
+    params(("report_id" = String, Path, description = "Report id (UUID)")),
+    responses(
+        (status = 200, description = "The report as issued (JSON; with `Accept: text/html` the printable page)", content(
+            (Object = "application/json"), (String = "text/html"))),
+        (status = 404, description = "`review_not_found`: no report with this id was issued to the caller"),
+    ))]
 pub async fn read(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -288,6 +303,8 @@ pub async fn read(
 }
 
 /// `GET /v1/credit-reviews/keys`: the keys reports are signed with.
+#[utoipa::path(get, path = "/v1/credit-reviews/keys", tag = "credit-reviews",
+    responses((status = 200, description = "`{\"keys\": [JWK]}`: the Ed25519 keys reports are signed with", body = Object)))]
 pub async fn keys(State(state): State<Arc<AppState>>) -> Result<Response, Problem> {
     let set = crate::review::KeySet {
         keys: vec![state.reviews.signer.public_key()],
@@ -298,6 +315,12 @@ pub async fn keys(State(state): State<Arc<AppState>>) -> Result<Response, Proble
 
 /// `POST /admin/v1/credit-reviews/lookup` with `{"subject": …}`: who
 /// asked about a subject, when and why (the subject's right to know).
+#[utoipa::path(post, path = "/admin/v1/credit-reviews/lookup", tag = "admin",
+    request_body(content = ref("#/components/schemas/ReviewLookup"), content_type = "application/json"),
+    responses(
+        (status = 200, description = "`{\"reviews\": [...], \"limit\"}`: who asked about the subject, when and why", body = Object),
+        (status = 400, description = "`invalid_review_lookup`: not a subject document"),
+    ))]
 pub async fn lookup(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
