@@ -13,6 +13,7 @@ mod hardening;
 mod import;
 mod lifecycle;
 mod notices;
+mod powerloss;
 mod process;
 mod public;
 mod receiver;
