@@ -9,8 +9,12 @@ pub const BACKEND: credgate::config::StoreBackend = credgate::config::StoreBacke
 mod admin;
 #[path = "e2e/browser.rs"]
 mod browser;
+#[path = "e2e/chaos.rs"]
+mod chaos;
 #[path = "e2e/cluster.rs"]
 mod cluster;
+#[path = "e2e/contract.rs"]
+mod contract;
 #[path = "e2e/grades.rs"]
 mod grades;
 #[path = "e2e/hardening.rs"]

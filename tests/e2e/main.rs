@@ -7,6 +7,7 @@ pub const BACKEND: credgate::config::StoreBackend = credgate::config::StoreBacke
 
 mod admin;
 mod browser;
+mod chaos;
 mod contract;
 mod grades;
 mod hardening;

@@ -124,6 +124,22 @@ pub(crate) async fn burst_then_kill(
     workers: u64,
     field: &'static str,
 ) -> Vec<String> {
+    burst_then_kill_after(env, running, dept, item, workers, field, 0, 1500).await
+}
+
+/// [`burst_then_kill`] with record numbers from `first` and the kill after
+/// `millis`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn burst_then_kill_after(
+    env: &Env,
+    running: &mut Running,
+    dept: &str,
+    item: &'static str,
+    workers: u64,
+    field: &'static str,
+    first: u64,
+    millis: u64,
+) -> Vec<String> {
     let acked: Arc<Mutex<Vec<String>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
@@ -134,7 +150,7 @@ pub(crate) async fn burst_then_kill(
             let Ok(mut conn) = client.connect(false).await else {
                 return;
             };
-            let mut n = w * 1_000_000;
+            let mut n = first + w * 1_000_000;
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
                 let body = serde_json::to_vec(
@@ -161,7 +177,7 @@ pub(crate) async fn burst_then_kill(
         }));
     }
     // Let submissions flow, then kill the process without warning.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(millis)).await;
     running.child.kill().expect("kill -9");
     running.child.wait().expect("wait");
     stop.store(true, Ordering::Relaxed);
