@@ -27,6 +27,8 @@ mod lifecycle;
 mod migrate;
 #[path = "e2e/notices.rs"]
 mod notices;
+#[path = "e2e/pg_outage.rs"]
+mod pg_outage;
 #[path = "e2e/process.rs"]
 mod process;
 #[path = "e2e/public.rs"]

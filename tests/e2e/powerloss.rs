@@ -66,6 +66,8 @@ pub struct Disk {
     next: u64,
     /// fsync calls served.
     pub syncs: u64,
+    /// Bytes of file content the disk holds at most (`ENOSPC` beyond).
+    pub capacity: Option<usize>,
 }
 
 impl Disk {
@@ -76,6 +78,7 @@ impl Disk {
             nodes,
             next: 2,
             syncs: 0,
+            capacity: None,
         }
     }
 
@@ -103,6 +106,11 @@ impl Disk {
             flags: 0,
             blksize: 4096,
         })
+    }
+
+    /// Bytes of file content held now.
+    fn used(&self) -> usize {
+        self.nodes.values().map(|n| n.data.len()).sum()
     }
 
     /// Every file back to its last synced content; returns how many files
@@ -314,11 +322,19 @@ impl Filesystem for VolatileFs {
         reply: ReplyWrite,
     ) {
         let mut disk = self.disk();
+        let end = offset as usize + data.len();
+        let grows = disk
+            .nodes
+            .get(&u64::from(ino))
+            .map_or(0, |n| end.saturating_sub(n.data.len()));
+        if grows > 0 && disk.capacity.is_some_and(|c| disk.used() + grows > c) {
+            reply.error(Errno::ENOSPC);
+            return;
+        }
         let Some(n) = disk.nodes.get_mut(&u64::from(ino)) else {
             reply.error(Errno::ENOENT);
             return;
         };
-        let end = offset as usize + data.len();
         if n.data.len() < end {
             n.data.resize(end, 0);
         }
@@ -469,6 +485,13 @@ impl VolatileMount {
         Ok(lost)
     }
 
+    /// Limits the disk to what it holds now plus `spare` bytes (`None`:
+    /// no limit).
+    pub fn fill_up(&self, spare: Option<usize>) {
+        let mut disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
+        disk.capacity = spare.map(|s| disk.used() + s);
+    }
+
     /// fsyncs served so far.
     pub fn syncs(&self) -> u64 {
         self.disk.lock().unwrap_or_else(|e| e.into_inner()).syncs
@@ -538,4 +561,80 @@ async fn power_loss_keeps_every_acknowledged_record_and_notice() {
         "acknowledged notices (and their records) lost at power loss"
     );
     drop(running);
+}
+
+/// A full disk: submissions are refused with `503` and nothing of them is
+/// stored; once space returns the same gateway stores again, no restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_with_503_stores_nothing_half_and_recovers() {
+    let mut env = Env::new();
+    let disk = VolatileMount::new(&env.root.path().join("disk")).expect("mount the FUSE test disk");
+    env.config.store.data_dir = env.root.path().join("disk/data");
+    let running = spawn(&env).await;
+    let court = env.client(running.main, "dept-court");
+    let submit = |n: u64| {
+        let court = court.clone();
+        async move {
+            let record = credgate::synth::record("serious_dishonesty", n, "general");
+            court
+                .post_json(
+                    "/v1/records",
+                    &serde_json::json!({"item": "serious_dishonesty", "records": [record]}),
+                )
+                .await
+        }
+    };
+    for n in 0..5 {
+        assert_eq!(submit(n).await.status, 200);
+    }
+    // Full: every write that needs space fails.
+    disk.fill_up(Some(0));
+    let mut refused = 0;
+    let mut stored: i64 = 5;
+    for n in 100..140 {
+        let resp = submit(n).await;
+        match resp.status {
+            503 => {
+                refused += 1;
+                assert_eq!(resp.json()["code"], "gateway_unavailable");
+                assert!(resp.header("retry-after").is_some());
+            }
+            200 => stored += 1,
+            other => panic!(
+                "a full disk answered {other}: {}",
+                String::from_utf8_lossy(&resp.body)
+            ),
+        }
+    }
+    assert!(refused > 0, "the full disk refused nothing");
+    // Space returns: stored again without a restart.
+    disk.fill_up(None);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut n = 1_000;
+    loop {
+        n += 1;
+        if submit(n).await.status == 200 {
+            stored += 1;
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no recovery after space returned"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(running);
+    // Nothing half-written: each stored record has its notice and its
+    // delivery rows, and there are no more records than were acknowledged.
+    let records = env.count_rows("records");
+    let notices = env.count_rows("notices");
+    eprintln!("disk full: {refused} refused with 503, {stored} stored, {records} records, {notices} notices");
+    assert_eq!(
+        records, stored,
+        "records stored that were not acknowledged, or lost"
+    );
+    assert_eq!(
+        notices, records,
+        "a record without its notice or the reverse"
+    );
 }
