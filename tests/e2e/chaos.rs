@@ -18,29 +18,8 @@ use std::time::Duration;
 
 use rand::Rng;
 
-use crate::process::{assert_pushed_and_pullable, burst_then_kill_after, signal, spawn};
-use crate::support::{Client, Env};
-
-/// The whole pull stream of `agency`, from the start.
-async fn stream(agency: &Client) -> HashSet<String> {
-    let mut pulled = HashSet::new();
-    let mut after = "0".to_owned();
-    loop {
-        let doc = agency
-            .get(&format!("/v1/notices?after={after}&limit=1000"))
-            .await
-            .json();
-        let page = doc["notices"].as_array().cloned().unwrap_or_default();
-        if page.is_empty() {
-            return pulled;
-        }
-        pulled.extend(
-            page.iter()
-                .filter_map(|n| n["notice_id"].as_str().map(str::to_owned)),
-        );
-        after = doc["next_cursor"].as_str().expect("cursor").to_owned();
-    }
-}
+use crate::process::{assert_pushed_and_pullable, burst_then_kill_after, pull_all, signal, spawn};
+use crate::support::Env;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_cycles_under_mixed_load_keep_every_invariant() {
@@ -103,7 +82,7 @@ async fn kill_9_cycles_under_mixed_load_keep_every_invariant() {
         // Restarted: the invariants hold.
         let running = spawn(&env).await;
         let agency = env.client(running.main, "agency-procurement");
-        let pulled = stream(&agency).await;
+        let pulled = pull_all(&agency).await;
         let missing = acked.difference(&pulled).count();
         assert_eq!(
             missing, 0,

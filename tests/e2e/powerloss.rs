@@ -534,22 +534,7 @@ async fn power_loss_keeps_every_acknowledged_record_and_notice() {
 
     let running = spawn(&env).await;
     let agency = env.client(running.main, "agency-procurement");
-    let mut pulled = HashSet::new();
-    let mut after = "0".to_owned();
-    loop {
-        let doc = agency
-            .get(&format!("/v1/notices?after={after}&limit=1000"))
-            .await
-            .json();
-        let page = doc["notices"].as_array().cloned().unwrap_or_default();
-        if page.is_empty() {
-            break;
-        }
-        for n in &page {
-            pulled.extend(n["notice_id"].as_str().map(str::to_owned));
-        }
-        after = doc["next_cursor"].as_str().expect("cursor").to_owned();
-    }
+    let pulled = crate::process::pull_all(&agency).await;
     let missing = acked.difference(&pulled).count();
     eprintln!(
         "power loss: {} acknowledged notices, {} fsyncs before the cut, {lost} files lost unsynced writes, {missing} missing",

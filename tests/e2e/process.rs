@@ -81,6 +81,16 @@ pub(crate) async fn assert_pushed_and_pullable(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let pulled = pull_all(agency).await;
+    assert!(
+        acked.is_subset(&pulled),
+        "{} acknowledged notices missing from the pull stream",
+        acked.difference(&pulled).count()
+    );
+}
+
+/// The ids of `agency`'s whole pull stream, from the start.
+pub(crate) async fn pull_all(agency: &crate::support::Client) -> std::collections::HashSet<String> {
     let mut pulled = std::collections::HashSet::new();
     let mut after = "0".to_owned();
     loop {
@@ -90,7 +100,7 @@ pub(crate) async fn assert_pushed_and_pullable(
             .json();
         let page = doc["notices"].as_array().cloned().unwrap_or_default();
         if page.is_empty() {
-            break;
+            return pulled;
         }
         pulled.extend(
             page.iter()
@@ -98,11 +108,24 @@ pub(crate) async fn assert_pushed_and_pullable(
         );
         after = doc["next_cursor"].as_str().expect("cursor").to_owned();
     }
-    assert!(
-        acked.is_subset(&pulled),
-        "{} acknowledged notices missing from the pull stream",
-        acked.difference(&pulled).count()
-    );
+}
+
+/// Reads every record in `ids` back as `client` (their submitter): each
+/// must be there.
+pub(crate) async fn assert_records_present(client: &crate::support::Client, ids: &[String]) {
+    let mut conn = client.connect(false).await.expect("connect");
+    for id in ids {
+        let r = conn
+            .send(
+                "GET",
+                &format!("/v1/records/{id}"),
+                &[],
+                bytes::Bytes::new(),
+            )
+            .await
+            .expect("get");
+        assert_eq!(r.status, 200, "acknowledged record {id} lost");
+    }
 }
 
 pub(crate) fn signal(child: &Child, sig: &str) {
@@ -210,19 +233,7 @@ async fn kill_9_loses_no_acknowledged_record() {
     // Restart on the same data: every acknowledged record is there.
     let mut running = spawn(&env).await;
     let client = env.client(running.main, "dept-market");
-    let mut conn = client.connect(false).await.expect("connect");
-    for id in &acked {
-        let r = conn
-            .send(
-                "GET",
-                &format!("/v1/records/{id}"),
-                &[],
-                bytes::Bytes::new(),
-            )
-            .await
-            .expect("get");
-        assert_eq!(r.status, 200, "acknowledged record {id} lost after kill -9");
-    }
+    assert_records_present(&client, &acked).await;
     signal(&running.child, "-TERM");
     running.child.wait().expect("wait");
     assert!(env.count_rows("records") >= acked.len() as i64);
