@@ -43,3 +43,5 @@ mod reviews;
 mod support;
 #[path = "e2e/tls_identity.rs"]
 mod tls_identity;
+#[path = "e2e/volatile.rs"]
+mod volatile;

@@ -22,3 +22,4 @@ mod records;
 mod reviews;
 mod support;
 mod tls_identity;
+mod volatile;
