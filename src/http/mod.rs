@@ -164,7 +164,9 @@ async fn identify(State(state): State<Arc<AppState>>, req: Request, next: Next) 
     // reach it as a connection reset (the socket closes with unread data),
     // not as the problem document. Larger bodies are left to the body
     // reader, which answers 413 after draining a moderate excess.
-    let mut req = match receive_body(&state, req).await {
+    // One time limit from arrival, for the body and the handler together.
+    let arrived = tokio::time::Instant::now();
+    let mut req = match receive_body(&state, req, arrived + state.request_timeout).await {
         Ok(req) => req,
         Err(p) => return p.into_response(),
     };
@@ -252,7 +254,7 @@ async fn identify(State(state): State<Arc<AppState>>, req: Request, next: Next) 
         .get::<axum::extract::MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let started = std::time::Instant::now();
-    let mut resp = match tokio::time::timeout(limit, next.run(req)).await {
+    let mut resp = match tokio::time::timeout_at(arrived + limit, next.run(req)).await {
         Ok(r) => r,
         Err(_) => Problem::caller(
             StatusCode::REQUEST_TIMEOUT,
@@ -279,8 +281,12 @@ async fn identify(State(state): State<Arc<AppState>>, req: Request, next: Next) 
 }
 
 /// The request with its body read into memory when it declares a length
-/// within `limits.max_body_bytes`, within the request's time limit.
-async fn receive_body(state: &AppState, req: Request) -> Result<Request, Problem> {
+/// within `limits.max_body_bytes`, by `deadline`.
+async fn receive_body(
+    state: &AppState,
+    req: Request,
+    deadline: tokio::time::Instant,
+) -> Result<Request, Problem> {
     let max = state.limits.max_body_bytes;
     let declared = req
         .headers()
@@ -292,7 +298,7 @@ async fn receive_body(state: &AppState, req: Request) -> Result<Request, Problem
     }
     let (parts, body) = req.into_parts();
     let read = http_body_util::Limited::new(body, max).collect();
-    match tokio::time::timeout(state.request_timeout, read).await {
+    match tokio::time::timeout_at(deadline, read).await {
         Ok(Ok(c)) => Ok(Request::from_parts(parts, Body::from(c.to_bytes()))),
         Ok(Err(_)) => Err(Problem::caller(
             StatusCode::BAD_REQUEST,

@@ -341,13 +341,16 @@ pub fn public_page() -> Schema {
 }
 
 /// Every route's annotations, main, public and operations listeners, with
-/// no catalog yet.
-fn annotated() -> Value {
-    let mut api = ApiDoc::openapi();
-    api.merge(super::api_router().into_openapi());
-    api.merge(super::public::api_router().into_openapi());
-    api.merge(super::ops::api_router().into_openapi());
-    serde_json::to_value(&api).unwrap_or_default()
+/// no catalog yet: the same for the life of the process, built once.
+fn annotated() -> &'static Value {
+    static DOC: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    DOC.get_or_init(|| {
+        let mut api = ApiDoc::openapi();
+        api.merge(super::api_router().into_openapi());
+        api.merge(super::public::api_router().into_openapi());
+        api.merge(super::ops::api_router().into_openapi());
+        serde_json::to_value(&api).unwrap_or_default()
+    })
 }
 
 /// Middleware answers every route of the mTLS listener may give.
@@ -475,7 +478,7 @@ fn request_schemas() -> Value {
 /// The document as served: annotations, then the catalog's schemas and the
 /// problem responses.
 pub fn document(catalog: &Catalog, limits: &LimitsConfig) -> Value {
-    let mut doc = annotated();
+    let mut doc = annotated().clone();
     doc["openapi"] = json!("3.1.0");
     doc["info"]["version"] = json!(env!("CARGO_PKG_VERSION"));
     let schemas = &mut doc["components"]["schemas"];

@@ -102,6 +102,21 @@ impl Drop for Cluster {
     }
 }
 
+/// A temporary directory the `postgres` user can reach (a private
+/// cluster's files go below it).
+fn reachable_tempdir(prefix: &str) -> tempfile::TempDir {
+    let top = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("tempdir");
+    std::fs::set_permissions(
+        top.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    top
+}
+
 /// Four connections submitting dishonesty records one by one until
 /// stopped, counting what was acknowledged (record ids), refused with 503,
 /// and answered otherwise.
@@ -169,15 +184,7 @@ impl Writers {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_stopped_and_restarted_under_load_costs_503s_and_nothing_else() {
-    let top = tempfile::Builder::new()
-        .prefix("credgate-pg-outage")
-        .tempdir()
-        .expect("tempdir");
-    std::fs::set_permissions(
-        top.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .expect("chmod");
+    let top = reachable_tempdir("credgate-pg-outage");
     let cluster = Cluster::create(&top.path().join("pg"));
     let mut env = Env::new();
     env.config.store.url = Some(cluster.url());
@@ -234,15 +241,7 @@ async fn postgres_stopped_and_restarted_under_load_costs_503s_and_nothing_else()
 /// crashing and the disk losing every write it was not asked to sync.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_power_loss_keeps_every_acknowledged_record() {
-    let top = tempfile::Builder::new()
-        .prefix("credgate-pg-power")
-        .tempdir()
-        .expect("tempdir");
-    std::fs::set_permissions(
-        top.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .expect("chmod");
+    let top = reachable_tempdir("credgate-pg-power");
     let mut disk = crate::volatile::VolatileMount::new(&top.path().join("disk"))
         .expect("mount the FUSE test disk");
     let cluster = Cluster::create(&top.path().join("disk/pg"));
