@@ -124,6 +124,19 @@ pub struct Report {
     pub checkpoints: usize,
     /// The first problem, if any.
     pub problem: Option<String>,
+    /// The newest checkpoint (by chain position), if any.
+    pub latest_checkpoint: Option<Checkpoint>,
+}
+
+impl Report {
+    fn of(entries: i64, checkpoints: &[Checkpoint], problem: Option<String>) -> Report {
+        Report {
+            entries,
+            checkpoints: checkpoints.len(),
+            problem,
+            latest_checkpoint: checkpoints.iter().max_by_key(|c| c.seq).cloned(),
+        }
+    }
 }
 
 /// Checks the whole chain and every checkpoint. `entries` must be in
@@ -139,11 +152,7 @@ pub fn verify(
     let mut hashes = std::collections::HashMap::new();
     for e in entries {
         count += 1;
-        let fail = |msg: String| Report {
-            entries: count,
-            checkpoints: checkpoints.len(),
-            problem: Some(msg),
-        };
+        let fail = |msg: String| Report::of(count, checkpoints, Some(msg));
         if e.seq != expected_seq {
             return fail(format!(
                 "entry {} follows entry {}: entries are missing",
@@ -175,11 +184,7 @@ pub fn verify(
     }
     let last = expected_seq - 1;
     for cp in checkpoints {
-        let fail = |msg: String| Report {
-            entries: count,
-            checkpoints: checkpoints.len(),
-            problem: Some(msg),
-        };
+        let fail = |msg: String| Report::of(count, checkpoints, Some(msg));
         if checkpoint_mac(key, cp.seq, &cp.head_hash, &cp.at) != cp.mac {
             return fail(format!(
                 "checkpoint at entry {} ({}) has an invalid signature",
@@ -199,11 +204,7 @@ pub fn verify(
             _ => {}
         }
     }
-    Report {
-        entries: count,
-        checkpoints: checkpoints.len(),
-        problem: None,
-    }
+    Report::of(count, checkpoints, None)
 }
 
 /// Reads the checkpoint file (missing = none); malformed lines are errors.
@@ -290,5 +291,83 @@ mod tests {
         assert!(verify(entries, &forged, &key)
             .problem
             .is_some_and(|p| p.contains("signature")));
+    }
+}
+
+/// The audit chain verified by the running gateway: once at start (in the
+/// background) and whenever an administrator asks
+/// (`POST /admin/v1/audit/verify`); the latest result is kept for the
+/// console and `GET /admin/v1/audit/verify`.
+pub struct AuditCheck {
+    config: crate::config::Config,
+    key: Vec<u8>,
+    /// The latest verification and when it finished.
+    latest: std::sync::Mutex<Option<(std::time::Instant, Verification)>>,
+    one_at_a_time: tokio::sync::Mutex<()>,
+}
+
+/// One verification of the whole chain.
+#[derive(Debug, Clone, Serialize)]
+pub struct Verification {
+    /// When it finished (RFC 3339).
+    pub verified_at: String,
+    /// Whether the chain and every checkpoint held.
+    pub intact: bool,
+    /// How long it took, in seconds.
+    pub seconds: f64,
+    /// What was checked and found.
+    #[serde(flatten)]
+    pub report: Report,
+}
+
+impl AuditCheck {
+    /// A checker of the configured store's chain, with the checkpoint key.
+    pub fn new(config: crate::config::Config, key: Vec<u8>) -> AuditCheck {
+        AuditCheck {
+            config,
+            key,
+            latest: std::sync::Mutex::new(None),
+            one_at_a_time: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Verifies the whole chain now (one verification at a time; a caller
+    /// arriving while one runs gets that one's result).
+    pub async fn run(self: &std::sync::Arc<Self>) -> Result<Verification, String> {
+        let asked = std::time::Instant::now();
+        let _turn = self.one_at_a_time.lock().await;
+        // One that finished while this caller waited for its turn answers.
+        if let Some((at, done)) = self.latest.lock().ok().and_then(|l| l.clone()) {
+            if at > asked {
+                return Ok(done);
+            }
+        }
+        let this = self.clone();
+        let started = std::time::Instant::now();
+        let report = tokio::task::spawn_blocking(move || {
+            crate::store::verify_audit_of(&this.config, &this.key)
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        let v = Verification {
+            verified_at: time::OffsetDateTime::now_utc()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+            intact: report.problem.is_none(),
+            seconds: started.elapsed().as_secs_f64(),
+            report,
+        };
+        if let Ok(mut latest) = self.latest.lock() {
+            *latest = Some((std::time::Instant::now(), v.clone()));
+        }
+        Ok(v)
+    }
+
+    /// The latest verification, if one has finished.
+    pub fn latest(&self) -> Option<Verification> {
+        self.latest
+            .lock()
+            .ok()
+            .and_then(|l| l.as_ref().map(|(_, v)| v.clone()))
     }
 }

@@ -32,6 +32,71 @@ pub enum PkiError {
         /// Underlying error.
         source: std::io::Error,
     },
+    /// A PKCS#12 bundle could not be made.
+    #[error("PKCS#12 bundle {path}: {reason}")]
+    Bundle {
+        /// Bundle at fault.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// The password of the development PKCS#12 bundles (`<id>.p12`), which
+/// browsers and key stores ask for on import (some refuse an empty one).
+pub const DEV_P12_PASSWORD: &str = "credgate";
+
+/// Writes `out`: a PKCS#12 bundle of a certificate, its PKCS#8 key and the
+/// CA certificate, for importing a participant's identity into a browser
+/// (PBES2 with AES-256 and an HMAC-SHA-256 MAC, as OpenSSL 3 writes).
+pub fn write_p12(
+    cert_pem: &str,
+    key_pem: &str,
+    ca_pem: &str,
+    alias: &str,
+    password: &str,
+    out: &Path,
+) -> Result<(), PkiError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
+    let fail = |reason: String| PkiError::Bundle {
+        path: out.to_owned(),
+        reason,
+    };
+    let der = |pem: &str| {
+        CertificateDer::from_pem_slice(pem.as_bytes())
+            .map_err(|e| fail(format!("certificate: {e}")))
+            .and_then(|d| {
+                p12_keystore::Certificate::from_der(d.as_ref())
+                    .map_err(|e| fail(format!("certificate: {e}")))
+            })
+    };
+    let key = PrivatePkcs8KeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| fail(format!("key: {e}")))?;
+    let key = p12_keystore::PrivateKey::from_der(key.secret_pkcs8_der())
+        .map_err(|e| fail(format!("key: {e}")))?;
+    let leaf = der(cert_pem)?;
+    let chain = p12_keystore::PrivateKeyChain::new(alias.as_bytes(), key, [leaf, der(ca_pem)?]);
+    let mut store = p12_keystore::KeyStore::new();
+    store.add_entry(alias, p12_keystore::KeyStoreEntry::PrivateKeyChain(chain));
+    let bytes = store
+        .writer(password)
+        .write()
+        .map_err(|e| fail(e.to_string()))?;
+    let mut f = std::fs::OpenOptions::new();
+    f.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        f.mode(0o600);
+    }
+    let io = |source| PkiError::Io {
+        path: out.to_owned(),
+        source,
+    };
+    let mut file = f.open(out).map_err(io)?;
+    file.write_all(&bytes).map_err(io)?;
+    file.sync_all().map_err(io)
 }
 
 /// A certificate and its private key, both PEM.
@@ -238,7 +303,8 @@ pub fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), PkiEr
 /// Creates what is missing of the dev PKI in `dir`: `ca.pem`/`ca.key`,
 /// `server.pem`/`server.key`, `gateway.pem`/`gateway.key` (the client
 /// certificate credgate presents to push endpoints), and
-/// `<id>.pem`/`<id>.key` per participant.
+/// `<id>.pem`/`<id>.key` per participant, with `<id>.p12` (a PKCS#12
+/// bundle for a browser, password [`DEV_P12_PASSWORD`]).
 /// Existing files are kept. Returns the files written.
 pub fn init_dir(dir: &Path, participant_ids: &[String]) -> Result<Vec<PathBuf>, PkiError> {
     let mut written = Vec::new();
@@ -265,19 +331,32 @@ pub fn init_dir(dir: &Path, participant_ids: &[String]) -> Result<Vec<PathBuf>, 
             dir.join(format!("{name}.pem")),
             dir.join(format!("{name}.key")),
         );
-        if cert.is_file() && key.is_file() {
-            continue;
+        if !(cert.is_file() && key.is_file()) {
+            let issued = if server {
+                ca.issue_server(&["localhost", "127.0.0.1", "::1"])?
+            } else if name == "gateway" {
+                ca.issue_client("credgate-gateway")?
+            } else {
+                ca.issue_client(&name)?
+            };
+            write_file(&cert, &issued.cert_pem, false)?;
+            write_file(&key, &issued.key_pem, true)?;
+            written.extend([cert.clone(), key.clone()]);
         }
-        let issued = if server {
-            ca.issue_server(&["localhost", "127.0.0.1", "::1"])?
-        } else if name == "gateway" {
-            ca.issue_client("credgate-gateway")?
-        } else {
-            ca.issue_client(&name)?
-        };
-        write_file(&cert, &issued.cert_pem, false)?;
-        write_file(&key, &issued.key_pem, true)?;
-        written.extend([cert, key]);
+        // Participants get a bundle to import into a browser too (the
+        // console), also beside certificates made before bundles were.
+        let bundle = dir.join(format!("{name}.p12"));
+        if name != "server" && name != "gateway" && !bundle.is_file() {
+            write_p12(
+                &read(&cert)?,
+                &read(&key)?,
+                &ca.cert_pem,
+                &name,
+                DEV_P12_PASSWORD,
+                &bundle,
+            )?;
+            written.push(bundle);
+        }
     }
     Ok(written)
 }

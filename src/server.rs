@@ -96,8 +96,12 @@ fn prepare_dev(config: &Config, registry: Option<&Registry>) -> Result<(), Strin
         return Ok(());
     }
     let tls = &config.tls;
-    if !(tls.client_ca.is_file() && tls.cert.is_file() && tls.key.is_file()) {
-        let dir = tls.client_ca.parent().unwrap_or(Path::new("."));
+    let dir = tls.client_ca.parent().unwrap_or(Path::new("."));
+    // A development PKI (its CA key beside the CA) is completed on every
+    // start: certificates and browser bundles of participants added since.
+    if !(tls.client_ca.is_file() && tls.cert.is_file() && tls.key.is_file())
+        || dir.join("ca.key").is_file()
+    {
         let ids: Vec<String> = registry
             .map(|r| r.iter().map(|p| p.id.clone()).collect())
             .unwrap_or_default();
@@ -306,6 +310,10 @@ impl Gateway {
                 None
             }
         };
+        let audit_check = Arc::new(crate::audit::AuditCheck::new(
+            config.clone(),
+            crate::audit::checkpoint_key(&secret),
+        ));
         let redactor = Arc::new(Redactor::new(config.privacy.redaction.clone(), secret));
         let dispatcher = Arc::new(Dispatcher::new(
             store.clone(),
@@ -363,6 +371,8 @@ impl Gateway {
                 config: config.review.clone(),
                 grader,
             },
+            audit_check,
+            console_figures: Arc::default(),
         });
         Ok(Gateway {
             config,
@@ -447,6 +457,32 @@ impl Gateway {
                 .clone()
                 .run_expiry(self.shutdown.clone(), self.state.ingest.subjects.clone()),
         );
+        // The console overview's default figures, computed in the
+        // background so the first page does not wait on a large store.
+        let (figures, store) = (self.state.console_figures.clone(), self.store.clone());
+        tokio::spawn(async move {
+            if let Err(e) = figures.compute(&store, 30).await {
+                tracing::warn!(error = %e.detail, "console figures not computed at start");
+            }
+        });
+        // The chain is verified once at start, in the background, so the
+        // console shows its state without an administrator asking first.
+        let check = self.state.audit_check.clone();
+        tokio::spawn(async move {
+            match check.run().await {
+                Ok(v) if v.intact => {
+                    tracing::info!(
+                        entries = v.report.entries,
+                        seconds = v.seconds,
+                        "audit chain verified"
+                    )
+                }
+                Ok(v) => {
+                    tracing::error!(problem = ?v.report.problem, "the audit chain does not verify")
+                }
+                Err(e) => tracing::warn!(error = %e, "the audit chain could not be verified"),
+            }
+        });
         let checkpoints = tokio::spawn(run_checkpoints(
             self.store.clone(),
             Duration::from_secs(self.config.audit.checkpoint_secs),

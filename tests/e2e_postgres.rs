@@ -13,6 +13,8 @@ mod browser;
 mod chaos;
 #[path = "e2e/cluster.rs"]
 mod cluster;
+#[path = "e2e/console.rs"]
+mod console;
 #[path = "e2e/contract.rs"]
 mod contract;
 #[path = "e2e/grades.rs"]

@@ -55,7 +55,8 @@ fn refused(r: Refusal) -> Problem {
             "breaking_change",
             "this change would make records valid today invalid, break an integration, or share data more widely; resend with \"force\": true and a \"reason\" to apply it anyway",
         )
-        .with("changes", diff.changes),
+        .with("changes", diff.changes)
+        .at("/reason", "a breaking change needs \"force\": true and a reason"),
         Refusal::Conflicts(errors) => Problem::caller(
             StatusCode::CONFLICT,
             "conflicts",
@@ -513,18 +514,51 @@ pub async fn switch_subscription(
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct AuditQuery {
-    /// Chain position after which to list (default: the beginning).
-    after: Option<i64>,
+    /// Chain position after which to list, oldest first (default: the
+    /// beginning).
+    pub after: Option<i64>,
+    /// Chain position before which to list, newest first (instead of
+    /// `after`).
+    #[param(minimum = 1)]
+    pub before: Option<i64>,
+    /// Only this actor's entries (a participant id, or `gateway`).
+    #[param(max_length = 100)]
+    pub actor: Option<String>,
+    /// Only this action (`catalog.activate`) or kind of action (`catalog`).
+    #[param(max_length = 100)]
+    pub kind: Option<String>,
     /// Most listed (default 100).
     #[param(minimum = 1, maximum = 1000)]
-    limit: Option<usize>,
+    pub limit: Option<usize>,
+}
+
+impl AuditQuery {
+    /// The store filter, or `None` when a parameter is out of range.
+    pub fn filter(self) -> Option<crate::store::AuditFilter> {
+        let limit = super::query::page_limit(self.limit)?;
+        let text = |v: Option<String>| match v.map(|v| v.trim().to_owned()) {
+            Some(v) if v.chars().count() > 100 => Err(()),
+            Some(v) if v.is_empty() => Ok(None),
+            v => Ok(v),
+        };
+        if self.after.is_some() && self.before.is_some() || self.before.is_some_and(|b| b < 1) {
+            return None;
+        }
+        Some(crate::store::AuditFilter {
+            after: self.after.unwrap_or(0),
+            before: self.before,
+            actor: text(self.actor).ok()?,
+            kind: text(self.kind).ok()?,
+            limit,
+        })
+    }
 }
 
 /// `GET /admin/v1/audit?after=&limit=`.
 #[utoipa::path(get, path = "/admin/v1/audit", tag = "admin",
     params(AuditQuery),
     responses(
-        (status = 200, description = "`{\"entries\": [...], \"next\"}`: audit entries with their chain position", body = Object),
+        (status = 200, description = "`{\"entries\": [...], \"next\", \"order\"}`: audit entries with their chain position; `next` is the `after` (or, newest first, the `before`) of the following page", body = Object),
         (status = 400, description = "`invalid_query`: a parameter is not valid"),
     ))]
 pub async fn audit(
@@ -535,15 +569,53 @@ pub async fn audit(
         Problem::caller(
             StatusCode::BAD_REQUEST,
             "invalid_query",
-            "after is a sequence number, limit 1-1000",
+            "after or before (not both) is a chain position, actor and kind at most 100 characters, limit 1-1000",
         )
     };
     let Query(q) = query.map_err(|_| bad())?;
-    let limit = super::query::page_limit(q.limit).ok_or_else(bad)?;
-    let after = q.after.unwrap_or(0);
-    let entries = state.ingest.store.audit_page(after, limit).await?;
-    let next = entries.last().map_or(after, |e| e.seq);
-    ok(&json!({"entries": entries, "next": next}))
+    let filter = q.filter().ok_or_else(bad)?;
+    let newest_first = filter.before.is_some();
+    let start = filter.before.unwrap_or(filter.after);
+    let entries = state.ingest.store.audit_page(filter).await?;
+    let next = entries.last().map_or(start, |e| e.seq);
+    // `next` is the `after` (oldest first) or `before` (newest first) of
+    // the following page.
+    ok(
+        &json!({"entries": entries, "next": next, "order": if newest_first { "newest_first" } else { "oldest_first" }}),
+    )
+}
+
+/// `GET /admin/v1/audit/verify`: the latest verification of the audit
+/// chain (the gateway verifies once at start, and on request).
+#[utoipa::path(get, path = "/admin/v1/audit/verify", tag = "admin",
+    responses(
+        (status = 200, description = "`{\"verified_at\", \"intact\", \"seconds\", \"entries\", \"checkpoints\", \"problem\", \"latest_checkpoint\"}`", body = Object),
+        (status = 404, description = "`not_verified_yet`: no verification has finished since start"),
+    ))]
+pub async fn audit_verification(State(state): State<Arc<AppState>>) -> Result<Response, Problem> {
+    match state.audit_check.latest() {
+        Some(v) => ok(&v),
+        None => Err(Problem::caller(
+            StatusCode::NOT_FOUND,
+            "not_verified_yet",
+            "no verification has finished since the gateway started; POST to verify now",
+        )),
+    }
+}
+
+/// `POST /admin/v1/audit/verify`: verifies the whole audit chain and every
+/// checkpoint now (as `credgate audit verify` does) and answers the result.
+#[utoipa::path(post, path = "/admin/v1/audit/verify", tag = "admin",
+    responses(
+        (status = 200, description = "The verification: `intact` false with the first `problem` when the chain does not hold", body = Object),
+    ))]
+pub async fn verify_audit(State(state): State<Arc<AppState>>) -> Result<Response, Problem> {
+    let v = state
+        .audit_check
+        .run()
+        .await
+        .map_err(|e| Problem::gateway(&e))?;
+    ok(&v)
 }
 
 /// `GET /admin/v1/stats/departments?from&to`: what departments are scored on.

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod admin_control;
 mod bounded;
 pub mod catalog;
+pub mod console;
 pub mod grades;
 pub mod notices;
 pub mod openapi;
@@ -75,6 +76,10 @@ pub struct AppState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Credit review reports: signing key and settings.
     pub reviews: reviews::Reviews,
+    /// The audit chain's verification, for the console and the admin API.
+    pub audit_check: Arc<crate::audit::AuditCheck>,
+    /// The console overview's figures.
+    pub console_figures: Arc<console::Figures>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -111,6 +116,19 @@ pub fn api_router() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(grades::version))
         .routes(routes!(grades::reassess))
         .routes(routes!(admin_control::audit))
+        .routes(routes!(
+            admin_control::audit_verification,
+            admin_control::verify_audit
+        ))
+        .routes(routes!(console::overview))
+        .routes(routes!(console::catalog))
+        .routes(routes!(console::item))
+        .routes(routes!(console::diff))
+        .routes(routes!(console::participants))
+        .routes(routes!(console::subscriptions))
+        .routes(routes!(console::audit))
+        .routes(routes!(console::script))
+        .routes(routes!(console::style))
         .routes(routes!(admin_control::items))
         .routes(routes!(admin_control::item, admin_control::change_item))
         .routes(routes!(admin_control::versions))
@@ -137,6 +155,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), identify))
+        .layer(middleware::from_fn(console::problem_pages))
         .with_state(state)
 }
 
@@ -210,8 +229,25 @@ async fn identify(State(state): State<Arc<AppState>>, req: Request, next: Next) 
         )
         .into_response();
     }
-    // Every /admin/ route is for administrators only, whatever the handler.
-    if req.uri().path().starts_with("/admin/")
+    // A browser holding an administrator's certificate must not be made
+    // to change anything from another site's page (cross-site request
+    // forgery): changes from a browser come from this origin only. API
+    // clients send neither header.
+    if !req.method().is_safe()
+        && cross_site(req.headers(), req.uri().authority().map(|a| a.as_str()))
+    {
+        tracing::warn!(participant = %id, "change refused: sent by a browser from another site");
+        return Problem::caller(
+            StatusCode::FORBIDDEN,
+            "cross_site_request",
+            "a browser sent this change from another site's page; changes are taken from this origin only",
+        )
+        .into_response();
+    }
+    // Every /admin/ route and the console are for administrators only,
+    // whatever the handler.
+    let path = req.uri().path();
+    if (path.starts_with("/admin/") || path == "/console" || path.starts_with("/console/"))
         && participant.kind != crate::participants::Kind::Admin
     {
         return Problem::caller(
@@ -278,6 +314,26 @@ async fn identify(State(state): State<Arc<AppState>>, req: Request, next: Next) 
     h.insert("ratelimit-limit", quota.burst.into());
     h.insert("ratelimit-remaining", left.into());
     resp
+}
+
+/// Whether a browser says the request comes from another site's page:
+/// `Sec-Fetch-Site` other than `same-origin` or `none` (typed by the user),
+/// or an `Origin` whose host and port are not the request's (`Host`, or
+/// the HTTP/2 `:authority`).
+fn cross_site(headers: &HeaderMap, authority: Option<&str>) -> bool {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(site) = text("sec-fetch-site") {
+        if !matches!(site, "same-origin" | "none") {
+            return true;
+        }
+    }
+    match (text("origin"), text("host").or(authority)) {
+        (Some("null"), _) => true,
+        (Some(origin), Some(host)) => origin
+            .split_once("://")
+            .is_none_or(|(_, authority)| !authority.eq_ignore_ascii_case(host)),
+        _ => false,
+    }
 }
 
 /// The request with its body read into memory when it declares a length

@@ -358,7 +358,8 @@ const MTLS_ANSWERS: [(&str, &str); 4] = [
     (
         "403",
         "`no_identity`, `unknown_participant`, `participant_disabled`, `certificate_not_pinned`: \
-         the certificate does not name an enabled, registered participant",
+         the certificate does not name an enabled, registered participant; `cross_site_request`: \
+         a browser sent a change from another site's page",
     ),
     (
         "408",
@@ -544,7 +545,9 @@ pub fn document(catalog: &Catalog, limits: &LimitsConfig) -> Value {
                     }
                 }
             }
-            let mtls = path.starts_with("/v1/") || path.starts_with("/admin/");
+            let mtls = path.starts_with("/v1/")
+                || path.starts_with("/admin/")
+                || path.starts_with("/console/");
             let Some(ops) = item.as_object_mut() else {
                 continue;
             };
@@ -589,7 +592,7 @@ fn complete(op: &mut Value, path: &str, mtls: bool) {
         for (status, text) in MTLS_ANSWERS {
             add(status, text);
         }
-        if path.starts_with("/admin/") {
+        if path.starts_with("/admin/") || path.starts_with("/console/") {
             add("403", "`admins_only`: the route is for administrators");
         }
     }
@@ -606,6 +609,12 @@ fn complete(op: &mut Value, path: &str, mtls: bool) {
         }
         let text = entry["description"].as_str().unwrap_or("");
         let codes = codes_in(text);
+        if path.starts_with("/console/") {
+            // The console shows every problem as a page.
+            entry["content"] = json!({"text/html": {"schema": {"type": "string"}}});
+            entry["x-problem-codes"] = json!(codes);
+            continue;
+        }
         let schema = if codes.is_empty() {
             json!({"$ref": "#/components/schemas/Problem"})
         } else {

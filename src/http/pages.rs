@@ -18,6 +18,42 @@ static TEMPLATES: LazyLock<Environment<'static>> = LazyLock::new(|| {
     for (name, source) in [
         ("report.html", include_str!("../../templates/report.html")),
         ("public.html", include_str!("../../templates/public.html")),
+        (
+            "console/base.html",
+            include_str!("../../templates/console/base.html"),
+        ),
+        (
+            "console/problem.html",
+            include_str!("../../templates/console/problem.html"),
+        ),
+        (
+            "console/overview.html",
+            include_str!("../../templates/console/overview.html"),
+        ),
+        (
+            "console/catalog.html",
+            include_str!("../../templates/console/catalog.html"),
+        ),
+        (
+            "console/item.html",
+            include_str!("../../templates/console/item.html"),
+        ),
+        (
+            "console/diff.html",
+            include_str!("../../templates/console/diff.html"),
+        ),
+        (
+            "console/participants.html",
+            include_str!("../../templates/console/participants.html"),
+        ),
+        (
+            "console/subscriptions.html",
+            include_str!("../../templates/console/subscriptions.html"),
+        ),
+        (
+            "console/audit.html",
+            include_str!("../../templates/console/audit.html"),
+        ),
     ] {
         if let Err(e) = env.add_template(name, source) {
             tracing::error!(template = name, error = %e, "a page template does not parse");

@@ -127,7 +127,10 @@ fn now_ms() -> i64 {
 
 /// The audit chain as stored verifies.
 async fn assert_chain_intact(store: &dyn Store) -> i64 {
-    let entries = store.audit_page(0, 100_000).await.expect("audit");
+    let entries = store
+        .audit_page(super::AuditFilter::after(0, 100_000))
+        .await
+        .expect("audit");
     let n = entries.len() as i64;
     let report = crate::audit::verify(entries, &[], &AUDIT_KEY);
     assert_eq!(report.problem, None);
@@ -180,7 +183,10 @@ pub(crate) async fn a_failing_write_costs_only_its_own_caller(s: Subject) {
             .is_none());
     }
     // The failed writes left nothing behind, not even an audit item.
-    let audited = store.audit_page(0, 10_000).await.expect("audit");
+    let audited = store
+        .audit_page(super::AuditFilter::after(0, 10_000))
+        .await
+        .expect("audit");
     assert!(audited.iter().all(|e| !e.details.get().contains("s-0-17")));
     assert!(audited.iter().any(|e| e.details.get().contains("s-0-16")));
     assert_chain_intact(store.as_ref()).await;

@@ -713,6 +713,48 @@ pub enum EndOutcome {
     AlreadyEnded(String),
 }
 
+/// Which audit entries to list.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    /// Entries after this chain position, oldest first.
+    pub after: i64,
+    /// Entries before this chain position, newest first (instead of
+    /// `after`'s order).
+    pub before: Option<i64>,
+    /// Only this actor's entries.
+    pub actor: Option<String>,
+    /// Only entries of this action (`catalog.activate`) or kind of action
+    /// (`catalog`: every `catalog.*`).
+    pub kind: Option<String>,
+    /// Most entries listed.
+    pub limit: usize,
+}
+
+impl AuditFilter {
+    /// Every entry after `after`, oldest first, at most `limit`.
+    pub fn after(after: i64, limit: usize) -> AuditFilter {
+        AuditFilter {
+            after,
+            limit,
+            ..AuditFilter::default()
+        }
+    }
+
+    /// The SQL condition and order over `audit` (columns `seq`, `actor`,
+    /// `action`), with `$n`-numbered parameters after, before, actor,
+    /// kind (text, NULL when absent) and limit.
+    pub(crate) fn sql(&self, cast: &str) -> String {
+        let order = if self.before.is_some() { "DESC" } else { "ASC" };
+        format!(
+            "SELECT seq, at, actor, action, subject, details, prev_hash, hash FROM audit \
+             WHERE seq > $1 AND seq < $2 \
+             AND ($3{cast} IS NULL OR actor = $3) \
+             AND ($4{cast} IS NULL OR action = $4 OR substr(action, 1, length($4) + 1) = $4 || '.') \
+             ORDER BY seq {order} LIMIT $5"
+        )
+    }
+}
+
 /// Feedback figures of one agency.
 #[derive(Debug, Clone, Serialize)]
 pub struct AgencyFeedbackStats {
@@ -724,6 +766,11 @@ pub struct AgencyFeedbackStats {
     pub with_feedback: u64,
     /// `with_feedback / notices` (0 when no notices).
     pub feedback_rate: f64,
+    /// Deliveries of every notice issued in the period, by state
+    /// (`pending`, `inflight`, `delivered`, `dead`).
+    pub deliveries: std::collections::BTreeMap<String, u64>,
+    /// Credit review reports the agency was issued in the period.
+    pub reviews: u64,
 }
 
 /// A catalog item version as administrators see it.
@@ -834,6 +881,19 @@ pub struct DepartmentStats {
     /// Share of accepted records received within 7 working days (Mon-Fri;
     /// public holidays not counted — confirm with the operator).
     pub within_7_working_days: Option<f64>,
+    /// Records received per day (China Standard Time), oldest first.
+    pub daily: Vec<DailyCount>,
+}
+
+/// Records of one department and item received on one day.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DailyCount {
+    /// The day, `YYYY-MM-DD`, China Standard Time.
+    pub date: String,
+    /// Records accepted.
+    pub accepted: u64,
+    /// Records rejected.
+    pub rejected: u64,
 }
 
 /// Storage failures. Always the gateway's side: the caller gets a 5xx
@@ -1087,12 +1147,10 @@ pub trait Store: Send + Sync + 'static {
         details: Value,
     ) -> Result<(), StoreError>;
 
-    /// Audit entries after `after`, in order.
-    async fn audit_page(
-        &self,
-        after: i64,
-        limit: usize,
-    ) -> Result<Vec<crate::audit::Entry>, StoreError>;
+    /// Audit entries the filter selects: oldest first after `after`, or
+    /// newest first before `before`.
+    async fn audit_page(&self, filter: AuditFilter)
+        -> Result<Vec<crate::audit::Entry>, StoreError>;
 
     /// Writes a signed checkpoint of the audit chain head (if it moved).
     async fn checkpoint(&self) -> Result<Option<crate::audit::Checkpoint>, StoreError>;

@@ -39,12 +39,13 @@ use super::shared::{
 };
 use super::SubjectRecord;
 use super::{
-    parse_kind, ActivateOutcome, AgencyFeedbackStats, AppendOutcome, ControlState, CorrectOutcome,
-    Correction, DeliveryInfo, DeliveryResult, DeliveryState, DepartmentStats, DocKind, EndOutcome,
-    Ending, EndpointHealth, Feedback, FeedbackOutcome, FeedbackStored, Finished, GradeChanged,
-    GradeCount, GradeUpdate, ItemActivation, KeyHolder, NewNotice, NewReview, NewSubmission,
-    NoticeHistory, Outbound, PublicQuery, PublicRecord, ReviewEntry, Revision, Store, StoreError,
-    StoredNotice, StoredRecord, StoredResponse, StoredReview, VersionInfo,
+    parse_kind, ActivateOutcome, AgencyFeedbackStats, AppendOutcome, AuditFilter, ControlState,
+    CorrectOutcome, Correction, DeliveryInfo, DeliveryResult, DeliveryState, DepartmentStats,
+    DocKind, EndOutcome, Ending, EndpointHealth, Feedback, FeedbackOutcome, FeedbackStored,
+    Finished, GradeChanged, GradeCount, GradeUpdate, ItemActivation, KeyHolder, NewNotice,
+    NewReview, NewSubmission, NoticeHistory, Outbound, PublicQuery, PublicRecord, ReviewEntry,
+    Revision, Store, StoreError, StoredNotice, StoredRecord, StoredResponse, StoredReview,
+    VersionInfo,
 };
 use crate::catalog::Severity;
 use crate::redact::RecordBody;
@@ -2654,7 +2655,7 @@ impl Store for PgStore {
                 &[&from, &to],
             )
             .await?;
-        Ok(rows
+        let feedback = rows
             .iter()
             .map(|r| {
                 let notices = r.get::<_, i64>(1).max(0) as u64;
@@ -2668,9 +2669,29 @@ impl Store for PgStore {
                     } else {
                         with as f64 / notices as f64
                     },
+                    deliveries: Default::default(),
+                    reviews: 0,
                 }
             })
-            .collect())
+            .collect();
+        let deliveries = self
+            .query(
+                "SELECT d.agency, d.state, COUNT(*) FROM deliveries d JOIN notices n ON n.id = d.notice_id \
+                 WHERE n.issued_at >= $1 AND n.issued_at < $2 GROUP BY d.agency, d.state",
+                &[&from, &to],
+            )
+            .await?;
+        let reviews = self
+            .query(
+                "SELECT agency, COUNT(*) FROM credit_reviews WHERE issued_at >= $1 AND issued_at < $2 GROUP BY agency",
+                &[&from, &to],
+            )
+            .await?;
+        Ok(super::shared::agency_stats(
+            feedback,
+            deliveries.iter().map(|r| (r.get(0), r.get(1), r.get(2))),
+            reviews.iter().map(|r| (r.get(0), r.get(1))),
+        ))
     }
 
     async fn seed_control(
@@ -2748,12 +2769,17 @@ impl Store for PgStore {
 
     async fn audit_page(
         &self,
-        after: i64,
-        limit: usize,
+        filter: AuditFilter,
     ) -> Result<Vec<crate::audit::Entry>, StoreError> {
         self.query(
-            "SELECT seq, at, actor, action, subject, details, prev_hash, hash FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2",
-            &[&after, &(limit as i64)],
+            &filter.sql("::text"),
+            &[
+                &filter.after,
+                &filter.before.unwrap_or(i64::MAX),
+                &filter.actor,
+                &filter.kind,
+                &(filter.limit as i64),
+            ],
         )
         .await?
         .iter()
@@ -2811,22 +2837,26 @@ impl Store for PgStore {
     ) -> Result<Vec<DepartmentStats>, StoreError> {
         let subs = self
             .query(
-                "SELECT participant, item, accepted::bigint, rejected::bigint, rejection_codes FROM submissions WHERE received_at >= $1 AND received_at < $2 AND NOT historical",
+                "SELECT participant, item, SUM(accepted)::bigint, SUM(rejected)::bigint, rejection_codes, \
+                 ((received_at AT TIME ZONE 'UTC') + interval '8 hours')::date \
+                 FROM submissions WHERE received_at >= $1 AND received_at < $2 AND NOT historical GROUP BY 1, 2, 5, 6",
                 &[&from, &to],
             )
             .await?;
         let records = self
             .query(
-                "SELECT r.submitter, r.item, r.decision_date, r.received_at FROM records r JOIN submissions s ON s.id = r.submission_id WHERE r.received_at >= $1 AND r.received_at < $2 AND r.decision_date IS NOT NULL AND NOT s.historical",
+                "SELECT r.submitter, r.item, r.decision_date, ((r.received_at AT TIME ZONE 'UTC') + interval '8 hours')::date, COUNT(*) \
+                 FROM records r JOIN submissions s ON s.id = r.submission_id \
+                 WHERE r.received_at >= $1 AND r.received_at < $2 AND r.decision_date IS NOT NULL AND NOT s.historical GROUP BY 1, 2, 3, 4",
                 &[&from, &to],
             )
             .await?;
         super::shared::department_stats(
             subs.iter()
-                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))),
+                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5))),
             records
                 .iter()
-                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))),
+                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))),
         )
     }
 

@@ -200,13 +200,15 @@ fn working_days(from: Date, to: Date) -> i64 {
     n
 }
 
-/// One submission row of the period: department, item, accepted,
-/// rejected, rejection codes (JSON `[[code, count], …]`).
-pub(crate) type SubmissionRow = (String, String, i64, i64, String);
+/// Submissions of the period summed per department, item, rejection codes
+/// (JSON `[[code, count], …]`) and day of receipt (China time): records
+/// accepted, records rejected.
+pub(crate) type SubmissionRow = (String, String, i64, i64, String, Date);
 
-/// One accepted record of the period: department, item, decision date,
-/// receive time.
-pub(crate) type DelayRow = (String, String, Date, OffsetDateTime);
+/// Accepted records of the period counted per department, item, decision
+/// date and day of receipt (China time). The stores group in SQL, so a
+/// large period costs rows per day, not per record.
+pub(crate) type DelayRow = (String, String, Date, Date, i64);
 
 /// Quality figures per department and item.
 pub(crate) fn department_stats(
@@ -214,7 +216,15 @@ pub(crate) fn department_stats(
     records: impl IntoIterator<Item = DelayRow>,
 ) -> Result<Vec<DepartmentStats>, StoreError> {
     let mut by_key: BTreeMap<(String, String), DepartmentStats> = BTreeMap::new();
-    for (dept, item, accepted, rejected, codes) in submissions {
+    let mut days: HashMap<(String, String), BTreeMap<Date, (u64, u64)>> = HashMap::new();
+    for (dept, item, accepted, rejected, codes, received) in submissions {
+        let day = days
+            .entry((dept.clone(), item.clone()))
+            .or_default()
+            .entry(received)
+            .or_default();
+        day.0 += accepted.max(0) as u64;
+        day.1 += rejected.max(0) as u64;
         let s = by_key
             .entry((dept.clone(), item.clone()))
             .or_insert_with(|| DepartmentStats {
@@ -228,6 +238,7 @@ pub(crate) fn department_stats(
                 timeliness_median_days: None,
                 timeliness_worst_days: None,
                 within_7_working_days: None,
+                daily: Vec::new(),
             });
         s.accepted += accepted.max(0) as u64;
         s.rejected += rejected.max(0) as u64;
@@ -237,15 +248,12 @@ pub(crate) fn department_stats(
             *s.rejected_by_code.entry(code).or_default() += n;
         }
     }
-    let cst = time::UtcOffset::from_hms(8, 0, 0).unwrap_or(time::UtcOffset::UTC);
     let mut delays: HashMap<(String, String), Vec<(i64, i64)>> = HashMap::new();
-    for (dept, item, decision, received) in records {
-        let received = received.to_offset(cst).date();
+    for (dept, item, decision, received, count) in records {
         let days = (received - decision).whole_days();
-        delays
-            .entry((dept, item))
-            .or_default()
-            .push((days, working_days(decision, received)));
+        let working = working_days(decision, received);
+        let list = delays.entry((dept, item)).or_default();
+        list.extend(std::iter::repeat_n((days, working), count.max(0) as usize));
     }
     let mut out = Vec::with_capacity(by_key.len());
     for (key, mut s) in by_key {
@@ -266,6 +274,16 @@ pub(crate) fn department_stats(
             s.timeliness_worst_days = d.last().map(|x| x.0);
             s.within_7_working_days = Some(d.iter().filter(|x| x.1 <= 7).count() as f64 / n as f64);
         }
+        s.daily = days
+            .remove(&key)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(date, (accepted, rejected))| super::DailyCount {
+                date: date.to_string(),
+                accepted,
+                rejected,
+            })
+            .collect();
         out.push(s);
     }
     Ok(out)
@@ -416,6 +434,44 @@ pub(crate) fn add_notice(
     recipients.extend(n.deliveries.iter().map(|d| d.agency.clone()));
     recipients.sort();
     recipients.dedup();
+}
+
+/// Feedback figures per agency (`feedback`) completed with the period's
+/// deliveries by state (`(agency, state, count)`) and credit reviews
+/// (`(agency, count)`); agencies with only deliveries or reviews appear too.
+pub(crate) fn agency_stats(
+    feedback: Vec<super::AgencyFeedbackStats>,
+    deliveries: impl IntoIterator<Item = (String, String, i64)>,
+    reviews: impl IntoIterator<Item = (String, i64)>,
+) -> Vec<super::AgencyFeedbackStats> {
+    let mut by_agency: BTreeMap<String, super::AgencyFeedbackStats> = feedback
+        .into_iter()
+        .map(|a| (a.agency.clone(), a))
+        .collect();
+    for (agency, state, n) in deliveries {
+        let a = agency_entry(&mut by_agency, agency);
+        *a.deliveries.entry(state).or_default() += n.max(0) as u64;
+    }
+    for (agency, n) in reviews {
+        agency_entry(&mut by_agency, agency).reviews += n.max(0) as u64;
+    }
+    by_agency.into_values().collect()
+}
+
+fn agency_entry(
+    by_agency: &mut BTreeMap<String, super::AgencyFeedbackStats>,
+    agency: String,
+) -> &mut super::AgencyFeedbackStats {
+    by_agency
+        .entry(agency.clone())
+        .or_insert_with(|| super::AgencyFeedbackStats {
+            agency,
+            notices: 0,
+            with_feedback: 0,
+            feedback_rate: 0.0,
+            deliveries: BTreeMap::new(),
+            reviews: 0,
+        })
 }
 
 #[cfg(test)]

@@ -25,12 +25,13 @@ use super::shared::{self, outcome_audit, parse_time, rfc3339, submission_audit, 
 use super::sqlite_control;
 use super::SubjectRecord;
 use super::{
-    parse_kind, ActivateOutcome, AgencyFeedbackStats, AppendOutcome, ControlState, CorrectOutcome,
-    Correction, DeliveryInfo, DeliveryResult, DeliveryState, DepartmentStats, DocKind, EndOutcome,
-    Ending, EndpointHealth, Feedback, FeedbackOutcome, FeedbackStored, Finished, GradeChanged,
-    GradeCount, GradeUpdate, ItemActivation, KeyHolder, NewNotice, NewReview, NewSubmission,
-    NoticeHistory, Outbound, PublicQuery, PublicRecord, ReviewEntry, Revision, Store, StoreError,
-    StoredNotice, StoredRecord, StoredResponse, StoredReview, VersionInfo,
+    parse_kind, ActivateOutcome, AgencyFeedbackStats, AppendOutcome, AuditFilter, ControlState,
+    CorrectOutcome, Correction, DeliveryInfo, DeliveryResult, DeliveryState, DepartmentStats,
+    DocKind, EndOutcome, Ending, EndpointHealth, Feedback, FeedbackOutcome, FeedbackStored,
+    Finished, GradeChanged, GradeCount, GradeUpdate, ItemActivation, KeyHolder, NewNotice,
+    NewReview, NewSubmission, NoticeHistory, Outbound, PublicQuery, PublicRecord, ReviewEntry,
+    Revision, Store, StoreError, StoredNotice, StoredRecord, StoredResponse, StoredReview,
+    VersionInfo,
 };
 use crate::catalog::Severity;
 use crate::notice::EndReason;
@@ -2087,10 +2088,36 @@ impl Store for SqliteStore {
                         } else {
                             with as f64 / notices as f64
                         },
+                        deliveries: Default::default(),
+                        reviews: 0,
                     })
                 })
                 .map_err(db_err)?;
-            rows.collect::<Result<_, _>>().map_err(db_err)
+            let feedback = rows.collect::<Result<_, _>>().map_err(db_err)?;
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT d.agency, d.state, COUNT(*) FROM deliveries d JOIN notices n ON n.id = d.notice_id \
+                     WHERE julianday(n.issued_at) >= julianday(?1) AND julianday(n.issued_at) < julianday(?2) \
+                     GROUP BY d.agency, d.state",
+                )
+                .map_err(db_err)?;
+            let deliveries: Vec<(String, String, i64)> = stmt
+                .query_map(params![from, to], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .map_err(db_err)?
+                .collect::<Result<_, _>>()
+                .map_err(db_err)?;
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT agency, COUNT(*) FROM credit_reviews \
+                     WHERE julianday(issued_at) >= julianday(?1) AND julianday(issued_at) < julianday(?2) GROUP BY agency",
+                )
+                .map_err(db_err)?;
+            let reviews: Vec<(String, i64)> = stmt
+                .query_map(params![from, to], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(db_err)?
+                .collect::<Result<_, _>>()
+                .map_err(db_err)?;
+            Ok(shared::agency_stats(feedback, deliveries, reviews))
         })
         .await
     }
@@ -2147,10 +2174,9 @@ impl Store for SqliteStore {
 
     async fn audit_page(
         &self,
-        after: i64,
-        limit: usize,
+        filter: AuditFilter,
     ) -> Result<Vec<crate::audit::Entry>, StoreError> {
-        self.read(move |conn| sqlite_control::audit_page(conn, after, limit))
+        self.read(move |conn| sqlite_control::audit_page(conn, &filter))
             .await
     }
 

@@ -9,8 +9,8 @@ use time::OffsetDateTime;
 
 use super::shared::{activation_audit, AuditItem};
 use super::{
-    ActivateOutcome, ControlState, DepartmentStats, DocKind, ItemActivation, StoreError,
-    VersionInfo,
+    ActivateOutcome, AuditFilter, ControlState, DepartmentStats, DocKind, ItemActivation,
+    StoreError, VersionInfo,
 };
 use crate::audit::{self, Checkpoint, Entry};
 
@@ -105,25 +105,33 @@ pub(super) fn write_audit(conn: &Connection, items: Vec<AuditItem>) -> Result<()
 /// Reads audit entries after `after`.
 pub(super) fn audit_page(
     conn: &Connection,
-    after: i64,
-    limit: usize,
+    filter: &AuditFilter,
 ) -> Result<Vec<Entry>, StoreError> {
-    let mut stmt = conn
-        .prepare_cached("SELECT seq, at, actor, action, subject, details, prev_hash, hash FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2")
-        .map_err(db_err)?;
+    // SQLite takes `$n` parameters as positional ones.
+    let mut stmt = conn.prepare_cached(&filter.sql("")).map_err(db_err)?;
+    let before = filter.before.unwrap_or(i64::MAX);
     let rows = stmt
-        .query_map(params![after, limit as i64], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, String>(5)?,
-                r.get::<_, String>(6)?,
-                r.get::<_, String>(7)?,
-            ))
-        })
+        .query_map(
+            params![
+                filter.after,
+                before,
+                filter.actor,
+                filter.kind,
+                filter.limit as i64
+            ],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, String>(5)?,
+                    r.get::<_, String>(6)?,
+                    r.get::<_, String>(7)?,
+                ))
+            },
+        )
         .map_err(db_err)?;
     let mut out = Vec::new();
     for row in rows {
@@ -446,7 +454,7 @@ pub fn verify_audit(db: &std::path::Path, key: &[u8]) -> Result<audit::Report, S
                 after = e.seq;
                 return Some(e);
             }
-            match audit_page(conn, after, 10_000) {
+            match audit_page(conn, &AuditFilter::after(after, 10_000)) {
                 Ok(p) if p.is_empty() => return None,
                 Ok(p) => page = p.into_iter(),
                 Err(e) => {
@@ -486,21 +494,48 @@ pub(super) fn department_stats(
     from: &str,
     to: &str,
 ) -> Result<Vec<DepartmentStats>, StoreError> {
+    let day = |text: String| {
+        crate::codes::parse_iso_date(&text)
+            .ok_or_else(|| StoreError::Corrupt(format!("a date in the figures: {text:?}")))
+    };
+    // Grouped in SQL: rows per department, item and day, not per record.
     let submissions: Vec<super::shared::SubmissionRow> = {
         let mut stmt = conn
-            .prepare_cached("SELECT participant, item, accepted, rejected, rejection_codes FROM submissions WHERE julianday(received_at) >= julianday(?1) AND julianday(received_at) < julianday(?2) AND NOT historical")
+            .prepare_cached(
+                "SELECT participant, item, SUM(accepted), SUM(rejected), rejection_codes, date(received_at, '+8 hours') \
+                 FROM submissions WHERE julianday(received_at) >= julianday(?1) AND julianday(received_at) < julianday(?2) AND NOT historical \
+                 GROUP BY participant, item, rejection_codes, date(received_at, '+8 hours')",
+            )
             .map_err(db_err)?;
         let rows = stmt
             .query_map(params![from, to], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, String>(5)?,
+                ))
             })
             .map_err(db_err)?;
-        rows.collect::<Result<_, _>>().map_err(db_err)?
+        let mut out = Vec::new();
+        for row in rows {
+            let (dept, item, accepted, rejected, codes, received) = row.map_err(db_err)?;
+            out.push((dept, item, accepted, rejected, codes, day(received)?));
+        }
+        out
     };
     let mut records: Vec<super::shared::DelayRow> = Vec::new();
     {
         let mut stmt = conn
-            .prepare_cached("SELECT r.submitter, r.item, r.decision_date, r.received_at FROM records r JOIN submissions s ON s.id = r.submission_id WHERE julianday(r.received_at) >= julianday(?1) AND julianday(r.received_at) < julianday(?2) AND r.decision_date IS NOT NULL AND NOT s.historical")
+            .prepare_cached(
+                "SELECT r.submitter, r.item, r.decision_date, date(r.received_at, '+8 hours'), COUNT(*) \
+                 FROM records r JOIN submissions s ON s.id = r.submission_id \
+                 WHERE julianday(r.received_at) >= julianday(?1) AND julianday(r.received_at) < julianday(?2) \
+                 AND r.decision_date IS NOT NULL AND NOT s.historical \
+                 GROUP BY r.submitter, r.item, r.decision_date, date(r.received_at, '+8 hours')",
+            )
             .map_err(db_err)?;
         let rows = stmt
             .query_map(params![from, to], |r| {
@@ -509,16 +544,15 @@ pub(super) fn department_stats(
                     r.get::<_, String>(1)?,
                     r.get::<_, String>(2)?,
                     r.get::<_, String>(3)?,
+                    r.get::<_, i64>(4)?,
                 ))
             })
             .map_err(db_err)?;
         for row in rows {
-            let (dept, item, decision, received) = row.map_err(db_err)?;
-            if let (Some(decision), Ok(received)) = (
-                crate::codes::parse_iso_date(&decision),
-                super::shared::parse_time(&received),
-            ) {
-                records.push((dept, item, decision, received));
+            let (dept, item, decision, received, count) = row.map_err(db_err)?;
+            // A decision date that is not a date counts in no delay.
+            if let Some(decision) = crate::codes::parse_iso_date(&decision) {
+                records.push((dept, item, decision, day(received)?, count));
             }
         }
     }

@@ -4,7 +4,7 @@
 //! tests read what the page says (the DOM after rendering, and the text of
 //! the page printed to PDF), not only that it loaded.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Mutex;
 
@@ -14,8 +14,10 @@ use crate::support::{Env, Server};
 
 /// The packages the browser tests need; installed once if missing (the
 /// README's test command does all the set-up on a fresh machine).
-const PACKAGES: [(&str, &str); 5] = [
+const PACKAGES: [(&str, &str); 6] = [
     ("/usr/bin/chromium", "chromium"),
+    // WebDriver, for the console's forms (fantoccini).
+    ("/usr/bin/chromedriver", "chromium-driver"),
     // A Chinese font, so the printed page has the glyphs (and its text).
     (
         "/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc",
@@ -66,11 +68,33 @@ fn run(cmd: &mut Command) -> std::process::Output {
     out
 }
 
+/// The one Chromium policy the tests need: pick the client certificate
+/// for any `https://localhost` port without a dialog (each test's browser
+/// has only its own participant's certificate). One file for every test:
+/// Chromium takes a policy from one file only when several set it, so a
+/// file per test would leave all but one browser waiting at a certificate
+/// dialog while tests run in parallel. Written once; never removed (other
+/// tests may be using it).
+fn auto_select_policy() {
+    static WRITTEN: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    WRITTEN.get_or_init(|| {
+        let dir = Path::new("/etc/chromium/policies/managed");
+        std::fs::create_dir_all(dir).expect("policy dir");
+        let pattern = json!({"pattern": "https://localhost:*", "filter": {}}).to_string();
+        let tmp = dir.join(".credgate-tests.json.tmp");
+        std::fs::write(
+            &tmp,
+            json!({"AutoSelectCertificateForUrls": [pattern]}).to_string(),
+        )
+        .expect("policy");
+        std::fs::rename(&tmp, dir.join("credgate-tests.json")).expect("policy");
+    });
+}
+
 /// A headless Chromium that presents `participant`'s certificate to
 /// `https://localhost:{port}` and trusts the test CA.
 pub struct Browser {
     home: tempfile::TempDir,
-    policy: PathBuf,
     origin: String,
 }
 
@@ -96,9 +120,6 @@ impl Browser {
             ])
             .arg(certs.join("ca.pem")));
         let origin = format!("https://localhost:{port}");
-        let policy = PathBuf::from(format!(
-            "/etc/chromium/policies/managed/credgate-test-{port}.json"
-        ));
         if let Some(id) = participant {
             let p12 = home.path().join(format!("{id}.p12"));
             run(Command::new("openssl")
@@ -111,18 +132,57 @@ impl Browser {
             run(Command::new("pk12util")
                 .args(["-d", &db_arg, "-W", "", "-i"])
                 .arg(&p12));
-            std::fs::create_dir_all("/etc/chromium/policies/managed").expect("policy dir");
-            let pattern = json!({"pattern": origin, "filter": {}}).to_string();
-            std::fs::write(
-                &policy,
-                json!({"AutoSelectCertificateForUrls": [pattern]}).to_string(),
-            )
-            .expect("policy");
+            auto_select_policy();
         }
-        Browser {
-            home,
-            policy,
-            origin,
+        Browser { home, origin }
+    }
+
+    /// A WebDriver session (chromedriver on a free port, fantoccini) in
+    /// this browser's profile: the client certificate and the CA apply.
+    pub async fn webdriver(&self) -> Driver {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let child = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .env("HOME", self.home.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("chromedriver starts");
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".into(),
+            json!({
+                "binary": "/usr/bin/chromium",
+                "args": ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                         "--lang=zh-CN", "--window-size=1280,1000"],
+            }),
+        );
+        let url = format!("http://127.0.0.1:{port}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let client = loop {
+            let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+            match fantoccini::ClientBuilder::new(connector)
+                .capabilities(caps.clone())
+                .connect(&url)
+                .await
+            {
+                Ok(c) => break c,
+                Err(e) => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "chromedriver did not start a session: {e}"
+                    );
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+            }
+        };
+        Driver {
+            client,
+            child,
+            origin: self.origin.clone(),
         }
     }
 
@@ -167,9 +227,103 @@ impl Browser {
     }
 }
 
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.policy);
+/// A Chromium driven over WebDriver, on the gateway's origin.
+pub struct Driver {
+    /// The WebDriver session.
+    pub client: fantoccini::Client,
+    child: std::process::Child,
+    origin: String,
+}
+
+impl Driver {
+    /// Opens `path` of the gateway.
+    pub async fn open(&self, path: &str) {
+        self.client
+            .goto(&format!("{}{path}", self.origin))
+            .await
+            .expect("page opens");
+    }
+
+    /// The element `css`, waiting up to 10 s for it to appear.
+    pub async fn find(&self, css: &str) -> fantoccini::elements::Element {
+        self.client
+            .wait()
+            .at_most(std::time::Duration::from_secs(10))
+            .for_element(fantoccini::Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("{css} not on the page: {e}"))
+    }
+
+    /// The text of `css` once it contains `want` (up to 10 s).
+    pub async fn text_with(&self, css: &str, want: &str) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let text = match self.client.find(fantoccini::Locator::Css(css)).await {
+                Ok(e) => e.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            };
+            if text.contains(want) {
+                return text;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{css} never said {want:?}; it says {text:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Clicks `css` (waiting for it to appear).
+    pub async fn click(&self, css: &str) {
+        self.find(css)
+            .await
+            .click()
+            .await
+            .unwrap_or_else(|e| panic!("click {css}: {e}"));
+    }
+
+    /// Types `text` into `css`.
+    pub async fn type_into(&self, css: &str, text: &str) {
+        self.find(css)
+            .await
+            .send_keys(text)
+            .await
+            .unwrap_or_else(|e| panic!("type into {css}: {e}"));
+    }
+
+    /// Runs a script in the page.
+    pub async fn run(&self, script: &str) {
+        self.client
+            .execute(script, vec![])
+            .await
+            .unwrap_or_else(|e| panic!("script {script:?}: {e}"));
+    }
+
+    /// Scrolls `css` to the top of the window.
+    pub async fn scroll_to(&self, css: &str) {
+        self.client
+            .execute(
+                "document.querySelector(arguments[0]).scrollIntoView()",
+                vec![json!(css)],
+            )
+            .await
+            .expect("scroll");
+    }
+
+    /// Saves a screenshot of the page as `target/browser/<name>.png`.
+    pub async fn screenshot(&self, name: &str) {
+        let png = self.client.screenshot().await.expect("screenshot");
+        let keep = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/browser");
+        if std::fs::create_dir_all(&keep).is_ok() {
+            let _ = std::fs::write(keep.join(format!("{name}.png")), png);
+        }
+    }
+
+    /// Ends the session and chromedriver.
+    pub async fn quit(mut self) {
+        let _ = self.client.clone().close().await;
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -8,6 +8,7 @@ pub const BACKEND: credgate::config::StoreBackend = credgate::config::StoreBacke
 mod admin;
 mod browser;
 mod chaos;
+mod console;
 mod contract;
 mod grades;
 mod hardening;
