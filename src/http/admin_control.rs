@@ -517,8 +517,8 @@ pub struct AuditQuery {
     /// Chain position after which to list, oldest first (default: the
     /// beginning).
     pub after: Option<i64>,
-    /// Chain position before which to list, newest first (instead of
-    /// `after`).
+    /// Chain position before which to list, newest first (with `after`:
+    /// the entries between the two, newest first).
     #[param(minimum = 1)]
     pub before: Option<i64>,
     /// Only this actor's entries (a participant id, or `gateway`).
@@ -541,7 +541,7 @@ impl AuditQuery {
             Some(v) if v.is_empty() => Ok(None),
             v => Ok(v),
         };
-        if self.after.is_some() && self.before.is_some() || self.before.is_some_and(|b| b < 1) {
+        if self.before.is_some_and(|b| b < 1) {
             return None;
         }
         Some(crate::store::AuditFilter {
@@ -569,7 +569,7 @@ pub async fn audit(
         Problem::caller(
             StatusCode::BAD_REQUEST,
             "invalid_query",
-            "after or before (not both) is a chain position, actor and kind at most 100 characters, limit 1-1000",
+            "after and before are chain positions (before at least 1), actor and kind at most 100 characters, limit 1-1000",
         )
     };
     let Query(q) = query.map_err(|_| bad())?;

@@ -168,6 +168,45 @@ async fn the_faults_the_contract_tester_found_stay_fixed() {
     // version written with a fraction part are read as whole numbers.
     let record = synth::record("administrative_penalty", 4_242, "general");
     let id = submit_one(&market, "administrative_penalty", record.clone()).await;
+    // The audit log's after and before together are a range (the
+    // document allows both), newest first; and the filters apply.
+    let resp = admin
+        .get(&format!(
+            "/admin/v1/audit?after=-9223372036854775808&before=1&actor={0}&kind={0}",
+            "0".repeat(100)
+        ))
+        .await;
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    assert_eq!(resp.json()["entries"], json!([]));
+    let all = admin.get("/admin/v1/audit?limit=1000").await.json();
+    let n = all["entries"].as_array().map_or(0, Vec::len) as i64;
+    assert!(n >= 3, "{all}");
+    let between = admin
+        .get(&format!("/admin/v1/audit?after=1&before={n}"))
+        .await
+        .json();
+    let seqs: Vec<i64> = between["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter_map(|e| e["seq"].as_i64())
+        .collect();
+    assert_eq!(
+        seqs,
+        (2..n).rev().collect::<Vec<_>>(),
+        "newest first, strictly between"
+    );
+    let mine = admin
+        .get("/admin/v1/audit?actor=gateway&kind=submissions")
+        .await
+        .json();
+    let entries = mine["entries"].as_array().expect("entries");
+    assert!(!entries.is_empty(), "{mine}");
+    assert!(entries.iter().all(|e| e["actor"] == "gateway"
+        && e["action"]
+            .as_str()
+            .is_some_and(|a| a == "submissions" || a.starts_with("submissions."))));
+
     let resp = send(
         &market,
         "put",
