@@ -18,13 +18,15 @@ participants=${2:-1000}
 rounds=${3:-20}
 cargo build --release -q -p credgate -p credgate-load-tests
 root=$(pwd)
+. "$root/load-tests/lib.sh"
+pid=
 if [ -n "${KEEP_DIR:-}" ]; then
   dir=$KEEP_DIR
   mkdir -p "$dir"
-  trap 'kill "${pid:-0}" 2> /dev/null || true' EXIT
+  stop_gateway_on_exit
 else
   dir=$(mktemp -d)
-  trap 'kill "${pid:-0}" 2> /dev/null || true; rm -rf "$dir"' EXIT
+  stop_gateway_on_exit "$dir"
 fi
 if [ ! -d "$dir/config" ]; then
 cp -r config catalogs "$dir/"

@@ -26,9 +26,10 @@ fi
 out=target/schemathesis
 rm -rf "$out"; mkdir -p "$out"
 
+. "$repo/load-tests/lib.sh"
 dir=$(mktemp -d)
 pid=
-trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -rf "$dir"' EXIT
+stop_gateway_on_exit "$dir"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 port=$(free_port); ops=$(free_port); public=$(free_port)
 certs="$repo/certs/dev"

@@ -21,8 +21,10 @@ if [ ! -x "$venv/bin/sslyze" ]; then
   "$venv/bin/pip" install -q 'sslyze>=6,<7'
 fi
 
+. "$PWD/load-tests/lib.sh"
 dir=$(mktemp -d)
-trap 'kill "$pid" 2>/dev/null || true; rm -rf "$dir"' EXIT
+pid=
+stop_gateway_on_exit "$dir"
 cd "$dir"
 ec() { openssl ecparam -name prime256v1 -genkey -noout -out "$1"; }
 ec ca.key
