@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 
 use crate::drive::{self, Spec};
 use crate::harness::{GatewayProcess, Nginx, Workspace};
+use crate::pool::Pool;
 use crate::report::{percentiles, ProcStats};
 use crate::scenarios::{bodies, providers};
 use crate::Load;
@@ -21,6 +22,16 @@ pub enum Against {
     Credgate,
     /// nginx as an mTLS static responder (the reference).
     Nginx,
+}
+
+/// What drives the requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Client {
+    /// The built-in driver (unique records, no TLS resumption per request).
+    #[default]
+    Builtin,
+    /// oha, the independent client (see `oha.rs` for how it differs).
+    Oha,
 }
 
 /// A started target with its workspace.
@@ -120,22 +131,26 @@ fn spec_for(load: &Load, target: &Target, departments: Vec<String>, per_request:
         path: "/v1/records",
         rate: None,
         duration: Duration::from_secs(load.duration),
-        bodies: Arc::new(bodies(
+        bodies: Arc::new(Pool::new(bodies(
             &load.item,
             load.batch,
             load.invalid,
             load.seed,
             2048,
-        )),
+        ))),
     }
 }
 
 async fn measured(
     spec: &Spec,
     target: &Target,
+    load: &Load,
 ) -> Result<(drive::Outcome, f64, ProcStats), String> {
     let before = target.stats();
-    let out = drive::run(spec).await?;
+    let out = match load.client {
+        Client::Builtin => drive::run(spec).await?,
+        Client::Oha => crate::oha::run(spec, load.batch).await?,
+    };
     let after = target.stats();
     Ok((out, after.cpu_secs - before.cpu_secs, after))
 }
@@ -152,7 +167,7 @@ pub async fn requests(
         None => Target::start(against, name, None).await?,
     };
     let spec = spec_for(load, &target, providers(&load.item)?, per_request);
-    let (out, cpu, after) = measured(&spec, &target).await?;
+    let (out, cpu, after) = measured(&spec, &target, load).await?;
     target.stop();
     let rate = out.ok as f64 / out.secs;
     let cpu_us = if out.ok > 0 {
@@ -160,17 +175,23 @@ pub async fn requests(
     } else {
         0.0
     };
+    let latency = out
+        .quoted_latency_ms
+        .clone()
+        .unwrap_or_else(|| percentiles(&out.hist));
     let json = json!({
-        "scenario": name, "against": format!("{against:?}").to_lowercase(), "http2": load.h2,
+        "scenario": name, "against": format!("{against:?}").to_lowercase(),
+        "client": format!("{:?}", load.client).to_lowercase(), "http2": load.h2,
         "connections": load.connections, "streams": load.streams, "batch": load.batch, "item": load.item,
         "new_connection_per_request": per_request, "seconds": out.secs,
         "requests_ok": out.ok, "requests_per_s": rate, "records_per_s": out.records as f64 / out.secs,
-        "latency_ms": percentiles(&out.hist), "errors": out.errors.json(),
+        "latency_ms": latency, "errors": out.errors.json(),
         "server": {"cpu_secs": cpu, "cpu_us_per_request": cpu_us, "peak_rss_mb": after.peak_rss as f64 / 1048576.0},
     });
     let summary = format!(
-        "{name} [{}] {}x{}{} batch {}: {:.0} req/s, {:.0} records/s; latency ms p50 {} p99 {} p99.9 {}; errors {}; server CPU {:.1} µs/request, peak RSS {:.0} MB",
+        "{name} [{}, {}] {}x{}{} batch {}: {:.0} req/s, {:.0} records/s; latency ms p50 {} p99 {} p99.9 {}; errors {}; server CPU {:.1} µs/request, peak RSS {:.0} MB",
         json["against"].as_str().unwrap_or(""),
+        json["client"].as_str().unwrap_or(""),
         load.connections,
         load.streams,
         if load.h2 { " h2" } else { "" },
@@ -197,11 +218,11 @@ pub async fn requests(
 pub async fn idle(load: &Load, against: Against, idle: usize) -> Result<Report, String> {
     let target = Target::start(against, "idle", None).await?;
     let spec = spec_for(load, &target, providers(&load.item)?, false);
-    let (alone, _, _) = measured(&spec, &target).await?;
+    let (alone, _, _) = measured(&spec, &target, load).await?;
     let before_idle = target.stats();
     let held = drive::idle_connections(target.addr, &target.certs, "dept-market", idle).await?;
     let opened = held.len();
-    let (with_idle, cpu, after) = measured(&spec, &target).await?;
+    let (with_idle, cpu, after) = measured(&spec, &target, load).await?;
     drop(held);
     target.stop();
     let (a, b) = (
@@ -246,7 +267,7 @@ pub async fn fairness(
         burst: quota,
     };
     let target = Target::start(Against::Credgate, "fairness", Some(q)).await?;
-    let pool = Arc::new(bodies("red_list", 1, 0.0, 3, 1024));
+    let pool = Arc::new(Pool::new(bodies("red_list", 1, 0.0, 3, 1024)));
     let steady = Spec {
         targets: target.addrs.clone(),
         certs: target.certs.clone(),
@@ -307,6 +328,7 @@ fn preset(connections: usize, streams: usize, h2: bool, batch: usize, duration: 
         invalid: 0.0,
         duration,
         seed: 1,
+        client: Client::Builtin,
     }
 }
 
@@ -326,6 +348,7 @@ pub async fn compare(
     duration: u64,
     idle_n: usize,
     only: &[String],
+    clients: &[Client],
 ) -> Result<(String, Value), String> {
     let base = |connections, streams, h2, batch| preset(connections, streams, h2, batch, duration);
     let cases: Vec<(&str, Load, bool)> = vec![
@@ -335,69 +358,84 @@ pub async fn compare(
         ("batch", base(16, 1, false, 100), false),
         ("idle", base(64, 1, false, 1), false),
     ];
+    let clients = if clients.is_empty() {
+        &[Client::Builtin][..]
+    } else {
+        clients
+    };
     let mut table = Vec::new();
     let mut lines = vec![format!(
-        "{:<10} {:>14} {:>14} {:>7} {:>16} {:>16}",
-        "scenario", "credgate", "nginx", "ratio", "credgate µs/req", "nginx µs/req"
+        "{:<10} {:<8} {:>14} {:>14} {:>7} {:>16} {:>16}",
+        "scenario", "client", "credgate", "nginx", "ratio", "credgate µs/req", "nginx µs/req"
     )];
     for (name, load, per_request) in cases {
         if !only.is_empty() && !only.iter().any(|o| o == name) {
             continue;
         }
-        let mut samples: Vec<(Against, Report)> = Vec::new();
-        for r in 0..runs.max(1) {
-            // Alternate which goes first so drift hits both alike.
-            let order = if r % 2 == 0 {
-                [Against::Credgate, Against::Nginx]
-            } else {
-                [Against::Nginx, Against::Credgate]
-            };
-            for against in order {
-                let report = if name == "idle" {
-                    idle(&load, against, idle_n).await?
-                } else {
-                    requests(name, &load, against, per_request).await?
-                };
-                eprintln!("  run {}: {}", r + 1, report.summary);
-                samples.push((against, report));
+        for &client in clients {
+            if name == "idle" && client != Client::Builtin {
+                continue;
             }
+            let load = Load {
+                client,
+                ..load.clone()
+            };
+            let mut samples: Vec<(Against, Report)> = Vec::new();
+            for r in 0..runs.max(1) {
+                // Alternate which goes first so drift hits both alike.
+                let order = if r % 2 == 0 {
+                    [Against::Credgate, Against::Nginx]
+                } else {
+                    [Against::Nginx, Against::Credgate]
+                };
+                for against in order {
+                    let report = if name == "idle" {
+                        idle(&load, against, idle_n).await?
+                    } else {
+                        requests(name, &load, against, per_request).await?
+                    };
+                    eprintln!("  run {}: {}", r + 1, report.summary);
+                    samples.push((against, report));
+                }
+            }
+            let pick = |a: Against, f: &dyn Fn(&Report) -> f64| {
+                median(
+                    samples
+                        .iter()
+                        .filter(|(x, _)| *x == a)
+                        .map(|(_, r)| f(r))
+                        .collect(),
+                )
+            };
+            let metric: &dyn Fn(&Report) -> f64 = if name == "batch" {
+                &|r: &Report| r.json["records_per_s"].as_f64().unwrap_or(0.0)
+            } else {
+                &|r: &Report| r.rate
+            };
+            let (c, n) = (
+                pick(Against::Credgate, metric),
+                pick(Against::Nginx, metric),
+            );
+            let (cc, nc) = (
+                pick(Against::Credgate, &|r| r.cpu_us),
+                pick(Against::Nginx, &|r| r.cpu_us),
+            );
+            let unit = if name == "batch" {
+                "records/s"
+            } else {
+                "req/s"
+            };
+            let who = format!("{client:?}").to_lowercase();
+            lines.push(format!(
+                "{name:<10} {who:<8} {c:>10.0} {unit:<4} {n:>10.0} {:>7.2} {cc:>16.1} {nc:>16.1}",
+                if n > 0.0 { c / n } else { 0.0 }
+            ));
+            table.push(json!({
+                "scenario": name, "client": who, "unit": unit, "credgate": c, "nginx": n, "ratio": if n > 0.0 { c / n } else { 0.0 },
+                "credgate_cpu_us_per_request": cc, "nginx_cpu_us_per_request": nc,
+                "runs": samples.iter().map(|(a, r)| json!({"against": format!("{a:?}").to_lowercase(), "report": r.json})).collect::<Vec<_>>(),
+            }));
         }
-        let pick = |a: Against, f: &dyn Fn(&Report) -> f64| {
-            median(
-                samples
-                    .iter()
-                    .filter(|(x, _)| *x == a)
-                    .map(|(_, r)| f(r))
-                    .collect(),
-            )
-        };
-        let metric: &dyn Fn(&Report) -> f64 = if name == "batch" {
-            &|r: &Report| r.json["records_per_s"].as_f64().unwrap_or(0.0)
-        } else {
-            &|r: &Report| r.rate
-        };
-        let (c, n) = (
-            pick(Against::Credgate, metric),
-            pick(Against::Nginx, metric),
-        );
-        let (cc, nc) = (
-            pick(Against::Credgate, &|r| r.cpu_us),
-            pick(Against::Nginx, &|r| r.cpu_us),
-        );
-        let unit = if name == "batch" {
-            "records/s"
-        } else {
-            "req/s"
-        };
-        lines.push(format!(
-            "{name:<10} {c:>10.0} {unit:<4} {n:>10.0} {:>7.2} {cc:>16.1} {nc:>16.1}",
-            if n > 0.0 { c / n } else { 0.0 }
-        ));
-        table.push(json!({
-            "scenario": name, "unit": unit, "credgate": c, "nginx": n, "ratio": if n > 0.0 { c / n } else { 0.0 },
-            "credgate_cpu_us_per_request": cc, "nginx_cpu_us_per_request": nc,
-            "runs": samples.iter().map(|(a, r)| json!({"against": format!("{a:?}").to_lowercase(), "report": r.json})).collect::<Vec<_>>(),
-        }));
     }
     Ok((
         lines.join("\n"),
@@ -546,7 +584,7 @@ pub async fn review(load: &Load, subjects: u64) -> Result<Report, String> {
         new_connection_per_request: false,
         rate: None,
         duration: Duration::from_secs(load.duration),
-        bodies: Arc::new(bodies),
+        bodies: Arc::new(Pool::new(bodies)),
         path,
     };
     let gw = Target {
@@ -558,13 +596,13 @@ pub async fn review(load: &Load, subjects: u64) -> Result<Report, String> {
         _ws: None,
     };
     let warm_spec = spec(vec![review_body(10)], vec![addr], "/v1/credit-reviews");
-    let (warm, warm_cpu, _) = measured(&warm_spec, &gw).await?;
+    let (warm, warm_cpu, _) = measured(&warm_spec, &gw, load).await?;
     let spread_spec = spec(
         (0..subjects).map(review_body).collect(),
         vec![addr],
         "/v1/credit-reviews",
     );
-    let (spread, spread_cpu, after) = measured(&spread_spec, &gw).await?;
+    let (spread, spread_cpu, after) = measured(&spread_spec, &gw, load).await?;
     gw.stop();
     let nginx = ws.start_nginx().await?;
     let nginx_spec = spec(

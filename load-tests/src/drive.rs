@@ -6,10 +6,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use hdrhistogram::Histogram;
 
 use crate::client::{connect, tls_config, Conn};
+use crate::pool::Pool;
 use crate::report::{histogram, Errors};
 
 /// What to drive.
@@ -36,8 +36,8 @@ pub struct Spec {
     pub rate: Option<f64>,
     /// How long.
     pub duration: Duration,
-    /// Request bodies, cycled.
-    pub bodies: Arc<Vec<Bytes>>,
+    /// Request bodies, cycled, unique per request.
+    pub bodies: Arc<Pool>,
 }
 
 /// What came back.
@@ -54,6 +54,9 @@ pub struct Outcome {
     pub errors: Errors,
     /// Wall time.
     pub secs: f64,
+    /// Latency percentiles (ms) as another client reported them, when the
+    /// histograms are empty.
+    pub quoted_latency_ms: Option<serde_json::Value>,
 }
 
 fn accepted_count(body: &[u8]) -> u64 {
@@ -106,15 +109,13 @@ pub async fn run(spec: &Spec) -> Result<Outcome, String> {
         } else {
             handles.push(None);
         }
-        for (s, conn) in handles.into_iter().enumerate() {
+        for conn in handles {
             let (spec, tls) = (spec.clone(), tls.clone());
-            let offset = (c * 131 + s * 17) % spec.bodies.len().max(1);
             tasks.push(tokio::spawn(async move {
                 let (mut hist, mut all) = (histogram(), histogram());
                 let mut errors = Errors::default();
                 let (mut ok, mut records) = (0u64, 0u64);
                 let mut conn = conn;
-                let mut i = offset;
                 let mut next = Instant::now();
                 while Instant::now() < deadline {
                     if let Some(every) = interval {
@@ -123,8 +124,7 @@ pub async fn run(spec: &Spec) -> Result<Outcome, String> {
                             tokio::time::sleep_until(next.into()).await;
                         }
                     }
-                    let body = spec.bodies[i % spec.bodies.len()].clone();
-                    i += 1;
+                    let body = spec.bodies.next();
                     let start = Instant::now();
                     let attempt = async {
                         let mut fresh;
@@ -175,6 +175,7 @@ pub async fn run(spec: &Spec) -> Result<Outcome, String> {
         all: histogram(),
         errors: Errors::default(),
         secs: 0.0,
+        quoted_latency_ms: None,
     };
     for t in tasks {
         if let Ok((ok, records, hist, all, errors)) = t.await {

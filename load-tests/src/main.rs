@@ -11,6 +11,8 @@ mod bench;
 mod client;
 mod drive;
 mod harness;
+mod oha;
+mod pool;
 mod receiver;
 mod report;
 mod scenarios;
@@ -74,6 +76,10 @@ pub struct Load {
     /// Seed of the record generator.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// The client that drives the requests: the built-in driver, or oha
+    /// (installed separately: `cargo install oha --locked`).
+    #[arg(long, value_enum, default_value = "builtin")]
+    pub client: bench::Client,
 }
 
 #[derive(Subcommand, Debug, Clone)]
@@ -153,6 +159,11 @@ enum Scenario {
         /// Only these scenarios (ingest, h2, handshake, batch, idle).
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
+        /// The clients to drive them with: builtin, oha, or both (each
+        /// scenario's rows for both clients side by side; idle stays
+        /// built-in).
+        #[arg(long, value_delimiter = ',', default_value = "builtin")]
+        client: Vec<bench::Client>,
     },
     /// `credgate import` of a generated JSON Lines file, with a dry run of
     /// the same file as the baseline and a resuming re-run.
@@ -218,7 +229,8 @@ async fn main() -> std::process::ExitCode {
             duration,
             idle,
             only,
-        } => bench::compare(runs, duration, idle, &only).await,
+            client,
+        } => bench::compare(runs, duration, idle, &only, &client).await,
         Scenario::Smoke => bench::smoke().await,
     };
     match result {

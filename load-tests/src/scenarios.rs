@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 
 use crate::client::{connect, tls_config, Conn};
 use crate::harness::{Workspace, DEPARTMENTS};
+use crate::pool::Pool;
 use crate::receiver::Receiver;
 use crate::report::{histogram, percentiles, Errors};
 
@@ -33,6 +34,10 @@ pub fn bodies(item: &str, batch: usize, invalid: f64, seed: u64, count: usize) -
                             "general"
                         },
                     );
+                    // Room for the pool to make the record unique per request.
+                    if let Some(Value::String(d)) = r.get_mut("decision_number") {
+                        d.push_str(crate::pool::Pool::mark());
+                    }
                     // Deterministic share of invalid records: a bad check character.
                     if invalid > 0.0 && (n % 1000) < (invalid * 1000.0) as u64 {
                         r["uscc"] = json!("914403001922038217");
@@ -163,7 +168,7 @@ pub async fn fanout(
     }
 
     // Submitters, paced to `rate` in total when given.
-    let pool = Arc::new(bodies("serious_dishonesty", 1, 0.0, 7, 2048));
+    let pool = Arc::new(Pool::new(bodies("serious_dishonesty", 1, 0.0, 7, 2048)));
     let submitters_of = providers("serious_dishonesty")?;
     let acks: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let before = gateway.stats();
@@ -177,15 +182,13 @@ pub async fn fanout(
             (rate > 0).then(|| Duration::from_secs_f64(connections.max(1) as f64 / rate as f64));
         submitters.push(tokio::spawn(async move {
             let mut errors = Errors::default();
-            let mut i = c * 97;
             let mut next = Instant::now();
             while Instant::now() < deadline {
                 if let Some(every) = interval {
                     next += every;
                     tokio::time::sleep_until(next.into()).await;
                 }
-                let body = pool[i % pool.len()].clone();
-                i += 1;
+                let body = pool.next();
                 match conn.request("POST", "/v1/records", Some(body)).await {
                     Ok((200, b)) => {
                         let now = Instant::now();
