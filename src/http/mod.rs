@@ -353,9 +353,9 @@ async fn receive_body(
         return Ok(req);
     }
     let (parts, body) = req.into_parts();
-    let read = http_body_util::Limited::new(body, max).collect();
+    let read = collect_body(body, declared.unwrap_or(0), max);
     match tokio::time::timeout_at(deadline, read).await {
-        Ok(Ok(c)) => Ok(Request::from_parts(parts, Body::from(c.to_bytes()))),
+        Ok(Ok(bytes)) => Ok(Request::from_parts(parts, Body::from(bytes))),
         Ok(Err(_)) => Err(Problem::caller(
             StatusCode::BAD_REQUEST,
             "body_read_failed",
@@ -367,6 +367,40 @@ async fn receive_body(
             "the request took too long to arrive or complete",
         )),
     }
+}
+
+/// Why a body could not be read whole.
+#[derive(Debug)]
+enum BodyError {
+    /// It grew past the limit.
+    TooLarge,
+    /// The connection failed or the stream broke off.
+    Broken,
+}
+
+/// Reads a body into one buffer of the declared size (`expected`), so a
+/// large body is held once: collecting its frames and then joining them
+/// would hold it twice at the peak. At most `max` bytes.
+async fn collect_body(
+    mut body: Body,
+    expected: usize,
+    max: usize,
+) -> Result<bytes::Bytes, BodyError> {
+    let mut buf = Vec::with_capacity(expected.min(max));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| BodyError::Broken)?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > max {
+                return Err(BodyError::TooLarge);
+            }
+            if expected > 0 && buf.is_empty() && data.len() == expected {
+                // One frame holding it all: no copy.
+                return Ok(data);
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(bytes::Bytes::from(buf))
 }
 
 /// How much of an oversized body is read and discarded so the client gets
@@ -424,18 +458,11 @@ pub async fn read_json(
         }
         return Err(too_large());
     }
-    match http_body_util::Limited::new(body, limits.max_body_bytes)
-        .collect()
-        .await
-    {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            Err(too_large())
-        }
-        Err(_) => Err(Problem::caller(
+    let expected = declared.map_or(0, |n| n as usize);
+    match collect_body(body, expected, limits.max_body_bytes).await {
+        Ok(bytes) => Ok(bytes),
+        Err(BodyError::TooLarge) => Err(too_large()),
+        Err(BodyError::Broken) => Err(Problem::caller(
             StatusCode::BAD_REQUEST,
             "body_read_failed",
             "the request body could not be read completely",

@@ -131,7 +131,18 @@ async fn a_huge_invalid_array_gets_a_small_answer_in_bounded_time_and_memory() {
         before / 1024,
         peak / 1024
     );
-    assert!(growth_mb < 128, "peak RSS grew by {growth_mb} MB");
+    // Nine 4 MB bodies were in flight at once. Each is held about twice
+    // (the connection's receive buffers, then the request's one buffer)
+    // plus what the allocator keeps cached between them: up to about five
+    // times its size (165 MB), where parsing the arrays unbounded costs
+    // far more (350 MB measured with the limit checked only after the whole
+    // array was built). Measured here: 68-106 MB, and 136 MB once in CI
+    // with the other tests running beside it.
+    let bound_mb = (9 * 5 * body.len() / (1024 * 1024)) as u64;
+    assert!(
+        growth_mb < bound_mb,
+        "peak RSS grew by {growth_mb} MB (bound {bound_mb} MB)"
+    );
     running.child.kill().expect("kill");
     running.child.wait().expect("wait");
 }
