@@ -144,12 +144,6 @@ impl Pool {
         }
         Bytes::from(out)
     }
-
-    /// Every body of the pool as first sent (for clients that pick bodies
-    /// themselves, such as oha).
-    pub fn bodies(&self) -> &[Bytes] {
-        &self.bodies
-    }
 }
 
 #[cfg(test)]
