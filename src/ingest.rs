@@ -757,13 +757,10 @@ impl Ingest {
         if may_warn {
             rule_items.push(def.id.clone());
         }
-        let holders = self.store.find_keys(&def.id, keys).await?;
-        let others = if rule_items.is_empty() || subjects.is_empty() {
-            Vec::new()
-        } else {
-            self.store.subject_records(subjects, rule_items).await?
-        };
-        Ok((holders, others))
+        Ok(self
+            .store
+            .lookups(&def.id, keys, subjects, rule_items)
+            .await?)
     }
 
     /// The I/O half: looks up the records' natural keys, stores the

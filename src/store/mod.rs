@@ -936,6 +936,22 @@ pub trait Store: Send + Sync + 'static {
         items: Vec<String>,
     ) -> Result<Vec<SubjectRecord>, StoreError>;
 
+    /// Both look-ups a submission needs before its commit, in one go:
+    /// [`Store::find_keys`] and [`Store::subject_records`]. A store may
+    /// answer them on one connection (SQLite: one hand-off to the blocking
+    /// pool instead of two) or at once (PostgreSQL).
+    async fn lookups(
+        &self,
+        item: &str,
+        keys: Vec<String>,
+        subjects: Vec<String>,
+        items: Vec<String>,
+    ) -> Result<(Vec<KeyHolder>, Vec<SubjectRecord>), StoreError> {
+        let holders = self.find_keys(item, keys).await?;
+        let others = self.subject_records(subjects, items).await?;
+        Ok((holders, others))
+    }
+
     /// Stores an issued credit review report, with its audit entry, in
     /// one commit.
     async fn add_review(&self, review: NewReview) -> Result<(), StoreError>;

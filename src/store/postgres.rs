@@ -2093,6 +2093,22 @@ impl Store for PgStore {
         .collect()
     }
 
+    async fn lookups(
+        &self,
+        item: &str,
+        keys: Vec<String>,
+        subjects: Vec<String>,
+        items: Vec<String>,
+    ) -> Result<(Vec<KeyHolder>, Vec<SubjectRecord>), StoreError> {
+        // At once, each on a connection of the pool: one round trip's wait.
+        let (holders, others) = futures_util::future::join(
+            self.find_keys(item, keys),
+            self.subject_records(subjects, items),
+        )
+        .await;
+        Ok((holders?, others?))
+    }
+
     async fn record(&self, id: &str) -> Result<Option<StoredRecord>, StoreError> {
         let rows = self
             .query(

@@ -523,6 +523,66 @@ impl SqliteStore {
     }
 }
 
+/// The records of `item` holding any of the natural keys `keys`.
+fn key_holders(
+    conn: &Connection,
+    item: &str,
+    keys: &[String],
+) -> Result<Vec<KeyHolder>, StoreError> {
+    let keys = serde_json::to_string(keys).map_err(corrupt)?;
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT natural_key, id, content_hash, submitter FROM records \
+             WHERE item = ?1 AND natural_key IN (SELECT value FROM json_each(?2))",
+        )
+        .map_err(db_err)?;
+    let rows = stmt
+        .query_map(params![item, keys], |r| {
+            Ok(KeyHolder {
+                natural_key: r.get(0)?,
+                record_id: r.get(1)?,
+                content_hash: r.get::<_, Option<String>>(2)?.unwrap_or_default(),
+                submitter: r.get(3)?,
+            })
+        })
+        .map_err(db_err)?;
+    rows.collect::<Result<_, _>>().map_err(db_err)
+}
+
+/// The records of `items` about any of `subjects`.
+fn records_of_subjects(
+    conn: &Connection,
+    subjects: &[String],
+    items: &[String],
+) -> Result<Vec<SubjectRecord>, StoreError> {
+    let (subjects, items) = (
+        serde_json::to_string(subjects).map_err(corrupt)?,
+        serde_json::to_string(items).map_err(corrupt)?,
+    );
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT id, subject_key, item, status, level, decision_date FROM records \
+             WHERE subject_key IN (SELECT value FROM json_each(?1)) AND item IN (SELECT value FROM json_each(?2))",
+        )
+        .map_err(db_err)?;
+    let rows = stmt
+        .query_map(params![subjects, items], |r| {
+            Ok(SubjectRecord {
+                record_id: r.get(0)?,
+                subject_key: r.get(1)?,
+                item: r.get(2)?,
+                status: r.get(3)?,
+                level: r
+                    .get::<_, Option<String>>(4)?
+                    .as_deref()
+                    .and_then(Severity::parse),
+                decision_date: parse_date(r.get(5)?),
+            })
+        })
+        .map_err(db_err)?;
+    rows.collect::<Result<_, _>>().map_err(db_err)
+}
+
 fn writer_loop(
     mut conn: Connection,
     mut rx: mpsc::Receiver<Job>,
@@ -1222,27 +1282,7 @@ impl Store for SqliteStore {
             return Ok(Vec::new());
         }
         let item = item.to_owned();
-        self.read(move |conn| {
-            let keys = serde_json::to_string(&keys).map_err(corrupt)?;
-            let mut stmt = conn
-                .prepare_cached(
-                    "SELECT natural_key, id, content_hash, submitter FROM records \
-                     WHERE item = ?1 AND natural_key IN (SELECT value FROM json_each(?2))",
-                )
-                .map_err(db_err)?;
-            let rows = stmt
-                .query_map(params![item, keys], |r| {
-                    Ok(KeyHolder {
-                        natural_key: r.get(0)?,
-                        record_id: r.get(1)?,
-                        content_hash: r.get::<_, Option<String>>(2)?.unwrap_or_default(),
-                        submitter: r.get(3)?,
-                    })
-                })
-                .map_err(db_err)?;
-            rows.collect::<Result<_, _>>().map_err(db_err)
-        })
-        .await
+        self.read(move |conn| key_holders(conn, &item, &keys)).await
     }
 
     async fn subject_records(
@@ -1253,30 +1293,33 @@ impl Store for SqliteStore {
         if subjects.is_empty() || items.is_empty() {
             return Ok(Vec::new());
         }
+        self.read(move |conn| records_of_subjects(conn, &subjects, &items))
+            .await
+    }
+
+    async fn lookups(
+        &self,
+        item: &str,
+        keys: Vec<String>,
+        subjects: Vec<String>,
+        items: Vec<String>,
+    ) -> Result<(Vec<KeyHolder>, Vec<SubjectRecord>), StoreError> {
+        if keys.is_empty() && (subjects.is_empty() || items.is_empty()) {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let item = item.to_owned();
         self.read(move |conn| {
-            let (subjects, items) = (
-                serde_json::to_string(&subjects).map_err(corrupt)?,
-                serde_json::to_string(&items).map_err(corrupt)?,
-            );
-            let mut stmt = conn
-                .prepare_cached(
-                    "SELECT id, subject_key, item, status, level, decision_date FROM records \
-                     WHERE subject_key IN (SELECT value FROM json_each(?1)) AND item IN (SELECT value FROM json_each(?2))",
-                )
-                .map_err(db_err)?;
-            let rows = stmt
-                .query_map(params![subjects, items], |r| {
-                    Ok(SubjectRecord {
-                        record_id: r.get(0)?,
-                        subject_key: r.get(1)?,
-                        item: r.get(2)?,
-                        status: r.get(3)?,
-                        level: r.get::<_, Option<String>>(4)?.as_deref().and_then(Severity::parse),
-                        decision_date: parse_date(r.get(5)?),
-                    })
-                })
-                .map_err(db_err)?;
-            rows.collect::<Result<_, _>>().map_err(db_err)
+            let holders = if keys.is_empty() {
+                Vec::new()
+            } else {
+                key_holders(conn, &item, &keys)?
+            };
+            let others = if subjects.is_empty() || items.is_empty() {
+                Vec::new()
+            } else {
+                records_of_subjects(conn, &subjects, &items)?
+            };
+            Ok((holders, others))
         })
         .await
     }

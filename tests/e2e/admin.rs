@@ -608,6 +608,17 @@ use credgate::store::postgres::scratch::ScratchDatabase;
 fn verify_copy(env: &Env, name: &str, tamper: &str) -> (i32, String) {
     let data = env.root.path().join(format!("data-{name}"));
     std::fs::create_dir_all(&data).expect("mkdir");
+    // The store's last connections close a moment after the server task
+    // ends; SQLite then checkpoints the WAL into the file and removes it.
+    // Copying meanwhile could take a half-checkpointed file whose WAL is
+    // gone by the time it is copied (seen under load).
+    let wal = env.config.store.data_dir.join("credgate.db-wal");
+    for _ in 0..200 {
+        if !wal.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
     // The SQLite file and the checkpoint file beside it (none on
     // PostgreSQL).
     for f in std::fs::read_dir(&env.config.store.data_dir)
