@@ -6,8 +6,8 @@
 //! spec), drives one address (the first instance) and picks each request's
 //! body at random from a file of bodies, one per line: up to 200,000
 //! distinct bodies (256 MB) from the pool. Its records therefore repeat
-//! now and then (a 10 s run at 6,000 requests/s over 200,000 lines sends
-//! about one in seven twice), and the gateway answers a repeated record as
+//! now and then (a 10 s run at 5,700 requests/s over 200,000 lines repeats
+//! about one request in eight), and the gateway answers a repeated record as
 //! a duplicate (validated and its submission durably committed, but no
 //! record row written); two concurrent requests with the same new record
 //! cost their commit group a rollback and a retry. The built-in client's
