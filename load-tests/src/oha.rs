@@ -11,10 +11,10 @@
 //! a duplicate (validated and its submission durably committed, but no
 //! record row written); two concurrent requests with the same new record
 //! cost their commit group a rollback and a retry. The built-in client's
-//! records never repeat. Its
-//! TLS sessions are resumed when the server offers tickets (`--disable-keepalive`
-//! opens a connection per request, but rustls's client keeps a session
-//! cache); the built-in client's `handshake` disables resumption.
+//! records never repeat. With `--disable-keepalive` oha opens a connection
+//! per request, but its rustls client keeps a session cache, so it may
+//! resume TLS sessions where the server allows it; the built-in client's
+//! `handshake` disables resumption.
 
 use std::io::Write;
 use std::process::Stdio;
