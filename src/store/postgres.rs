@@ -492,8 +492,15 @@ fn pg_config(opts: &PgOptions) -> Result<tokio_postgres::Config, StoreError> {
         .map_err(|e| StoreError::Database(format!("store.url: {e}")))?;
     cfg.application_name("credgate");
     cfg.connect_timeout(Duration::from_secs(5));
+    // plan_cache_mode: every statement is prepared once per connection,
+    // and PostgreSQL's generic plan for it is made from the statistics of
+    // the moment, so a plan first made on a new, empty table (a sequential
+    // scan) outlived the table's growth until autovacuum's next ANALYZE:
+    // the natural-key look-up read thousands of rows a call. Plans made
+    // for each call's values use the index from the first row on (ingest
+    // on a fresh database: 1,050 -> 2,900-3,100 requests/s).
     cfg.options(format!(
-        "-c statement_timeout={} -c lock_timeout={}",
+        "-c statement_timeout={} -c lock_timeout={} -c plan_cache_mode=force_custom_plan",
         opts.statement_timeout.as_millis(),
         opts.statement_timeout.as_millis()
     ));
