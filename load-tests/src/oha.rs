@@ -51,12 +51,11 @@ pub async fn run(spec: &Spec, batch: usize) -> Result<Outcome, String> {
         // request, so the more lines, the fewer repeated records.
         let first = spec.bodies.next();
         let count = (BODY_FILE_BYTES / (first.len() + 1)).clamp(1, MAX_LINES);
-        let mut body = first;
-        for _ in 0..count {
+        let rest = std::iter::repeat_with(|| spec.bodies.next()).take(count - 1);
+        for body in std::iter::once(first).chain(rest) {
             f.write_all(&body)
                 .and_then(|_| f.write_all(b"\n"))
                 .map_err(|e| e.to_string())?;
-            body = spec.bodies.next();
         }
         f.flush().map_err(|e| e.to_string())?;
     }
