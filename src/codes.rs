@@ -294,8 +294,10 @@ pub fn parse_iso_date(s: &str) -> Option<Date> {
     {
         return None;
     }
-    let compact = format!("{}{}{}", &s[0..4], &s[5..7], &s[8..10]);
-    parse_compact_date(&compact)
+    let number =
+        |r: std::ops::Range<usize>| b[r].iter().fold(0u16, |n, c| n * 10 + u16::from(c - b'0'));
+    let month = time::Month::try_from(number(5..7) as u8).ok()?;
+    Date::from_calendar_date(i32::from(number(0..4)), month, number(8..10) as u8).ok()
 }
 
 /// Serde for `Option<Date>` as ISO `YYYY-MM-DD` (the API's date format).

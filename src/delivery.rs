@@ -190,6 +190,34 @@ impl std::fmt::Debug for Dispatcher {
     }
 }
 
+/// Push bodies made in one claim round, by (notice, item version,
+/// clearance): the redacted view of a notice is the same for every
+/// subscription whose agency has the same clearance, so ten subscriptions
+/// of one clearance cost one redaction and one serialization, not ten.
+/// Kept only for the round (one snapshot of the store), so a corrected
+/// record or a changed catalog item is never served from here later.
+#[derive(Default)]
+struct RoundBodies(Mutex<HashMap<BodyKey, bytes::Bytes>>);
+
+type BodyKey = (String, Option<u32>, crate::catalog::FieldClass);
+
+impl RoundBodies {
+    fn get_or_make(
+        &self,
+        key: BodyKey,
+        make: impl FnOnce() -> serde_json::Result<bytes::Bytes>,
+    ) -> serde_json::Result<bytes::Bytes> {
+        if let Some(b) = self.0.lock().ok().and_then(|m| m.get(&key).cloned()) {
+            return Ok(b);
+        }
+        let body = make()?;
+        if let Ok(mut m) = self.0.lock() {
+            m.insert(key, body.clone());
+        }
+        Ok(body)
+    }
+}
+
 /// How long an endpoint that could not be built is left alone.
 const REBUILD_AFTER: Duration = Duration::from_secs(10);
 
@@ -504,6 +532,10 @@ impl Dispatcher {
                 }
             };
             let mut more = false;
+            // A round claims a notice for many subscriptions at once, all
+            // from one snapshot: its body is redacted and serialized once
+            // per clearance, shared by the round's attempts.
+            let bodies = Arc::new(RoundBodies::default());
             let mut by_sub: HashMap<String, Vec<Outbound>> = HashMap::new();
             for o in due {
                 by_sub.entry(o.subscription.clone()).or_default().push(o);
@@ -525,8 +557,12 @@ impl Dispatcher {
                         // stores its result under the new claim.
                         continue;
                     };
-                    let (this, done, endpoint) =
-                        (self.clone(), done.clone(), grant.endpoint.clone());
+                    let (this, done, endpoint, bodies) = (
+                        self.clone(),
+                        done.clone(),
+                        grant.endpoint.clone(),
+                        bodies.clone(),
+                    );
                     tasks.spawn(async move {
                         let (slot, _global) = permits;
                         let _slot = match (slot, &endpoint) {
@@ -540,7 +576,7 @@ impl Dispatcher {
                             _ => None,
                         };
                         let id = o.delivery_id.clone();
-                        this.attempt(o, endpoint, token, &done).await;
+                        this.attempt(o, endpoint, token, &done, &bodies).await;
                         if let Ok(mut open) = this.open_attempts.lock() {
                             open.remove(&id);
                         }
@@ -641,6 +677,7 @@ impl Dispatcher {
         endpoint: Result<Arc<Endpoint>, String>,
         claim: Arc<AtomicI64>,
         done: &mpsc::Sender<Finished>,
+        bodies: &RoundBodies,
     ) {
         let finish = |result| Self::finish(done, &self.metrics, &o, &claim, result);
         let subs = self.subscriptions.load_full();
@@ -686,14 +723,21 @@ impl Dispatcher {
             return;
         };
         let catalog = self.catalog.load_full();
-        let view = self.redactor.notice_view(
-            catalog.get(&o.notice.item).map(|i| i.as_ref()),
-            &o.notice,
-            &o.record,
-            clearance,
-            None,
+        let item = catalog.get(&o.notice.item).map(|i| i.as_ref());
+        let body = bodies.get_or_make(
+            (
+                o.notice.notice_id.clone(),
+                item.map(|i| i.def.version),
+                clearance,
+            ),
+            || {
+                let view = self
+                    .redactor
+                    .notice_view(item, &o.notice, &o.record, clearance, None);
+                serde_json::to_vec(&view).map(bytes::Bytes::from)
+            },
         );
-        let body = match serde_json::to_vec(&view) {
+        let body = match body {
             Ok(b) => b,
             Err(e) => {
                 finish(DeliveryResult::Dead {
@@ -704,12 +748,13 @@ impl Dispatcher {
             }
         };
         let timestamp = time::OffsetDateTime::now_utc().unix_timestamp();
-        let signature = sign(&endpoint.key, view.id(), timestamp, &body);
+        let id = &o.notice.notice_id;
+        let signature = sign(&endpoint.key, id, timestamp, &body);
         let sent = endpoint
             .client
             .post(&endpoint.url)
             .header("content-type", "application/json")
-            .header("webhook-id", view.id())
+            .header("webhook-id", id)
             .header("webhook-timestamp", timestamp.to_string())
             .header("webhook-signature", signature)
             .body(body)

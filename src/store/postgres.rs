@@ -1946,16 +1946,34 @@ const OUTBOUND_SELECT: &str = "SELECT COALESCE(d.pos, 0), d.id, d.subscription, 
      r.body, d.claims FROM deliveries d JOIN notices n ON n.id = d.notice_id JOIN records r ON r.id = n.record_id";
 
 fn outbound(r: &Row) -> Result<Outbound, StoreError> {
+    outbound_parsed_once(r, &mut std::collections::HashMap::new())
+}
+
+/// [`outbound`] parsing each record body once per `parsed`: a claim round
+/// takes one notice for many subscriptions.
+fn outbound_parsed_once(
+    r: &Row,
+    parsed: &mut std::collections::HashMap<String, RecordBody>,
+) -> Result<Outbound, StoreError> {
+    let notice = notice_at(r, 5)?;
+    let record = match parsed.get(&notice.record_id) {
+        Some(body) => body.clone(),
+        None => {
+            let body = RecordBody::from_store(
+                serde_json::from_str(r.get::<_, &str>(21)).map_err(corrupt)?,
+            );
+            parsed.insert(notice.record_id.clone(), body.clone());
+            body
+        }
+    };
     Ok(Outbound {
         position: r.get(0),
         delivery_id: r.get(1),
         subscription: r.get(2),
         agency: r.get(3),
         attempts: uint(r.get(4)),
-        notice: notice_at(r, 5)?,
-        record: RecordBody::from_store(
-            serde_json::from_str(r.get::<_, &str>(21)).map_err(corrupt)?,
-        ),
+        notice,
+        record,
         claim: r.get(22),
     })
 }
@@ -2533,9 +2551,10 @@ impl Store for PgStore {
             .await
             .map_err(db_err)?;
         let rows = client.query(&select, &[&ids]).await.map_err(db_err)?;
+        let mut parsed = std::collections::HashMap::new();
         rows.iter()
             .map(|r| {
-                let mut o = outbound(r)?;
+                let mut o = outbound_parsed_once(r, &mut parsed)?;
                 // Attempts were counted by the claim; its number fences
                 // the result.
                 o.claim = claims.get(&o.delivery_id).copied().unwrap_or(o.claim);

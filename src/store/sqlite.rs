@@ -12,6 +12,7 @@
 //! stream (`agency_streams`) in the transaction that creates it, so every
 //! agency's stream is gap-free and in commit order (see `crate::cursor`).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -529,58 +530,78 @@ fn key_holders(
     item: &str,
     keys: &[String],
 ) -> Result<Vec<KeyHolder>, StoreError> {
-    let keys = serde_json::to_string(keys).map_err(corrupt)?;
+    // One indexed point query per distinct key. `IN (SELECT value FROM
+    // json_each(?))` built an ephemeral table on every call, which cost
+    // more than the look-ups themselves (#14, callgrind).
     let mut stmt = conn
         .prepare_cached(
             "SELECT natural_key, id, content_hash, submitter FROM records \
-             WHERE item = ?1 AND natural_key IN (SELECT value FROM json_each(?2))",
+             WHERE item = ?1 AND natural_key = ?2",
         )
         .map_err(db_err)?;
-    let rows = stmt
-        .query_map(params![item, keys], |r| {
-            Ok(KeyHolder {
-                natural_key: r.get(0)?,
-                record_id: r.get(1)?,
-                content_hash: r.get::<_, Option<String>>(2)?.unwrap_or_default(),
-                submitter: r.get(3)?,
+    let mut holders = Vec::new();
+    for key in distinct(keys) {
+        let rows = stmt
+            .query_map(params![item, key], |r| {
+                Ok(KeyHolder {
+                    natural_key: r.get(0)?,
+                    record_id: r.get(1)?,
+                    content_hash: r.get::<_, Option<String>>(2)?.unwrap_or_default(),
+                    submitter: r.get(3)?,
+                })
             })
-        })
-        .map_err(db_err)?;
-    rows.collect::<Result<_, _>>().map_err(db_err)
+            .map_err(db_err)?;
+        for row in rows {
+            holders.push(row.map_err(db_err)?);
+        }
+    }
+    Ok(holders)
 }
 
-/// The records of `items` about any of `subjects`.
+/// `values` without repeats, in their first order.
+fn distinct(values: &[String]) -> impl Iterator<Item = &String> {
+    let mut seen = std::collections::HashSet::with_capacity(values.len());
+    values.iter().filter(move |v| seen.insert(v.as_str()))
+}
+
+/// The records of `items` about any of `subjects`: one indexed point query
+/// per (subject, item) pair, on `records_subject`.
 fn records_of_subjects(
     conn: &Connection,
     subjects: &[String],
     items: &[String],
 ) -> Result<Vec<SubjectRecord>, StoreError> {
-    let (subjects, items) = (
-        serde_json::to_string(subjects).map_err(corrupt)?,
-        serde_json::to_string(items).map_err(corrupt)?,
-    );
     let mut stmt = conn
         .prepare_cached(
             "SELECT id, subject_key, item, status, level, decision_date FROM records \
-             WHERE subject_key IN (SELECT value FROM json_each(?1)) AND item IN (SELECT value FROM json_each(?2))",
+             WHERE subject_key = ?1 AND item = ?2",
         )
         .map_err(db_err)?;
-    let rows = stmt
-        .query_map(params![subjects, items], |r| {
-            Ok(SubjectRecord {
-                record_id: r.get(0)?,
-                subject_key: r.get(1)?,
-                item: r.get(2)?,
-                status: r.get(3)?,
-                level: r
-                    .get::<_, Option<String>>(4)?
-                    .as_deref()
-                    .and_then(Severity::parse),
-                decision_date: parse_date(r.get(5)?),
-            })
-        })
-        .map_err(db_err)?;
-    rows.collect::<Result<_, _>>().map_err(db_err)
+    let items: Vec<&String> = distinct(items).collect();
+    let mut found = Vec::new();
+    for subject in distinct(subjects) {
+        for item in &items {
+            let rows = stmt
+                .query_map(params![subject, item], |r| {
+                    Ok(SubjectRecord {
+                        record_id: r.get(0)?,
+                        subject_key: r.get(1)?,
+                        item: r.get(2)?,
+                        status: r.get(3)?,
+                        level: r
+                            .get::<_, Option<String>>(4)?
+                            .as_deref()
+                            .and_then(Severity::parse),
+                        decision_date: parse_date(r.get(5)?),
+                    })
+                })
+                .map_err(db_err)?;
+            for row in rows {
+                found.push(row.map_err(db_err)?);
+            }
+        }
+    }
+    Ok(found)
 }
 
 fn writer_loop(
@@ -1152,14 +1173,32 @@ const OUTBOUND_SELECT: &str = "SELECT COALESCE(d.pos, 0), d.id, d.subscription, 
      r.body, d.claims FROM deliveries d JOIN notices n ON n.id = d.notice_id JOIN records r ON r.id = n.record_id";
 
 fn outbound_from_row(r: &Row<'_>) -> rusqlite::Result<Result<Outbound, StoreError>> {
+    outbound_parsed_once(r, &mut HashMap::new())
+}
+
+/// [`outbound_from_row`] parsing each record body once per `parsed`: a
+/// claim round takes one notice for many subscriptions.
+fn outbound_parsed_once(
+    r: &Row<'_>,
+    parsed: &mut HashMap<String, RecordBody>,
+) -> rusqlite::Result<Result<Outbound, StoreError>> {
     let notice = match notice_at(r, 5)? {
         Ok(n) => n,
         Err(e) => return Ok(Err(e)),
     };
-    let body: String = r.get(21)?;
-    let record = match serde_json::from_str(&body) {
-        Ok(v) => RecordBody::from_store(v),
-        Err(e) => return Ok(Err(corrupt(e))),
+    let record = match parsed.get(&notice.record_id) {
+        Some(body) => body.clone(),
+        None => {
+            let body = r.get_ref(21)?.as_str()?;
+            match serde_json::from_str(body) {
+                Ok(v) => {
+                    let body = RecordBody::from_store(v);
+                    parsed.insert(notice.record_id.clone(), body.clone());
+                    body
+                }
+                Err(e) => return Ok(Err(corrupt(e))),
+            }
+        }
     };
     Ok(Ok(Outbound {
         position: r.get(0)?,
@@ -1613,6 +1652,7 @@ impl Store for SqliteStore {
         let wants = wants.to_vec();
         self.write(false, move |sp, _| {
             let mut claimed = Vec::new();
+            let mut parsed = HashMap::new();
             let mut select = sp
                 .prepare_cached(&format!(
                     "{OUTBOUND_SELECT} WHERE d.subscription = ?1 AND d.mode = 'push' AND d.state IN ('pending', 'inflight') AND d.next_attempt_at <= ?2 ORDER BY d.next_attempt_at, d.seq LIMIT ?3"
@@ -1620,7 +1660,9 @@ impl Store for SqliteStore {
                 .map_err(db_err)?;
             for (sub, limit) in &wants {
                 let rows = select
-                    .query_map(params![sub, now_ms, *limit as i64], outbound_from_row)
+                    .query_map(params![sub, now_ms, *limit as i64], |r| {
+                        outbound_parsed_once(r, &mut parsed)
+                    })
                     .map_err(db_err)?;
                 claimed.extend(collect(rows)?);
             }
