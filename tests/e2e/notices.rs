@@ -365,6 +365,71 @@ async fn full_cycle_routes_redacts_signs_retries_and_lifts() {
     server.stop().await;
 }
 
+/// One notice pushed to agencies of different clearances in the same
+/// claim round: each gets the body redacted for its own clearance (the
+/// round shares a body only between equal clearances), signed with its
+/// own secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_notice_pushed_to_several_clearances_is_redacted_for_each() {
+    const PROC_SECRET: &str = "whsec_c2VjcmV0LWZvci1wcm9jdXJlbWVudC1yZWNlaXZlcg==";
+    let env = Env::new();
+    let ca = env.pki.dir.join("ca.pem");
+    let proc = Receiver::start(env.root.path(), "procurement", &ca, 0).await;
+    let fin = Receiver::start(env.root.path(), "finance", &ca, 0).await;
+    let land = Receiver::start(env.root.path(), "land", &ca, 0).await;
+    let items = "items = [\"serious_dishonesty\"]";
+    env.subscribe(
+        &[
+            push_sub("proc-push", "agency-procurement", &proc, PROC_SECRET, items),
+            push_sub("fin-push", "agency-finance", &fin, FIN_SECRET, items),
+            push_sub("land-push", "agency-land", &land, LAND_SECRET, items),
+        ]
+        .concat(),
+    );
+    let server = Server::start(&env).await;
+    let dept = env.client(server.addr, "dept-market");
+    let mut records = Vec::new();
+    for n in 0..3 {
+        let mut record = record_about("serious_dishonesty", "natural_person", "");
+        record["decision_number"] = json!(format!("苏信惩〔2026〕{}号", 700 + n));
+        let answer = submit(&dept, "serious_dishonesty", record.clone()).await;
+        records.push((
+            answer["notice_id"].as_str().expect("notice").to_owned(),
+            record,
+        ));
+    }
+    let (proc_got, fin_got, land_got) = (
+        proc.wait_for(3, 20).await,
+        fin.wait_for(3, 20).await,
+        land.wait_for(3, 20).await,
+    );
+    for (id, record) in &records {
+        let body = |got: &[Received], secret: &str| {
+            let r = got.iter().find(|r| &r.id == id).expect("delivered");
+            assert!(verify(secret, r), "signature of {id} does not verify");
+            r.body.clone()
+        };
+        let (p, f, l) = (
+            body(&proc_got, PROC_SECRET),
+            body(&fin_got, FIN_SECRET),
+            body(&land_got, LAND_SECRET),
+        );
+        let restricted: Value = serde_json::from_slice(&p).expect("json");
+        let shared: Value = serde_json::from_slice(&f).expect("json");
+        assert_eq!(
+            restricted["subject"]["subject_name"], record["subject_name"],
+            "restricted clearance sees the person's name"
+        );
+        assert!(
+            shared["subject"].get("subject_name").is_none(),
+            "a shared agency got a restricted field: {shared:#}"
+        );
+        assert!(shared["subject"].get("id_number").is_none());
+        assert_eq!(shared["record"]["facts"], record["facts"]);
+        assert_eq!(f, l, "equal clearances get the same body");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_delivery_is_listed_and_retried_by_an_admin() {
     let env = Env::new();
