@@ -34,8 +34,18 @@ fn now_ms() -> i64 {
 /// Back-off before retry number `attempt` (1-based), with ±20 % jitter;
 /// `None` once the schedule is exhausted.
 pub fn backoff(schedule: &[u64], attempt: u32) -> Option<Duration> {
+    backoff_by(schedule, attempt, jitter())
+}
+
+/// A random back-off factor between 0.8 and 1.2.
+fn jitter() -> f64 {
+    0.8 + rand::random::<f64>() * 0.4
+}
+
+/// [`backoff`] with a given jitter factor: the deliveries of one batch
+/// share one, so they come due together and are sent again together.
+fn backoff_by(schedule: &[u64], attempt: u32, jitter: f64) -> Option<Duration> {
     let base = *schedule.get(attempt.checked_sub(1)? as usize)?;
-    let jitter = 0.8 + rand::random::<f64>() * 0.4;
     Some(Duration::from_secs_f64(base as f64 * jitter))
 }
 
@@ -218,6 +228,52 @@ impl RoundBodies {
     }
 }
 
+/// What became of one push request.
+enum Outcome {
+    Delivered,
+    /// Not sent: the agency is disabled; try again at `at`.
+    Deferred {
+        at: i64,
+    },
+    /// Not sent and never will be.
+    Dead {
+        error: String,
+    },
+    /// Sent (or tried) and failed: retried on each delivery's schedule.
+    Failed {
+        error: String,
+        retry_after: Option<Duration>,
+    },
+}
+
+/// The `webhook-id` of a batch: the same for the same notices, so a
+/// receiver can recognise a batch sent again whole; receivers deduplicate
+/// by each notice's `notice_id` in any case.
+fn batch_id(notice_ids: &[&str]) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for id in notice_ids {
+        h.update(id.as_bytes());
+        h.update(b"\n");
+    }
+    format!("batch_{}", &hex::encode(h.finalize())[..32])
+}
+
+/// `{"notices": [...]}` from the notices' serialized views.
+fn batch_body(views: &[bytes::Bytes]) -> bytes::Bytes {
+    let len = views.iter().map(|v| v.len() + 1).sum::<usize>() + 14;
+    let mut body = Vec::with_capacity(len);
+    body.extend_from_slice(b"{\"notices\":[");
+    for (i, v) in views.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(v);
+    }
+    body.extend_from_slice(b"]}");
+    bytes::Bytes::from(body)
+}
+
 /// How long an endpoint that could not be built is left alone.
 const REBUILD_AFTER: Duration = Duration::from_secs(10);
 
@@ -363,6 +419,7 @@ impl Dispatcher {
             signing_secret_file,
             max_in_flight,
             rate_per_second,
+            ..
         } = &sub.delivery
         else {
             return Err("not a push subscription".into());
@@ -518,7 +575,7 @@ impl Dispatcher {
             let (grants, wake) = self.grants();
             let wants: Vec<(String, usize)> = grants
                 .iter()
-                .map(|g| (g.sub.id.clone(), g.permits.len()))
+                .map(|g| (g.sub.id.clone(), g.permits.len() * g.sub.batch_max()))
                 .collect();
             let due = if wants.is_empty() {
                 Vec::new()
@@ -542,21 +599,32 @@ impl Dispatcher {
             }
             for grant in grants {
                 let claimed = by_sub.remove(&grant.sub.id).unwrap_or_default();
-                more |= claimed.len() == grant.permits.len();
-                let unused_tokens = grant.tokens.saturating_sub(claimed.len() as u32);
+                // One permit (endpoint slot, rate token) is one request,
+                // carrying up to `batch_max` deliveries.
+                let per_request = grant.sub.batch_max();
+                let requests = claimed.len().div_ceil(per_request);
+                more |= claimed.len() == grant.permits.len() * per_request;
+                let unused_tokens = grant.tokens.saturating_sub(requests as u32);
                 if let Ok(e) = &grant.endpoint {
                     e.prepaid.fetch_add(unused_tokens, Ordering::AcqRel);
                 }
                 let mut permits_left = grant.permits.into_iter();
-                for o in claimed {
+                let mut claimed = claimed.into_iter().peekable();
+                while claimed.peek().is_some() {
                     let Some(permits) = permits_left.next() else {
                         break;
                     };
-                    let Some(token) = self.open_attempt(&o) else {
-                        // Its first attempt is still open here: that one now
-                        // stores its result under the new claim.
+                    let batch: Vec<(Outbound, Arc<AtomicI64>)> = claimed
+                        .by_ref()
+                        .take(per_request)
+                        // A delivery whose first attempt is still open here
+                        // is left to it: that one now stores its result
+                        // under the new claim.
+                        .filter_map(|o| self.open_attempt(&o).map(|token| (o, token)))
+                        .collect();
+                    if batch.is_empty() {
                         continue;
-                    };
+                    }
                     let (this, done, endpoint, bodies) = (
                         self.clone(),
                         done.clone(),
@@ -575,10 +643,14 @@ impl Dispatcher {
                             (Slot::Now(slot), _) => Some(slot),
                             _ => None,
                         };
-                        let id = o.delivery_id.clone();
-                        this.attempt(o, endpoint, token, &done, &bodies).await;
+                        let ids: Vec<String> =
+                            batch.iter().map(|(o, _)| o.delivery_id.clone()).collect();
+                        this.attempt(batch, per_request > 1, endpoint, &done, &bodies)
+                            .await;
                         if let Ok(mut open) = this.open_attempts.lock() {
-                            open.remove(&id);
+                            for id in &ids {
+                                open.remove(id);
+                            }
                         }
                     });
                 }
@@ -669,100 +741,150 @@ impl Dispatcher {
         }
     }
 
-    /// One attempt of a claimed delivery; its endpoint slot and rate token
-    /// were taken before the claim, so it starts sending at once.
+    /// One request carrying claimed deliveries of one subscription (one,
+    /// or up to its `batch_max` when `batched`); its endpoint slot and rate
+    /// token were taken before the claim, so it starts sending at once.
+    /// Every delivery of the request gets the request's outcome.
     async fn attempt(
         &self,
-        o: Outbound,
+        batch: Vec<(Outbound, Arc<AtomicI64>)>,
+        batched: bool,
         endpoint: Result<Arc<Endpoint>, String>,
-        claim: Arc<AtomicI64>,
         done: &mpsc::Sender<Finished>,
         bodies: &RoundBodies,
     ) {
-        let finish = |result| Self::finish(done, &self.metrics, &o, &claim, result);
+        let outcome = self.send(&batch, batched, endpoint, bodies).await;
+        let first = batch.first().map(|(o, _)| o.delivery_id.clone());
+        let mut dead = 0;
+        let (jitter, now) = (jitter(), now_ms());
+        for (o, claim) in &batch {
+            let result = match &outcome {
+                Outcome::Delivered => DeliveryResult::Delivered,
+                Outcome::Deferred { at } => DeliveryResult::Deferred { at: *at },
+                Outcome::Dead { error } => DeliveryResult::Dead {
+                    error: error.clone(),
+                },
+                Outcome::Failed { error, retry_after } => {
+                    match backoff_by(&self.cfg.retry_schedule_secs, o.attempts + 1, jitter) {
+                        Some(wait) => DeliveryResult::Retry {
+                            at: now + retry_after.map_or(wait, |r| r.max(wait)).as_millis() as i64,
+                            error: error.clone(),
+                        },
+                        None => {
+                            dead += 1;
+                            DeliveryResult::Dead {
+                                error: error.clone(),
+                            }
+                        }
+                    }
+                }
+            };
+            Self::finish(done, &self.metrics, o, claim, result).await;
+        }
+        if dead > 0 {
+            tracing::warn!(delivery = ?first, deliveries = dead, "push delivery is dead after its last attempt");
+        }
+    }
+
+    /// Sends one request; what became of it.
+    async fn send(
+        &self,
+        batch: &[(Outbound, Arc<AtomicI64>)],
+        batched: bool,
+        endpoint: Result<Arc<Endpoint>, String>,
+        bodies: &RoundBodies,
+    ) -> Outcome {
+        let Some((first, _)) = batch.first() else {
+            return Outcome::Delivered;
+        };
         let subs = self.subscriptions.load_full();
-        let Some(sub) = subs.get(&o.subscription).cloned() else {
-            finish(DeliveryResult::Dead {
+        let Some(sub) = subs.get(&first.subscription).cloned() else {
+            return Outcome::Dead {
                 error: "subscription no longer exists".into(),
-            })
-            .await;
-            return;
+            };
         };
         let endpoint = match endpoint {
             Ok(e) => e,
             Err(error) => {
                 tracing::error!(subscription = %sub.id, %error, "push endpoint unusable");
-                let result = match backoff(&self.cfg.retry_schedule_secs, o.attempts + 1) {
-                    Some(wait) => DeliveryResult::Retry {
-                        at: now_ms() + wait.as_millis() as i64,
-                        error: format!("push endpoint unusable: {error}"),
-                    },
-                    None => DeliveryResult::Dead {
-                        error: format!("push endpoint unusable: {error}"),
-                    },
+                return Outcome::Failed {
+                    error: format!("push endpoint unusable: {error}"),
+                    retry_after: None,
                 };
-                finish(result).await;
-                return;
             }
         };
         let agency = self.registry.load().get(&sub.agency).cloned();
         if agency.as_ref().is_some_and(|a| !a.enabled) {
             // Disabled since the claim: its queued notices wait until it is
             // enabled again.
-            finish(DeliveryResult::Deferred {
+            return Outcome::Deferred {
                 at: now_ms() + 60_000,
-            })
-            .await;
-            return;
+            };
         }
         let Some(clearance) = agency.map(|a| a.clearance) else {
-            finish(DeliveryResult::Dead {
+            return Outcome::Dead {
                 error: "agency no longer registered".into(),
-            })
-            .await;
-            return;
+            };
         };
         let catalog = self.catalog.load_full();
-        let item = catalog.get(&o.notice.item).map(|i| i.as_ref());
-        let body = bodies.get_or_make(
-            (
-                o.notice.notice_id.clone(),
-                item.map(|i| i.def.version),
-                clearance,
-            ),
-            || {
-                let view = self
-                    .redactor
-                    .notice_view(item, &o.notice, &o.record, clearance, None);
-                serde_json::to_vec(&view).map(bytes::Bytes::from)
-            },
-        );
-        let body = match body {
-            Ok(b) => b,
-            Err(e) => {
-                finish(DeliveryResult::Dead {
-                    error: e.to_string(),
-                })
-                .await;
-                return;
+        let mut views = Vec::with_capacity(batch.len());
+        for (o, _) in batch {
+            let item = catalog.get(&o.notice.item).map(|i| i.as_ref());
+            let view = bodies.get_or_make(
+                (
+                    o.notice.notice_id.clone(),
+                    item.map(|i| i.def.version),
+                    clearance,
+                ),
+                || {
+                    let view = self
+                        .redactor
+                        .notice_view(item, &o.notice, &o.record, clearance, None);
+                    serde_json::to_vec(&view).map(bytes::Bytes::from)
+                },
+            );
+            match view {
+                Ok(v) => views.push(v),
+                Err(e) => {
+                    return Outcome::Dead {
+                        error: e.to_string(),
+                    }
+                }
             }
+        }
+        let (id, body) = if batched {
+            let ids: Vec<&str> = batch
+                .iter()
+                .map(|(o, _)| o.notice.notice_id.as_str())
+                .collect();
+            (batch_id(&ids), batch_body(&views))
+        } else {
+            (first.notice.notice_id.clone(), views.swap_remove(0))
         };
         let timestamp = time::OffsetDateTime::now_utc().unix_timestamp();
-        let id = &o.notice.notice_id;
-        let signature = sign(&endpoint.key, id, timestamp, &body);
+        let signature = sign(&endpoint.key, &id, timestamp, &body);
         let sent = endpoint
             .client
             .post(&endpoint.url)
             .header("content-type", "application/json")
-            .header("webhook-id", id)
+            .header("webhook-id", &id)
             .header("webhook-timestamp", timestamp.to_string())
             .header("webhook-signature", signature)
             .body(body)
             .send()
             .await;
-        let attempt = o.attempts + 1;
-        let (ok, error, retry_after) = match sent {
-            Ok(resp) if resp.status().is_success() => (true, String::new(), None),
+        let (error, retry_after) = match sent {
+            Ok(resp) if resp.status().is_success() => {
+                let had_failures = endpoint.health.lock().is_ok_and(|mut h| {
+                    let had = h.failures > 0 || h.paused_until.is_some();
+                    *h = Health::default();
+                    had
+                });
+                if had_failures {
+                    self.count_outcome(&sub, &endpoint, true, "").await;
+                }
+                return Outcome::Delivered;
+            }
             Ok(resp) => {
                 let status = resp.status().as_u16();
                 let retry_after = (status == 429 || status == 503)
@@ -774,38 +896,12 @@ impl Dispatcher {
                     })
                     .flatten()
                     .map(|s| Duration::from_secs(s.min(6 * 3600)));
-                (
-                    false,
-                    format!("endpoint answered HTTP {status}"),
-                    retry_after,
-                )
+                (format!("endpoint answered HTTP {status}"), retry_after)
             }
-            Err(e) => (false, format!("request failed: {}", error_chain(&e)), None),
+            Err(e) => (format!("request failed: {}", error_chain(&e)), None),
         };
-        if ok {
-            let had_failures = endpoint.health.lock().is_ok_and(|mut h| {
-                let had = h.failures > 0 || h.paused_until.is_some();
-                *h = Health::default();
-                had
-            });
-            if had_failures {
-                self.count_outcome(&sub, &endpoint, true, "").await;
-            }
-            finish(DeliveryResult::Delivered).await;
-            return;
-        }
         self.count_outcome(&sub, &endpoint, false, &error).await;
-        let result = match backoff(&self.cfg.retry_schedule_secs, attempt) {
-            Some(wait) => DeliveryResult::Retry {
-                at: now_ms() + retry_after.map_or(wait, |r| r.max(wait)).as_millis() as i64,
-                error,
-            },
-            None => {
-                tracing::warn!(delivery = %o.delivery_id, subscription = %sub.id, attempts = attempt, "push delivery is dead after its last attempt");
-                DeliveryResult::Dead { error }
-            }
-        };
-        finish(result).await;
+        Outcome::Failed { error, retry_after }
     }
 
     /// Counts an attempt in the endpoint's health in the store (shared by

@@ -36,8 +36,15 @@ pub enum DeliveryMode {
         max_in_flight: usize,
         /// Most requests per second to this endpoint.
         rate_per_second: u32,
+        /// Most notices per request: 1 sends each notice as its own body
+        /// (the default); more sends `{"notices": [...]}` batches under
+        /// one signature (opt-in, for throughput).
+        batch_max: usize,
     },
 }
+
+/// The largest `batch_max` a push subscription may ask for.
+pub const BATCH_MAX_LIMIT: usize = 500;
 
 /// Delivery modes as written in the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,6 +99,10 @@ pub struct SubscriptionSpec {
     /// Push: most requests per second (default 200).
     #[serde(default)]
     pub rate_per_second: Option<u32>,
+    /// Push: most notices per request (default 1: one notice per request;
+    /// more: `{"notices": [...]}` batches, at most [`BATCH_MAX_LIMIT`]).
+    #[serde(default)]
+    pub batch_max: Option<usize>,
     /// A disabled subscription gets no new deliveries.
     #[serde(default = "yes")]
     pub enabled: bool,
@@ -140,11 +151,12 @@ impl SubscriptionSpec {
             || self.signing_secret.is_some()
             || self.signing_secret_file.is_some()
             || self.max_in_flight.is_some()
-            || self.rate_per_second.is_some();
+            || self.rate_per_second.is_some()
+            || self.batch_max.is_some();
         let delivery = match self.mode {
             ModeName::Pull => {
                 if push_fields {
-                    errors.push(format!("{at}: endpoint, ca_file, signing_secret(_file), max_in_flight and rate_per_second are for mode = \"push\""));
+                    errors.push(format!("{at}: endpoint, ca_file, signing_secret(_file), max_in_flight, rate_per_second and batch_max are for mode = \"push\""));
                 }
                 DeliveryMode::Pull
             }
@@ -162,6 +174,7 @@ impl SubscriptionSpec {
                     signing_secret_file: self.signing_secret_file,
                     max_in_flight: self.max_in_flight.unwrap_or(8),
                     rate_per_second: self.rate_per_second.unwrap_or(200),
+                    batch_max: self.batch_max.unwrap_or(1),
                 }
             }
         };
@@ -221,6 +234,14 @@ impl Subscription {
     /// True for push subscriptions.
     pub fn is_push(&self) -> bool {
         matches!(self.delivery, DeliveryMode::Push { .. })
+    }
+
+    /// Notices per push request (1 for pull subscriptions).
+    pub fn batch_max(&self) -> usize {
+        match self.delivery {
+            DeliveryMode::Push { batch_max, .. } => batch_max.max(1),
+            DeliveryMode::Pull => 1,
+        }
     }
 }
 
@@ -337,6 +358,7 @@ impl Subscriptions {
                 signing_secret_file,
                 max_in_flight,
                 rate_per_second,
+                batch_max,
             } = &s.delivery
             {
                 if !endpoint.starts_with("https://") {
@@ -374,6 +396,11 @@ impl Subscriptions {
                 if *max_in_flight == 0 || *rate_per_second == 0 {
                     errors.push(format!(
                         "{at}: max_in_flight and rate_per_second must be greater than 0"
+                    ));
+                }
+                if !(1..=BATCH_MAX_LIMIT).contains(batch_max) {
+                    errors.push(format!(
+                        "{at}.batch_max: must be between 1 and {BATCH_MAX_LIMIT} notices per request"
                     ));
                 }
             }
@@ -509,6 +536,7 @@ mod tests {
                     signing_secret_file: None,
                     max_in_flight: 1,
                     rate_per_second: 1,
+                    batch_max: 1,
                 }
             })
         };

@@ -486,7 +486,7 @@ pub async fn smoke() -> Result<(String, Value), String> {
                 .is_some_and(|e| e.is_empty())
     });
     check("review", r, ok);
-    let (summary, json) = crate::scenarios::fanout(4, 2, 50, 2).await?;
+    let (summary, json) = crate::scenarios::fanout(4, 2, 50, 2, 1).await?;
     let ok = json["deliveries_received"] == json["deliveries_expected"]
         && json["deliveries_received"].as_u64().unwrap_or(0) > 0;
     lines.push(summary.clone());

@@ -128,6 +128,10 @@ enum Scenario {
         /// Seconds of submitting.
         #[arg(long, default_value_t = 10)]
         duration: u64,
+        /// Notices per push request (the push subscriptions' `batch_max`;
+        /// 1 = one notice per request, as by default).
+        #[arg(long, default_value_t = 1)]
+        batch_max: usize,
     },
     /// One department floods at N× its quota while two submit steadily.
     Fairness {
@@ -215,7 +219,8 @@ async fn main() -> std::process::ExitCode {
             connections,
             rate,
             duration,
-        } => scenarios::fanout(subscriptions, connections, rate, duration).await,
+            batch_max,
+        } => scenarios::fanout(subscriptions, connections, rate, duration, batch_max).await,
         Scenario::Import { rows, batch } => scenarios::import(rows, batch).await,
         Scenario::Review { load, subjects } => report(bench::review(&load, subjects).await),
         Scenario::Fairness {

@@ -88,9 +88,28 @@ impl Receiver {
                                     .and_then(|v| v.to_str().ok())
                                     .unwrap_or("")
                                     .to_owned();
-                                let _ = req.into_body().collect().await;
+                                let body = req
+                                    .into_body()
+                                    .collect()
+                                    .await
+                                    .map(|b| b.to_bytes())
+                                    .unwrap_or_default();
+                                // A batch (`batch_max`) carries many notices.
+                                let ids = if id.starts_with("batch_") {
+                                    serde_json::from_slice::<serde_json::Value>(&body)
+                                        .ok()
+                                        .and_then(|v| v["notices"].as_array().cloned())
+                                        .unwrap_or_default()
+                                        .iter()
+                                        .filter_map(|n| n["notice_id"].as_str().map(str::to_owned))
+                                        .collect()
+                                } else {
+                                    vec![id]
+                                };
                                 if let Ok(mut m) = seen.lock() {
-                                    m.entry(id).or_insert(now);
+                                    for id in ids {
+                                        m.entry(id).or_insert(now);
+                                    }
                                 }
                                 let mut resp = hyper::Response::new(Full::new(Bytes::new()));
                                 *resp.status_mut() = hyper::StatusCode::NO_CONTENT;

@@ -80,6 +80,7 @@ pub async fn fanout(
     connections: usize,
     rate: u64,
     duration: u64,
+    batch_max: usize,
 ) -> Result<(String, Value), String> {
     let subs = subs.max(2);
     let pushes = subs / 2;
@@ -103,9 +104,10 @@ pub async fn fanout(
         toml.push_str(&format!("[[subscription]]\nid = \"sub-{i:02}\"\nagency = \"{agency}\"\nitems = [\"serious_dishonesty\"]\n"));
         if let Some(receiver) = receivers.get(i) {
             toml.push_str(&format!(
-                "mode = \"push\"\nendpoint = \"https://localhost:{}/hook\"\nca_file = \"{}\"\nsigning_secret = \"whsec_bG9hZC10ZXN0LXNpZ25pbmctc2VjcmV0LTAxMjM0NTY3\"\nmax_in_flight = 32\nrate_per_second = 1000000\n\n",
+                "mode = \"push\"\nendpoint = \"https://localhost:{}/hook\"\nca_file = \"{}\"\nsigning_secret = \"whsec_bG9hZC10ZXN0LXNpZ25pbmctc2VjcmV0LTAxMjM0NTY3\"\nmax_in_flight = 32\nrate_per_second = 1000000\nbatch_max = {}\n\n",
                 receiver.addr.port(),
-                rca_file.display()
+                rca_file.display(),
+                batch_max.max(1)
             ));
         } else {
             toml.push_str("mode = \"pull\"\n\n");
@@ -270,7 +272,7 @@ pub async fn fanout(
         .max(0.001);
     let expected = acked.len() as u64 * subs as u64;
     let json = json!({
-        "scenario": "fanout", "subscriptions": subs, "push": pushes, "pull": subs - pushes,
+        "scenario": "fanout", "subscriptions": subs, "push": pushes, "pull": subs - pushes, "batch_max": batch_max.max(1),
         "target_rate": rate, "seconds": duration,
         "records_acknowledged": acked.len(), "records_per_s": acked.len() as f64 / duration as f64,
         "deliveries_expected": expected, "deliveries_received": delivered,
@@ -280,7 +282,8 @@ pub async fn fanout(
         "gateway": {"cpu_secs": after.cpu_secs - before.cpu_secs, "peak_rss_mb": after.peak_rss as f64 / 1048576.0},
     });
     let summary = format!(
-        "fanout {subs} subscriptions ({pushes} push): {} records ({:.0}/s), {delivered}/{expected} deliveries, {:.0} deliveries/s; ack→received ms p50 {} p99 {} (push p99 {}, pull p99 {}); errors {}",
+        "fanout {subs} subscriptions ({pushes} push{}): {} records ({:.0}/s), {delivered}/{expected} deliveries, {:.0} deliveries/s; ack→received ms p50 {} p99 {} (push p99 {}, pull p99 {}); errors {}",
+        if batch_max > 1 { format!(", batch_max {batch_max}") } else { String::new() },
         acked.len(),
         acked.len() as f64 / duration as f64,
         delivered as f64 / span,

@@ -505,6 +505,33 @@ async fn participants_and_subscriptions_change_at_once() {
     let sub = json!({"agency": "agency-land", "mode": "pull", "items": ["serious_dishonesty"]});
     let r = send_json(&admin, "PUT", "/admin/v1/subscriptions/land-pull", &sub).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    // batch_max is a push setting, between 1 and 500; refused otherwise,
+    // and nothing changes.
+    let mut batched_pull = sub.clone();
+    batched_pull["batch_max"] = json!(10);
+    let r = send_json(
+        &admin,
+        "PUT",
+        "/admin/v1/subscriptions/land-batch",
+        &batched_pull,
+    )
+    .await;
+    assert_eq!(r.status, 422, "{}", String::from_utf8_lossy(&r.body));
+    assert!(String::from_utf8_lossy(&r.body).contains("batch_max"));
+    for batch_max in [0, 501] {
+        let push = json!({"agency": "agency-land", "mode": "push", "items": ["serious_dishonesty"],
+            "endpoint": "https://localhost:9/hook", "ca_file": env.pki.dir.join("ca.pem"),
+            "signing_secret": "whsec_c2VjcmV0LWZvci1sYW5kLWJ1cmVhdS1yZWNlaXZlcg==", "batch_max": batch_max});
+        let r = send_json(&admin, "PUT", "/admin/v1/subscriptions/land-batch", &push).await;
+        assert_eq!(r.status, 422, "{}", String::from_utf8_lossy(&r.body));
+        assert!(
+            String::from_utf8_lossy(&r.body).contains("batch_max: must be between 1 and 500"),
+            "{}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    let gone = admin.get("/admin/v1/subscriptions/land-batch").await;
+    assert_eq!(gone.status, 404, "a refused subscription is not stored");
     let court = env.client(server.addr, "dept-court");
     let first = court.post_json("/v1/records", &json!({"item": "serious_dishonesty", "records": [synth::record("serious_dishonesty", 1, "")]})).await.json();
     let land = env.client(server.addr, "agency-land");

@@ -430,6 +430,120 @@ async fn one_notice_pushed_to_several_clearances_is_redacted_for_each() {
     }
 }
 
+/// `batch_max`: notices committed together reach an opted-in push
+/// endpoint as `{"notices": [...]}` batches of at most `batch_max`, each
+/// signed once; a failed batch is sent again; every notice arrives. A
+/// subscription without it still gets one notice per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_push_sends_signed_batches_and_retries_them_whole() {
+    let env = Env::new();
+    let ca = env.pki.dir.join("ca.pem");
+    let fin = Receiver::start(env.root.path(), "finance", &ca, 1).await;
+    let land = Receiver::start(env.root.path(), "land", &ca, 0).await;
+    let items = "items = [\"serious_dishonesty\"]";
+    env.subscribe(
+        &[
+            push_sub(
+                "fin-push",
+                "agency-finance",
+                &fin,
+                FIN_SECRET,
+                &format!("{items}\nbatch_max = 10"),
+            ),
+            push_sub("land-push", "agency-land", &land, LAND_SECRET, items),
+        ]
+        .concat(),
+    );
+    let server = Server::start(&env).await;
+    let dept = env.client(server.addr, "dept-market");
+    let records: Vec<Value> = (0..25)
+        .map(|n| {
+            let mut r = record_about("serious_dishonesty", "legal_entity", "");
+            r["decision_number"] = json!(format!("苏信惩〔2026〕{}号", 800 + n));
+            r
+        })
+        .collect();
+    let resp = dept
+        .post_json(
+            "/v1/records",
+            &json!({"item": "serious_dishonesty", "records": records}),
+        )
+        .await;
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    let mut expected: Vec<String> = resp.json()["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|r| r["notice_id"].as_str().expect("notice").to_owned())
+        .collect();
+    expected.sort();
+    assert_eq!(expected.len(), 25);
+
+    let batched = |got: &[Received]| -> Vec<String> {
+        let mut ids: Vec<String> = got
+            .iter()
+            .flat_map(|r| r.json()["notices"].as_array().cloned().unwrap_or_default())
+            .map(|n| n["notice_id"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while batched(&fin.accepted()) != expected && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        batched(&fin.accepted()),
+        expected,
+        "every notice arrives in a batch"
+    );
+    let requests = fin.requests();
+    assert_eq!(requests.iter().filter(|r| r.status == 503).count(), 1);
+    let sizes: Vec<usize> = requests
+        .iter()
+        .map(|r| r.json()["notices"].as_array().map_or(0, Vec::len))
+        .collect();
+    assert!(
+        sizes.iter().all(|n| (1..=10).contains(n)),
+        "batches hold 1 to batch_max notices: {sizes:?}"
+    );
+    assert!(
+        sizes.iter().any(|n| *n > 1),
+        "notices were batched: {sizes:?}"
+    );
+    for r in &requests {
+        assert!(verify(FIN_SECRET, r), "one signature over the whole batch");
+        assert!(r.id.starts_with("batch_"), "webhook-id {}", r.id);
+        let body = r.json();
+        assert_eq!(
+            body.as_object().map(|o| o.len()),
+            Some(1),
+            "only \"notices\""
+        );
+        for n in body["notices"].as_array().expect("notices") {
+            assert_eq!(n["type"], "punishment");
+            assert!(n["record"]["facts"].is_string(), "{n:#}");
+        }
+    }
+    // The failed batch came due again as one and was sent again whole,
+    // under the same webhook-id.
+    let failed = requests.iter().find(|r| r.status == 503).expect("failed");
+    let again = requests
+        .iter()
+        .find(|r| r.status != 503 && r.id == failed.id)
+        .expect("the failed batch sent again whole");
+    assert_eq!(again.json()["notices"], failed.json()["notices"]);
+
+    // Without batch_max: one notice per request, the notice at the top.
+    let land_got = land.wait_for(25, 20).await;
+    assert_eq!(land_got.len(), 25);
+    for r in &land_got {
+        assert!(verify(LAND_SECRET, r));
+        assert_eq!(r.json()["notice_id"], r.id);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_delivery_is_listed_and_retried_by_an_admin() {
     let env = Env::new();
