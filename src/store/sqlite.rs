@@ -758,11 +758,17 @@ fn run_group_isolated(conn: &mut Connection, jobs: &mut [Job]) -> bool {
 
 // === impl writes ===
 
+/// Stores a submission. The inner `Err(KeyTaken)` means a record's
+/// natural key was taken after the caller's look-up (a concurrent
+/// submission of the same record, earlier in this commit group or
+/// before): found before anything is written, so the group goes on and
+/// only this caller looks its keys up again. The outer error fails the
+/// job (and rolls back the group).
 fn append_submission(
     tx: &Connection,
     sub: &NewSubmission,
     audit: &mut Vec<AuditItem>,
-) -> Result<AppendOutcome, StoreError> {
+) -> Result<Result<AppendOutcome, StoreError>, StoreError> {
     if let Some(claim) = &sub.idempotency {
         let earlier = tx
             .query_row(
@@ -779,8 +785,13 @@ fn append_submission(
             .optional()
             .map_err(db_err)?;
         if let Some(earlier) = earlier {
-            return Ok(AppendOutcome::Replay(earlier));
+            return Ok(Ok(AppendOutcome::Replay(earlier)));
         }
+    }
+    if any_key_taken(tx, sub)? {
+        return Ok(Err(StoreError::KeyTaken));
+    }
+    if let Some(claim) = &sub.idempotency {
         exec(tx,
             "INSERT INTO idempotency (participant, key, request_hash, status, response, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![sub.participant, claim.key, claim.request_hash, sub.response_status, sub.response_body, unix_now()],
@@ -852,7 +863,24 @@ fn append_submission(
             }
         }
     }
-    Ok(AppendOutcome::Stored)
+    Ok(Ok(AppendOutcome::Stored))
+}
+
+/// Whether any of the submission's records has a natural key a stored
+/// record holds.
+fn any_key_taken(tx: &Connection, sub: &NewSubmission) -> Result<bool, StoreError> {
+    let mut held = tx
+        .prepare_cached("SELECT 1 FROM records WHERE item = ?1 AND natural_key = ?2")
+        .map_err(db_err)?;
+    for r in &sub.records {
+        if held
+            .exists(params![sub.item, r.natural_key])
+            .map_err(db_err)?
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// The active records of `items` about `subject`.
@@ -1313,7 +1341,7 @@ impl Store for SqliteStore {
         self.write(wake, move |sp, audit| {
             append_submission(sp, &submission, audit)
         })
-        .await
+        .await?
     }
 
     async fn find_keys(&self, item: &str, keys: Vec<String>) -> Result<Vec<KeyHolder>, StoreError> {

@@ -39,6 +39,44 @@ async fn batch(client: &Client, item: &str, records: Vec<Value>) -> Value {
     resp.json()
 }
 
+/// The same new record sent on many connections at once: one submission
+/// stores it, every other one is answered as its duplicate (same record
+/// id), none fails, and one notice goes out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_record_sent_concurrently_is_stored_once() {
+    let env = Env::new();
+    env.subscribe(&pull_sub("proc-pull", "agency-procurement", ""));
+    let server = Server::start(&env).await;
+    let record = record_about("administrative_penalty", "legal_entity", "serious");
+    let body = json!({"item": "administrative_penalty", "records": [record]});
+    let sends: Vec<_> = (0..24)
+        .map(|_| {
+            let (client, body) = (env.client(server.addr, "dept-market"), body.clone());
+            tokio::spawn(async move { client.post_json("/v1/records", &body).await })
+        })
+        .collect();
+    let mut stored = Vec::new();
+    let mut duplicates = Vec::new();
+    for send in sends {
+        let resp = send.await.expect("task");
+        assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+        let result = resp.json()["results"][0].clone();
+        match result["status"].as_str() {
+            Some("duplicate") => duplicates.push(result["record_id"].clone()),
+            _ => stored.push(result["record_id"].clone()),
+        }
+    }
+    assert_eq!(stored.len(), 1, "stored once: {stored:?}");
+    assert_eq!(duplicates.len(), 23);
+    assert!(
+        duplicates.iter().all(|id| *id == stored[0]),
+        "{duplicates:?}"
+    );
+    let agency = env.client(server.addr, "agency-procurement");
+    let (notices, _, _) = pull_all(&agency, "0").await;
+    assert_eq!(notices.len(), 1, "one notice");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resend_is_a_duplicate_and_a_changed_resend_needs_a_correction() {
     let env = Env::new();
