@@ -31,20 +31,16 @@ fn now_ms() -> i64 {
     (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
-/// Back-off before retry number `attempt` (1-based), with ±20 % jitter;
-/// `None` once the schedule is exhausted.
-pub fn backoff(schedule: &[u64], attempt: u32) -> Option<Duration> {
-    backoff_by(schedule, attempt, jitter())
-}
-
-/// A random back-off factor between 0.8 and 1.2.
+/// A random back-off factor between 0.8 and 1.2 (±20 % jitter).
 fn jitter() -> f64 {
     0.8 + rand::random::<f64>() * 0.4
 }
 
-/// [`backoff`] with a given jitter factor: the deliveries of one batch
-/// share one, so they come due together and are sent again together.
-fn backoff_by(schedule: &[u64], attempt: u32, jitter: f64) -> Option<Duration> {
+/// Back-off before retry number `attempt` (1-based), scaled by `jitter`
+/// (from [`jitter`]; the deliveries of one batch share one, so they come
+/// due together and are sent again together); `None` once the schedule is
+/// exhausted.
+fn backoff(schedule: &[u64], attempt: u32, jitter: f64) -> Option<Duration> {
     let base = *schedule.get(attempt.checked_sub(1)? as usize)?;
     Some(Duration::from_secs_f64(base as f64 * jitter))
 }
@@ -754,7 +750,9 @@ impl Dispatcher {
         bodies: &RoundBodies,
     ) {
         let outcome = self.send(&batch, batched, endpoint, bodies).await;
-        let first = batch.first().map(|(o, _)| o.delivery_id.clone());
+        let first = batch
+            .first()
+            .map(|(o, _)| (o.delivery_id.clone(), o.subscription.clone()));
         let mut dead = 0;
         let (jitter, now) = (jitter(), now_ms());
         for (o, claim) in &batch {
@@ -765,7 +763,7 @@ impl Dispatcher {
                     error: error.clone(),
                 },
                 Outcome::Failed { error, retry_after } => {
-                    match backoff_by(&self.cfg.retry_schedule_secs, o.attempts + 1, jitter) {
+                    match backoff(&self.cfg.retry_schedule_secs, o.attempts + 1, jitter) {
                         Some(wait) => DeliveryResult::Retry {
                             at: now + retry_after.map_or(wait, |r| r.max(wait)).as_millis() as i64,
                             error: error.clone(),
@@ -782,7 +780,8 @@ impl Dispatcher {
             Self::finish(done, &self.metrics, o, claim, result).await;
         }
         if dead > 0 {
-            tracing::warn!(delivery = ?first, deliveries = dead, "push delivery is dead after its last attempt");
+            let (delivery, subscription) = first.unwrap_or_default();
+            tracing::warn!(%delivery, %subscription, deliveries = dead, "push delivery is dead after its last attempt");
         }
     }
 
@@ -1028,10 +1027,10 @@ mod tests {
     #[test]
     fn backoff_follows_the_schedule_with_jitter_then_stops() {
         let s = [10, 100];
-        let first = backoff(&s, 1).expect("first retry");
+        let first = backoff(&s, 1, jitter()).expect("first retry");
         assert!(first >= Duration::from_secs(8) && first <= Duration::from_secs(12));
-        assert!(backoff(&s, 2).is_some_and(|d| d >= Duration::from_secs(80)));
-        assert_eq!(backoff(&s, 3), None);
-        assert_eq!(backoff(&s, 0), None);
+        assert!(backoff(&s, 2, jitter()).is_some_and(|d| d >= Duration::from_secs(80)));
+        assert_eq!(backoff(&s, 3, jitter()), None);
+        assert_eq!(backoff(&s, 0, jitter()), None);
     }
 }

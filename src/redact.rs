@@ -230,13 +230,6 @@ pub struct NoticeView {
     cursor: Option<String>,
 }
 
-impl NoticeView {
-    /// The notice id (the push `webhook-id`).
-    pub fn id(&self) -> &str {
-        &self.notice_id
-    }
-}
-
 /// Fields that form a notice's `subject` block.
 const SUBJECT_FIELDS: [&str; 4] = ["subject_name", "uscc", "id_type", "id_number"];
 

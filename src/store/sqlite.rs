@@ -253,6 +253,10 @@ struct JobDone {
     /// The job succeeded (otherwise the group is rolled back and its other
     /// jobs run again without it).
     ok: bool,
+    /// It failed only because a natural key was taken since its caller's
+    /// look-up (a concurrent submission of the same record): an expected
+    /// race, answered by a new look-up, not an operator's concern.
+    key_race: bool,
     /// The job created deliveries: wake pullers and push workers.
     wake: bool,
     /// Answers the caller once the group's commit is known.
@@ -476,9 +480,11 @@ impl SqliteStore {
         let job: Job = Box::new(move |sp, audit| {
             let result = f(sp, audit);
             let ok = result.is_ok();
+            let key_race = matches!(result, Err(StoreError::KeyTaken));
             let reply_tx = reply_tx.clone();
             JobDone {
                 ok,
+                key_race,
                 wake: wake && ok,
                 reply: Box::new(move |commit| {
                     if let Some(tx) = reply_tx.lock().ok().and_then(|mut t| t.take()) {
@@ -644,20 +650,27 @@ fn writer_loop(
 /// own savepoint: one poison job costs only its own caller a 503.
 fn commit_group(conn: &mut Connection, group: &mut Vec<Job>) -> bool {
     let mut jobs: Vec<Job> = std::mem::take(group);
-    let failed_at = match run_group(conn, &mut jobs) {
+    let (failed_at, key_race) = match run_group(conn, &mut jobs) {
         Ok(wake) => return wake,
         Err(None) => return false,
-        Err(Some(at)) => at,
+        Err(Some(failed)) => failed,
     };
     // The poison job's reply has been sent; drop it and retry the rest.
     drop(jobs.remove(failed_at));
     if jobs.is_empty() {
         return false;
     }
-    tracing::warn!(
-        jobs = jobs.len(),
-        "a change failed and rolled back its commit group; committing the others again, one savepoint each"
-    );
+    if key_race {
+        tracing::debug!(
+            jobs = jobs.len(),
+            "a natural key was taken since its look-up; committing the group's other changes again, one savepoint each"
+        );
+    } else {
+        tracing::warn!(
+            jobs = jobs.len(),
+            "a change failed and rolled back its commit group; committing the others again, one savepoint each"
+        );
+    }
     run_group_isolated(conn, &mut jobs)
 }
 
@@ -668,11 +681,12 @@ fn answer(replies: Vec<Reply>, outcome: Result<(), String>) {
     }
 }
 
-/// Fast path: `Ok(wake)` when all committed; `Err(Some(i))` when job `i`
-/// failed (its caller is answered, the rest are not, nothing committed);
+/// Fast path: `Ok(wake)` when all committed; `Err(Some((i, key_race)))`
+/// when job `i` failed, and whether only on a taken natural key (its
+/// caller is answered, the rest are not, nothing committed);
 /// `Err(None)` when the transaction could not begin or commit (everyone
 /// answered).
-fn run_group(conn: &mut Connection, jobs: &mut [Job]) -> Result<bool, Option<usize>> {
+fn run_group(conn: &mut Connection, jobs: &mut [Job]) -> Result<bool, Option<(usize, bool)>> {
     let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => {
@@ -689,7 +703,7 @@ fn run_group(conn: &mut Connection, jobs: &mut [Job]) -> Result<bool, Option<usi
         if !done.ok {
             drop(tx);
             (done.reply)(Ok(()));
-            return Err(Some(i));
+            return Err(Some((i, done.key_race)));
         }
         wake |= done.wake;
         replies.push(done.reply);
@@ -758,17 +772,11 @@ fn run_group_isolated(conn: &mut Connection, jobs: &mut [Job]) -> bool {
 
 // === impl writes ===
 
-/// Stores a submission. The inner `Err(KeyTaken)` means a record's
-/// natural key was taken after the caller's look-up (a concurrent
-/// submission of the same record, earlier in this commit group or
-/// before): found before anything is written, so the group goes on and
-/// only this caller looks its keys up again. The outer error fails the
-/// job (and rolls back the group).
 fn append_submission(
     tx: &Connection,
     sub: &NewSubmission,
     audit: &mut Vec<AuditItem>,
-) -> Result<Result<AppendOutcome, StoreError>, StoreError> {
+) -> Result<AppendOutcome, StoreError> {
     if let Some(claim) = &sub.idempotency {
         let earlier = tx
             .query_row(
@@ -785,13 +793,8 @@ fn append_submission(
             .optional()
             .map_err(db_err)?;
         if let Some(earlier) = earlier {
-            return Ok(Ok(AppendOutcome::Replay(earlier)));
+            return Ok(AppendOutcome::Replay(earlier));
         }
-    }
-    if any_key_taken(tx, sub)? {
-        return Ok(Err(StoreError::KeyTaken));
-    }
-    if let Some(claim) = &sub.idempotency {
         exec(tx,
             "INSERT INTO idempotency (participant, key, request_hash, status, response, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![sub.participant, claim.key, claim.request_hash, sub.response_status, sub.response_body, unix_now()],
@@ -863,24 +866,7 @@ fn append_submission(
             }
         }
     }
-    Ok(Ok(AppendOutcome::Stored))
-}
-
-/// Whether any of the submission's records has a natural key a stored
-/// record holds.
-fn any_key_taken(tx: &Connection, sub: &NewSubmission) -> Result<bool, StoreError> {
-    let mut held = tx
-        .prepare_cached("SELECT 1 FROM records WHERE item = ?1 AND natural_key = ?2")
-        .map_err(db_err)?;
-    for r in &sub.records {
-        if held
-            .exists(params![sub.item, r.natural_key])
-            .map_err(db_err)?
-        {
-            return Ok(true);
-        }
-    }
-    Ok(false)
+    Ok(AppendOutcome::Stored)
 }
 
 /// The active records of `items` about `subject`.
@@ -1341,7 +1327,7 @@ impl Store for SqliteStore {
         self.write(wake, move |sp, audit| {
             append_submission(sp, &submission, audit)
         })
-        .await?
+        .await
     }
 
     async fn find_keys(&self, item: &str, keys: Vec<String>) -> Result<Vec<KeyHolder>, StoreError> {
@@ -1375,18 +1361,12 @@ impl Store for SqliteStore {
             return Ok((Vec::new(), Vec::new()));
         }
         let item = item.to_owned();
+        // Empty lists make no queries: both loop over them.
         self.read(move |conn| {
-            let holders = if keys.is_empty() {
-                Vec::new()
-            } else {
-                key_holders(conn, &item, &keys)?
-            };
-            let others = if subjects.is_empty() || items.is_empty() {
-                Vec::new()
-            } else {
-                records_of_subjects(conn, &subjects, &items)?
-            };
-            Ok((holders, others))
+            Ok((
+                key_holders(conn, &item, &keys)?,
+                records_of_subjects(conn, &subjects, &items)?,
+            ))
         })
         .await
     }
