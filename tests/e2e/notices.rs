@@ -430,6 +430,34 @@ async fn one_notice_pushed_to_several_clearances_is_redacted_for_each() {
     }
 }
 
+/// Submits one serious-dishonesty record about a legal entity per number
+/// of `numbers` (its decision number), all in one request; their notice
+/// ids, sorted.
+async fn submit_dishonesty(dept: &Client, numbers: std::ops::Range<usize>) -> Vec<String> {
+    let records: Vec<Value> = numbers
+        .map(|n| {
+            let mut r = record_about("serious_dishonesty", "legal_entity", "");
+            r["decision_number"] = json!(format!("苏信惩〔2026〕{n}号"));
+            r
+        })
+        .collect();
+    let resp = dept
+        .post_json(
+            "/v1/records",
+            &json!({"item": "serious_dishonesty", "records": records}),
+        )
+        .await;
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    let mut ids: Vec<String> = resp.json()["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|r| r["notice_id"].as_str().expect("notice").to_owned())
+        .collect();
+    ids.sort();
+    ids
+}
+
 /// `batch_max`: notices committed together reach an opted-in push
 /// endpoint as `{"notices": [...]}` batches of at most `batch_max`, each
 /// signed once; a failed batch is sent again; every notice arrives. A
@@ -456,27 +484,7 @@ async fn batched_push_sends_signed_batches_and_retries_them_whole() {
     );
     let server = Server::start(&env).await;
     let dept = env.client(server.addr, "dept-market");
-    let records: Vec<Value> = (0..25)
-        .map(|n| {
-            let mut r = record_about("serious_dishonesty", "legal_entity", "");
-            r["decision_number"] = json!(format!("苏信惩〔2026〕{}号", 800 + n));
-            r
-        })
-        .collect();
-    let resp = dept
-        .post_json(
-            "/v1/records",
-            &json!({"item": "serious_dishonesty", "records": records}),
-        )
-        .await;
-    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
-    let mut expected: Vec<String> = resp.json()["results"]
-        .as_array()
-        .expect("results")
-        .iter()
-        .map(|r| r["notice_id"].as_str().expect("notice").to_owned())
-        .collect();
-    expected.sort();
+    let expected = submit_dishonesty(&dept, 800..825).await;
     assert_eq!(expected.len(), 25);
 
     let batched = |got: &[Received]| -> Vec<String> {
@@ -542,6 +550,102 @@ async fn batched_push_sends_signed_batches_and_retries_them_whole() {
         assert!(verify(LAND_SECRET, r));
         assert_eq!(r.json()["notice_id"], r.id);
     }
+}
+
+/// `batch_max` changed by an administrator at run time applies from the
+/// next claim round, both ways, without a restart: single notices, then
+/// batches, then single notices again, every notice arriving once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_max_changed_at_run_time_applies_to_the_next_notices() {
+    let env = Env::new();
+    let land = Receiver::start(env.root.path(), "land", &env.pki.dir.join("ca.pem"), 0).await;
+    env.subscribe(&push_sub(
+        "land-push",
+        "agency-land",
+        &land,
+        LAND_SECRET,
+        "items = [\"serious_dishonesty\"]",
+    ));
+    let server = Server::start(&env).await;
+    let dept = env.client(server.addr, "dept-market");
+    let admin = env.client(server.addr, "admin-credit-office");
+    let (admin, land) = (&admin, &land);
+    let set_batch_max = move |batch_max: Option<u32>| {
+        let mut sub = json!({"agency": "agency-land", "mode": "push", "items": ["serious_dishonesty"],
+            "endpoint": land.endpoint(), "ca_file": land.ca_file, "signing_secret": LAND_SECRET});
+        if let Some(b) = batch_max {
+            sub["batch_max"] = json!(b);
+        }
+        async move {
+            let r =
+                crate::admin::send_json(admin, "PUT", "/admin/v1/subscriptions/land-push", &sub)
+                    .await;
+            assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        }
+    };
+    // The notices of `expected` as the receiver saw them, from request
+    // `from` on: (notice ids, notices per request).
+    let arrived =
+        move |from: usize, expected: &[String]| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            let expected = expected.to_vec();
+            async move {
+                loop {
+                    let requests: Vec<Received> = land.requests().into_iter().skip(from).collect();
+                    let mut ids = Vec::new();
+                    let mut sizes = Vec::new();
+                    for r in &requests {
+                        assert!(verify(LAND_SECRET, r), "signature of {}", r.id);
+                        let body = r.json();
+                        match body["notices"].as_array() {
+                            Some(batch) => {
+                                assert!(r.id.starts_with("batch_"), "webhook-id {}", r.id);
+                                sizes.push(batch.len());
+                                ids.extend(batch.iter().map(|n| {
+                                    n["notice_id"].as_str().unwrap_or_default().to_owned()
+                                }));
+                            }
+                            None => {
+                                assert_eq!(body["notice_id"], r.id.as_str(), "a single notice");
+                                sizes.push(0);
+                                ids.push(r.id.clone());
+                            }
+                        }
+                    }
+                    ids.sort();
+                    if ids == expected || std::time::Instant::now() > deadline {
+                        assert_eq!(ids, expected, "each notice arrives once");
+                        return (requests.len(), sizes);
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+
+    let first = submit_dishonesty(&dept, 900..904).await;
+    let (seen, sizes) = arrived(0, &first).await;
+    assert_eq!(
+        sizes,
+        vec![0; 4],
+        "without batch_max, one notice per request"
+    );
+
+    set_batch_max(Some(10)).await;
+    let second = submit_dishonesty(&dept, 904..919).await;
+    let (n, sizes) = arrived(seen, &second).await;
+    assert!(
+        sizes.iter().all(|s| (1..=10).contains(s)),
+        "after the change, batches of 1 to 10: {sizes:?}"
+    );
+    assert!(
+        sizes.iter().any(|s| *s > 1),
+        "notices were batched: {sizes:?}"
+    );
+
+    set_batch_max(None).await;
+    let third = submit_dishonesty(&dept, 919..922).await;
+    let (_, sizes) = arrived(seen + n, &third).await;
+    assert_eq!(sizes, vec![0; 3], "batch_max removed: single notices again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
