@@ -355,6 +355,11 @@ pub struct StoreConfig {
     pub group_commit_max: usize,
     /// Read connections for queries.
     pub read_connections: usize,
+    /// Most memory each SQLite connection (the writer, each reader) keeps
+    /// as its page cache, MiB. A larger cache keeps more of a large
+    /// database's index pages in memory; every commit also scans the
+    /// writer's whole cache (see the README's performance notes).
+    pub page_cache_mib: usize,
     /// How long an `Idempotency-Key` is remembered.
     pub idempotency_ttl_hours: u64,
 }
@@ -369,6 +374,7 @@ impl Default for StoreConfig {
             data_dir: "data".into(),
             group_commit_max: 512,
             read_connections: 4,
+            page_cache_mib: 64,
             idempotency_ttl_hours: 72,
         }
     }
@@ -580,6 +586,7 @@ impl Config {
             ("server.max_connections", self.server.max_connections),
             ("store.group_commit_max", self.store.group_commit_max),
             ("store.read_connections", self.store.read_connections),
+            ("store.page_cache_mib", self.store.page_cache_mib),
             ("store.pool_size", self.store.pool_size),
             ("rate_limit.instances", self.rate_limit.instances as usize),
             (

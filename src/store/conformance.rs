@@ -26,6 +26,7 @@ pub(crate) async fn sqlite() -> Subject {
         &dir.path().join("credgate.db"),
         512,
         2,
+        8,
         Duration::from_secs(3600),
         AUDIT_KEY.to_vec(),
         Arc::new(crate::metrics::Metrics::new()),

@@ -1246,6 +1246,7 @@ pub async fn open(
                 &path,
                 config.store.group_commit_max,
                 config.store.read_connections,
+                config.store.page_cache_mib,
                 ttl,
                 audit_key,
                 metrics,

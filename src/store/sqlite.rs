@@ -281,6 +281,8 @@ pub struct SqliteStore {
     readers: Arc<Mutex<Vec<Connection>>>,
     /// Database file, for opening more readers.
     path: PathBuf,
+    /// Page cache of each connection, MiB.
+    page_cache_mib: usize,
     /// How long idempotency keys are kept.
     idempotency_ttl: Duration,
     /// Bumped after every commit that created deliveries.
@@ -344,12 +346,17 @@ fn exec(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> rusqlite
     conn.prepare_cached(sql)?.execute(params)
 }
 
-fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+/// Page cache of the offline tools' connection (`store migrate`).
+const OFFLINE_PAGE_CACHE_MIB: usize = 64;
+
+/// Opens a connection with a page cache of at most `page_cache_mib` MiB.
+fn open_connection(path: &Path, page_cache_mib: usize) -> Result<Connection, StoreError> {
     let conn = Connection::open(path).map_err(db_err)?;
     conn.set_prepared_statement_cache_capacity(64);
-    conn.execute_batch(
-        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=10000; PRAGMA temp_store=MEMORY; PRAGMA cache_size=-65536;",
-    )
+    conn.execute_batch(&format!(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=10000; PRAGMA temp_store=MEMORY; PRAGMA cache_size=-{};",
+        page_cache_mib.max(1) * 1024
+    ))
     .map_err(db_err)?;
     Ok(conn)
 }
@@ -401,18 +408,20 @@ fn parse_date(s: Option<String>) -> Option<Date> {
 /// Brings the database at `path` to this release's schema, on one
 /// connection and no threads (offline tools: `store migrate`).
 pub fn upgrade(path: &Path) -> Result<(), StoreError> {
-    let mut conn = open_connection(path)?;
+    let mut conn = open_connection(path, OFFLINE_PAGE_CACHE_MIB)?;
     migrate(&mut conn)
 }
 
 impl SqliteStore {
     /// Opens (creating if needed) `path`, runs migrations and starts the
     /// writer thread. Push deliveries left in flight by a previous process
-    /// are put back in the queue.
+    /// are put back in the queue. Each connection keeps a page cache of at
+    /// most `page_cache_mib` MiB.
     pub fn open(
         path: &Path,
         group_commit_max: usize,
         read_connections: usize,
+        page_cache_mib: usize,
         idempotency_ttl: Duration,
         audit_key: Vec<u8>,
         metrics: Arc<crate::metrics::Metrics>,
@@ -421,7 +430,7 @@ impl SqliteStore {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StoreError::Database(format!("{}: {e}", dir.display())))?;
         }
-        let mut conn = open_connection(path)?;
+        let mut conn = open_connection(path, page_cache_mib)?;
         migrate(&mut conn)?;
         // One process owns an SQLite store, so every lease is from a dead
         // predecessor: its attempts may or may not have arrived, and
@@ -433,7 +442,7 @@ impl SqliteStore {
         .map_err(db_err)?;
         let mut readers = Vec::with_capacity(read_connections);
         for _ in 0..read_connections {
-            readers.push(open_connection(path)?);
+            readers.push(open_connection(path, page_cache_mib)?);
         }
         let (tx, rx) = mpsc::channel(group_commit_max.max(1) * 4);
         let (changes_tx, changes) = watch::channel(0u64);
@@ -444,7 +453,7 @@ impl SqliteStore {
         conn.execute_batch(&format!("PRAGMA wal_autocheckpoint={WAL_CAP_PAGES};"))
             .map_err(db_err)?;
         let (stop_checkpoints, stopped) = std::sync::mpsc::channel::<()>();
-        let checkpoint_conn = open_connection(path)?;
+        let checkpoint_conn = open_connection(path, page_cache_mib)?;
         std::thread::Builder::new()
             .name("credgate-store-checkpointer".into())
             .spawn(move || checkpointer(checkpoint_conn, stopped))
@@ -461,6 +470,7 @@ impl SqliteStore {
             writer_thread: Mutex::new(Some(thread)),
             readers: Arc::new(Mutex::new(readers)),
             path: path.to_owned(),
+            page_cache_mib,
             idempotency_ttl,
             changes,
             audit_key,
@@ -513,11 +523,11 @@ impl SqliteStore {
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
         let pool = self.readers.clone();
-        let path = self.path.clone();
+        let (path, page_cache_mib) = (self.path.clone(), self.page_cache_mib);
         tokio::task::spawn_blocking(move || {
             let conn = match pool.lock().map_err(|_| StoreError::Unavailable)?.pop() {
                 Some(c) => c,
-                None => open_connection(&path)?,
+                None => open_connection(&path, page_cache_mib)?,
             };
             let result = f(&conn);
             if let Ok(mut idle) = pool.lock() {
@@ -2330,11 +2340,39 @@ mod tests {
             &dir.join("credgate.db"),
             512,
             2,
+            8,
             Duration::from_secs(3600),
             vec![7; 32],
             Arc::new(crate::metrics::Metrics::new()),
         )
         .expect("open store")
+    }
+
+    /// `store.page_cache_mib` sizes the writer's and every reader's page
+    /// cache, including readers opened beyond the pool.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_connection_gets_the_configured_page_cache() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = open(dir.path());
+        let cache = |c: &Connection| -> Result<i64, StoreError> {
+            c.query_row("PRAGMA cache_size", [], |r| r.get(0))
+                .map_err(db_err)
+        };
+        let writer = store
+            .write(false, move |sp, _| cache(sp))
+            .await
+            .expect("writer");
+        assert_eq!(writer, -8 * 1024, "KiB, as SQLite counts a negative size");
+        // More concurrent reads than pooled readers: the extra ones too.
+        let reads = (0..6).map(|_| {
+            store.read(move |c| {
+                std::thread::sleep(Duration::from_millis(50));
+                cache(c)
+            })
+        });
+        for size in futures_util::future::join_all(reads).await {
+            assert_eq!(size.expect("reader"), -8 * 1024);
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2390,7 +2428,7 @@ mod migration_tests {
         let dir = tempfile::tempdir().expect("tmp");
         let path = dir.path().join("credgate.db");
         {
-            let mut conn = open_connection(&path).expect("open");
+            let mut conn = open_connection(&path, OFFLINE_PAGE_CACHE_MIB).expect("open");
             conn.execute_batch("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL);")
                 .expect("table");
             let tx = conn.transaction().expect("tx");
@@ -2435,6 +2473,7 @@ mod migration_tests {
             &path,
             16,
             1,
+            8,
             Duration::from_secs(3600),
             vec![7; 32],
             Arc::new(crate::metrics::Metrics::new()),
