@@ -353,7 +353,7 @@ pub struct StoreConfig {
     pub data_dir: PathBuf,
     /// Most submissions committed in one transaction (one fsync).
     pub group_commit_max: usize,
-    /// Read connections for queries.
+    /// SQLite read connections, and so the most reads at once.
     pub read_connections: usize,
     /// Most memory each SQLite connection (the writer, each reader) keeps
     /// as its page cache, MiB. A larger cache keeps more of a large

@@ -279,6 +279,10 @@ pub struct SqliteStore {
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Idle read connections.
     readers: Arc<Mutex<Vec<Connection>>>,
+    /// One permit per read connection: reads beyond `read_connections`
+    /// wait for one rather than opening more (each has its own cache,
+    /// statements and blocking thread).
+    read_slots: Arc<tokio::sync::Semaphore>,
     /// Database file, for opening more readers.
     path: PathBuf,
     /// Page cache of each connection, MiB.
@@ -469,6 +473,7 @@ impl SqliteStore {
             writer: Mutex::new(Some(tx)),
             writer_thread: Mutex::new(Some(thread)),
             readers: Arc::new(Mutex::new(readers)),
+            read_slots: Arc::new(tokio::sync::Semaphore::new(read_connections.max(1))),
             path: path.to_owned(),
             page_cache_mib,
             idempotency_ttl,
@@ -524,9 +529,17 @@ impl SqliteStore {
     {
         let pool = self.readers.clone();
         let (path, page_cache_mib) = (self.path.clone(), self.page_cache_mib);
+        let slot = self
+            .read_slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Unavailable)?;
         tokio::task::spawn_blocking(move || {
+            let _slot = slot;
             let conn = match pool.lock().map_err(|_| StoreError::Unavailable)?.pop() {
                 Some(c) => c,
+                // Only after a connection was lost (a panic in `f`).
                 None => open_connection(&path, page_cache_mib)?,
             };
             let result = f(&conn);
@@ -2349,9 +2362,10 @@ mod tests {
     }
 
     /// `store.page_cache_mib` sizes the writer's and every reader's page
-    /// cache, including readers opened beyond the pool.
+    /// cache; `store.read_connections` bounds the reads at once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn every_connection_gets_the_configured_page_cache() {
+    async fn read_connections_are_bounded_and_get_the_configured_page_cache() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
         let dir = tempfile::tempdir().expect("tmp");
         let store = open(dir.path());
         let cache = |c: &Connection| -> Result<i64, StoreError> {
@@ -2363,16 +2377,25 @@ mod tests {
             .await
             .expect("writer");
         assert_eq!(writer, -8 * 1024, "KiB, as SQLite counts a negative size");
-        // More concurrent reads than pooled readers: the extra ones too.
+        // More reads at once than read connections (2): they take turns.
+        let (now, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let reads = (0..6).map(|_| {
+            let (now, most) = (now.clone(), most.clone());
             store.read(move |c| {
+                most.fetch_max(now.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
                 std::thread::sleep(Duration::from_millis(50));
+                now.fetch_sub(1, Ordering::SeqCst);
                 cache(c)
             })
         });
         for size in futures_util::future::join_all(reads).await {
             assert_eq!(size.expect("reader"), -8 * 1024);
         }
+        assert_eq!(
+            most.load(Ordering::SeqCst),
+            2,
+            "at most read_connections at once"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
