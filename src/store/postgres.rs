@@ -802,9 +802,21 @@ async fn commit_group(pool: &Pool, group: Vec<Job>) {
             join_all(others.map(|op| apply(&tx, op))),
         )
         .await;
-        let (Ok(appended), true) = (appended, others.iter().all(Result::is_ok)) else {
-            let _ = tx.rollback().await;
-            return Ok(None);
+        let appended = match appended {
+            Ok(a) if others.iter().all(Result::is_ok) => a,
+            appended => {
+                // Failed only because a natural key was taken since its
+                // caller's look-up (a concurrent submission of the same
+                // record): an expected race, as on SQLite.
+                let key_race = appended
+                    .as_ref()
+                    .err()
+                    .into_iter()
+                    .chain(others.iter().filter_map(|r| r.as_ref().err()))
+                    .all(|e| matches!(e, StoreError::KeyTaken));
+                let _ = tx.rollback().await;
+                return Ok(Err(key_race));
+            }
         };
         let (mut appended, mut others) = (appended.into_iter(), others.into_iter().flatten());
         let mut fx = Effects::default();
@@ -820,16 +832,23 @@ async fn commit_group(pool: &Pool, group: Vec<Job>) {
         }
         finish_transaction(&tx, fx).await?;
         tx.commit().await.map_err(db_err)?;
-        Ok::<_, StoreError>(Some(outs))
+        Ok::<_, StoreError>(Ok(outs))
     }
     .await;
     let outs = match fast {
-        Ok(Some(outs)) => outs,
-        Ok(None) => {
-            tracing::warn!(
-                jobs = ops.len(),
-                "a change failed in its commit group; committing the others again, one savepoint each"
-            );
+        Ok(Ok(outs)) => outs,
+        Ok(Err(key_race)) => {
+            if key_race {
+                tracing::debug!(
+                    jobs = ops.len(),
+                    "a natural key was taken since its look-up; committing the group's changes again, one savepoint each"
+                );
+            } else {
+                tracing::warn!(
+                    jobs = ops.len(),
+                    "a change failed in its commit group; committing the others again, one savepoint each"
+                );
+            }
             match isolated(&mut client, &ops).await {
                 Ok(outs) => outs,
                 Err(e) => ops
