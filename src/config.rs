@@ -364,6 +364,10 @@ pub struct StoreConfig {
     pub idempotency_ttl_hours: u64,
 }
 
+/// The largest `store.page_cache_mib`: SQLite takes the size as a 32-bit
+/// count of KiB.
+const MAX_PAGE_CACHE_MIB: usize = 1 << 20;
+
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
@@ -677,6 +681,11 @@ impl Config {
             errors
                 .push("public.listen: must differ from server.listen and server.ops_listen".into());
         }
+        if self.store.page_cache_mib > MAX_PAGE_CACHE_MIB {
+            errors.push(format!(
+                "store.page_cache_mib: at most {MAX_PAGE_CACHE_MIB} (1 TiB per connection)"
+            ));
+        }
         if self.review.cache_ttl_secs > 3600 {
             errors.push("review.cache_ttl_secs: at most 3600 (an hour)".into());
         }
@@ -824,6 +833,14 @@ mod tests {
         assert!(text.contains("server.listen"), "{text}");
         assert!(text.contains("store"), "{text}");
         assert!(text.contains("nonsense: unknown key"), "{text}");
+        let f = write("[store]\npage_cache_mib = 2000000\n");
+        let text = Config::load(f.path(), false, vec![])
+            .expect_err("too large")
+            .to_string();
+        assert!(
+            text.contains("store.page_cache_mib: at most 1048576"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -805,9 +805,7 @@ async fn commit_group(pool: &Pool, group: Vec<Job>) {
         let appended = match appended {
             Ok(a) if others.iter().all(Result::is_ok) => a,
             appended => {
-                // Failed only because a natural key was taken since its
-                // caller's look-up (a concurrent submission of the same
-                // record): an expected race, as on SQLite.
+                // Failed only on taken natural keys: see `log_group_retry`.
                 let key_race = appended
                     .as_ref()
                     .err()
@@ -838,17 +836,7 @@ async fn commit_group(pool: &Pool, group: Vec<Job>) {
     let outs = match fast {
         Ok(Ok(outs)) => outs,
         Ok(Err(key_race)) => {
-            if key_race {
-                tracing::debug!(
-                    jobs = ops.len(),
-                    "a natural key was taken since its look-up; committing the group's changes again, one savepoint each"
-                );
-            } else {
-                tracing::warn!(
-                    jobs = ops.len(),
-                    "a change failed in its commit group; committing the others again, one savepoint each"
-                );
-            }
+            shared::log_group_retry(ops.len(), key_race);
             match isolated(&mut client, &ops).await {
                 Ok(outs) => outs,
                 Err(e) => ops

@@ -474,6 +474,25 @@ fn agency_entry(
         })
 }
 
+/// Logs that a commit group failed and its other changes are committed
+/// again one savepoint each. A failure only on a taken natural key (a
+/// concurrent submission of the same record, answered by a new look-up)
+/// is an expected race, logged at debug; anything else is an operator's
+/// concern.
+pub(crate) fn log_group_retry(jobs: usize, key_race: bool) {
+    if key_race {
+        tracing::debug!(
+            jobs,
+            "a natural key was taken since its look-up; committing the group's changes again, one savepoint each"
+        );
+    } else {
+        tracing::warn!(
+            jobs,
+            "a change failed and rolled back its commit group; committing the others again, one savepoint each"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -683,17 +683,7 @@ fn commit_group(conn: &mut Connection, group: &mut Vec<Job>) -> bool {
     if jobs.is_empty() {
         return false;
     }
-    if key_race {
-        tracing::debug!(
-            jobs = jobs.len(),
-            "a natural key was taken since its look-up; committing the group's other changes again, one savepoint each"
-        );
-    } else {
-        tracing::warn!(
-            jobs = jobs.len(),
-            "a change failed and rolled back its commit group; committing the others again, one savepoint each"
-        );
-    }
+    shared::log_group_retry(jobs.len(), key_race);
     run_group_isolated(conn, &mut jobs)
 }
 
