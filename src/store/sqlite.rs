@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rusqlite::config::DbConfig;
 use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 use serde_json::Value;
 use time::{Date, OffsetDateTime};
@@ -350,6 +351,17 @@ fn exec(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> rusqlite
     conn.prepare_cached(sql)?.execute(params)
 }
 
+/// `query_row` through the connection's statement cache (rusqlite's own
+/// `query_row` parses the SQL on every call).
+fn cached_row<T>(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    f: impl FnOnce(&Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    conn.prepare_cached(sql)?.query_row(params, f)
+}
+
 /// Page cache of the offline tools' connection (`store migrate`).
 const OFFLINE_PAGE_CACHE_MIB: usize = 64;
 
@@ -357,6 +369,14 @@ const OFFLINE_PAGE_CACHE_MIB: usize = 64;
 fn open_connection(path: &Path, page_cache_mib: usize) -> Result<Connection, StoreError> {
     let conn = Connection::open(path).map_err(db_err)?;
     conn.set_prepared_statement_cache_capacity(64);
+    // Plans must not depend on bound values. Otherwise SQLite (3.4x and
+    // later) plans `LIMIT ?n` with the bound number and expires the
+    // statement whenever it is bound again: every pull, claim and listing
+    // was parsed and planned anew on each run (9 % of gateway CPU under
+    // `fanout`, #14). No query here relies on a bound value to pick an
+    // index (partial indexes are matched by literals).
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
+        .map_err(db_err)?;
     conn.execute_batch(&format!(
         "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=10000; PRAGMA temp_store=MEMORY; PRAGMA cache_size=-{};",
         page_cache_mib.max(1) * 1024
@@ -1199,6 +1219,18 @@ const OUTBOUND_SELECT: &str = "SELECT COALESCE(d.pos, 0), d.id, d.subscription, 
      n.id, n.kind, n.item, n.item_version, n.record_id, n.source, n.severity, n.measures, n.effective_from, n.effective_until, n.issued_at, n.lifts, n.reason, n.corrects, n.historical, n.grade, \
      r.body, d.claims FROM deliveries d JOIN notices n ON n.id = d.notice_id JOIN records r ON r.id = n.record_id";
 
+/// An agency's pull deliveries after a stream position.
+fn pull_select() -> String {
+    format!("{OUTBOUND_SELECT} WHERE d.agency = ?1 AND d.mode = 'pull' AND d.pos > ?2 ORDER BY d.pos LIMIT ?3")
+}
+
+/// A push subscription's deliveries due at a time.
+fn claim_select() -> String {
+    format!(
+        "{OUTBOUND_SELECT} WHERE d.subscription = ?1 AND d.mode = 'push' AND d.state IN ('pending', 'inflight') AND d.next_attempt_at <= ?2 ORDER BY d.next_attempt_at, d.seq LIMIT ?3"
+    )
+}
+
 fn outbound_from_row(r: &Row<'_>) -> rusqlite::Result<Result<Outbound, StoreError>> {
     outbound_parsed_once(r, &mut HashMap::new())
 }
@@ -1392,7 +1424,7 @@ impl Store for SqliteStore {
         let (participant, key) = (participant.to_owned(), key.to_owned());
         let cutoff = unix_now() - self.idempotency_ttl.as_secs() as i64;
         self.read(move |conn| {
-            conn.query_row(
+            cached_row(conn,
                 "SELECT request_hash, status, response FROM idempotency WHERE participant = ?1 AND key = ?2 AND created_at >= ?3",
                 params![participant, key, cutoff],
                 |r| {
@@ -1572,10 +1604,10 @@ impl Store for SqliteStore {
     ) -> Result<Vec<Outbound>, StoreError> {
         let agency = agency.to_owned();
         self.read(move |conn| {
-            let mut stmt = conn
-                .prepare_cached(&format!("{OUTBOUND_SELECT} WHERE d.agency = ?1 AND d.mode = 'pull' AND d.pos > ?2 ORDER BY d.pos LIMIT ?3"))
+            let mut stmt = conn.prepare_cached(&pull_select()).map_err(db_err)?;
+            let rows = stmt
+                .query_map(params![agency, after, limit as i64], outbound_from_row)
                 .map_err(db_err)?;
-            let rows = stmt.query_map(params![agency, after, limit as i64], outbound_from_row).map_err(db_err)?;
             collect(rows)
         })
         .await
@@ -1586,8 +1618,8 @@ impl Store for SqliteStore {
         self.write(false, move |sp, audit| {
             // Never past the agency's last delivery, so an ack cannot skip
             // notices that do not exist yet.
-            let last: i64 = sp
-                .query_row("SELECT COALESCE(MAX(last_pos), 0) FROM agency_streams WHERE agency = ?1", [&agency], |r| r.get(0))
+            let last: i64 = cached_row(sp,
+                "SELECT COALESCE(MAX(last_pos), 0) FROM agency_streams WHERE agency = ?1", [&agency], |r| r.get(0))
                 .map_err(db_err)?;
             let position = position.min(last);
             let previous: i64 = sp
@@ -1631,7 +1663,8 @@ impl Store for SqliteStore {
     async fn pull_position(&self, agency: &str) -> Result<i64, StoreError> {
         let agency = agency.to_owned();
         self.read(move |conn| {
-            conn.query_row(
+            cached_row(
+                conn,
                 "SELECT position FROM pull_positions WHERE agency = ?1",
                 [agency],
                 |r| r.get(0),
@@ -1648,7 +1681,7 @@ impl Store for SqliteStore {
         self.read(move |conn| {
             // Walks the agency's stream down from its end: old cursors in
             // use are recent ones.
-            conn.query_row(
+            cached_row(conn,
                 "SELECT pos FROM deliveries WHERE agency = ?1 AND mode = 'pull' AND seq <= ?2 ORDER BY pos DESC LIMIT 1",
                 params![agency, seq],
                 |r| r.get(0),
@@ -1675,9 +1708,7 @@ impl Store for SqliteStore {
             let mut claimed = Vec::new();
             let mut parsed = HashMap::new();
             let mut select = sp
-                .prepare_cached(&format!(
-                    "{OUTBOUND_SELECT} WHERE d.subscription = ?1 AND d.mode = 'push' AND d.state IN ('pending', 'inflight') AND d.next_attempt_at <= ?2 ORDER BY d.next_attempt_at, d.seq LIMIT ?3"
-                ))
+                .prepare_cached(&claim_select())
                 .map_err(db_err)?;
             for (sub, limit) in &wants {
                 let rows = select
@@ -1881,8 +1912,8 @@ impl Store for SqliteStore {
         let actor = actor.to_owned();
         let text = serde_json::to_string(&document).map_err(corrupt)?;
         self.write(false, move |sp, audit| {
-            let version: u32 = sp
-                .query_row("SELECT COALESCE(MAX(version), 0) + 1 FROM grade_rules", [], |r| r.get(0))
+            let version: u32 = cached_row(sp,
+                "SELECT COALESCE(MAX(version), 0) + 1 FROM grade_rules", [], |r| r.get(0))
                 .map_err(db_err)?;
             exec(
                 sp,
@@ -2095,15 +2126,15 @@ impl Store for SqliteStore {
 
     async fn add_feedback(&self, f: Feedback) -> Result<FeedbackStored, StoreError> {
         self.write(false, move |sp, audit| {
-            let exists: Option<i64> = sp
-                .query_row("SELECT 1 FROM notices WHERE id = ?1", [&f.notice_id], |r| r.get(0))
+            let exists: Option<i64> = cached_row(sp,
+                "SELECT 1 FROM notices WHERE id = ?1", [&f.notice_id], |r| r.get(0))
                 .optional()
                 .map_err(db_err)?;
             if exists.is_none() {
                 return Ok(FeedbackStored::UnknownNotice);
             }
-            let received: Option<i64> = sp
-                .query_row("SELECT 1 FROM deliveries WHERE notice_id = ?1 AND agency = ?2 LIMIT 1", params![f.notice_id, f.agency], |r| r.get(0))
+            let received: Option<i64> = cached_row(sp,
+                "SELECT 1 FROM deliveries WHERE notice_id = ?1 AND agency = ?2 LIMIT 1", params![f.notice_id, f.agency], |r| r.get(0))
                 .optional()
                 .map_err(db_err)?;
             if received.is_none() {
@@ -2138,7 +2169,7 @@ impl Store for SqliteStore {
     ) -> Result<Option<StoredNotice>, StoreError> {
         let (id, agency) = (notice_id.to_owned(), agency.to_owned());
         self.read(move |conn| {
-            conn.query_row(
+            cached_row(conn,
                 &format!("{NOTICE_SELECT} WHERE id = ?1 AND EXISTS (SELECT 1 FROM deliveries d WHERE d.notice_id = ?1 AND d.agency = ?2)"),
                 params![id, agency],
                 notice_from_row,
@@ -2153,7 +2184,8 @@ impl Store for SqliteStore {
     async fn notice(&self, notice_id: &str) -> Result<Option<StoredNotice>, StoreError> {
         let id = notice_id.to_owned();
         self.read(move |conn| {
-            conn.query_row(
+            cached_row(
+                conn,
                 &format!("{NOTICE_SELECT} WHERE id = ?1"),
                 [id],
                 notice_from_row,
@@ -2349,6 +2381,28 @@ mod tests {
             Arc::new(crate::metrics::Metrics::new()),
         )
         .expect("open store")
+    }
+
+    /// A bound `LIMIT` must not make SQLite parse and plan a statement
+    /// again on every run (it did, for every pull and claim, #14).
+    #[test]
+    fn bound_limits_do_not_prepare_statements_again() {
+        let dir = tempfile::tempdir().expect("tmp");
+        drop(open(dir.path()));
+        let conn = open_connection(&dir.path().join("credgate.db"), 8).expect("connection");
+        // Both take (text, integer, limit).
+        for (sql, key) in [(pull_select(), "agency-a"), (claim_select(), "sub-a")] {
+            let mut stmt = conn.prepare_cached(&sql).expect("prepare");
+            for limit in [10, 20, 30] {
+                let mut rows = stmt.query(params![key, 0, limit]).expect("query");
+                while rows.next().expect("row").is_some() {}
+            }
+            assert_eq!(
+                stmt.get_status(rusqlite::StatementStatus::RePrepare),
+                0,
+                "{sql}"
+            );
+        }
     }
 
     /// `store.page_cache_mib` sizes the writer's and every reader's page
