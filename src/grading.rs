@@ -262,7 +262,7 @@ impl Grader {
         for key in keys {
             let records = self
                 .subjects
-                .records(self.store.as_ref(), key, items.clone())
+                .records_read_through(self.store.as_ref(), key, items.clone())
                 .await?;
             let Some(latest) = records.iter().max_by_key(|r| (r.received_at, &r.id)) else {
                 continue;

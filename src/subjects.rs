@@ -109,12 +109,38 @@ impl SubjectCache {
         }
     }
 
-    /// Every record about the subject, from the cache or the store.
+    /// Every record about the subject, from the cache or the store; what
+    /// is read from the store is kept (a credit review report: the same
+    /// subject is likely to be asked about again).
     pub async fn records(
         &self,
         store: &dyn Store,
         subject_key: &str,
         items: Vec<String>,
+    ) -> Result<SubjectRecords, StoreError> {
+        self.read(store, subject_key, items, true).await
+    }
+
+    /// [`SubjectCache::records`] without keeping what is read from the
+    /// store: the grader reads every subject that changed, most of which
+    /// nobody asks a report about, and filling the cache with them would
+    /// push out the subjects reviews do ask about (and take up to
+    /// `review.cache_mib` under a bulk load).
+    pub async fn records_read_through(
+        &self,
+        store: &dyn Store,
+        subject_key: &str,
+        items: Vec<String>,
+    ) -> Result<SubjectRecords, StoreError> {
+        self.read(store, subject_key, items, false).await
+    }
+
+    async fn read(
+        &self,
+        store: &dyn Store,
+        subject_key: &str,
+        items: Vec<String>,
+        keep: bool,
     ) -> Result<SubjectRecords, StoreError> {
         if let Some(hit) = self.entries.as_ref().and_then(|e| e.get(subject_key)) {
             return Ok(hit);
@@ -131,7 +157,7 @@ impl SubjectCache {
             }
         }
         let records = Arc::new(records);
-        if let Some(e) = &self.entries {
+        if let Some(e) = self.entries.as_ref().filter(|_| keep) {
             if generation.load(Ordering::Acquire) == before {
                 e.insert(subject_key.to_owned(), records.clone());
             }
@@ -152,6 +178,41 @@ mod tests {
         assert_eq!(c.generation("a").load(Ordering::Acquire), before + 1);
         c.invalidate_all();
         assert_eq!(c.generation("a").load(Ordering::Acquire), before + 2);
+    }
+
+    /// The grader's reads do not fill the cache; a review's do, and the
+    /// grader then reads what the review kept.
+    #[tokio::test]
+    async fn only_reviews_fill_the_cache() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = crate::store::sqlite::SqliteStore::open(
+            &dir.path().join("credgate.db"),
+            64,
+            1,
+            1,
+            Duration::from_secs(60),
+            vec![7; 32],
+            Arc::new(crate::metrics::Metrics::new()),
+        )
+        .expect("store");
+        let c = SubjectCache::new(1, Duration::from_secs(60));
+        let kept = |c: &SubjectCache| c.entries.as_ref().is_some_and(|e| e.contains_key("s"));
+        let graded = c
+            .records_read_through(&store, "s", vec![])
+            .await
+            .expect("read");
+        assert!(!kept(&c), "the grader filled the cache");
+        let reviewed = c.records(&store, "s", vec![]).await.expect("read");
+        assert!(kept(&c), "a review did not fill the cache");
+        assert!(!Arc::ptr_eq(&graded, &reviewed));
+        let again = c
+            .records_read_through(&store, "s", vec![])
+            .await
+            .expect("read");
+        assert!(
+            Arc::ptr_eq(&again, &reviewed),
+            "the grader read past the cache"
+        );
     }
 
     #[test]
