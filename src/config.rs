@@ -378,7 +378,7 @@ impl Default for StoreConfig {
             data_dir: "data".into(),
             group_commit_max: 512,
             read_connections: 4,
-            page_cache_mib: 64,
+            page_cache_mib: 16,
             idempotency_ttl_hours: 72,
         }
     }
