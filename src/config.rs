@@ -353,8 +353,13 @@ pub struct StoreConfig {
     pub data_dir: PathBuf,
     /// Most submissions committed in one transaction (one fsync).
     pub group_commit_max: usize,
-    /// SQLite read connections, and so the most reads at once.
+    /// SQLite read connections of ingest and delivery (look-ups, pulls),
+    /// and so the most such reads at once.
     pub read_connections: usize,
+    /// SQLite read connections of the public channel, the console and
+    /// administrators' listings and statistics, apart from
+    /// `read_connections` so that these never delay ingest.
+    pub query_connections: usize,
     /// Most memory each SQLite connection (the writer, each reader) keeps
     /// as its page cache, MiB. A larger cache keeps more of a large
     /// database's index pages in memory; every commit also scans the
@@ -378,6 +383,7 @@ impl Default for StoreConfig {
             data_dir: "data".into(),
             group_commit_max: 512,
             read_connections: 4,
+            query_connections: 2,
             page_cache_mib: 16,
             idempotency_ttl_hours: 72,
         }
@@ -590,6 +596,7 @@ impl Config {
             ("server.max_connections", self.server.max_connections),
             ("store.group_commit_max", self.store.group_commit_max),
             ("store.read_connections", self.store.read_connections),
+            ("store.query_connections", self.store.query_connections),
             ("store.page_cache_mib", self.store.page_cache_mib),
             ("store.pool_size", self.store.pool_size),
             ("rate_limit.instances", self.rate_limit.instances as usize),
@@ -841,6 +848,11 @@ mod tests {
             text.contains("store.page_cache_mib: at most 1048576"),
             "{text}"
         );
+        let f = write("[store]\nquery_connections = 0\n");
+        let text = Config::load(f.path(), false, vec![])
+            .expect_err("no query connections")
+            .to_string();
+        assert!(text.contains("store.query_connections"), "{text}");
     }
 
     #[test]

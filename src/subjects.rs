@@ -187,10 +187,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let store = crate::store::sqlite::SqliteStore::open(
             &dir.path().join("credgate.db"),
-            64,
-            1,
-            1,
-            Duration::from_secs(60),
+            &crate::store::sqlite::SqliteOptions {
+                page_cache_mib: 1,
+                ..Default::default()
+            },
             vec![7; 32],
             Arc::new(crate::metrics::Metrics::new()),
         )

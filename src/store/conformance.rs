@@ -24,10 +24,12 @@ pub(crate) async fn sqlite() -> Subject {
     let dir = tempfile::tempdir().expect("tmp");
     let store = crate::store::sqlite::SqliteStore::open(
         &dir.path().join("credgate.db"),
-        512,
-        2,
-        8,
-        Duration::from_secs(3600),
+        &crate::store::sqlite::SqliteOptions {
+            read_connections: 2,
+            page_cache_mib: 8,
+            idempotency_ttl: Duration::from_secs(3600),
+            ..Default::default()
+        },
         AUDIT_KEY.to_vec(),
         Arc::new(crate::metrics::Metrics::new()),
     )

@@ -1238,16 +1238,12 @@ pub async fn open(
     audit_key: Vec<u8>,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
 ) -> Result<std::sync::Arc<dyn Store>, String> {
-    let ttl = std::time::Duration::from_secs(config.store.idempotency_ttl_hours * 3600);
     match config.store.backend {
         crate::config::StoreBackend::Sqlite => {
             let path = config.database_path();
             sqlite::SqliteStore::open(
                 &path,
-                config.store.group_commit_max,
-                config.store.read_connections,
-                config.store.page_cache_mib,
-                ttl,
+                &sqlite::SqliteOptions::from_config(&config.store),
                 audit_key,
                 metrics,
             )

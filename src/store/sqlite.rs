@@ -278,12 +278,12 @@ pub struct SqliteStore {
     writer: Mutex<Option<mpsc::Sender<Job>>>,
     /// Joined on close so the last group is committed before exit.
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
-    /// Idle read connections.
-    readers: Arc<Mutex<Vec<Connection>>>,
-    /// One permit per read connection: reads beyond `read_connections`
-    /// wait for one rather than opening more (each has its own cache,
-    /// statements and blocking thread).
-    read_slots: Arc<tokio::sync::Semaphore>,
+    /// Reads on the way of ingest and delivery (look-ups, pulls).
+    reads: ReadPool,
+    /// Reads for people and the public (the public channel, the console,
+    /// administrators' listings and statistics): apart, so that a burst
+    /// of them or a slow aggregate never delays a look-up.
+    queries: ReadPool,
     /// Database file, for opening more readers.
     path: PathBuf,
     /// Page cache of each connection, MiB.
@@ -443,13 +443,17 @@ impl SqliteStore {
     /// most `page_cache_mib` MiB.
     pub fn open(
         path: &Path,
-        group_commit_max: usize,
-        read_connections: usize,
-        page_cache_mib: usize,
-        idempotency_ttl: Duration,
+        options: &SqliteOptions,
         audit_key: Vec<u8>,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Result<SqliteStore, StoreError> {
+        let SqliteOptions {
+            group_commit_max,
+            read_connections,
+            query_connections,
+            page_cache_mib,
+            idempotency_ttl,
+        } = *options;
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StoreError::Database(format!("{}: {e}", dir.display())))?;
@@ -464,10 +468,8 @@ impl SqliteStore {
             [],
         )
         .map_err(db_err)?;
-        let mut readers = Vec::with_capacity(read_connections);
-        for _ in 0..read_connections {
-            readers.push(open_connection(path, page_cache_mib)?);
-        }
+        let reads = ReadPool::open(path, read_connections, page_cache_mib)?;
+        let queries = ReadPool::open(path, query_connections, page_cache_mib)?;
         let (tx, rx) = mpsc::channel(group_commit_max.max(1) * 4);
         let (changes_tx, changes) = watch::channel(0u64);
         // Checkpoints run on their own thread. Should the writer outpace
@@ -492,8 +494,8 @@ impl SqliteStore {
         Ok(SqliteStore {
             writer: Mutex::new(Some(tx)),
             writer_thread: Mutex::new(Some(thread)),
-            readers: Arc::new(Mutex::new(readers)),
-            read_slots: Arc::new(tokio::sync::Semaphore::new(read_connections.max(1))),
+            reads,
+            queries,
             path: path.to_owned(),
             page_cache_mib,
             idempotency_ttl,
@@ -541,16 +543,95 @@ impl SqliteStore {
         reply_rx.await.map_err(|_| StoreError::Unavailable)?
     }
 
-    /// Runs `f` on a pooled read connection off the async runtime.
+    /// Runs `f` on a read connection of ingest and delivery, off the
+    /// async runtime.
     async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let pool = self.readers.clone();
-        let (path, page_cache_mib) = (self.path.clone(), self.page_cache_mib);
+        self.reads.run(&self.path, self.page_cache_mib, f).await
+    }
+
+    /// Runs `f` on a read connection for people and the public.
+    async fn read_query<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.queries.run(&self.path, self.page_cache_mib, f).await
+    }
+}
+
+/// How an SQLite store is sized (the `[store]` settings).
+#[derive(Debug, Clone, Copy)]
+pub struct SqliteOptions {
+    /// Most jobs committed in one transaction.
+    pub group_commit_max: usize,
+    /// Read connections of ingest and delivery.
+    pub read_connections: usize,
+    /// Read connections of the public channel, the console and
+    /// administrators' listings.
+    pub query_connections: usize,
+    /// Page cache of each connection, MiB.
+    pub page_cache_mib: usize,
+    /// How long idempotency keys are kept.
+    pub idempotency_ttl: Duration,
+}
+
+impl SqliteOptions {
+    /// The options `[store]` sets.
+    pub fn from_config(store: &crate::config::StoreConfig) -> SqliteOptions {
+        SqliteOptions {
+            group_commit_max: store.group_commit_max,
+            read_connections: store.read_connections,
+            query_connections: store.query_connections,
+            page_cache_mib: store.page_cache_mib,
+            idempotency_ttl: Duration::from_secs(store.idempotency_ttl_hours * 3600),
+        }
+    }
+}
+
+impl Default for SqliteOptions {
+    fn default() -> SqliteOptions {
+        SqliteOptions::from_config(&crate::config::StoreConfig::default())
+    }
+}
+
+/// Read connections and one permit per connection: reads beyond their
+/// number wait for one rather than opening more (each has its own cache,
+/// statements and blocking thread).
+struct ReadPool {
+    idle: Arc<Mutex<Vec<Connection>>>,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl ReadPool {
+    fn open(
+        path: &Path,
+        connections: usize,
+        page_cache_mib: usize,
+    ) -> Result<ReadPool, StoreError> {
+        let connections = connections.max(1);
+        let idle = (0..connections)
+            .map(|_| open_connection(path, page_cache_mib))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ReadPool {
+            idle: Arc::new(Mutex::new(idle)),
+            slots: Arc::new(tokio::sync::Semaphore::new(connections)),
+        })
+    }
+
+    /// Runs `f` on one of the pool's connections off the async runtime.
+    async fn run<T, F>(&self, path: &Path, page_cache_mib: usize, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let pool = self.idle.clone();
+        let path = path.to_owned();
         let slot = self
-            .read_slots
+            .slots
             .clone()
             .acquire_owned()
             .await
@@ -1487,7 +1568,7 @@ impl Store for SqliteStore {
 
     async fn record_notices(&self, record_id: &str) -> Result<Vec<NoticeHistory>, StoreError> {
         let record_id = record_id.to_owned();
-        self.read(move |conn| {
+        self.read_query(move |conn| {
             let notices = {
                 let mut stmt = conn
                     .prepare_cached(&format!("{NOTICE_SELECT} WHERE record_id = ?1 ORDER BY issued_at, id"))
@@ -1549,7 +1630,7 @@ impl Store for SqliteStore {
 
     async fn revisions(&self, record_id: &str) -> Result<Vec<Revision>, StoreError> {
         let record_id = record_id.to_owned();
-        self.read(move |conn| {
+        self.read_query(move |conn| {
             let mut stmt = conn
                 .prepare_cached(
                     "SELECT revision, item_version, replaced_at, replaced_by, reason, body FROM record_revisions WHERE record_id = ?1 ORDER BY revision",
@@ -1835,7 +1916,7 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> Result<Vec<DeliveryInfo>, StoreError> {
         let state = state.as_str();
-        self.read(move |conn| {
+        self.read_query(move |conn| {
             let mut stmt = conn
                 .prepare_cached(&format!(
                     "{DELIVERY_SELECT} WHERE d.state = ?1 ORDER BY d.seq LIMIT ?2"
@@ -1864,7 +1945,7 @@ impl Store for SqliteStore {
     }
 
     async fn grade_rule_versions(&self) -> Result<Vec<VersionInfo>, StoreError> {
-        self.read(move |conn| {
+        self.read_query(move |conn| {
             let mut stmt = conn
                 .prepare_cached("SELECT version, created_at, created_by, reason FROM grade_rules ORDER BY version")
                 .map_err(db_err)?;
@@ -1890,7 +1971,7 @@ impl Store for SqliteStore {
     }
 
     async fn grade_rules(&self, version: Option<u32>) -> Result<Option<(u32, Value)>, StoreError> {
-        self.read(move |conn| {
+        self.read_query(move |conn| {
             let row: Option<(u32, String)> = conn
                 .prepare_cached("SELECT version, document FROM grade_rules WHERE version = COALESCE(?1, (SELECT MAX(version) FROM grade_rules))")
                 .map_err(db_err)?
@@ -2005,7 +2086,7 @@ impl Store for SqliteStore {
     }
 
     async fn grade_counts(&self) -> Result<Vec<GradeCount>, StoreError> {
-        self.read(move |conn| {
+        self.read_query(move |conn| {
             let mut stmt = conn
                 .prepare_cached("SELECT grade, region, COUNT(*) FROM subject_grades GROUP BY grade, region ORDER BY grade, region")
                 .map_err(db_err)?;
@@ -2024,7 +2105,7 @@ impl Store for SqliteStore {
     }
 
     async fn public_records(&self, q: PublicQuery) -> Result<Vec<PublicRecord>, StoreError> {
-        self.read(move |conn| {
+        self.read_query(move |conn| {
             let today = q.today.to_string();
             let mut stmt = conn
                 .prepare_cached(&format!(
@@ -2051,7 +2132,7 @@ impl Store for SqliteStore {
         today: Date,
     ) -> Result<Option<PublicRecord>, StoreError> {
         let id = public_id.to_owned();
-        self.read(move |conn| {
+        self.read_query(move |conn| {
             let mut stmt = conn
                 .prepare_cached(&format!("{PUBLIC_SELECT} AND public_id = ?2"))
                 .map_err(db_err)?;
@@ -2065,7 +2146,7 @@ impl Store for SqliteStore {
 
     async fn review(&self, id: &str) -> Result<Option<StoredReview>, StoreError> {
         let id = id.to_owned();
-        self.read(move |conn| {
+        self.read_query(move |conn| {
             conn.prepare_cached("SELECT agency, document FROM credit_reviews WHERE id = ?1")
                 .map_err(db_err)?
                 .query_row([&id], |r| {
@@ -2086,7 +2167,7 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> Result<Vec<ReviewEntry>, StoreError> {
         let key = subject_key.to_owned();
-        self.read(move |conn| {
+        self.read_query(move |conn| {
             let mut stmt = conn
                 .prepare_cached(
                     "SELECT id, agency, purpose, issued_at FROM credit_reviews WHERE subject_key = ?1 ORDER BY issued_at DESC, id DESC LIMIT ?2",
@@ -2203,7 +2284,7 @@ impl Store for SqliteStore {
         to: OffsetDateTime,
     ) -> Result<Vec<AgencyFeedbackStats>, StoreError> {
         let (from, to) = (rfc3339(from), rfc3339(to));
-        self.read(move |conn| {
+        self.read_query(move |conn| {
             let mut stmt = conn
                 .prepare_cached(
                     "SELECT d.agency, COUNT(DISTINCT n.id), COUNT(DISTINCT f.notice_id) \
@@ -2274,7 +2355,7 @@ impl Store for SqliteStore {
 
     async fn item_versions(&self, item: &str) -> Result<Vec<VersionInfo>, StoreError> {
         let item = item.to_owned();
-        self.read(move |conn| sqlite_control::item_versions(conn, &item))
+        self.read_query(move |conn| sqlite_control::item_versions(conn, &item))
             .await
     }
 
@@ -2314,7 +2395,7 @@ impl Store for SqliteStore {
         &self,
         filter: AuditFilter,
     ) -> Result<Vec<crate::audit::Entry>, StoreError> {
-        self.read(move |conn| sqlite_control::audit_page(conn, &filter))
+        self.read_query(move |conn| sqlite_control::audit_page(conn, &filter))
             .await
     }
 
@@ -2342,7 +2423,7 @@ impl Store for SqliteStore {
         to: OffsetDateTime,
     ) -> Result<Vec<DepartmentStats>, StoreError> {
         let (from, to) = (rfc3339(from), rfc3339(to));
-        self.read(move |conn| sqlite_control::department_stats(conn, &from, &to))
+        self.read_query(move |conn| sqlite_control::department_stats(conn, &from, &to))
             .await
     }
 
@@ -2373,10 +2454,13 @@ mod tests {
     fn open(dir: &Path) -> SqliteStore {
         SqliteStore::open(
             &dir.join("credgate.db"),
-            512,
-            2,
-            8,
-            Duration::from_secs(3600),
+            &SqliteOptions {
+                read_connections: 2,
+                query_connections: 2,
+                page_cache_mib: 8,
+                idempotency_ttl: Duration::from_secs(3600),
+                ..Default::default()
+            },
             vec![7; 32],
             Arc::new(crate::metrics::Metrics::new()),
         )
@@ -2402,6 +2486,55 @@ mod tests {
                 0,
                 "{sql}"
             );
+        }
+    }
+
+    /// Reads for people and the public have their own connections: with
+    /// all of them busy (a slow aggregate, a burst on the public channel)
+    /// and more waiting, ingest's look-ups still run.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queries_never_hold_up_lookups() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Arc::new(open(dir.path()));
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let held = Arc::new(Mutex::new(held));
+        let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+        // Three queries on two query connections: two hold theirs until
+        // released, the third waits for one.
+        let queries: Vec<_> = (0..3)
+            .map(|_| {
+                let (store, held, started_tx) = (store.clone(), held.clone(), started_tx.clone());
+                tokio::spawn(async move {
+                    store
+                        .read_query(move |_| {
+                            let _ = started_tx.send(());
+                            let _ = held.lock().map(|h| h.recv());
+                            Ok(())
+                        })
+                        .await
+                })
+            })
+            .collect();
+        for _ in 0..2 {
+            started.recv().await.expect("a query started");
+        }
+        let lookup = tokio::time::timeout(
+            Duration::from_secs(10),
+            store.read(|c| {
+                c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
+                    .map_err(db_err)
+            }),
+        )
+        .await;
+        assert!(
+            matches!(lookup, Ok(Ok(1))),
+            "a look-up waited for the queries"
+        );
+        for _ in 0..3 {
+            let _ = release.send(());
+        }
+        for q in queries {
+            q.await.expect("query task").expect("query");
         }
     }
 
@@ -2538,10 +2671,13 @@ mod migration_tests {
         }
         let store = SqliteStore::open(
             &path,
-            16,
-            1,
-            8,
-            Duration::from_secs(3600),
+            &SqliteOptions {
+                group_commit_max: 16,
+                read_connections: 1,
+                page_cache_mib: 8,
+                idempotency_ttl: Duration::from_secs(3600),
+                ..Default::default()
+            },
             vec![7; 32],
             Arc::new(crate::metrics::Metrics::new()),
         )
