@@ -5,8 +5,13 @@
 //! concurrent requests). A job fails only on I/O or corrupt data (caller
 //! input is validated before it reaches the store), and then the whole
 //! group is rolled back and every caller in it is told that nothing was
-//! stored; a caller is answered only after the group's commit returned. Reads use a small pool
-//! of separate connections, which WAL lets run alongside the writer.
+//! stored; a caller is answered only after the group's commit returned.
+//!
+//! Reads run on separate connections, which WAL lets run alongside the
+//! writer, in two bounded pools: one for ingest and delivery (look-ups,
+//! pulls), one for people and the public (the public channel, the
+//! console, administrators' listings), so that the second never delays
+//! the first.
 //!
 //! Ordering: each pull delivery takes the next position of its agency's
 //! stream (`agency_streams`) in the transaction that creates it, so every
