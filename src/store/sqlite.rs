@@ -289,10 +289,8 @@ pub struct SqliteStore {
     /// administrators' listings and statistics): apart, so that a burst
     /// of them or a slow aggregate never delays a look-up.
     queries: ReadPool,
-    /// Database file, for opening more readers.
+    /// Database file (its audit checkpoint file sits beside it).
     path: PathBuf,
-    /// Page cache of each connection, MiB.
-    page_cache_mib: usize,
     /// How long idempotency keys are kept.
     idempotency_ttl: Duration,
     /// Bumped after every commit that created deliveries.
@@ -445,7 +443,7 @@ impl SqliteStore {
     /// Opens (creating if needed) `path`, runs migrations and starts the
     /// writer thread. Push deliveries left in flight by a previous process
     /// are put back in the queue. Each connection keeps a page cache of at
-    /// most `page_cache_mib` MiB.
+    /// most `options.page_cache_mib` MiB.
     pub fn open(
         path: &Path,
         options: &SqliteOptions,
@@ -502,7 +500,6 @@ impl SqliteStore {
             reads,
             queries,
             path: path.to_owned(),
-            page_cache_mib,
             idempotency_ttl,
             changes,
             audit_key,
@@ -555,7 +552,7 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        self.reads.run(&self.path, self.page_cache_mib, f).await
+        self.reads.run(f).await
     }
 
     /// Runs `f` on a read connection for people and the public.
@@ -564,7 +561,7 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        self.queries.run(&self.path, self.page_cache_mib, f).await
+        self.queries.run(f).await
     }
 }
 
@@ -609,6 +606,9 @@ impl Default for SqliteOptions {
 struct ReadPool {
     idle: Arc<Mutex<Vec<Connection>>>,
     slots: Arc<tokio::sync::Semaphore>,
+    /// For opening a connection again after one was lost.
+    path: Arc<Path>,
+    page_cache_mib: usize,
 }
 
 impl ReadPool {
@@ -624,17 +624,19 @@ impl ReadPool {
         Ok(ReadPool {
             idle: Arc::new(Mutex::new(idle)),
             slots: Arc::new(tokio::sync::Semaphore::new(connections)),
+            path: path.into(),
+            page_cache_mib,
         })
     }
 
     /// Runs `f` on one of the pool's connections off the async runtime.
-    async fn run<T, F>(&self, path: &Path, page_cache_mib: usize, f: F) -> Result<T, StoreError>
+    async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let pool = self.idle.clone();
-        let path = path.to_owned();
+        let (pool, path, page_cache_mib) =
+            (self.idle.clone(), self.path.clone(), self.page_cache_mib);
         let slot = self
             .slots
             .clone()
@@ -1305,17 +1307,18 @@ const OUTBOUND_SELECT: &str = "SELECT COALESCE(d.pos, 0), d.id, d.subscription, 
      n.id, n.kind, n.item, n.item_version, n.record_id, n.source, n.severity, n.measures, n.effective_from, n.effective_until, n.issued_at, n.lifts, n.reason, n.corrects, n.historical, n.grade, \
      r.body, d.claims FROM deliveries d JOIN notices n ON n.id = d.notice_id JOIN records r ON r.id = n.record_id";
 
-/// An agency's pull deliveries after a stream position.
-fn pull_select() -> String {
+/// An agency's pull deliveries after a stream position (built once: it
+/// is the statement cache's key on every pull).
+static PULL_SELECT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!("{OUTBOUND_SELECT} WHERE d.agency = ?1 AND d.mode = 'pull' AND d.pos > ?2 ORDER BY d.pos LIMIT ?3")
-}
+});
 
 /// A push subscription's deliveries due at a time.
-fn claim_select() -> String {
+static CLAIM_SELECT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "{OUTBOUND_SELECT} WHERE d.subscription = ?1 AND d.mode = 'push' AND d.state IN ('pending', 'inflight') AND d.next_attempt_at <= ?2 ORDER BY d.next_attempt_at, d.seq LIMIT ?3"
     )
-}
+});
 
 fn outbound_from_row(r: &Row<'_>) -> rusqlite::Result<Result<Outbound, StoreError>> {
     outbound_parsed_once(r, &mut HashMap::new())
@@ -1510,7 +1513,8 @@ impl Store for SqliteStore {
         let (participant, key) = (participant.to_owned(), key.to_owned());
         let cutoff = unix_now() - self.idempotency_ttl.as_secs() as i64;
         self.read(move |conn| {
-            cached_row(conn,
+            cached_row(
+                conn,
                 "SELECT request_hash, status, response FROM idempotency WHERE participant = ?1 AND key = ?2 AND created_at >= ?3",
                 params![participant, key, cutoff],
                 |r| {
@@ -1690,7 +1694,7 @@ impl Store for SqliteStore {
     ) -> Result<Vec<Outbound>, StoreError> {
         let agency = agency.to_owned();
         self.read(move |conn| {
-            let mut stmt = conn.prepare_cached(&pull_select()).map_err(db_err)?;
+            let mut stmt = conn.prepare_cached(&PULL_SELECT).map_err(db_err)?;
             let rows = stmt
                 .query_map(params![agency, after, limit as i64], outbound_from_row)
                 .map_err(db_err)?;
@@ -1704,9 +1708,13 @@ impl Store for SqliteStore {
         self.write(false, move |sp, audit| {
             // Never past the agency's last delivery, so an ack cannot skip
             // notices that do not exist yet.
-            let last: i64 = cached_row(sp,
-                "SELECT COALESCE(MAX(last_pos), 0) FROM agency_streams WHERE agency = ?1", [&agency], |r| r.get(0))
-                .map_err(db_err)?;
+            let last: i64 = cached_row(
+                sp,
+                "SELECT COALESCE(MAX(last_pos), 0) FROM agency_streams WHERE agency = ?1",
+                [&agency],
+                |r| r.get(0),
+            )
+            .map_err(db_err)?;
             let position = position.min(last);
             let previous: i64 = sp
                 .prepare_cached("SELECT position FROM pull_positions WHERE agency = ?1")
@@ -1767,7 +1775,8 @@ impl Store for SqliteStore {
         self.read(move |conn| {
             // Walks the agency's stream down from its end: old cursors in
             // use are recent ones.
-            cached_row(conn,
+            cached_row(
+                conn,
                 "SELECT pos FROM deliveries WHERE agency = ?1 AND mode = 'pull' AND seq <= ?2 ORDER BY pos DESC LIMIT 1",
                 params![agency, seq],
                 |r| r.get(0),
@@ -1794,7 +1803,7 @@ impl Store for SqliteStore {
             let mut claimed = Vec::new();
             let mut parsed = HashMap::new();
             let mut select = sp
-                .prepare_cached(&claim_select())
+                .prepare_cached(&CLAIM_SELECT)
                 .map_err(db_err)?;
             for (sub, limit) in &wants {
                 let rows = select
@@ -1998,9 +2007,13 @@ impl Store for SqliteStore {
         let actor = actor.to_owned();
         let text = serde_json::to_string(&document).map_err(corrupt)?;
         self.write(false, move |sp, audit| {
-            let version: u32 = cached_row(sp,
-                "SELECT COALESCE(MAX(version), 0) + 1 FROM grade_rules", [], |r| r.get(0))
-                .map_err(db_err)?;
+            let version: u32 = cached_row(
+                sp,
+                "SELECT COALESCE(MAX(version), 0) + 1 FROM grade_rules",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(db_err)?;
             exec(
                 sp,
                 "INSERT INTO grade_rules (version, document, created_at, created_by, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -2212,17 +2225,25 @@ impl Store for SqliteStore {
 
     async fn add_feedback(&self, f: Feedback) -> Result<FeedbackStored, StoreError> {
         self.write(false, move |sp, audit| {
-            let exists: Option<i64> = cached_row(sp,
-                "SELECT 1 FROM notices WHERE id = ?1", [&f.notice_id], |r| r.get(0))
-                .optional()
-                .map_err(db_err)?;
+            let exists: Option<i64> = cached_row(
+                sp,
+                "SELECT 1 FROM notices WHERE id = ?1",
+                [&f.notice_id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db_err)?;
             if exists.is_none() {
                 return Ok(FeedbackStored::UnknownNotice);
             }
-            let received: Option<i64> = cached_row(sp,
-                "SELECT 1 FROM deliveries WHERE notice_id = ?1 AND agency = ?2 LIMIT 1", params![f.notice_id, f.agency], |r| r.get(0))
-                .optional()
-                .map_err(db_err)?;
+            let received: Option<i64> = cached_row(
+                sp,
+                "SELECT 1 FROM deliveries WHERE notice_id = ?1 AND agency = ?2 LIMIT 1",
+                params![f.notice_id, f.agency],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db_err)?;
             if received.is_none() {
                 return Ok(FeedbackStored::NotRecipient);
             }
@@ -2255,7 +2276,8 @@ impl Store for SqliteStore {
     ) -> Result<Option<StoredNotice>, StoreError> {
         let (id, agency) = (notice_id.to_owned(), agency.to_owned());
         self.read(move |conn| {
-            cached_row(conn,
+            cached_row(
+                conn,
                 &format!("{NOTICE_SELECT} WHERE id = ?1 AND EXISTS (SELECT 1 FROM deliveries d WHERE d.notice_id = ?1 AND d.agency = ?2)"),
                 params![id, agency],
                 notice_from_row,
@@ -2480,8 +2502,8 @@ mod tests {
         drop(open(dir.path()));
         let conn = open_connection(&dir.path().join("credgate.db"), 8).expect("connection");
         // Both take (text, integer, limit).
-        for (sql, key) in [(pull_select(), "agency-a"), (claim_select(), "sub-a")] {
-            let mut stmt = conn.prepare_cached(&sql).expect("prepare");
+        for (sql, key) in [(&*PULL_SELECT, "agency-a"), (&*CLAIM_SELECT, "sub-a")] {
+            let mut stmt = conn.prepare_cached(sql).expect("prepare");
             for limit in [10, 20, 30] {
                 let mut rows = stmt.query(params![key, 0, limit]).expect("query");
                 while rows.next().expect("row").is_some() {}
