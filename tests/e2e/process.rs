@@ -37,9 +37,22 @@ impl Drop for Running {
 }
 
 pub(crate) async fn spawn(env: &Env) -> Running {
+    spawn_with(env, &[]).await
+}
+
+/// Like [`spawn`], with these environment variables set (an empty value
+/// removes the variable).
+pub(crate) async fn spawn_with(env: &Env, vars: &[(&str, &str)]) -> Running {
     let (main, ops) = (free_addr(), free_addr());
     let config = env.write_config(main, ops);
-    let child = Command::new(BIN)
+    let mut command = Command::new(BIN);
+    for (name, value) in vars {
+        match value {
+            &"" => command.env_remove(name),
+            value => command.env(name, value),
+        };
+    }
+    let child = command
         .args(["serve", "--config"])
         .arg(&config)
         .env("RUST_LOG", "warn")
@@ -287,6 +300,24 @@ async fn kill_9_during_a_dishonesty_burst_loses_no_notice() {
         "kill -9 burst: {} acknowledged dishonesty notices, all pushed and pullable after restart",
         acked.len()
     );
+}
+
+/// mimalloc asks for transparent huge pages, which keep whole 2 MiB pages
+/// resident for a few live objects; the gateway turns them off for itself
+/// unless the operator sets `MIMALLOC_ALLOW_THP=1`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transparent_huge_pages_are_off_unless_asked_for() {
+    let env = Env::new();
+    for (allow, enabled) in [("", "0"), ("0", "0"), ("1", "1")] {
+        let running = spawn_with(&env, &[("MIMALLOC_ALLOW_THP", allow)]).await;
+        let status = std::fs::read_to_string(format!("/proc/{}/status", running.child.id()))
+            .expect("proc status");
+        let field = status
+            .lines()
+            .find_map(|l| l.strip_prefix("THP_enabled:"))
+            .map(str::trim);
+        assert_eq!(field, Some(enabled), "MIMALLOC_ALLOW_THP={allow:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
