@@ -552,15 +552,16 @@ impl Gateway {
             let metrics = self.state.metrics.clone();
             connections.spawn(async move {
                 let _permit = permit;
-                // The handshake and the served connection live in their own
-                // allocations, each its own size and only while in use: held
-                // inline, the task would be as large as both together for the
-                // connection's whole life (about 7.5 KiB per idle connection).
-                let stream =
+                let opened = tokio::time::Instant::now();
+                // The handshake, the TLS stream and the served connection
+                // each live in their own allocation, only while in use: held
+                // inline, the task would be as large as all of them for the
+                // connection's whole life.
+                let mut stream =
                     match tokio::time::timeout(handshake_timeout, Box::pin(acceptor.accept(tcp)))
                         .await
                     {
-                        Ok(Ok(s)) => s,
+                        Ok(Ok(s)) => Box::new(s),
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "TLS handshake refused");
                             handshake_failed(&metrics, "refused");
@@ -572,53 +573,18 @@ impl Gateway {
                             return;
                         }
                     };
-                let id = stream
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .and_then(|c| crate::tls::participant_id(c, accept_san));
-                let Some(id) = id else {
+                let Some(peer_id) = peer_of(&stream, accept_san) else {
                     tracing::debug!(%peer, "client certificate names no participant");
                     return;
                 };
-                let fingerprint = stream
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .map(|c| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(c.as_ref())))
-                    .unwrap_or_default();
-                let peer_id = PeerId {
-                    id: Arc::from(id.as_str()),
-                    fingerprint: Arc::from(fingerprint.as_str()),
-                };
-                let activity = Arc::new(Activity::new());
-                let tracked = activity.clone();
-                let svc = router
-                    .map_request(
-                        move |mut req: axum::extract::Request<hyper::body::Incoming>| {
-                            req.extensions_mut().insert(peer_id.clone());
-                            req
-                        },
-                    )
-                    .map_future(move |response| {
-                        let busy = Activity::begin(&tracked);
-                        async move {
-                            let r = response.await;
-                            drop(busy);
-                            r
-                        }
-                    });
-                let conn = Box::pin(
-                    builder
-                        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
-                        .into_owned(),
-                );
-                let open = &metrics.connections;
-                open.inc();
-                let served = lifetime.serve(conn, &activity, &stop).await;
-                open.dec();
+                let _open = OpenConnection::count(&metrics);
+                if let Err(reason) = lifetime.first_bytes(&mut stream, opened, &stop).await {
+                    tracing::trace!(%peer, reason, "connection closed before its first request");
+                    return;
+                }
+                let served =
+                    Box::pin(lifetime.serve_http(stream, peer_id, router, &builder, opened, &stop))
+                        .await;
                 if let Err(e) = served {
                     tracing::debug!(%peer, error = %e, "connection ended with an error");
                 }
@@ -706,10 +672,44 @@ impl Activity {
     }
 }
 
+/// The main listener's TLS stream of one client.
+type ClientStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+/// The participant a client certificate names, and its fingerprint.
+fn peer_of(stream: &ClientStream, accept_san: bool) -> Option<PeerId> {
+    let leaf = stream.get_ref().1.peer_certificates()?.first()?;
+    let id = crate::tls::participant_id(leaf, accept_san)?;
+    let fingerprint = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(leaf.as_ref()));
+    Some(PeerId {
+        id: Arc::from(id.as_str()),
+        fingerprint: Arc::from(fingerprint.as_str()),
+    })
+}
+
+/// Counts a connection in the `connections` gauge while it lives.
+struct OpenConnection<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl<'a> OpenConnection<'a> {
+    fn count(metrics: &'a crate::metrics::Metrics) -> OpenConnection<'a> {
+        metrics.connections.inc();
+        OpenConnection(&metrics.connections)
+    }
+}
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// How long closing an unused connection (TLS close_notify, then FIN) may
+/// take before the socket is simply dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// When a connection is told to go away: after `idle` without a request in
-/// progress, at `max_age`, and at shutdown. Going away is graceful (HTTP/2
-/// GOAWAY, HTTP/1.1 close after the current response), so no request in
-/// progress is cut.
+/// progress, at `max_age` after its handshake, and at shutdown. Going away
+/// is graceful (HTTP/2 GOAWAY, HTTP/1.1 close after the current response),
+/// so no request in progress is cut.
 #[derive(Clone, Copy)]
 struct ConnectionLifetime {
     idle: Duration,
@@ -717,10 +717,81 @@ struct ConnectionLifetime {
 }
 
 impl ConnectionLifetime {
+    /// Waits until the client sends its first bytes after the handshake;
+    /// `Err` names why the connection was closed first.
+    ///
+    /// HTTP's connection state (about 1.5 KiB, and an HTTP/1.1 read buffer
+    /// once reading) is made only then, so a connection opened ahead of use
+    /// (a client's pool, a pre-connected agency) costs its TLS session and
+    /// little more. Bytes the handshake's last read already carried are in
+    /// rustls, not the socket: they count as arrived.
+    async fn first_bytes(
+        self,
+        stream: &mut ClientStream,
+        opened: tokio::time::Instant,
+        shutdown: &CancellationToken,
+    ) -> Result<(), &'static str> {
+        use tokio::io::AsyncWriteExt;
+        match stream.get_mut().1.process_new_packets() {
+            Ok(io) if io.plaintext_bytes_to_read() == 0 && !io.peer_has_closed() => {}
+            // Data, close_notify or a TLS error: HTTP reads and handles it.
+            _ => return Ok(()),
+        }
+        let (limit, reason) = if self.idle <= self.max_age {
+            (self.idle, "idle")
+        } else {
+            (self.max_age, "max_age")
+        };
+        let reason = tokio::select! {
+            // Also ready at end of stream or on a socket error, which the
+            // HTTP connection then reads and reports.
+            _ = stream.get_ref().0.readable() => return Ok(()),
+            _ = shutdown.cancelled() => "shutdown",
+            _ = tokio::time::sleep_until(opened + limit) => reason,
+        };
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, stream.shutdown()).await;
+        Err(reason)
+    }
+
+    /// Serves HTTP/1.1 or HTTP/2 on `stream` for the participant `peer`
+    /// until the client closes or the connection is told to go away.
+    async fn serve_http(
+        self,
+        stream: Box<ClientStream>,
+        peer: PeerId,
+        router: axum::Router,
+        builder: &auto::Builder<TokioExecutor>,
+        opened: tokio::time::Instant,
+        shutdown: &CancellationToken,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let activity = Arc::new(Activity::new());
+        let tracked = activity.clone();
+        let svc = router
+            .map_request(
+                move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(peer.clone());
+                    req
+                },
+            )
+            .map_future(move |response| {
+                let busy = Activity::begin(&tracked);
+                async move {
+                    let r = response.await;
+                    drop(busy);
+                    r
+                }
+            });
+        let conn = std::pin::pin!(
+            builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
+        );
+        self.serve(conn, &activity, opened, shutdown).await
+    }
+
     async fn serve<C>(
         self,
-        mut conn: std::pin::Pin<Box<C>>,
+        mut conn: std::pin::Pin<&mut C>,
         activity: &Activity,
+        opened: tokio::time::Instant,
         shutdown: &CancellationToken,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
     where
@@ -740,7 +811,7 @@ impl ConnectionLifetime {
             r = conn.as_mut() => return r,
             _ = shutdown.cancelled() => "shutdown",
             r = idle => r,
-            _ = tokio::time::sleep(self.max_age) => "max_age",
+            _ = tokio::time::sleep_until(opened + self.max_age) => "max_age",
         };
         tracing::trace!(reason, "connection told to go away");
         conn.as_mut().go_away();
@@ -753,7 +824,7 @@ trait GracefulConnection {
     fn go_away(self: std::pin::Pin<&mut Self>);
 }
 
-impl<I, S, E> GracefulConnection for hyper_util::server::conn::auto::Connection<'static, I, S, E>
+impl<I, S, E> GracefulConnection for hyper_util::server::conn::auto::Connection<'_, I, S, E>
 where
     S: hyper::service::HttpService<hyper::body::Incoming>,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,

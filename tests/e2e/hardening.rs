@@ -10,7 +10,7 @@ use crate::admin::send_json;
 use crate::notices::{push_sub, submit, verify, FIN_SECRET, LAND_SECRET};
 use crate::process::spawn;
 use crate::receiver::Receiver;
-use crate::support::{Client, Env, Server};
+use crate::support::{ops_get, Client, Env, Server};
 use credgate::synth;
 
 /// A `/proc/<pid>/status` figure in kB (`VmRSS`, `VmHWM`).
@@ -403,6 +403,136 @@ async fn idle_and_old_connections_are_closed_without_cutting_a_request() {
             "h2={h2}: closed after {age:?} and {answered} requests"
         );
     }
+    server.stop().await;
+}
+
+/// The `credgate_connections` gauge from the ops listener's metrics.
+async fn open_connections(server: &Server) -> u64 {
+    let (_, text) = ops_get(server.ops, "/metrics").await.expect("metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix("credgate_connections "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("credgate_connections in /metrics")
+}
+
+/// Reads until the server closes; `Ok(0)` only if it closed with TLS
+/// close_notify (rustls reports a bare TCP close as an error).
+async fn read_until_closed(
+    stream: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    within: Duration,
+) -> std::io::Result<usize> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 256];
+    tokio::time::timeout(within, stream.read(&mut buf))
+        .await
+        .expect("the server closed the connection in time")
+}
+
+/// A connection that has sent nothing since its handshake holds no HTTP
+/// state; it must still be counted, served whenever its first request
+/// comes, closed cleanly at the idle timeout, and closed at shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_without_a_request_yet_are_served_late_and_closed_cleanly() {
+    let mut env = Env::new();
+    env.config.server.idle_timeout_secs = 2;
+    let server = Server::start(&env).await;
+    let client = env.client(server.addr, "dept-market");
+    let before = open_connections(&server).await;
+    let mut late = client.connect(false).await.expect("connect");
+    let mut unused = client.connect_tls(false).await.expect("connect");
+    let opened = Instant::now();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(open_connections(&server).await, before + 2);
+    // The first request, a while after the handshake.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let r = late
+        .send("GET", "/v1/catalog", &[], "")
+        .await
+        .expect("a first request after a pause");
+    assert_eq!(r.status, 200);
+    // Never used: closed at the idle timeout, with close_notify.
+    let read = read_until_closed(&mut unused, Duration::from_secs(8)).await;
+    assert_eq!(read.expect("a clean TLS close"), 0);
+    let waited = opened.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1900),
+        "closed after {waited:?}"
+    );
+    server.stop().await;
+
+    // At shutdown an unused connection is closed at once, not left to
+    // its idle timeout or to the end of the shutdown grace.
+    env.config.server.idle_timeout_secs = 600;
+    let server = Server::start(&env).await;
+    let client = env.client(server.addr, "dept-market");
+    let mut unused = client.connect_tls(false).await.expect("connect");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stopping = tokio::spawn(server.stop());
+    let read = read_until_closed(&mut unused, Duration::from_secs(4)).await;
+    assert_eq!(read.expect("a clean TLS close"), 0);
+    stopping.await.expect("stopped");
+}
+
+/// A client whose last handshake flight and first request reach the server
+/// in one TCP segment: the request is already decrypted inside rustls when
+/// the handshake ends and nothing more comes on the socket. It must be
+/// answered, not left waiting for bytes that never come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_sent_with_the_last_handshake_flight_is_answered() {
+    let env = Env::new();
+    let server = Server::start(&env).await;
+    let config = env.client(server.addr, "dept-market").tls_config(false);
+    let addr = server.addr;
+    let response = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut sock = std::net::TcpStream::connect(addr).expect("connect");
+        sock.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let mut tls = rustls::ClientConnection::new(config, name).expect("client");
+        // Until the server's Finished: the client's last flight is queued
+        // and not yet sent.
+        while tls.is_handshaking() {
+            while tls.wants_write() {
+                tls.write_tls(&mut sock).expect("write");
+            }
+            if tls.is_handshaking() {
+                tls.read_tls(&mut sock).expect("read");
+                tls.process_new_packets().expect("handshake");
+            }
+        }
+        tls.writer()
+            .write_all(b"GET /v1/catalog HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+            .expect("request");
+        let mut flight = Vec::new();
+        while tls.wants_write() {
+            tls.write_tls(&mut flight).expect("encode");
+        }
+        sock.write_all(&flight).expect("one write");
+        let mut response = Vec::new();
+        loop {
+            match tls.read_tls(&mut sock) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => panic!("no answer to a request sent with the handshake: {e}"),
+            }
+            let state = tls.process_new_packets().expect("records");
+            let mut chunk = vec![0u8; state.plaintext_bytes_to_read()];
+            tls.reader().read_exact(&mut chunk).expect("plaintext");
+            response.extend_from_slice(&chunk);
+            if state.peer_has_closed() {
+                break;
+            }
+        }
+        String::from_utf8_lossy(&response).into_owned()
+    })
+    .await
+    .expect("client thread");
+    assert!(
+        response.starts_with("HTTP/1.1 200"),
+        "answer: {}",
+        response.lines().next().unwrap_or_default()
+    );
     server.stop().await;
 }
 

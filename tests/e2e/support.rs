@@ -454,18 +454,29 @@ impl Client {
         }
     }
 
-    /// Opens a connection (TLS handshake included).
-    pub async fn connect(&self, h2: bool) -> std::io::Result<Conn> {
-        let tcp = TcpStream::connect(self.addr).await?;
-        let config = if h2 {
+    /// The TLS settings offering HTTP/2 (`h2`) or HTTP/1.1 in ALPN.
+    pub fn tls_config(&self, h2: bool) -> Arc<rustls::ClientConfig> {
+        if h2 {
             self.tls_h2.clone()
         } else {
             self.tls.clone()
-        };
-        let tls = tokio_rustls::TlsConnector::from(config)
+        }
+    }
+
+    /// Opens a TLS connection and sends nothing on it.
+    pub async fn connect_tls(
+        &self,
+        h2: bool,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let tcp = TcpStream::connect(self.addr).await?;
+        tokio_rustls::TlsConnector::from(self.tls_config(h2))
             .connect(ServerName::try_from("localhost").expect("name"), tcp)
-            .await?;
-        let io = TokioIo::new(tls);
+            .await
+    }
+
+    /// Opens a connection (TLS handshake included).
+    pub async fn connect(&self, h2: bool) -> std::io::Result<Conn> {
+        let io = TokioIo::new(self.connect_tls(h2).await?);
         let other = |e: hyper::Error| std::io::Error::other(e);
         if h2 {
             let (send, conn) = http2::handshake(TokioExecutor::new(), io)
