@@ -672,7 +672,7 @@ impl Activity {
     }
 }
 
-/// The main listener's TLS stream of one client.
+/// A TLS stream of one client (the main or the public listener).
 type ClientStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
 
 /// The participant a client certificate names, and its fingerprint.
@@ -941,37 +941,74 @@ async fn serve_public(
         let max_age = limits.max_age;
         connections.spawn(async move {
             let _permit = permit;
-            // Boxed for the same reason as on the main listener.
-            let Ok(Ok(stream)) =
-                tokio::time::timeout(handshake_timeout, Box::pin(acceptor.accept(tcp))).await
-            else {
-                return;
+            let opened = tokio::time::Instant::now();
+            // Boxed, and HTTP built only once used, as on the main listener.
+            let mut stream =
+                match tokio::time::timeout(handshake_timeout, Box::pin(acceptor.accept(tcp))).await
+                {
+                    Ok(Ok(s)) => Box::new(s),
+                    _ => return,
+                };
+            // No idle timeout here: an unused connection waits until its age.
+            let lifetime = ConnectionLifetime {
+                idle: max_age,
+                max_age,
             };
-            let ip = http::public::PublicPeer(peer.ip());
-            let svc = router.map_request(
-                move |mut req: axum::extract::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(ip);
-                    req
-                },
-            );
-            let mut conn = Box::pin(
-                builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc)),
-            );
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
-                }
-                _ = tokio::time::sleep(max_age) => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(request_timeout, conn).await;
-                }
+            if lifetime
+                .first_bytes(&mut stream, opened, &stop)
+                .await
+                .is_err()
+            {
+                return;
             }
+            let ip = http::public::PublicPeer(peer.ip());
+            Box::pin(serve_public_http(
+                stream,
+                ip,
+                router,
+                &builder,
+                opened + max_age,
+                request_timeout,
+                &stop,
+            ))
+            .await;
         });
     }
     connections.close();
     let _ = tokio::time::timeout(Duration::from_secs(10), connections.wait()).await;
+}
+
+/// Serves HTTP on one public connection until the client closes, or
+/// gracefully until `shutdown` or the connection's `deadline`.
+async fn serve_public_http(
+    stream: Box<ClientStream>,
+    ip: http::public::PublicPeer,
+    router: axum::Router,
+    builder: &auto::Builder<TokioExecutor>,
+    deadline: tokio::time::Instant,
+    request_timeout: Duration,
+    shutdown: &CancellationToken,
+) {
+    let svc = router.map_request(
+        move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(ip);
+            req
+        },
+    );
+    let mut conn = std::pin::pin!(
+        builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
+    );
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+        }
+        _ = tokio::time::sleep_until(deadline) => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(request_timeout, conn).await;
+        }
+    }
 }
 
 /// On a shared database: reloads the catalog, participants and

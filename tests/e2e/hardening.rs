@@ -10,7 +10,7 @@ use crate::admin::send_json;
 use crate::notices::{push_sub, submit, verify, FIN_SECRET, LAND_SECRET};
 use crate::process::spawn;
 use crate::receiver::Receiver;
-use crate::support::{ops_get, Client, Env, Server};
+use crate::support::{ops_get, read_until_closed, Client, Env, Server};
 use credgate::synth;
 
 /// A `/proc/<pid>/status` figure in kB (`VmRSS`, `VmHWM`).
@@ -413,19 +413,6 @@ async fn open_connections(server: &Server) -> u64 {
         .find_map(|l| l.strip_prefix("credgate_connections "))
         .and_then(|v| v.trim().parse().ok())
         .expect("credgate_connections in /metrics")
-}
-
-/// Reads until the server closes; `Ok(0)` only if it closed with TLS
-/// close_notify (rustls reports a bare TCP close as an error).
-async fn read_until_closed(
-    stream: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
-    within: Duration,
-) -> std::io::Result<usize> {
-    use tokio::io::AsyncReadExt;
-    let mut buf = [0u8; 256];
-    tokio::time::timeout(within, stream.read(&mut buf))
-        .await
-        .expect("the server closed the connection in time")
 }
 
 /// A connection that has sent nothing since its handshake holds no HTTP

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use credgate::catalog::{Catalog, FieldClass, SubjectType};
 use credgate::synth;
 
-use crate::support::{submit_one as submit, Client, Env, Server};
+use crate::support::{read_until_closed, submit_one as submit, Client, Env, Server};
 
 fn public_client(env: &Env, server: &Server) -> Client {
     Client::new(
@@ -352,5 +352,16 @@ async fn public_connections_are_bounded_in_number_and_age() {
     .expect("served once a slot is free")
     .expect("answer");
     assert_eq!(r.status, 200);
+    drop(c);
+    // One that never asks anything is closed cleanly at the same age.
+    let mut unused = public.connect_tls(false).await.expect("unused");
+    let opened = std::time::Instant::now();
+    let read = read_until_closed(&mut unused, std::time::Duration::from_secs(6)).await;
+    assert_eq!(read.expect("a clean TLS close"), 0);
+    assert!(
+        opened.elapsed() >= std::time::Duration::from_millis(1900),
+        "closed after {:?}",
+        opened.elapsed()
+    );
     server.stop().await;
 }

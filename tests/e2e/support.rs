@@ -564,6 +564,19 @@ impl Conn {
     }
 }
 
+/// Reads until the server closes; `Ok(0)` only if it closed with TLS
+/// close_notify (rustls reports a bare TCP close as an error).
+pub async fn read_until_closed(
+    stream: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    within: std::time::Duration,
+) -> std::io::Result<usize> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 256];
+    tokio::time::timeout(within, stream.read(&mut buf))
+        .await
+        .expect("the server closed the connection in time")
+}
+
 /// Reads a `GET` from the plain-HTTP ops listener.
 pub async fn ops_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let tcp = TcpStream::connect(addr).await?;
