@@ -14,9 +14,13 @@ use credgate::synth;
 
 const BIN: &str = env!("CARGO_BIN_EXE_credgate");
 
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
+/// Two distinct free local addresses. Both are bound at once: one taken
+/// and released after the other could be the same port, and the gateway
+/// then refuses its configuration (`ops_listen` must differ from `listen`).
+fn free_addrs() -> (SocketAddr, SocketAddr) {
+    let bind = || std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let (a, b) = (bind(), bind());
+    (a.local_addr().expect("addr"), b.local_addr().expect("addr"))
 }
 
 pub(crate) struct Running {
@@ -43,7 +47,7 @@ pub(crate) async fn spawn(env: &Env) -> Running {
 /// Like [`spawn`], with these environment variables set (an empty value
 /// removes the variable).
 pub(crate) async fn spawn_with(env: &Env, vars: &[(&str, &str)]) -> Running {
-    let (main, ops) = (free_addr(), free_addr());
+    let (main, ops) = free_addrs();
     let config = env.write_config(main, ops);
     let mut command = Command::new(BIN);
     for (name, value) in vars {
@@ -52,7 +56,7 @@ pub(crate) async fn spawn_with(env: &Env, vars: &[(&str, &str)]) -> Running {
             value => command.env(name, value),
         };
     }
-    let child = command
+    let mut child = command
         .args(["serve", "--config"])
         .arg(&config)
         .env("RUST_LOG", "warn")
@@ -65,7 +69,13 @@ pub(crate) async fn spawn_with(env: &Env, vars: &[(&str, &str)]) -> Running {
         if let Ok((200, _)) = ops_get(ops, "/readyz").await {
             break;
         }
-        assert!(Instant::now() < deadline, "credgate did not become ready");
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("credgate exited before it became ready: {status}");
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("credgate did not become ready");
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Running { child, main, ops }
