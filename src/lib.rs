@@ -40,5 +40,6 @@ pub mod store;
 pub mod subjects;
 pub mod synth;
 pub mod tls;
+pub mod tls_io;
 
 pub use server::{run, Gateway, Listeners, StartupErrors};

@@ -544,7 +544,7 @@ impl Gateway {
                 r = accept(&listeners.main) => match r { Some(x) => x, None => continue },
             };
             let _ = tcp.set_nodelay(true);
-            let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.current());
+            let tls_config = self.tls.current();
             let accept_san = self.tls.accept_san_uri();
             let router = router.clone();
             let builder = builder.clone();
@@ -557,22 +557,24 @@ impl Gateway {
                 // each live in their own allocation, only while in use: held
                 // inline, the task would be as large as all of them for the
                 // connection's whole life.
-                let mut stream =
-                    match tokio::time::timeout(handshake_timeout, Box::pin(acceptor.accept(tcp)))
-                        .await
-                    {
-                        Ok(Ok(s)) => Box::new(s),
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "TLS handshake refused");
-                            handshake_failed(&metrics, "refused");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                            handshake_failed(&metrics, "timeout");
-                            return;
-                        }
-                    };
+                let mut stream = match tokio::time::timeout(
+                    handshake_timeout,
+                    Box::pin(crate::tls_io::accept(tls_config, tcp)),
+                )
+                .await
+                {
+                    Ok(Ok(s)) => Box::new(s),
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake refused");
+                        handshake_failed(&metrics, "refused");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        handshake_failed(&metrics, "timeout");
+                        return;
+                    }
+                };
                 let Some(peer_id) = peer_of(&stream, accept_san) else {
                     tracing::debug!(%peer, "client certificate names no participant");
                     return;
@@ -673,11 +675,11 @@ impl Activity {
 }
 
 /// A TLS stream of one client (the main or the public listener).
-type ClientStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+type ClientStream = crate::tls_io::TlsStream<tokio::net::TcpStream>;
 
 /// The participant a client certificate names, and its fingerprint.
 fn peer_of(stream: &ClientStream, accept_san: bool) -> Option<PeerId> {
-    let leaf = stream.get_ref().1.peer_certificates()?.first()?;
+    let leaf = stream.peer_certificates()?.first()?;
     let id = crate::tls::participant_id(leaf, accept_san)?;
     let fingerprint = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(leaf.as_ref()));
     Some(PeerId {
@@ -724,7 +726,7 @@ impl ConnectionLifetime {
     /// once reading) is made only then, so a connection opened ahead of use
     /// (a client's pool, a pre-connected agency) costs its TLS session and
     /// little more. Bytes the handshake's last read already carried are in
-    /// rustls, not the socket: they count as arrived.
+    /// the TLS stream, not the socket: they count as arrived.
     async fn first_bytes(
         self,
         stream: &mut ClientStream,
@@ -732,10 +734,9 @@ impl ConnectionLifetime {
         shutdown: &CancellationToken,
     ) -> Result<(), &'static str> {
         use tokio::io::AsyncWriteExt;
-        match stream.get_mut().1.process_new_packets() {
-            Ok(io) if io.plaintext_bytes_to_read() == 0 && !io.peer_has_closed() => {}
-            // Data, close_notify or a TLS error: HTTP reads and handles it.
-            _ => return Ok(()),
+        if stream.has_buffered_input() {
+            // Data or close_notify: HTTP reads and handles it.
+            return Ok(());
         }
         let (limit, reason) = if self.idle <= self.max_age {
             (self.idle, "idle")
@@ -745,7 +746,7 @@ impl ConnectionLifetime {
         let reason = tokio::select! {
             // Also ready at end of stream or on a socket error, which the
             // HTTP connection then reads and reports.
-            _ = stream.get_ref().0.readable() => return Ok(()),
+            _ = stream.get_ref().readable() => return Ok(()),
             _ = shutdown.cancelled() => "shutdown",
             _ = tokio::time::sleep_until(opened + limit) => reason,
         };
@@ -936,19 +937,22 @@ async fn serve_public(
             r = accept(&listener) => match r { Some(x) => x, None => continue },
         };
         let _ = tcp.set_nodelay(true);
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls.public());
+        let tls_config = tls.public();
         let (router, builder, stop) = (router.clone(), builder.clone(), shutdown.clone());
         let max_age = limits.max_age;
         connections.spawn(async move {
             let _permit = permit;
             let opened = tokio::time::Instant::now();
             // Boxed, and HTTP built only once used, as on the main listener.
-            let mut stream =
-                match tokio::time::timeout(handshake_timeout, Box::pin(acceptor.accept(tcp))).await
-                {
-                    Ok(Ok(s)) => Box::new(s),
-                    _ => return,
-                };
+            let mut stream = match tokio::time::timeout(
+                handshake_timeout,
+                Box::pin(crate::tls_io::accept(tls_config, tcp)),
+            )
+            .await
+            {
+                Ok(Ok(s)) => Box::new(s),
+                _ => return,
+            };
             // No idle timeout here: an unused connection waits until its age.
             let lifetime = ConnectionLifetime {
                 idle: max_age,
