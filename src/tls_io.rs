@@ -655,6 +655,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_handshake_message_spanning_several_records_is_joined() {
+        // The client's certificate message, with 60 unrelated CA
+        // certificates after its leaf, is larger than a record (16 KiB)
+        // and many times the read size.
+        let pki = pki();
+        let (mut certs, key) = chain(&pki.ca.issue_client("dept-test").expect("client cert"));
+        for i in 0..60 {
+            let filler = DevCa::generate(&format!("filler {i}")).expect("filler");
+            certs.push(CertificateDer::from_pem_slice(filler.cert_pem.as_bytes()).expect("filler"));
+        }
+        let size: usize = certs.iter().map(|c| c.len()).sum();
+        assert!(size > 20_000, "the chain is only {size} bytes");
+        let config = ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("versions")
+            .with_root_certificates(roots(&pki.ca))
+            .with_client_auth_cert(certs, key)
+            .expect("client config");
+        let (server, client) = connect(&pki, Arc::new(config)).await;
+        let (mut server, mut client) = (server.expect("accepted"), client.expect("connected"));
+        assert_eq!(server.peer_certificates().map(<[_]>::len), Some(61));
+        client.write_all(b"ping").await.expect("write");
+        client.flush().await.expect("flush");
+        let mut ping = [0; 4];
+        server.read_exact(&mut ping).await.expect("read");
+        assert_eq!(&ping, b"ping");
+    }
+
+    #[tokio::test]
     async fn a_refused_client_certificate_is_told_why() {
         let pki = pki();
         let stranger = DevCa::generate("another CA").expect("CA");
