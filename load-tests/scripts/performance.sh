@@ -14,8 +14,8 @@ runs=${1:-3}
 secs=${2:-10}
 command -v oha > /dev/null || { echo "oha is missing: cargo install oha --locked" >&2; exit 2; }
 section() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
-section "SQLite: ingest, h2, handshake, batch; built-in client and oha"
-$L compare --runs "$runs" --duration "$secs" --only ingest,h2,handshake,batch --client builtin,oha 2>&1 | grep -v '^{'
+section "SQLite: ingest, floor, h2, handshake, batch; built-in client and oha"
+$L compare --runs "$runs" --duration "$secs" --only ingest,floor,h2,handshake,batch --client builtin,oha 2>&1 | grep -v '^{'
 section "PostgreSQL: ingest, batch; built-in client and oha"
 $L --postgres "$PG" compare --runs "$runs" --duration "$secs" --only ingest,batch --client builtin,oha 2>&1 | grep -v '^{'
 section "idle (SQLite)"

@@ -129,6 +129,7 @@ fn spec_for(load: &Load, target: &Target, departments: Vec<String>, per_request:
         h2: load.h2,
         new_connection_per_request: per_request,
         path: "/v1/records",
+        get: false,
         rate: None,
         duration: Duration::from_secs(load.duration),
         bodies: Arc::new(Pool::new(bodies(
@@ -155,7 +156,14 @@ async fn measured(
     Ok((out, after.cpu_secs - before.cpu_secs, after))
 }
 
-/// `ingest` / `batch` / `h2` / `handshake`: drive `POST /v1/records`.
+/// The route of `floor`: the cheapest request a participant can make,
+/// answered from memory (the report signing keys). nginx answers it as it
+/// answers everything.
+pub const FLOOR_PATH: &str = "/v1/credit-reviews/keys";
+
+/// `ingest` / `batch` / `h2` / `handshake`: drive `POST /v1/records`;
+/// `floor`: `GET` [`FLOOR_PATH`] alike, through the same TLS, HTTP,
+/// authentication, rate limit and metrics but no validation or storage.
 pub async fn requests(
     name: &str,
     load: &Load,
@@ -166,7 +174,11 @@ pub async fn requests(
         Some(addr) => Target::external(addr, load.certs.clone()),
         None => Target::start(against, name, None).await?,
     };
-    let spec = spec_for(load, &target, providers(&load.item)?, per_request);
+    let mut spec = spec_for(load, &target, providers(&load.item)?, per_request);
+    if name == "floor" {
+        spec.path = FLOOR_PATH;
+        spec.get = true;
+    }
     let (out, cpu, after) = measured(&spec, &target, load).await?;
     target.stop();
     let rate = out.ok as f64 / out.secs;
@@ -277,6 +289,7 @@ pub async fn fairness(
         h2: false,
         new_connection_per_request: false,
         path: "/v1/records",
+        get: false,
         rate: Some(steady_rate),
         duration: Duration::from_secs(duration),
         bodies: pool.clone(),
@@ -353,6 +366,7 @@ pub async fn compare(
     let base = |connections, streams, h2, batch| preset(connections, streams, h2, batch, duration);
     let cases: Vec<(&str, Load, bool)> = vec![
         ("ingest", base(64, 1, false, 1), false),
+        ("floor", base(64, 1, false, 1), false),
         ("h2", base(8, 8, true, 1), false),
         ("handshake", base(32, 1, false, 1), true),
         ("batch", base(16, 1, false, 100), false),
@@ -462,6 +476,9 @@ pub async fn smoke() -> Result<(String, Value), String> {
     let r = requests("ingest", &load(4, 1, false, 1), Against::Credgate, false).await?;
     let ok = clean(&r);
     check("ingest", r, ok);
+    let r = requests("floor", &load(4, 1, false, 1), Against::Credgate, false).await?;
+    let ok = clean(&r);
+    check("floor", r, ok);
     let r = requests("batch", &load(2, 1, false, 20), Against::Credgate, false).await?;
     let ok = clean(&r);
     check("batch", r, ok);
@@ -586,6 +603,7 @@ pub async fn review(load: &Load, subjects: u64) -> Result<Report, String> {
         duration: Duration::from_secs(load.duration),
         bodies: Arc::new(Pool::new(bodies)),
         path,
+        get: false,
     };
     let gw = Target {
         addr,

@@ -30,8 +30,10 @@ pub struct Spec {
     pub h2: bool,
     /// A full TLS handshake for every request.
     pub new_connection_per_request: bool,
-    /// The route every request is POSTed to.
+    /// The route of every request.
     pub path: &'static str,
+    /// `GET` without a body instead of `POST` with one.
+    pub get: bool,
     /// Total requests per second; `None` = as fast as answers come.
     pub rate: Option<f64>,
     /// How long.
@@ -135,7 +137,11 @@ pub async fn run(spec: &Spec) -> Result<Outcome, String> {
                                 &mut fresh
                             }
                         };
-                        c.request("POST", spec.path, Some(body)).await
+                        if spec.get {
+                            c.request("GET", spec.path, None).await
+                        } else {
+                            c.request("POST", spec.path, Some(body)).await
+                        }
                     };
                     match tokio::time::timeout(TIMEOUT, attempt).await {
                         Ok(Ok((status, b))) => {
@@ -144,7 +150,9 @@ pub async fn run(spec: &Spec) -> Result<Outcome, String> {
                             if (200..300).contains(&status) {
                                 let _ = hist.record(us);
                                 ok += 1;
-                                records += accepted_count(&b);
+                                if !spec.get {
+                                    records += accepted_count(&b);
+                                }
                             } else {
                                 errors.add(format!("http_{status}"));
                             }

@@ -93,6 +93,15 @@ enum Scenario {
         #[arg(long, value_enum, default_value = "credgate")]
         against: bench::Against,
     },
+    /// `GET /v1/credit-reviews/keys` over keep-alive connections, answered
+    /// from memory: what `ingest` costs without validation and storage.
+    Floor {
+        #[command(flatten)]
+        load: Load,
+        /// Serve with credgate or the nginx reference.
+        #[arg(long, value_enum, default_value = "credgate")]
+        against: bench::Against,
+    },
     /// A full mTLS handshake (no resumption) for every request.
     Handshake {
         #[command(flatten)]
@@ -160,7 +169,7 @@ enum Scenario {
         /// Idle connections in the idle scenario.
         #[arg(long, default_value_t = 10_000)]
         idle: usize,
-        /// Only these scenarios (ingest, h2, handshake, batch, idle).
+        /// Only these scenarios (ingest, floor, h2, handshake, batch, idle).
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
         /// The clients to drive them with: builtin, oha, or both (each
@@ -205,6 +214,9 @@ async fn main() -> std::process::ExitCode {
     let result = match cli.scenario.clone() {
         Scenario::Ingest { load, against } => {
             report(bench::requests("ingest", &load, against, false).await)
+        }
+        Scenario::Floor { load, against } => {
+            report(bench::requests("floor", &load, against, false).await)
         }
         Scenario::Handshake { load, against } => {
             report(bench::requests("handshake", &load, against, true).await)

@@ -42,7 +42,7 @@ pub async fn run(spec: &Spec, batch: usize) -> Result<Outcome, String> {
         return Err("this oha has no client certificates or body lines (--cert, -Z); cargo install oha --locked installs one that has".into());
     }
     let lines = std::env::temp_dir().join(format!("credgate-oha-{}.jsonl", std::process::id()));
-    {
+    if !spec.get {
         let mut f = std::io::BufWriter::new(
             std::fs::File::create(&lines).map_err(|e| format!("{}: {e}", lines.display()))?,
         );
@@ -67,10 +67,14 @@ pub async fn run(spec: &Spec, batch: usize) -> Result<Outcome, String> {
         .arg(format!("{}ms", spec.duration.as_millis()))
         .arg("-c")
         .arg(spec.connections.max(1).to_string())
-        .args(["--no-tui", "--output-format", "json", "-m", "POST"])
-        .args(["-T", "application/json", "-Z"])
-        .arg(&lines)
-        .arg("--cacert")
+        .args(["--no-tui", "--output-format", "json"]);
+    if spec.get {
+        cmd.args(["-m", "GET"]);
+    } else {
+        cmd.args(["-m", "POST", "-T", "application/json", "-Z"])
+            .arg(&lines);
+    }
+    cmd.arg("--cacert")
         .arg(certs.join("ca.pem"))
         .arg("--cert")
         .arg(certs.join(format!("{who}.pem")))
