@@ -39,6 +39,11 @@ const MAX_QUEUED: usize = 64 * 1024;
 /// The most plaintext encrypted per write call.
 const MAX_WRITE: usize = 64 * 1024;
 
+/// Bytes a record adds to at most 16 KiB of plaintext: header, content
+/// type and tag in TLS 1.3 (22), header, explicit nonce and tag with
+/// AES-GCM in TLS 1.2 (29).
+const RECORD_OVERHEAD: usize = 32;
+
 /// A server-side TLS stream over `IO`, made by [`accept`].
 pub struct TlsStream<IO> {
     io: IO,
@@ -151,8 +156,8 @@ impl<IO> TlsStream<IO> {
                         EncodeError::InsufficientSize(s) => Some(s.required_size),
                         EncodeError::AlreadyEncoded => None,
                     })
-                })?;
-                Ok(Step::Again)
+                })
+                .map(|()| Step::Again)
             }
             // The bytes stay queued in `outgoing` until the socket takes
             // them, in order, before anything encoded later.
@@ -164,18 +169,16 @@ impl<IO> TlsStream<IO> {
             Ok(ConnectionState::WriteTraffic(mut traffic)) => match send {
                 Out::Nothing => Ok(Step::Writable),
                 Out::Data(data) => {
-                    let room = data.len() + 22 * (data.len() / 16384 + 1);
+                    let room = data.len() + RECORD_OVERHEAD * (data.len() / 16384 + 1);
                     append(&mut self.outgoing, room, |buf| {
                         traffic.encrypt(data, buf).map_err(insufficient)
-                    })?;
-                    Ok(Step::Queued)
+                    })
+                    .map(|()| Step::Queued)
                 }
-                Out::CloseNotify => {
-                    append(&mut self.outgoing, 64, |buf| {
-                        traffic.queue_close_notify(buf).map_err(insufficient)
-                    })?;
-                    Ok(Step::Queued)
-                }
+                Out::CloseNotify => append(&mut self.outgoing, 64, |buf| {
+                    traffic.queue_close_notify(buf).map_err(insufficient)
+                })
+                .map(|()| Step::Queued),
             },
             Ok(ConnectionState::PeerClosed) => {
                 self.peer_closed = true;
@@ -420,7 +423,7 @@ fn append(
     out: &mut Vec<u8>,
     mut room: usize,
     mut encode: impl FnMut(&mut [u8]) -> Result<usize, Option<usize>>,
-) -> io::Result<()> {
+) -> Result<(), rustls::Error> {
     let start = out.len();
     loop {
         out.resize(start + room, 0);
@@ -432,7 +435,9 @@ fn append(
             Err(Some(required)) if required > room => room = required,
             Err(_) => {
                 out.truncate(start);
-                return Err(invalid_data("TLS record could not be encoded"));
+                return Err(rustls::Error::General(
+                    "TLS record could not be encoded".into(),
+                ));
             }
         }
     }
