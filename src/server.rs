@@ -557,21 +557,10 @@ impl Gateway {
                 // each live in their own allocation, only while in use: held
                 // inline, the task would be as large as all of them for the
                 // connection's whole life.
-                let mut stream = match tokio::time::timeout(
-                    handshake_timeout,
-                    Box::pin(crate::tls_io::accept(tls_config, tcp)),
-                )
-                .await
-                {
-                    Ok(Ok(s)) => Box::new(s),
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake refused");
-                        handshake_failed(&metrics, "refused");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                        handshake_failed(&metrics, "timeout");
+                let mut stream = match handshake(tls_config, tcp, peer, handshake_timeout).await {
+                    Ok(s) => s,
+                    Err(reason) => {
+                        handshake_failed(&metrics, reason);
                         return;
                     }
                 };
@@ -676,6 +665,27 @@ impl Activity {
 
 /// A TLS stream of one client (the main or the public listener).
 type ClientStream = crate::tls_io::TlsStream<tokio::net::TcpStream>;
+
+/// The server side of a TLS handshake on `tcp`, within `timeout`; `Err`
+/// names why it failed (`refused`, `timeout`), as the metrics count it.
+async fn handshake(
+    config: Arc<rustls::ServerConfig>,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    timeout: Duration,
+) -> Result<Box<ClientStream>, &'static str> {
+    match tokio::time::timeout(timeout, Box::pin(crate::tls_io::accept(config, tcp))).await {
+        Ok(Ok(s)) => Ok(Box::new(s)),
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake refused");
+            Err("refused")
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            Err("timeout")
+        }
+    }
+}
 
 /// The participant a client certificate names, and its fingerprint.
 fn peer_of(stream: &ClientStream, accept_san: bool) -> Option<PeerId> {
@@ -944,14 +954,8 @@ async fn serve_public(
             let _permit = permit;
             let opened = tokio::time::Instant::now();
             // Boxed, and HTTP built only once used, as on the main listener.
-            let mut stream = match tokio::time::timeout(
-                handshake_timeout,
-                Box::pin(crate::tls_io::accept(tls_config, tcp)),
-            )
-            .await
-            {
-                Ok(Ok(s)) => Box::new(s),
-                _ => return,
+            let Ok(mut stream) = handshake(tls_config, tcp, peer, handshake_timeout).await else {
+                return;
             };
             // No idle timeout here: an unused connection waits until its age.
             let lifetime = ConnectionLifetime {

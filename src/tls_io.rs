@@ -125,7 +125,8 @@ impl<IO> TlsStream<IO> {
     }
 
     /// Bytes of buffer this stream holds beyond rustls' own state.
-    pub fn buffered_capacity(&self) -> usize {
+    #[cfg(test)]
+    fn buffered_capacity(&self) -> usize {
         self.incoming.capacity() + self.plaintext.capacity() + self.outgoing.capacity()
     }
 
@@ -526,6 +527,16 @@ mod tests {
         version: &'static rustls::SupportedProtocolVersion,
     ) -> Arc<ClientConfig> {
         let (certs, key) = chain(&client_ca.issue_client("dept-test").expect("client cert"));
+        presenting(pki, certs, key, version)
+    }
+
+    /// A client trusting `pki`'s CA that presents `certs`.
+    fn presenting(
+        pki: &Pki,
+        certs: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        version: &'static rustls::SupportedProtocolVersion,
+    ) -> Arc<ClientConfig> {
         let config = ClientConfig::builder_with_provider(crate::tls::provider())
             .with_protocol_versions(&[version])
             .expect("versions")
@@ -533,6 +544,19 @@ mod tests {
             .with_client_auth_cert(certs, key)
             .expect("client config");
         Arc::new(config)
+    }
+
+    /// Sends `bytes` from one end and checks they arrive at the other.
+    async fn crosses(
+        from: &mut (impl AsyncWriteExt + Unpin),
+        to: &mut (impl AsyncReadExt + Unpin),
+        bytes: &[u8],
+    ) {
+        from.write_all(bytes).await.expect("write");
+        from.flush().await.expect("flush");
+        let mut got = vec![0; bytes.len()];
+        to.read_exact(&mut got).await.expect("read");
+        assert_eq!(got, bytes);
     }
 
     /// Both ends of one connection, after the handshake.
@@ -612,16 +636,8 @@ mod tests {
                     .refresh_traffic_keys()
                     .expect("key update");
             }
-            client.write_all(b"after").await.expect("write after");
-            client.flush().await.expect("flush after");
-            let mut after = [0; 5];
-            server.read_exact(&mut after).await.expect("read after");
-            assert_eq!(&after, b"after");
-            server.write_all(b"reply").await.expect("reply");
-            server.flush().await.expect("flush reply");
-            let mut reply = [0; 5];
-            client.read_exact(&mut reply).await.expect("read reply");
-            assert_eq!(&reply, b"reply");
+            crosses(&mut client, &mut server, b"after").await;
+            crosses(&mut server, &mut client, b"reply").await;
         }
     }
 
@@ -672,20 +688,11 @@ mod tests {
         }
         let size: usize = certs.iter().map(|c| c.len()).sum();
         assert!(size > 20_000, "the chain is only {size} bytes");
-        let config = ClientConfig::builder_with_provider(crate::tls::provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .expect("versions")
-            .with_root_certificates(roots(&pki.ca))
-            .with_client_auth_cert(certs, key)
-            .expect("client config");
-        let (server, client) = connect(&pki, Arc::new(config)).await;
+        let config = presenting(&pki, certs, key, &rustls::version::TLS13);
+        let (server, client) = connect(&pki, config).await;
         let (mut server, mut client) = (server.expect("accepted"), client.expect("connected"));
         assert_eq!(server.peer_certificates().map(<[_]>::len), Some(61));
-        client.write_all(b"ping").await.expect("write");
-        client.flush().await.expect("flush");
-        let mut ping = [0; 4];
-        server.read_exact(&mut ping).await.expect("read");
-        assert_eq!(&ping, b"ping");
+        crosses(&mut client, &mut server, b"ping").await;
     }
 
     #[tokio::test]
