@@ -1,7 +1,9 @@
 //! Identity comes from the TLS handshake: what is refused at the handshake,
 //! what is refused with 403, and what a header cannot change.
 
-use crate::support::{Client, Env, Server};
+use std::time::Duration;
+
+use crate::support::{ops_get, Client, Env, Server};
 use credgate::synth;
 use serde_json::json;
 
@@ -17,9 +19,20 @@ async fn assert_refused(client: &Client, what: &str) {
     );
 }
 
+/// `credgate_tls_handshake_failures_total` for `reason`, from the ops
+/// listener's metrics (0 before the first failure of that kind).
+async fn handshake_failures(server: &Server, reason: &str) -> u64 {
+    let (_, text) = ops_get(server.ops, "/metrics").await.expect("metrics");
+    let series = format!("credgate_tls_handshake_failures_total{{reason=\"{reason}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(series.as_str()))
+        .map_or(0, |v| v.trim().parse().expect("a count"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshake_refuses_missing_unknown_expired_and_revoked_certificates() {
-    let env = Env::new();
+    let mut env = Env::new();
+    env.config.server.handshake_timeout_secs = 1;
     let server = Server::start(&env).await;
     let ca = env.pki.dir.join("ca.pem");
 
@@ -54,6 +67,18 @@ async fn handshake_refuses_missing_unknown_expired_and_revoked_certificates() {
         "unknown CA",
     )
     .await;
+
+    // Operators see each refusal, and a peer that never finishes its
+    // handshake, by reason.
+    assert_eq!(handshake_failures(&server, "refused").await, 4);
+    assert_eq!(handshake_failures(&server, "timeout").await, 0);
+    let silent = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(handshake_failures(&server, "timeout").await, 1);
+    assert_eq!(handshake_failures(&server, "refused").await, 4);
+    drop(silent);
 
     server.stop().await;
 }
