@@ -21,12 +21,24 @@ async fn assert_refused(client: &Client, what: &str) {
 
 /// `credgate_tls_handshake_failures_total` for `reason`, from the ops
 /// listener's metrics (0 before the first failure of that kind).
-async fn handshake_failures(server: &Server, reason: &str) -> u64 {
-    let (_, text) = ops_get(server.ops, "/metrics").await.expect("metrics");
+/// The count of failed handshakes with `reason`, once it reaches
+/// `expected` or after 5 s. A TLS 1.3 client learns of its refusal from
+/// the alert, which the server sends before it counts the failure, so the
+/// count may trail the client by a moment.
+async fn handshake_failures(server: &Server, reason: &str, expected: u64) -> u64 {
     let series = format!("credgate_tls_handshake_failures_total{{reason=\"{reason}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(series.as_str()))
-        .map_or(0, |v| v.trim().parse().expect("a count"))
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, text) = ops_get(server.ops, "/metrics").await.expect("metrics");
+        let count = text
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .map_or(0, |v| v.trim().parse().expect("a count"));
+        if count == expected || tokio::time::Instant::now() >= deadline {
+            return count;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -70,14 +82,14 @@ async fn handshake_refuses_missing_unknown_expired_and_revoked_certificates() {
 
     // Operators see each refusal, and a peer that never finishes its
     // handshake, by reason.
-    assert_eq!(handshake_failures(&server, "refused").await, 4);
-    assert_eq!(handshake_failures(&server, "timeout").await, 0);
+    assert_eq!(handshake_failures(&server, "refused", 4).await, 4);
+    assert_eq!(handshake_failures(&server, "timeout", 0).await, 0);
     let silent = tokio::net::TcpStream::connect(server.addr)
         .await
         .expect("connect");
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(handshake_failures(&server, "timeout").await, 1);
-    assert_eq!(handshake_failures(&server, "refused").await, 4);
+    assert_eq!(handshake_failures(&server, "timeout", 1).await, 1);
+    assert_eq!(handshake_failures(&server, "refused", 4).await, 4);
     drop(silent);
 
     server.stop().await;
