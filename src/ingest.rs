@@ -21,8 +21,8 @@ use crate::participants::Participant;
 use crate::redact::Redactor;
 use crate::routing::{NoticeFacts, Subscriptions};
 use crate::store::{
-    AppendOutcome, IdempotencyClaim, KeyHolder, NewDelivery, NewNotice, NewRecord, NewSubmission,
-    NoticeKind, Store, StoreError, StoredResponse, SubjectRecord,
+    AppendOutcome, Decide, IdempotencyClaim, KeyHolder, NewDelivery, NewNotice, NewRecord,
+    NewSubmission, NoticeKind, Store, StoreError, StoredResponse, SubjectRecord, SubmissionLookups,
 };
 
 /// Longest accepted `Idempotency-Key`.
@@ -584,11 +584,10 @@ impl Ingest {
     /// excludes it is refused (`conflicts_with_dishonesty`); a record that
     /// completes a warning rule carries the warning notice.
     fn resolve(
-        &self,
         p: &Prepared,
         holders: Vec<KeyHolder>,
         subjects: &[SubjectRecord],
-    ) -> Result<NewSubmission, Problem> {
+    ) -> Result<NewSubmission, StoreError> {
         let mut held: HashMap<String, KeyHolder> = holders
             .into_iter()
             .map(|h| (h.natural_key.clone(), h))
@@ -713,7 +712,7 @@ impl Ingest {
             rejected,
             results,
         })
-        .map_err(|e| Problem::gateway(&e))?;
+        .map_err(|e| StoreError::Database(format!("cannot encode the answer: {e}")))?;
         Ok(NewSubmission {
             records: stored,
             rejected,
@@ -725,16 +724,20 @@ impl Ingest {
 
     /// What [`Ingest::commit`] would answer, storing nothing (a dry run).
     pub async fn check(&self, prepared: Prepared) -> Result<Vec<u8>, Problem> {
-        let (holders, others) = self.lookups(&prepared).await?;
-        Ok(self.resolve(&prepared, holders, &others)?.response_body)
+        let SubmissionLookups {
+            item,
+            keys,
+            subjects,
+            items,
+        } = Self::lookups(&prepared);
+        let (holders, others) = self.store.lookups(&item, keys, subjects, items).await?;
+        Ok(Self::resolve(&prepared, holders, &others)?.response_body)
     }
 
-    /// The records already holding the prepared records' natural keys, and
-    /// the subjects' records the item's rules look at.
-    async fn lookups(
-        &self,
-        prepared: &Prepared,
-    ) -> Result<(Vec<KeyHolder>, Vec<SubjectRecord>), Problem> {
+    /// What the prepared records' outcome depends on: the records already
+    /// holding their natural keys, and the subjects' records the item's
+    /// rules look at.
+    fn lookups(prepared: &Prepared) -> SubmissionLookups {
         let candidates = || {
             prepared.entries.iter().filter_map(|e| match e {
                 Entry::Candidate { accepted, .. } => Some(&accepted.record),
@@ -747,7 +750,7 @@ impl Ingest {
         subjects.sort();
         subjects.dedup();
         let def = &prepared.item.def;
-        let mut rule_items = def.refused_while_listed.clone();
+        let mut items = def.refused_while_listed.clone();
         // The subject's records of this item matter only to a record that
         // could complete a warning (none in history, none that notifies).
         let may_warn = prepared.entries.iter().any(|e| match e {
@@ -755,57 +758,51 @@ impl Ingest {
             Entry::Rejected(_) => false,
         });
         if may_warn {
-            rule_items.push(def.id.clone());
+            items.push(def.id.clone());
         }
-        Ok(self
-            .store
-            .lookups(&def.id, keys, subjects, rule_items)
-            .await?)
+        SubmissionLookups {
+            item: def.id.clone(),
+            keys,
+            subjects,
+            items,
+        }
     }
 
-    /// The I/O half: looks up the records' natural keys, stores the
-    /// submission durably, then answers. A key taken by a concurrent
-    /// submission between the look-up and the commit is looked up again.
+    /// The I/O half: looks up the records' natural keys and subjects,
+    /// decides each record's outcome, stores the submission durably, then
+    /// answers.
     pub async fn commit(&self, prepared: Prepared) -> Result<Answer, Problem> {
         let item_id = prepared.submission.item.clone();
-        let mut attempts = 0;
-        let (accepted, rejected, body, replay, subjects, outcome) = loop {
-            attempts += 1;
-            let (holders, others) = self.lookups(&prepared).await?;
-            let submission = self.resolve(&prepared, holders, &others)?;
-            let (accepted, rejected) = (submission.records.len(), submission.rejected);
-            let body = submission.response_body.clone();
-            let subjects: Vec<String> = submission
-                .records
-                .iter()
-                .filter_map(|r| r.subject_key.clone())
-                .collect();
-            // (participant, key) and the request digest, for the replay cache.
-            let replay = submission.idempotency.as_ref().map(|c| {
-                (
-                    (submission.participant.clone(), c.key.clone()),
-                    c.request_hash.clone(),
-                )
-            });
-            match self.store.append_submission(submission).await {
-                Err(StoreError::KeyTaken) if attempts < 3 => continue,
-                Err(StoreError::KeyTaken) => {
-                    return Err(Problem::caller(
-                        StatusCode::CONFLICT,
-                        "concurrent_submission",
-                        "other submissions with the same record keys kept arriving at the same moment; nothing was stored; send the batch again",
-                    ))
-                }
-                other => break (accepted, rejected, body, replay, subjects, other?),
+        // (participant, key) and the request digest, for the replay cache.
+        let replay = prepared.submission.idempotency.as_ref().map(|c| {
+            (
+                (prepared.submission.participant.clone(), c.key.clone()),
+                c.request_hash.clone(),
+            )
+        });
+        let lookups = Self::lookups(&prepared);
+        let decide: Decide =
+            Arc::new(move |holders, others| Self::resolve(&prepared, holders, &others));
+        let decided = match self.store.decide_and_append(lookups, decide).await {
+            Err(StoreError::KeyTaken) => {
+                return Err(Problem::caller(
+                    StatusCode::CONFLICT,
+                    "concurrent_submission",
+                    "other submissions with the same record keys kept arriving at the same moment; nothing was stored; send the batch again",
+                ))
             }
+            other => other?,
         };
-        match outcome {
+        match decided.outcome {
             AppendOutcome::Stored => {
-                for key in &subjects {
+                for key in &decided.subjects {
                     self.subjects.invalidate(key);
                 }
                 let m = &self.metrics;
-                for (outcome, n) in [("accepted", accepted), ("rejected", rejected)] {
+                for (outcome, n) in [
+                    ("accepted", decided.accepted),
+                    ("rejected", decided.rejected),
+                ] {
                     m.records
                         .get_or_create(&crate::metrics::RecordLabels {
                             item: item_id.clone(),
@@ -813,6 +810,7 @@ impl Ingest {
                         })
                         .inc_by(n as u64);
                 }
+                let body = decided.response_body;
                 if let Some((k, request_hash)) = replay {
                     self.replays.insert(
                         k,

@@ -251,6 +251,71 @@ pub(crate) async fn a_natural_key_is_held_by_one_record_of_an_item(s: Subject) {
     store.close().await;
 }
 
+/// Concurrent submissions of one natural key, each deciding on what its
+/// look-ups found: exactly one stores the record, and every other one is
+/// decided again until it sees that record as the key's holder. None of
+/// them fails, whichever way the store orders look-ups and writes.
+pub(crate) async fn a_decision_sees_the_holder_of_its_keys(s: Subject) {
+    let store = s.store.clone();
+    let lookups = SubmissionLookups {
+        item: "administrative_penalty".into(),
+        keys: vec!["k:contended".into()],
+        subjects: vec!["91350100M000100Y43".into()],
+        items: vec!["administrative_penalty".into()],
+    };
+    let tasks: Vec<_> = (0..12)
+        .map(|i| {
+            let (store, lookups) = (store.clone(), lookups.clone());
+            // Stores the record when the key is free; otherwise stores
+            // nothing and answers with the holder's id.
+            let decide: Decide = Arc::new(move |holders, _subjects| {
+                let mut sub = submission(&format!("s-d{i}"), &format!("r-d{i}"));
+                sub.records[0].natural_key = "k:contended".into();
+                sub.records[0].subject_key = Some("91350100M000100Y43".into());
+                match holders.as_slice() {
+                    [] => sub.response_body = b"stored".to_vec(),
+                    [holder] => {
+                        sub.records.clear();
+                        sub.response_body = holder.record_id.clone().into_bytes();
+                    }
+                    more => panic!("one key, {} holders", more.len()),
+                }
+                Ok(sub)
+            });
+            tokio::spawn(async move { store.decide_and_append(lookups, decide).await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for t in tasks {
+        let decided = t.await.expect("task").expect("never an error");
+        assert!(matches!(decided.outcome, AppendOutcome::Stored));
+        answers.push((
+            decided.accepted,
+            decided.subjects.len(),
+            decided.response_body,
+        ));
+    }
+    let winners: Vec<_> = answers
+        .iter()
+        .filter(|(accepted, ..)| *accepted == 1)
+        .collect();
+    assert_eq!(winners.len(), 1, "{answers:?}");
+    assert_eq!(winners[0].1, 1);
+    let holder = store
+        .find_keys("administrative_penalty", vec!["k:contended".into()])
+        .await
+        .expect("find");
+    assert_eq!(holder.len(), 1);
+    for (accepted, subjects, body) in &answers {
+        if *accepted == 0 {
+            assert_eq!(*subjects, 0);
+            assert_eq!(body, holder[0].record_id.as_bytes());
+        }
+    }
+    assert_chain_intact(store.as_ref()).await;
+    store.close().await;
+}
+
 pub(crate) async fn concurrent_duplicates_get_the_stored_answer(s: Subject) {
     let store = s.store.clone();
     let tasks: Vec<_> = (0..20)
@@ -826,6 +891,7 @@ macro_rules! both_backends {
 both_backends!(
     a_failing_write_costs_only_its_own_caller,
     a_natural_key_is_held_by_one_record_of_an_item,
+    a_decision_sees_the_holder_of_its_keys,
     concurrent_duplicates_get_the_stored_answer,
     streams_are_gap_free_per_agency_and_acks_only_move_forward,
     claims_are_leased_and_fenced,

@@ -17,6 +17,8 @@ mod sqlite_control;
 
 pub use sqlite_control::{active_items, verify_audit};
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use time::{Date, OffsetDateTime};
@@ -406,6 +408,98 @@ pub struct StoredResponse {
     pub status: u16,
     /// Body.
     pub body: Vec<u8>,
+}
+
+/// What a submission's outcome depends on in the store: the records
+/// holding its natural keys, and its subjects' records of the items its
+/// rules read.
+#[derive(Debug, Clone)]
+pub struct SubmissionLookups {
+    /// Catalog item of the submission.
+    pub item: String,
+    /// Natural keys the submission's records would take.
+    pub keys: Vec<String>,
+    /// Subject keys of the records.
+    pub subjects: Vec<String>,
+    /// Items whose records about those subjects the rules read.
+    pub items: Vec<String>,
+}
+
+/// Turns what [`SubmissionLookups`] found into the submission to store.
+/// It may run more than once, each time on fresh look-ups, and must not
+/// depend on anything else that changes between runs.
+pub type Decide = Arc<
+    dyn Fn(Vec<KeyHolder>, Vec<SubjectRecord>) -> Result<NewSubmission, StoreError> + Send + Sync,
+>;
+
+/// What a caller of [`Store::decide_and_append`] learns about the
+/// submission that was decided and stored.
+#[derive(Debug)]
+pub struct Decided {
+    /// Stored, or the answer of an earlier request with the same
+    /// idempotency key (then nothing was stored).
+    pub outcome: AppendOutcome,
+    /// Records accepted.
+    pub accepted: usize,
+    /// Records rejected.
+    pub rejected: usize,
+    /// The answer stored with the submission.
+    pub response_body: Vec<u8>,
+    /// Subject keys of the accepted records.
+    pub subjects: Vec<String>,
+}
+
+impl Decided {
+    fn of(submission: &NewSubmission, outcome: AppendOutcome) -> Decided {
+        Decided {
+            outcome,
+            accepted: submission.records.len(),
+            rejected: submission.rejected,
+            response_body: submission.response_body.clone(),
+            subjects: submission
+                .records
+                .iter()
+                .filter_map(|r| r.subject_key.clone())
+                .collect(),
+        }
+    }
+}
+
+impl NewSubmission {
+    /// Whether storing this submission gives delivery something to do
+    /// (a notice with recipients, or listings it ends).
+    pub fn wakes_delivery(&self) -> bool {
+        self.records.iter().any(|r| {
+            r.removes.is_some() || r.notice.as_ref().is_some_and(|n| !n.deliveries.is_empty())
+        })
+    }
+}
+
+/// [`Store::decide_and_append`] with the look-ups outside the write: a
+/// natural key taken by another write between the look-up and the commit
+/// is looked up again, three tries in all, then `KeyTaken`.
+pub async fn lookup_then_append<S: Store + ?Sized>(
+    store: &S,
+    lookups: SubmissionLookups,
+    decide: Decide,
+) -> Result<Decided, StoreError> {
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let SubmissionLookups {
+            item,
+            keys,
+            subjects,
+            items,
+        } = lookups.clone();
+        let (holders, others) = store.lookups(&item, keys, subjects, items).await?;
+        let submission = decide(holders, others)?;
+        let decided = Decided::of(&submission, AppendOutcome::Stored);
+        match store.append_submission(submission).await {
+            Err(StoreError::KeyTaken) if attempts < 3 => continue,
+            outcome => return outcome.map(|outcome| Decided { outcome, ..decided }),
+        }
+    }
 }
 
 /// Result of appending a submission.
@@ -935,6 +1029,19 @@ pub trait Store: Send + Sync + 'static {
         subjects: Vec<String>,
         items: Vec<String>,
     ) -> Result<Vec<SubjectRecord>, StoreError>;
+
+    /// Looks up what a submission's outcome depends on, lets `decide`
+    /// turn that into the submission, and stores it as
+    /// [`Store::append_submission`] does. `KeyTaken` only when other
+    /// writes kept taking the looked-up keys. The default looks up outside
+    /// the write ([`lookup_then_append`]); a store may look up inside it.
+    async fn decide_and_append(
+        &self,
+        lookups: SubmissionLookups,
+        decide: Decide,
+    ) -> Result<Decided, StoreError> {
+        lookup_then_append(self, lookups, decide).await
+    }
 
     /// Both look-ups a submission needs before its commit, in one go:
     /// [`Store::find_keys`] and [`Store::subject_records`]. A store may

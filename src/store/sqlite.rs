@@ -33,12 +33,12 @@ use super::sqlite_control;
 use super::SubjectRecord;
 use super::{
     parse_kind, ActivateOutcome, AgencyFeedbackStats, AppendOutcome, AuditFilter, ControlState,
-    CorrectOutcome, Correction, DeliveryInfo, DeliveryResult, DeliveryState, DepartmentStats,
-    DocKind, EndOutcome, Ending, EndpointHealth, Feedback, FeedbackOutcome, FeedbackStored,
-    Finished, GradeChanged, GradeCount, GradeUpdate, ItemActivation, KeyHolder, NewNotice,
-    NewReview, NewSubmission, NoticeHistory, Outbound, PublicQuery, PublicRecord, ReviewEntry,
-    Revision, Store, StoreError, StoredNotice, StoredRecord, StoredResponse, StoredReview,
-    VersionInfo,
+    CorrectOutcome, Correction, Decide, Decided, DeliveryInfo, DeliveryResult, DeliveryState,
+    DepartmentStats, DocKind, EndOutcome, Ending, EndpointHealth, Feedback, FeedbackOutcome,
+    FeedbackStored, Finished, GradeChanged, GradeCount, GradeUpdate, ItemActivation, KeyHolder,
+    NewNotice, NewReview, NewSubmission, NoticeHistory, Outbound, PublicQuery, PublicRecord,
+    ReviewEntry, Revision, Store, StoreError, StoredNotice, StoredRecord, StoredResponse,
+    StoredReview, SubmissionLookups, VersionInfo,
 };
 use crate::catalog::Severity;
 use crate::notice::EndReason;
@@ -507,24 +507,41 @@ impl SqliteStore {
     }
 
     /// Runs `f` in the writer's next group; answers after the commit.
+    /// `wake`: whether a success gives delivery something to do.
     async fn write<T, F>(&self, wake: bool, mut f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnMut(&Connection, &mut Vec<AuditItem>) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.write_waking(move |sp, audit| f(sp, audit).map(|t| (t, wake)))
+            .await
+    }
+
+    /// [`SqliteStore::write`] for a job that itself tells whether it gave
+    /// delivery something to do.
+    async fn write_waking<T, F>(&self, mut f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnMut(&Connection, &mut Vec<AuditItem>) -> Result<(T, bool), StoreError>
+            + Send
+            + 'static,
     {
         let (reply_tx, reply_rx) = oneshot::channel();
         // Shared by every run of the job; the run whose outcome is final
         // answers. Dropped unanswered, the caller gets `Unavailable`.
         let reply_tx = Arc::new(Mutex::new(Some(reply_tx)));
         let job: Job = Box::new(move |sp, audit| {
-            let result = f(sp, audit);
+            let (result, wake) = match f(sp, audit) {
+                Ok((t, wake)) => (Ok(t), wake),
+                Err(e) => (Err(e), false),
+            };
             let ok = result.is_ok();
             let key_race = matches!(result, Err(StoreError::KeyTaken));
             let reply_tx = reply_tx.clone();
             JobDone {
                 ok,
                 key_race,
-                wake: wake && ok,
+                wake,
                 reply: Box::new(move |commit| {
                     if let Some(tx) = reply_tx.lock().ok().and_then(|mut t| t.take()) {
                         let _ = tx.send(commit.and(result));
@@ -1455,11 +1472,36 @@ impl Store for SqliteStore {
         &self,
         submission: NewSubmission,
     ) -> Result<AppendOutcome, StoreError> {
-        let wake = submission.records.iter().any(|r| {
-            r.removes.is_some() || r.notice.as_ref().is_some_and(|n| !n.deliveries.is_empty())
-        });
+        let wake = submission.wakes_delivery();
         self.write(wake, move |sp, audit| {
             append_submission(sp, &submission, audit)
+        })
+        .await
+    }
+
+    /// A submission is looked up, decided and stored in one writer job.
+    /// Its look-ups see every write before it, including the earlier jobs
+    /// of its own group, so no key can be taken in between; and the
+    /// writer's page cache, which holds the pages just written, answers
+    /// them. On a read connection, every commit would have invalidated the
+    /// cache, and the hand-off there and back cost as much as the look-ups
+    /// themselves: with them in the writer, `ingest` needs about 30 % less
+    /// CPU per request, and `batch` (100 records per request) is no slower
+    /// (#14).
+    async fn decide_and_append(
+        &self,
+        lookups: SubmissionLookups,
+        decide: Decide,
+    ) -> Result<Decided, StoreError> {
+        self.write_waking(move |tx, audit| {
+            let holders = key_holders(tx, &lookups.item, &lookups.keys)?;
+            let others = records_of_subjects(tx, &lookups.subjects, &lookups.items)?;
+            let submission = decide(holders, others)?;
+            let outcome = append_submission(tx, &submission, audit)?;
+            Ok((
+                Decided::of(&submission, outcome),
+                submission.wakes_delivery(),
+            ))
         })
         .await
     }
