@@ -259,11 +259,11 @@ impl Grader {
             .map(|r| r.grade.clone())
             .unwrap_or_default();
         let mut updates = Vec::with_capacity(keys.len());
-        for key in keys {
-            let records = self
-                .subjects
-                .records_read_through(self.store.as_ref(), key, items.clone())
-                .await?;
+        let read = self
+            .subjects
+            .records_read_through(self.store.as_ref(), keys, items)
+            .await?;
+        for (key, records) in keys.iter().zip(read) {
             let Some(latest) = records.iter().max_by_key(|r| (r.received_at, &r.id)) else {
                 continue;
             };

@@ -15,6 +15,7 @@
 //! drops the entry, and a read stores what it read only if the counter did
 //! not move while it read.
 
+use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -118,51 +119,72 @@ impl SubjectCache {
         subject_key: &str,
         items: Vec<String>,
     ) -> Result<SubjectRecords, StoreError> {
-        self.read(store, subject_key, items, true).await
+        let keys = [subject_key.to_owned()];
+        let mut read = self.read(store, &keys, items, true).await?;
+        Ok(read.pop().unwrap_or_default())
     }
 
-    /// [`SubjectCache::records`] without keeping what is read from the
-    /// store: the grader reads every subject that changed, most of which
-    /// nobody asks a report about, and filling the cache with them would
-    /// push out the subjects reviews do ask about (and take up to
-    /// `review.cache_mib` under a bulk load).
+    /// [`SubjectCache::records`] of each of `subject_keys`, in their order,
+    /// without keeping what is read from the store: the grader reads every
+    /// subject that changed, most of which nobody asks a report about, and
+    /// filling the cache with them would push out the subjects reviews do
+    /// ask about (and take up to `review.cache_mib` under a bulk load).
+    /// The subjects not in the cache are read in one go.
     pub async fn records_read_through(
         &self,
         store: &dyn Store,
-        subject_key: &str,
+        subject_keys: &[String],
         items: Vec<String>,
-    ) -> Result<SubjectRecords, StoreError> {
-        self.read(store, subject_key, items, false).await
+    ) -> Result<Vec<SubjectRecords>, StoreError> {
+        self.read(store, subject_keys, items, false).await
     }
 
     async fn read(
         &self,
         store: &dyn Store,
-        subject_key: &str,
+        keys: &[String],
         items: Vec<String>,
         keep: bool,
-    ) -> Result<SubjectRecords, StoreError> {
-        if let Some(hit) = self.entries.as_ref().and_then(|e| e.get(subject_key)) {
-            return Ok(hit);
+    ) -> Result<Vec<SubjectRecords>, StoreError> {
+        let mut out: Vec<Option<SubjectRecords>> = keys
+            .iter()
+            .map(|k| self.entries.as_ref().and_then(|e| e.get(k)))
+            .collect();
+        let mut missing: Vec<String> = keys
+            .iter()
+            .zip(&out)
+            .filter(|(_, hit)| hit.is_none())
+            .map(|(k, _)| k.clone())
+            .collect();
+        missing.sort();
+        missing.dedup();
+        if missing.is_empty() {
+            return Ok(out.into_iter().flatten().collect());
         }
-        let generation = self.generation(subject_key);
-        let before = generation.load(Ordering::Acquire);
-        let found = store
-            .subject_records(vec![subject_key.to_owned()], items)
-            .await?;
-        let mut records = Vec::with_capacity(found.len());
-        for r in found {
-            if let Some(rec) = store.record(&r.record_id).await? {
-                records.push(rec);
+        let before: Vec<u64> = missing
+            .iter()
+            .map(|k| self.generation(k).load(Ordering::Acquire))
+            .collect();
+        let mut found: HashMap<String, Vec<StoredRecord>> = HashMap::new();
+        for (subject, record) in store.subjects_records(missing.clone(), items).await? {
+            found.entry(subject).or_default().push(record);
+        }
+        let mut read: HashMap<String, SubjectRecords> = HashMap::with_capacity(missing.len());
+        for (key, before) in missing.into_iter().zip(before) {
+            let records = Arc::new(found.remove(&key).unwrap_or_default());
+            if let Some(e) = self.entries.as_ref().filter(|_| keep) {
+                if self.generation(&key).load(Ordering::Acquire) == before {
+                    e.insert(key.clone(), records.clone());
+                }
+            }
+            read.insert(key, records);
+        }
+        for (key, slot) in keys.iter().zip(out.iter_mut()) {
+            if slot.is_none() {
+                *slot = read.get(key).cloned();
             }
         }
-        let records = Arc::new(records);
-        if let Some(e) = self.entries.as_ref().filter(|_| keep) {
-            if generation.load(Ordering::Acquire) == before {
-                e.insert(subject_key.to_owned(), records.clone());
-            }
-        }
-        Ok(records)
+        Ok(out.into_iter().map(Option::unwrap_or_default).collect())
     }
 }
 
@@ -197,22 +219,29 @@ mod tests {
         .expect("store");
         let c = SubjectCache::new(1, Duration::from_secs(60));
         let kept = |c: &SubjectCache| c.entries.as_ref().is_some_and(|e| e.contains_key("s"));
+        let one = ["s".to_owned()];
         let graded = c
-            .records_read_through(&store, "s", vec![])
+            .records_read_through(&store, &one, vec![])
             .await
             .expect("read");
         assert!(!kept(&c), "the grader filled the cache");
         let reviewed = c.records(&store, "s", vec![]).await.expect("read");
         assert!(kept(&c), "a review did not fill the cache");
-        assert!(!Arc::ptr_eq(&graded, &reviewed));
+        assert!(!Arc::ptr_eq(&graded[0], &reviewed));
+        // Several subjects, one of them kept and one asked twice: each
+        // answer in the order asked, the kept one from the cache.
+        let keys = ["t".to_owned(), "s".to_owned(), "t".to_owned()];
         let again = c
-            .records_read_through(&store, "s", vec![])
+            .records_read_through(&store, &keys, vec![])
             .await
             .expect("read");
+        assert_eq!(again.len(), 3);
         assert!(
-            Arc::ptr_eq(&again, &reviewed),
+            Arc::ptr_eq(&again[1], &reviewed),
             "the grader read past the cache"
         );
+        assert!(Arc::ptr_eq(&again[0], &again[2]));
+        assert!(!c.entries.as_ref().is_some_and(|e| e.contains_key("t")));
     }
 
     #[test]

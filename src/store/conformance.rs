@@ -316,6 +316,62 @@ pub(crate) async fn a_decision_sees_the_holder_of_its_keys(s: Subject) {
     store.close().await;
 }
 
+/// A set of subjects' records, read together, are those one reads record
+/// by record, each with the subject it is about, and only of the items
+/// asked for.
+pub(crate) async fn subjects_records_are_read_together(s: Subject) {
+    let store = s.store.clone();
+    let about = |record: &str, subject: Option<&str>, item: &str| {
+        let mut sub = submission(&format!("s-{record}"), record);
+        sub.records[0].subject_key = subject.map(str::to_owned);
+        sub.records[0].body = format!("{{\"subject_name\":\"{record}\"}}");
+        sub.item = item.to_owned();
+        sub
+    };
+    for sub in [
+        about("r-a1", Some("A"), "administrative_penalty"),
+        about("r-b1", Some("B"), "administrative_penalty"),
+        about("r-a2", Some("A"), "red_list"),
+        about("r-a3", Some("A"), "administrative_license"),
+        about("r-n", None, "administrative_penalty"),
+    ] {
+        store.append_submission(sub).await.expect("append");
+    }
+    let read = |subjects: &[&str], items: &[&str]| {
+        let store = store.clone();
+        let subjects = subjects.iter().map(|s| s.to_string()).collect();
+        let items = items.iter().map(|s| s.to_string()).collect();
+        async move {
+            let mut found: Vec<(String, String)> = store
+                .subjects_records(subjects, items)
+                .await
+                .expect("read")
+                .into_iter()
+                .map(|(subject, r)| (subject, r.id))
+                .collect();
+            found.sort();
+            found
+        }
+    };
+    let pair = |s: &str, r: &str| (s.to_owned(), r.to_owned());
+    assert_eq!(
+        read(&["A", "B", "Z"], &["administrative_penalty", "red_list"]).await,
+        [pair("A", "r-a1"), pair("A", "r-a2"), pair("B", "r-b1")]
+    );
+    assert_eq!(read(&["B"], &["red_list"]).await, []);
+    assert_eq!(read(&[], &["red_list"]).await, []);
+    assert_eq!(read(&["A"], &[]).await, []);
+    // In full, as a record is read by id.
+    let one = store
+        .subjects_records(vec!["B".into()], vec!["administrative_penalty".into()])
+        .await
+        .expect("read");
+    let by_id = store.record("r-b1").await.expect("read").expect("stored");
+    assert_eq!(one.len(), 1);
+    assert_eq!(format!("{:?}", one[0].1), format!("{by_id:?}"));
+    store.close().await;
+}
+
 pub(crate) async fn concurrent_duplicates_get_the_stored_answer(s: Subject) {
     let store = s.store.clone();
     let tasks: Vec<_> = (0..20)
@@ -892,6 +948,7 @@ both_backends!(
     a_failing_write_costs_only_its_own_caller,
     a_natural_key_is_held_by_one_record_of_an_item,
     a_decision_sees_the_holder_of_its_keys,
+    subjects_records_are_read_together,
     concurrent_duplicates_get_the_stored_answer,
     streams_are_gap_free_per_agency_and_acks_only_move_forward,
     claims_are_leased_and_fenced,

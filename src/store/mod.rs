@@ -1030,6 +1030,16 @@ pub trait Store: Send + Sync + 'static {
         items: Vec<String>,
     ) -> Result<Vec<SubjectRecord>, StoreError>;
 
+    /// Every record of `items` about each of `subjects`, in full, with the
+    /// subject it is about: what [`Store::subject_records`] and
+    /// [`Store::record`] find for those subjects, in one read. The grader
+    /// assesses the subjects that changed this way, a batch at a time.
+    async fn subjects_records(
+        &self,
+        subjects: Vec<String>,
+        items: Vec<String>,
+    ) -> Result<Vec<(String, StoredRecord)>, StoreError>;
+
     /// Looks up what a submission's outcome depends on, lets `decide`
     /// turn that into the submission, and stores it as
     /// [`Store::append_submission`] does. `KeyTaken` only when other

@@ -344,6 +344,33 @@ fn uint(n: i32) -> u32 {
     u32::try_from(n).unwrap_or(0)
 }
 
+/// The columns [`stored_record`] decodes, in its order.
+const RECORD_COLUMNS: &str = "id, item, item_version, submitter, subject_type, decision_date, effective_until, received_at, body, warnings, status, end_reason, removal, revision";
+
+/// A row that starts with [`RECORD_COLUMNS`].
+fn stored_record(r: &Row) -> Result<StoredRecord, StoreError> {
+    Ok(StoredRecord {
+        id: r.get(0),
+        item: r.get(1),
+        item_version: uint(r.get(2)),
+        submitter: r.get(3),
+        subject_type: r.get(4),
+        decision_date: r.get(5),
+        effective_until: r.get(6),
+        received_at: r.get(7),
+        body: RecordBody::from_store(serde_json::from_str(r.get::<_, &str>(8)).map_err(corrupt)?),
+        warnings: serde_json::from_str(r.get::<_, &str>(9)).map_err(corrupt)?,
+        status: r.get(10),
+        end_reason: r.get(11),
+        removal: r
+            .get::<_, Option<&str>>(12)
+            .map(serde_json::from_str)
+            .transpose()
+            .map_err(corrupt)?,
+        revision: uint(r.get(13)),
+    })
+}
+
 /// One write, applied inside the writer's group transaction.
 enum Op {
     Append(Box<NewSubmission>),
@@ -2144,35 +2171,30 @@ impl Store for PgStore {
     async fn record(&self, id: &str) -> Result<Option<StoredRecord>, StoreError> {
         let rows = self
             .query(
-                "SELECT id, item, item_version, submitter, subject_type, decision_date, effective_until, received_at, body, warnings, status, end_reason, removal, revision FROM records WHERE id = $1",
+                &format!("SELECT {RECORD_COLUMNS} FROM records WHERE id = $1"),
                 &[&id],
             )
             .await?;
-        let Some(r) = rows.first() else {
-            return Ok(None);
-        };
-        Ok(Some(StoredRecord {
-            id: r.get(0),
-            item: r.get(1),
-            item_version: uint(r.get(2)),
-            submitter: r.get(3),
-            subject_type: r.get(4),
-            decision_date: r.get(5),
-            effective_until: r.get(6),
-            received_at: r.get(7),
-            body: RecordBody::from_store(
-                serde_json::from_str(r.get::<_, &str>(8)).map_err(corrupt)?,
-            ),
-            warnings: serde_json::from_str(r.get::<_, &str>(9)).map_err(corrupt)?,
-            status: r.get(10),
-            end_reason: r.get(11),
-            removal: r
-                .get::<_, Option<&str>>(12)
-                .map(serde_json::from_str)
-                .transpose()
-                .map_err(corrupt)?,
-            revision: uint(r.get(13)),
-        }))
+        rows.first().map(stored_record).transpose()
+    }
+
+    async fn subjects_records(
+        &self,
+        subjects: Vec<String>,
+        items: Vec<String>,
+    ) -> Result<Vec<(String, StoredRecord)>, StoreError> {
+        if subjects.is_empty() || items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = self
+            .query(
+                &format!("SELECT {RECORD_COLUMNS}, subject_key FROM records WHERE subject_key = ANY($1) AND item = ANY($2) ORDER BY received_at, id"),
+                &[&subjects, &items],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.get(14), stored_record(r)?)))
+            .collect()
     }
 
     async fn record_notices(&self, record_id: &str) -> Result<Vec<NoticeHistory>, StoreError> {

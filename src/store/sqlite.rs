@@ -17,7 +17,7 @@
 //! stream (`agency_streams`) in the transaction that creates it, so every
 //! agency's stream is gap-free and in commit order (see `crate::cursor`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -332,6 +332,46 @@ fn corrupt(e: impl std::fmt::Display) -> StoreError {
 /// WAL frames after which the writer checkpoints itself (64 MiB of 4 KiB
 /// pages): the background checkpointer keeps the WAL far below this.
 const WAL_CAP_PAGES: u32 = 16_384;
+
+/// The columns [`stored_record`] decodes.
+const RECORD_SELECT: &str = "SELECT id, item, item_version, submitter, subject_type, decision_date, effective_until, received_at, body, warnings, status, end_reason, removal, revision FROM records";
+
+/// A row of [`RECORD_SELECT`]; the inner error for stored text that does
+/// not decode.
+fn stored_record(r: &Row<'_>) -> rusqlite::Result<Result<StoredRecord, StoreError>> {
+    let decoded = |received: String, body: String, warnings: String, removal: Option<String>| {
+        Ok::<_, StoreError>((
+            parse_time(&received)?,
+            RecordBody::from_store(serde_json::from_str(&body).map_err(corrupt)?),
+            serde_json::from_str(&warnings).map_err(corrupt)?,
+            removal
+                .map(|r| serde_json::from_str(&r))
+                .transpose()
+                .map_err(corrupt)?,
+        ))
+    };
+    let (received_at, body, warnings, removal) =
+        match decoded(r.get(7)?, r.get(8)?, r.get(9)?, r.get(12)?) {
+            Ok(fields) => fields,
+            Err(e) => return Ok(Err(e)),
+        };
+    Ok(Ok(StoredRecord {
+        id: r.get(0)?,
+        item: r.get(1)?,
+        item_version: r.get(2)?,
+        submitter: r.get(3)?,
+        subject_type: r.get(4)?,
+        decision_date: parse_date(r.get(5)?),
+        effective_until: parse_date(r.get(6)?),
+        received_at,
+        body,
+        warnings,
+        status: r.get(10)?,
+        end_reason: r.get(11)?,
+        removal,
+        revision: r.get(13)?,
+    }))
+}
 
 /// Runs WAL checkpoints on its own connection and thread, so copying WAL
 /// pages into the database file never delays the writer's next commit.
@@ -714,7 +754,7 @@ fn key_holders(
 
 /// `values` without repeats, in their first order.
 fn distinct(values: &[String]) -> impl Iterator<Item = &String> {
-    let mut seen = std::collections::HashSet::with_capacity(values.len());
+    let mut seen = HashSet::with_capacity(values.len());
     values.iter().filter(move |v| seen.insert(v.as_str()))
 }
 
@@ -1576,43 +1616,44 @@ impl Store for SqliteStore {
     async fn record(&self, id: &str) -> Result<Option<StoredRecord>, StoreError> {
         let id = id.to_owned();
         self.read(move |conn| {
-            let row = conn
-                .prepare_cached(
-                    "SELECT id, item, item_version, submitter, subject_type, decision_date, effective_until, received_at, body, warnings, status, end_reason, removal, revision FROM records WHERE id = ?1",
-                )
+            conn.prepare_cached(&format!("{RECORD_SELECT} WHERE id = ?1"))
                 .map_err(db_err)?
-                .query_row(
-                    [&id],
-                    |r| {
-                        Ok((
-                            (r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, u32>(2)?, r.get::<_, String>(3)?),
-                            (r.get::<_, String>(4)?, r.get::<_, Option<String>>(5)?, r.get::<_, Option<String>>(6)?),
-                            (r.get::<_, String>(7)?, r.get::<_, String>(8)?, r.get::<_, String>(9)?),
-                            (r.get::<_, String>(10)?, r.get::<_, Option<String>>(11)?, r.get::<_, Option<String>>(12)?, r.get::<_, u32>(13)?),
-                        ))
-                    },
-                )
+                .query_row([&id], stored_record)
                 .optional()
+                .map_err(db_err)?
+                .transpose()
+        })
+        .await
+    }
+
+    async fn subjects_records(
+        &self,
+        subjects: Vec<String>,
+        items: Vec<String>,
+    ) -> Result<Vec<(String, StoredRecord)>, StoreError> {
+        if subjects.is_empty() || items.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.read(move |conn| {
+            let items: HashSet<&str> = items.iter().map(String::as_str).collect();
+            // The subject index's prefix: one look-up per subject, whatever
+            // the number of items.
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "{RECORD_SELECT} WHERE subject_key = ?1 ORDER BY received_at, id"
+                ))
                 .map_err(db_err)?;
-            let Some(((id, item, item_version, submitter), (subject_type, decision, until), (received, body, warnings), (status, end_reason, removal, revision))) = row else {
-                return Ok(None);
-            };
-            Ok(Some(StoredRecord {
-                decision_date: parse_date(decision),
-                effective_until: parse_date(until),
-                received_at: parse_time(&received)?,
-                body: RecordBody::from_store(serde_json::from_str(&body).map_err(corrupt)?),
-                warnings: serde_json::from_str(&warnings).map_err(corrupt)?,
-                id,
-                item,
-                item_version,
-                submitter,
-                subject_type,
-                status,
-                end_reason,
-                removal: removal.map(|r| serde_json::from_str(&r)).transpose().map_err(corrupt)?,
-                revision,
-            }))
+            let mut found = Vec::new();
+            for subject in distinct(&subjects) {
+                let rows = stmt.query_map([subject], stored_record).map_err(db_err)?;
+                for row in rows {
+                    let record = row.map_err(db_err)??;
+                    if items.contains(record.item.as_str()) {
+                        found.push((subject.clone(), record));
+                    }
+                }
+            }
+            Ok(found)
         })
         .await
     }
