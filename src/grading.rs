@@ -235,6 +235,9 @@ impl Grader {
                     Err(_) => break,
                 }
             }
+            // What is left after this batch; also what grows when the
+            // grader does not keep up with the changes.
+            self.metrics.grade_backlog.set(inbox.len() as i64);
             let keys: Vec<String> = keys.into_iter().collect();
             for chunk in keys.chunks(BATCH) {
                 if let Err(e) = self.assess(chunk).await {

@@ -84,6 +84,8 @@ pub struct Metrics {
     pub grade_assessments: Counter,
     /// Stored grades that changed.
     pub grade_changes: Counter,
+    /// Changed subjects waiting for the grader.
+    pub grade_backlog: Gauge,
 }
 
 impl Metrics {
@@ -178,6 +180,12 @@ fn build() -> Metrics {
         "Stored credit grades that changed",
         grade_changes.clone(),
     );
+    let grade_backlog = Gauge::default();
+    registry.register(
+        "grade_backlog",
+        "Subjects changed on this instance whose credit grade waits to be assessed",
+        grade_backlog.clone(),
+    );
     let store_group_size = Histogram::new(exponential_buckets(1.0, 2.0, 11));
     registry.register(
         "store_group_size",
@@ -196,6 +204,7 @@ fn build() -> Metrics {
         store_commits,
         grade_assessments,
         grade_changes,
+        grade_backlog,
         store_group_size,
     }
 }

@@ -44,7 +44,7 @@ pub struct Target {
     pub certs: std::path::PathBuf,
     gateway: Option<GatewayProcess>,
     nginx: Option<Nginx>,
-    _ws: Option<Workspace>,
+    ws: Option<Workspace>,
 }
 
 impl Target {
@@ -74,7 +74,7 @@ impl Target {
             certs,
             gateway,
             nginx,
-            _ws: Some(ws),
+            ws: Some(ws),
         })
     }
 
@@ -86,8 +86,15 @@ impl Target {
             certs,
             gateway: None,
             nginx: None,
-            _ws: None,
+            ws: None,
         }
+    }
+
+    /// A counter or gauge of the gateway this run started (`None` for
+    /// nginx and an external gateway).
+    pub async fn gauge(&self, name: &str) -> Option<f64> {
+        let ops = self.ws.as_ref().filter(|_| self.gateway.is_some())?;
+        crate::harness::ops_counter(ops.config.server.ops_listen, name).await
     }
 
     /// CPU and memory of the server side.
@@ -180,6 +187,10 @@ pub async fn requests(
         spec.get = true;
     }
     let (out, cpu, after) = measured(&spec, &target, load).await?;
+    // Work the run left behind: each stored record's subject is graded in
+    // the background, and a backlog means the rate was not sustained.
+    let grade_backlog = target.gauge("credgate_grade_backlog").await;
+    let graded = target.gauge("credgate_grade_assessments_total").await;
     target.stop();
     let rate = out.ok as f64 / out.secs;
     let cpu_us = if out.ok > 0 {
@@ -198,7 +209,8 @@ pub async fn requests(
         "new_connection_per_request": per_request, "seconds": out.secs,
         "requests_ok": out.ok, "requests_per_s": rate, "records_per_s": out.records as f64 / out.secs,
         "latency_ms": latency, "errors": out.errors.json(),
-        "server": {"cpu_secs": cpu, "cpu_us_per_request": cpu_us, "peak_rss_mb": after.peak_rss as f64 / 1048576.0},
+        "server": {"cpu_secs": cpu, "cpu_us_per_request": cpu_us, "peak_rss_mb": after.peak_rss as f64 / 1048576.0,
+            "grade_backlog": grade_backlog, "graded_subjects": graded},
     });
     let summary = format!(
         "{name} [{}, {}] {}x{}{} batch {}: {:.0} req/s, {:.0} records/s; latency ms p50 {} p99 {} p99.9 {}; errors {}; server CPU {:.1} µs/request, peak RSS {:.0} MB",
@@ -216,7 +228,9 @@ pub async fn requests(
         out.errors.json(),
         cpu_us,
         after.peak_rss as f64 / 1048576.0,
-    );
+    ) + &grade_backlog
+        .map(|b| format!("; grading backlog {b:.0} subjects"))
+        .unwrap_or_default();
     Ok(Report {
         summary,
         json,
@@ -611,7 +625,7 @@ pub async fn review(load: &Load, subjects: u64) -> Result<Report, String> {
         certs: certs.clone(),
         gateway: Some(gateway),
         nginx: None,
-        _ws: None,
+        ws: None,
     };
     let warm_spec = spec(vec![review_body(10)], vec![addr], "/v1/credit-reviews");
     let (warm, warm_cpu, _) = measured(&warm_spec, &gw, load).await?;

@@ -9,8 +9,7 @@
 //! now and then (a 10 s run at 5,700 requests/s over 200,000 lines repeats
 //! about one request in eight), and the gateway answers a repeated record as
 //! a duplicate (validated and its submission durably committed, but no
-//! record row written); two concurrent requests with the same new record
-//! cost their commit group a rollback and a retry. The built-in client's
+//! record row written, and its subject not graded again). The built-in client's
 //! records never repeat. With `--disable-keepalive` oha opens a connection
 //! per request, but its rustls client keeps a session cache, so it may
 //! resume TLS sessions where the server allows it; the built-in client's

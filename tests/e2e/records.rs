@@ -667,5 +667,22 @@ async fn metrics_count_requests_and_records_without_record_data() {
         !text.contains(record["subject_name"].as_str().expect("name")),
         "no record data in metrics"
     );
+    // The accepted record's subject is graded in the background; the
+    // backlog gauge shows what waits and returns to zero.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let graded = loop {
+        let (_, text) = ops_get(server.ops, "/metrics").await.expect("metrics");
+        let done = text.contains("\ncredgate_grade_assessments_total 1\n");
+        if done || std::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    for needle in [
+        "\ncredgate_grade_assessments_total 1\n",
+        "\ncredgate_grade_backlog 0\n",
+    ] {
+        assert!(graded.contains(needle), "{needle} missing from:\n{graded}");
+    }
     server.stop().await;
 }
