@@ -372,6 +372,58 @@ pub(crate) async fn subjects_records_are_read_together(s: Subject) {
     store.close().await;
 }
 
+/// Grades for more subjects than one write takes are all stored, and
+/// every change is reported once.
+pub(crate) async fn many_grades_are_all_stored(s: Subject) {
+    let store = s.store.clone();
+    let update = |i: usize, grade: &str| GradeUpdate {
+        subject_key: format!("subject-{i:03}"),
+        grade: grade.to_owned(),
+        rule: "r".into(),
+        rules_version: 1,
+        region: Some("350100".into()),
+        review_after: None,
+        default_grade: "B".into(),
+        notice: None,
+    };
+    let first = store
+        .set_grades(
+            (0..45)
+                .map(|i| update(i, if i % 3 == 0 { "B" } else { "C" }))
+                .collect(),
+        )
+        .await
+        .expect("grades");
+    let mut moved: Vec<String> = first.iter().map(|c| c.subject_key.clone()).collect();
+    moved.sort();
+    let expected: Vec<String> = (0..45)
+        .filter(|i| i % 3 != 0)
+        .map(|i| format!("subject-{i:03}"))
+        .collect();
+    assert_eq!(moved, expected);
+    assert!(first.iter().all(|c| c.from == "B" && c.to == "C"));
+    let counts = |grades: Vec<GradeCount>| {
+        let mut c: Vec<(String, u64)> = grades.into_iter().map(|g| (g.grade, g.subjects)).collect();
+        c.sort();
+        c
+    };
+    assert_eq!(
+        counts(store.grade_counts().await.expect("counts")),
+        [("B".to_owned(), 15), ("C".to_owned(), 30)]
+    );
+    // The same grades again change nothing.
+    let again = store
+        .set_grades(
+            (0..45)
+                .map(|i| update(i, if i % 3 == 0 { "B" } else { "C" }))
+                .collect(),
+        )
+        .await
+        .expect("grades");
+    assert!(again.is_empty(), "{again:?}");
+    store.close().await;
+}
+
 pub(crate) async fn concurrent_duplicates_get_the_stored_answer(s: Subject) {
     let store = s.store.clone();
     let tasks: Vec<_> = (0..20)
@@ -949,6 +1001,7 @@ both_backends!(
     a_natural_key_is_held_by_one_record_of_an_item,
     a_decision_sees_the_holder_of_its_keys,
     subjects_records_are_read_together,
+    many_grades_are_all_stored,
     concurrent_duplicates_get_the_stored_answer,
     streams_are_gap_free_per_agency_and_acks_only_move_forward,
     claims_are_leased_and_fenced,

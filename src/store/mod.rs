@@ -1312,7 +1312,10 @@ pub trait Store: Send + Sync + 'static {
         reason: Option<String>,
     ) -> Result<u32, StoreError>;
 
-    /// Stores subjects' assessed grades in one transaction; where a grade
+    /// Stores subjects' assessed grades, each subject's atomically (all in
+    /// one transaction on SQLite; a few subjects per transaction on
+    /// PostgreSQL, whose writer would otherwise hold submissions back for
+    /// them); where a grade
     /// differs from the one stored (or, for a subject not assessed
     /// before, from its default), stores the update's notice with the
     /// grade before and after. Each subject's row is locked while it is

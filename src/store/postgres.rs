@@ -344,6 +344,9 @@ fn uint(n: i32) -> u32 {
     u32::try_from(n).unwrap_or(0)
 }
 
+/// Most subjects whose grades one write stores ([`Store::set_grades`]).
+const GRADES_PER_WRITE: usize = 20;
+
 /// The columns [`stored_record`] decodes, in its order.
 const RECORD_COLUMNS: &str = "id, item, item_version, submitter, subject_type, decision_date, effective_until, received_at, body, warnings, status, end_reason, removal, revision";
 
@@ -2324,8 +2327,18 @@ impl Store for PgStore {
         expect_out!(self.write(op).await?, Version)
     }
 
+    /// A few subjects per write: each costs several round trips inside
+    /// the writer's group transaction, which the group's submissions wait
+    /// for. 200 at once (the grader's batch) held them for a few hundred
+    /// ms: `ingest` p99 257 ms, against 49 ms in writes of 20 (#14).
     async fn set_grades(&self, updates: Vec<GradeUpdate>) -> Result<Vec<GradeChanged>, StoreError> {
-        expect_out!(self.write(Op::Grades(updates)).await?, Grades)
+        let mut changed = Vec::new();
+        let mut updates = updates.into_iter().peekable();
+        while updates.peek().is_some() {
+            let part: Vec<GradeUpdate> = updates.by_ref().take(GRADES_PER_WRITE).collect();
+            changed.extend(expect_out!(self.write(Op::Grades(part)).await?, Grades)?);
+        }
+        Ok(changed)
     }
 
     async fn grades_due(&self, today: Date, limit: usize) -> Result<Vec<String>, StoreError> {
