@@ -724,20 +724,14 @@ impl Ingest {
 
     /// What [`Ingest::commit`] would answer, storing nothing (a dry run).
     pub async fn check(&self, prepared: Prepared) -> Result<Vec<u8>, Problem> {
-        let SubmissionLookups {
-            item,
-            keys,
-            subjects,
-            items,
-        } = Self::lookups(&prepared);
-        let (holders, others) = self.store.lookups(&item, keys, subjects, items).await?;
+        let (holders, others) = self.store.lookups(Self::lookups_of(&prepared)).await?;
         Ok(Self::resolve(&prepared, holders, &others)?.response_body)
     }
 
     /// What the prepared records' outcome depends on: the records already
     /// holding their natural keys, and the subjects' records the item's
     /// rules look at.
-    fn lookups(prepared: &Prepared) -> SubmissionLookups {
+    fn lookups_of(prepared: &Prepared) -> SubmissionLookups {
         let candidates = || {
             prepared.entries.iter().filter_map(|e| match e {
                 Entry::Candidate { accepted, .. } => Some(&accepted.record),
@@ -780,7 +774,7 @@ impl Ingest {
                 c.request_hash.clone(),
             )
         });
-        let lookups = Self::lookups(&prepared);
+        let lookups = Self::lookups_of(&prepared);
         let decide: Decide =
             Arc::new(move |holders, others| Self::resolve(&prepared, holders, &others));
         let decided = match self.store.decide_and_append(lookups, decide).await {

@@ -15,7 +15,7 @@
 //! drops the entry, and a read stores what it read only if the counter did
 //! not move while it read.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -146,45 +146,46 @@ impl SubjectCache {
         items: Vec<String>,
         keep: bool,
     ) -> Result<Vec<SubjectRecords>, StoreError> {
-        let mut out: Vec<Option<SubjectRecords>> = keys
-            .iter()
-            .map(|k| self.entries.as_ref().and_then(|e| e.get(k)))
-            .collect();
-        let mut missing: Vec<String> = keys
-            .iter()
-            .zip(&out)
-            .filter(|(_, hit)| hit.is_none())
-            .map(|(k, _)| k.clone())
-            .collect();
-        missing.sort();
-        missing.dedup();
-        if missing.is_empty() {
-            return Ok(out.into_iter().flatten().collect());
-        }
-        let before: Vec<u64> = missing
-            .iter()
-            .map(|k| self.generation(k).load(Ordering::Acquire))
-            .collect();
-        let mut found: HashMap<String, Vec<StoredRecord>> = HashMap::new();
-        for (subject, record) in store.subjects_records(missing.clone(), items).await? {
-            found.entry(subject).or_default().push(record);
-        }
-        let mut read: HashMap<String, SubjectRecords> = HashMap::with_capacity(missing.len());
-        for (key, before) in missing.into_iter().zip(before) {
-            let records = Arc::new(found.remove(&key).unwrap_or_default());
-            if let Some(e) = self.entries.as_ref().filter(|_| keep) {
-                if self.generation(&key).load(Ordering::Acquire) == before {
-                    e.insert(key.clone(), records.clone());
+        // Each subject asked for once: from the cache, or read below.
+        let mut answers: HashMap<String, SubjectRecords> = HashMap::with_capacity(keys.len());
+        let mut missing = BTreeSet::new();
+        for key in keys {
+            if answers.contains_key(key) || missing.contains(key) {
+                continue;
+            }
+            match self.entries.as_ref().and_then(|e| e.get(key)) {
+                Some(hit) => {
+                    answers.insert(key.clone(), hit);
+                }
+                None => {
+                    missing.insert(key.clone());
                 }
             }
-            read.insert(key, records);
         }
-        for (key, slot) in keys.iter().zip(out.iter_mut()) {
-            if slot.is_none() {
-                *slot = read.get(key).cloned();
+        if !missing.is_empty() {
+            let missing: Vec<String> = missing.into_iter().collect();
+            let before: Vec<u64> = missing
+                .iter()
+                .map(|k| self.generation(k).load(Ordering::Acquire))
+                .collect();
+            let mut found: HashMap<String, Vec<StoredRecord>> = HashMap::new();
+            for (subject, record) in store.subjects_records(missing.clone(), items).await? {
+                found.entry(subject).or_default().push(record);
+            }
+            for (key, before) in missing.into_iter().zip(before) {
+                let records = Arc::new(found.remove(&key).unwrap_or_default());
+                if let Some(e) = self.entries.as_ref().filter(|_| keep) {
+                    if self.generation(&key).load(Ordering::Acquire) == before {
+                        e.insert(key.clone(), records.clone());
+                    }
+                }
+                answers.insert(key, records);
             }
         }
-        Ok(out.into_iter().map(Option::unwrap_or_default).collect())
+        Ok(keys
+            .iter()
+            .map(|k| answers.get(k).cloned().unwrap_or_default())
+            .collect())
     }
 }
 

@@ -92,7 +92,7 @@ impl Target {
 
     /// A counter or gauge of the gateway this run started (`None` for
     /// nginx and an external gateway).
-    pub async fn gauge(&self, name: &str) -> Option<f64> {
+    pub async fn metric(&self, name: &str) -> Option<f64> {
         let ops = self.ws.as_ref().filter(|_| self.gateway.is_some())?;
         crate::harness::ops_counter(ops.config.server.ops_listen, name).await
     }
@@ -189,8 +189,8 @@ pub async fn requests(
     let (out, cpu, after) = measured(&spec, &target, load).await?;
     // Work the run left behind: each stored record's subject is graded in
     // the background, and a backlog means the rate was not sustained.
-    let grade_backlog = target.gauge("credgate_grade_backlog").await;
-    let graded = target.gauge("credgate_grade_assessments_total").await;
+    let grade_backlog = target.metric("credgate_grade_backlog").await;
+    let graded = target.metric("credgate_grade_assessments_total").await;
     target.stop();
     let rate = out.ok as f64 / out.secs;
     let cpu_us = if out.ok > 0 {

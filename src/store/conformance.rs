@@ -376,24 +376,22 @@ pub(crate) async fn subjects_records_are_read_together(s: Subject) {
 /// every change is reported once.
 pub(crate) async fn many_grades_are_all_stored(s: Subject) {
     let store = s.store.clone();
-    let update = |i: usize, grade: &str| GradeUpdate {
-        subject_key: format!("subject-{i:03}"),
-        grade: grade.to_owned(),
-        rule: "r".into(),
-        rules_version: 1,
-        region: Some("350100".into()),
-        review_after: None,
-        default_grade: "B".into(),
-        notice: None,
+    // Every third subject keeps the default grade B; the others get C.
+    let grades = || -> Vec<GradeUpdate> {
+        (0..45)
+            .map(|i| GradeUpdate {
+                subject_key: format!("subject-{i:03}"),
+                grade: if i % 3 == 0 { "B" } else { "C" }.to_owned(),
+                rule: "r".into(),
+                rules_version: 1,
+                region: Some("350100".into()),
+                review_after: None,
+                default_grade: "B".into(),
+                notice: None,
+            })
+            .collect()
     };
-    let first = store
-        .set_grades(
-            (0..45)
-                .map(|i| update(i, if i % 3 == 0 { "B" } else { "C" }))
-                .collect(),
-        )
-        .await
-        .expect("grades");
+    let first = store.set_grades(grades()).await.expect("grades");
     let mut moved: Vec<String> = first.iter().map(|c| c.subject_key.clone()).collect();
     moved.sort();
     let expected: Vec<String> = (0..45)
@@ -412,14 +410,7 @@ pub(crate) async fn many_grades_are_all_stored(s: Subject) {
         [("B".to_owned(), 15), ("C".to_owned(), 30)]
     );
     // The same grades again change nothing.
-    let again = store
-        .set_grades(
-            (0..45)
-                .map(|i| update(i, if i % 3 == 0 { "B" } else { "C" }))
-                .collect(),
-        )
-        .await
-        .expect("grades");
+    let again = store.set_grades(grades()).await.expect("grades");
     assert!(again.is_empty(), "{again:?}");
     store.close().await;
 }

@@ -486,13 +486,7 @@ pub async fn lookup_then_append<S: Store + ?Sized>(
     let mut attempts = 0;
     loop {
         attempts += 1;
-        let SubmissionLookups {
-            item,
-            keys,
-            subjects,
-            items,
-        } = lookups.clone();
-        let (holders, others) = store.lookups(&item, keys, subjects, items).await?;
+        let (holders, others) = store.lookups(lookups.clone()).await?;
         let submission = decide(holders, others)?;
         let decided = Decided::of(&submission, AppendOutcome::Stored);
         match store.append_submission(submission).await {
@@ -1059,13 +1053,12 @@ pub trait Store: Send + Sync + 'static {
     /// pool instead of two) or at once (PostgreSQL).
     async fn lookups(
         &self,
-        item: &str,
-        keys: Vec<String>,
-        subjects: Vec<String>,
-        items: Vec<String>,
+        lookups: SubmissionLookups,
     ) -> Result<(Vec<KeyHolder>, Vec<SubjectRecord>), StoreError> {
-        let holders = self.find_keys(item, keys).await?;
-        let others = self.subject_records(subjects, items).await?;
+        let holders = self.find_keys(&lookups.item, lookups.keys).await?;
+        let others = self
+            .subject_records(lookups.subjects, lookups.items)
+            .await?;
         Ok((holders, others))
     }
 
@@ -1315,10 +1308,9 @@ pub trait Store: Send + Sync + 'static {
     /// Stores subjects' assessed grades, each subject's atomically (all in
     /// one transaction on SQLite; a few subjects per transaction on
     /// PostgreSQL, whose writer would otherwise hold submissions back for
-    /// them); where a grade
-    /// differs from the one stored (or, for a subject not assessed
-    /// before, from its default), stores the update's notice with the
-    /// grade before and after. Each subject's row is locked while it is
+    /// them). Where a grade differs from the one stored (or, for a
+    /// subject not assessed before, from its default), stores the
+    /// update's notice with the grade before and after. Each subject's row is locked while it is
     /// compared, so instances assessing at once send one notice.
     async fn set_grades(&self, updates: Vec<GradeUpdate>) -> Result<Vec<GradeChanged>, StoreError>;
 

@@ -45,7 +45,7 @@ use super::{
     Finished, GradeChanged, GradeCount, GradeUpdate, ItemActivation, KeyHolder, NewNotice,
     NewReview, NewSubmission, NoticeHistory, Outbound, PublicQuery, PublicRecord, ReviewEntry,
     Revision, Store, StoreError, StoredNotice, StoredRecord, StoredResponse, StoredReview,
-    VersionInfo,
+    SubmissionLookups, VersionInfo,
 };
 use crate::catalog::Severity;
 use crate::redact::RecordBody;
@@ -2157,15 +2157,12 @@ impl Store for PgStore {
 
     async fn lookups(
         &self,
-        item: &str,
-        keys: Vec<String>,
-        subjects: Vec<String>,
-        items: Vec<String>,
+        lookups: SubmissionLookups,
     ) -> Result<(Vec<KeyHolder>, Vec<SubjectRecord>), StoreError> {
         // At once, each on a connection of the pool: one round trip's wait.
         let (holders, others) = futures_util::future::join(
-            self.find_keys(item, keys),
-            self.subject_records(subjects, items),
+            self.find_keys(&lookups.item, lookups.keys),
+            self.subject_records(lookups.subjects, lookups.items),
         )
         .await;
         Ok((holders?, others?))

@@ -752,6 +752,18 @@ fn key_holders(
     Ok(holders)
 }
 
+/// Both look-ups of a submission on `conn`. Empty lists make no queries:
+/// both loop over them.
+fn look_up(
+    conn: &Connection,
+    lookups: &SubmissionLookups,
+) -> Result<(Vec<KeyHolder>, Vec<SubjectRecord>), StoreError> {
+    Ok((
+        key_holders(conn, &lookups.item, &lookups.keys)?,
+        records_of_subjects(conn, &lookups.subjects, &lookups.items)?,
+    ))
+}
+
 /// `values` without repeats, in their first order.
 fn distinct(values: &[String]) -> impl Iterator<Item = &String> {
     let mut seen = HashSet::with_capacity(values.len());
@@ -1534,8 +1546,7 @@ impl Store for SqliteStore {
         decide: Decide,
     ) -> Result<Decided, StoreError> {
         self.write_waking(move |tx, audit| {
-            let holders = key_holders(tx, &lookups.item, &lookups.keys)?;
-            let others = records_of_subjects(tx, &lookups.subjects, &lookups.items)?;
+            let (holders, others) = look_up(tx, &lookups)?;
             let submission = decide(holders, others)?;
             let outcome = append_submission(tx, &submission, audit)?;
             Ok((
@@ -1568,23 +1579,12 @@ impl Store for SqliteStore {
 
     async fn lookups(
         &self,
-        item: &str,
-        keys: Vec<String>,
-        subjects: Vec<String>,
-        items: Vec<String>,
+        lookups: SubmissionLookups,
     ) -> Result<(Vec<KeyHolder>, Vec<SubjectRecord>), StoreError> {
-        if keys.is_empty() && (subjects.is_empty() || items.is_empty()) {
+        if lookups.keys.is_empty() && (lookups.subjects.is_empty() || lookups.items.is_empty()) {
             return Ok((Vec::new(), Vec::new()));
         }
-        let item = item.to_owned();
-        // Empty lists make no queries: both loop over them.
-        self.read(move |conn| {
-            Ok((
-                key_holders(conn, &item, &keys)?,
-                records_of_subjects(conn, &subjects, &items)?,
-            ))
-        })
-        .await
+        self.read(move |conn| look_up(conn, &lookups)).await
     }
 
     async fn idempotent_response(
