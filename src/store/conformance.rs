@@ -377,8 +377,9 @@ pub(crate) async fn subjects_records_are_read_together(s: Subject) {
 pub(crate) async fn many_grades_are_all_stored(s: Subject) {
     let store = s.store.clone();
     // Every third subject keeps the default grade B; the others get C.
+    // More than one PostgreSQL write holds.
     let grades = || -> Vec<GradeUpdate> {
-        (0..45)
+        (0..450)
             .map(|i| GradeUpdate {
                 subject_key: format!("subject-{i:03}"),
                 grade: if i % 3 == 0 { "B" } else { "C" }.to_owned(),
@@ -394,7 +395,7 @@ pub(crate) async fn many_grades_are_all_stored(s: Subject) {
     let first = store.set_grades(grades()).await.expect("grades");
     let mut moved: Vec<String> = first.iter().map(|c| c.subject_key.clone()).collect();
     moved.sort();
-    let expected: Vec<String> = (0..45)
+    let expected: Vec<String> = (0..450)
         .filter(|i| i % 3 != 0)
         .map(|i| format!("subject-{i:03}"))
         .collect();
@@ -407,11 +408,103 @@ pub(crate) async fn many_grades_are_all_stored(s: Subject) {
     };
     assert_eq!(
         counts(store.grade_counts().await.expect("counts")),
-        [("B".to_owned(), 15), ("C".to_owned(), 30)]
+        [("B".to_owned(), 150), ("C".to_owned(), 300)]
     );
     // The same grades again change nothing.
     let again = store.set_grades(grades()).await.expect("grades");
     assert!(again.is_empty(), "{again:?}");
+    store.close().await;
+}
+
+/// A grade that changes stores its notice with the grade before and
+/// after; one that stays puts nothing out; a subject updated twice in one
+/// call is compared against its first update.
+pub(crate) async fn grade_changes_store_their_notices_in_turn(s: Subject) {
+    let store = s.store.clone();
+    let stored = store
+        .append_submission(submission("s-g", "r-g"))
+        .await
+        .expect("append");
+    assert!(matches!(stored, AppendOutcome::Stored));
+    let update = |subject: &str, grade: &str, n: &str| GradeUpdate {
+        subject_key: subject.to_owned(),
+        grade: grade.to_owned(),
+        rule: "r".into(),
+        rules_version: 1,
+        region: None,
+        review_after: None,
+        default_grade: "B".into(),
+        notice: Some(GradeNotice {
+            notice: NewNotice {
+                id: n.to_owned(),
+                kind: NoticeKind::GradeChange,
+                severity: Severity::General,
+                measures: vec![],
+                effective_from: None,
+                effective_until: None,
+                region: None,
+                deliveries: vec![NewDelivery {
+                    id: format!("d-{n}"),
+                    subscription: "sub-g".into(),
+                    agency: "agency-g".into(),
+                    push: false,
+                }],
+                lifts: None,
+                corrects: None,
+                reason: None,
+                historical: false,
+                grade: None,
+            },
+            record_id: "r-g".into(),
+            item: "administrative_penalty".into(),
+            item_version: 1,
+            source: "dept-market".into(),
+        }),
+    };
+    let changed = store
+        .set_grades(vec![
+            update("subject-a", "C", "n-1"),
+            update("subject-b", "B", "n-2"),
+            update("subject-a", "A", "n-3"),
+        ])
+        .await
+        .expect("grades");
+    let moves: Vec<(&str, &str, &str, Option<&str>)> = changed
+        .iter()
+        .map(|c| {
+            (
+                c.subject_key.as_str(),
+                c.from.as_str(),
+                c.to.as_str(),
+                c.notice_id.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        moves,
+        [
+            ("subject-a", "B", "C", Some("n-1")),
+            ("subject-a", "C", "A", Some("n-3"))
+        ]
+    );
+    let pulled: Vec<String> = store
+        .pull("agency-g", 0, 10)
+        .await
+        .expect("pull")
+        .into_iter()
+        .map(|d| d.notice.notice_id)
+        .collect();
+    assert_eq!(pulled, ["n-1", "n-3"]);
+    for (id, from, to) in [("n-1", "B", "C"), ("n-3", "C", "A")] {
+        let shift = store
+            .notice(id)
+            .await
+            .expect("notice")
+            .and_then(|n| n.grade)
+            .expect("a grade change");
+        assert_eq!((shift.from.as_str(), shift.to.as_str()), (from, to), "{id}");
+    }
+    assert!(store.notice("n-2").await.expect("notice").is_none());
     store.close().await;
 }
 
@@ -993,6 +1086,7 @@ both_backends!(
     a_decision_sees_the_holder_of_its_keys,
     subjects_records_are_read_together,
     many_grades_are_all_stored,
+    grade_changes_store_their_notices_in_turn,
     concurrent_duplicates_get_the_stored_answer,
     streams_are_gap_free_per_agency_and_acks_only_move_forward,
     claims_are_leased_and_fenced,

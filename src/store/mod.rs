@@ -1306,12 +1306,13 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<u32, StoreError>;
 
     /// Stores subjects' assessed grades, each subject's atomically (all in
-    /// one transaction on SQLite; a few subjects per transaction on
-    /// PostgreSQL, whose writer would otherwise hold submissions back for
-    /// them). Where a grade differs from the one stored (or, for a
+    /// one transaction on SQLite; up to 200 subjects per transaction on
+    /// PostgreSQL). Where a grade differs from the one stored (or, for a
     /// subject not assessed before, from its default), stores the
-    /// update's notice with the grade before and after. Each subject's row is locked while it is
-    /// compared, so instances assessing at once send one notice.
+    /// update's notice with the grade before and after. Each subject's row
+    /// is locked while it is compared, so instances assessing at once send
+    /// one notice. A subject given twice is compared against its first
+    /// update the second time.
     async fn set_grades(&self, updates: Vec<GradeUpdate>) -> Result<Vec<GradeChanged>, StoreError>;
 
     /// Up to `limit` subjects whose grade is due to be assessed again on
