@@ -118,6 +118,10 @@ pub struct ReviewConfig {
     /// records; the bound is for writes it cannot see (another instance on
     /// a shared PostgreSQL database, `credgate import` running beside it).
     pub cache_ttl_secs: u64,
+    /// Most changed subjects waiting for their credit grade to be
+    /// assessed. Past it, a change is not queued; the grader assesses
+    /// every subject again once it has room, so none is missed.
+    pub grade_backlog_max: usize,
 }
 
 impl Default for ReviewConfig {
@@ -129,6 +133,7 @@ impl Default for ReviewConfig {
             issuer_zh: "江苏省公共信用信息中心".into(),
             cache_mib: 64,
             cache_ttl_secs: 10,
+            grade_backlog_max: 100_000,
         }
     }
 }

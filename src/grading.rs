@@ -7,18 +7,21 @@
 //! with time (a rule's period closes, a record's effect ends: the stored
 //! `review_after`), and for every subject after a new rule set version or
 //! when an administrator asks (`POST /admin/v1/grades/reassess`, e.g. after
-//! `credgate import`). The store compares with the stored grade under the
-//! subject's lock, so a change is notified once even when instances assess
-//! at once. Reports do not depend on this: they grade the records they
+//! `credgate import`). Changed subjects wait in a bounded [`Backlog`]
+//! (`review.grade_backlog_max`); when it overflows, every subject is
+//! assessed again, so no change is missed. The store compares with the
+//! stored grade under the subject's lock, so a change is notified once even
+//! when instances assess at once. Reports do not depend on this: they grade the records they
 //! list, with the active rules, as they are assembled.
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use prometheus_client::metrics::counter::Counter;
 use time::Date;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{Catalog, NoticeType, Severity};
@@ -97,6 +100,96 @@ pub async fn stored_rules(
     }
 }
 
+/// Changed subjects waiting to be assessed: each once however often it
+/// changed, oldest first, at most `max`. A subject that changes while the
+/// backlog is full is not kept; the backlog remembers that it overflowed,
+/// and the grader then assesses every subject again.
+#[derive(Debug)]
+pub struct Backlog {
+    waiting: Mutex<Waiting>,
+    ready: Notify,
+    max: usize,
+    overflows: Counter,
+}
+
+#[derive(Debug, Default)]
+struct Waiting {
+    order: VecDeque<String>,
+    keys: HashSet<String>,
+    overflowed: bool,
+}
+
+/// What the grader takes from the backlog at once.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Taken {
+    /// Subjects, oldest first.
+    pub keys: Vec<String>,
+    /// Subjects were left out since the last take.
+    pub overflowed: bool,
+    /// Subjects still waiting.
+    pub left: usize,
+}
+
+impl Backlog {
+    /// An empty backlog of at most `max` subjects (at least 1); each
+    /// subject left out is counted on `overflows`.
+    pub fn new(max: usize, overflows: Counter) -> Backlog {
+        Backlog {
+            waiting: Mutex::new(Waiting::default()),
+            ready: Notify::new(),
+            max: max.max(1),
+            overflows,
+        }
+    }
+
+    fn waiting(&self) -> std::sync::MutexGuard<'_, Waiting> {
+        // Nothing panics while holding the lock; a poisoned lock holds
+        // consistent data.
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds a changed subject, unless it waits already; never blocks for
+    /// long (a short lock, no allocation when it waits already).
+    pub fn push(&self, key: &str) {
+        {
+            let mut w = self.waiting();
+            if w.keys.contains(key) {
+                return;
+            }
+            if w.keys.len() >= self.max {
+                w.overflowed = true;
+                drop(w);
+                self.overflows.inc();
+                return;
+            }
+            w.keys.insert(key.to_owned());
+            w.order.push_back(key.to_owned());
+        }
+        self.ready.notify_one();
+    }
+
+    /// Takes up to `n` subjects, oldest first.
+    pub fn take(&self, n: usize) -> Taken {
+        let mut w = self.waiting();
+        let n = n.min(w.order.len());
+        let keys: Vec<String> = w.order.drain(..n).collect();
+        for k in &keys {
+            w.keys.remove(k);
+        }
+        Taken {
+            keys,
+            overflowed: std::mem::take(&mut w.overflowed),
+            left: w.order.len(),
+        }
+    }
+
+    /// Whether nothing waits (and nothing was left out).
+    pub fn is_empty(&self) -> bool {
+        let w = self.waiting();
+        w.order.is_empty() && !w.overflowed
+    }
+}
+
 /// See the module documentation.
 pub struct Grader {
     /// The rule set in force.
@@ -105,7 +198,7 @@ pub struct Grader {
     active: crate::active::Active,
     subjects: Arc<SubjectCache>,
     metrics: Arc<crate::metrics::Metrics>,
-    inbox: std::sync::Mutex<Option<mpsc::UnboundedReceiver<String>>>,
+    backlog: Arc<Backlog>,
 }
 
 impl std::fmt::Debug for Grader {
@@ -118,23 +211,28 @@ impl std::fmt::Debug for Grader {
 
 impl Grader {
     /// A grader with the rules in force; it hears of changes through the
-    /// subject cache.
+    /// subject cache and keeps up to `backlog_max` of them waiting.
     pub fn new(
         rules: ActiveRules,
         store: Arc<dyn Store>,
         active: crate::active::Active,
         subjects: Arc<SubjectCache>,
         metrics: Arc<crate::metrics::Metrics>,
+        backlog_max: usize,
     ) -> Arc<Grader> {
-        let (queue, inbox) = mpsc::unbounded_channel();
-        subjects.listen(queue);
+        let backlog = Arc::new(Backlog::new(
+            backlog_max,
+            metrics.grade_backlog_overflows.clone(),
+        ));
+        let queue = backlog.clone();
+        subjects.listen(Box::new(move |key| queue.push(key)));
         Arc::new(Grader {
             rules: ArcSwap::from_pointee(rules),
             store,
             active,
             subjects,
             metrics,
-            inbox: std::sync::Mutex::new(Some(inbox)),
+            backlog,
         })
     }
 
@@ -206,38 +304,57 @@ impl Grader {
     }
 
     /// Runs until `shutdown`: assesses subjects as changes arrive and, every
-    /// `due_every`, those whose grade may have moved with time.
+    /// `due_every`, those whose grade may have moved with time. After the
+    /// backlog overflowed, it also goes through every subject with records,
+    /// a batch at a time beside the changes (again from the start if it
+    /// overflows again meanwhile).
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken, due_every: Duration) {
-        let Some(mut inbox) = self.inbox.lock().ok().and_then(|mut i| i.take()) else {
-            return;
-        };
         let mut due = tokio::time::interval(due_every);
+        // Where the sweep after an overflow has got to.
+        let mut sweep: Option<String> = None;
         loop {
             let mut keys = BTreeSet::new();
+            let busy = sweep.is_some() || !self.backlog.is_empty();
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                k = inbox.recv() => match k {
-                    Some(k) => { keys.insert(k); }
-                    None => break,
-                },
                 _ = due.tick() => {
                     match self.store.grades_due(crate::codes::today_cst(), 1000).await {
                         Ok(k) => keys.extend(k),
                         Err(e) => tracing::error!(error = %e, "listing grades due failed"),
                     }
                 }
+                _ = self.backlog.ready.notified(), if !busy => {}
+                _ = std::future::ready(()), if busy => {}
             }
-            while keys.len() < BATCH {
-                match inbox.try_recv() {
-                    Ok(k) => {
-                        keys.insert(k);
+            let taken = self.backlog.take(BATCH);
+            keys.extend(taken.keys);
+            self.metrics.grade_backlog.set(taken.left as i64);
+            if taken.overflowed {
+                tracing::warn!(
+                    "the grading backlog was full: some changed subjects were not queued; assessing every subject again"
+                );
+                sweep = Some(String::new());
+            }
+            if let Some(after) = &sweep {
+                match self.store.subjects_after(after, BATCH).await {
+                    Ok(more) => {
+                        sweep = more.last().cloned();
+                        if sweep.is_none() {
+                            tracing::info!(
+                                "every subject's grade assessed again after the backlog overflowed"
+                            );
+                        }
+                        keys.extend(more);
                     }
-                    Err(_) => break,
+                    Err(e) => {
+                        tracing::error!(error = %e, "listing subjects to assess failed; trying again in a second");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                    }
                 }
             }
-            // What is left after this batch; also what grows when the
-            // grader does not keep up with the changes.
-            self.metrics.grade_backlog.set(inbox.len() as i64);
             let keys: Vec<String> = keys.into_iter().collect();
             for chunk in keys.chunks(BATCH) {
                 if let Err(e) = self.assess(chunk).await {
@@ -337,5 +454,42 @@ impl Grader {
         self.metrics.grade_assessments.inc_by(n as u64);
         self.metrics.grade_changes.inc_by(changed.len() as u64);
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn taken(keys: &[&str], overflowed: bool, left: usize) -> Taken {
+        Taken {
+            keys: keys.iter().map(|k| (*k).to_owned()).collect(),
+            overflowed,
+            left,
+        }
+    }
+
+    #[test]
+    fn the_backlog_keeps_each_subject_once_in_order_and_counts_what_it_leaves_out() {
+        let overflows = Counter::default();
+        let backlog = Backlog::new(3, overflows.clone());
+        assert!(backlog.is_empty());
+        for k in ["b", "a", "b", "c", "a"] {
+            backlog.push(k);
+        }
+        assert_eq!(overflows.get(), 0);
+        // Full: "d" is left out, "a" waits already.
+        backlog.push("d");
+        backlog.push("a");
+        assert_eq!(overflows.get(), 1);
+        assert!(!backlog.is_empty());
+        assert_eq!(backlog.take(2), taken(&["b", "a"], true, 1));
+        // The overflow is reported once; there is room again.
+        backlog.push("d");
+        backlog.push("b");
+        assert_eq!(backlog.take(10), taken(&["c", "d", "b"], false, 0));
+        assert!(backlog.is_empty());
+        assert_eq!(backlog.take(10), taken(&[], false, 0));
+        assert_eq!(overflows.get(), 1);
     }
 }

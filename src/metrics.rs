@@ -86,6 +86,8 @@ pub struct Metrics {
     pub grade_changes: Counter,
     /// Changed subjects waiting for the grader.
     pub grade_backlog: Gauge,
+    /// Subject changes not queued for grading (backlog full).
+    pub grade_backlog_overflows: Counter,
 }
 
 impl Metrics {
@@ -186,6 +188,12 @@ fn build() -> Metrics {
         "Subjects changed on this instance whose credit grade waits to be assessed",
         grade_backlog.clone(),
     );
+    let grade_backlog_overflows = Counter::default();
+    registry.register(
+        "grade_backlog_overflows",
+        "Subject changes not queued because the grading backlog was full (every subject is then assessed again)",
+        grade_backlog_overflows.clone(),
+    );
     let store_group_size = Histogram::new(exponential_buckets(1.0, 2.0, 11));
     registry.register(
         "store_group_size",
@@ -205,6 +213,7 @@ fn build() -> Metrics {
         grade_assessments,
         grade_changes,
         grade_backlog,
+        grade_backlog_overflows,
         store_group_size,
     }
 }

@@ -341,6 +341,7 @@ impl Gateway {
             control.active(),
             subjects.clone(),
             metrics.clone(),
+            config.review.grade_backlog_max,
         );
         let ingest = Ingest::new(
             &control.active(),

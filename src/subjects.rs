@@ -33,13 +33,16 @@ const RECORD_WEIGHT: u32 = 4096;
 /// Records about one subject, read together.
 pub type SubjectRecords = Arc<Vec<StoredRecord>>;
 
+/// Told the key of a subject that changed; must not block.
+pub type Listener = Box<dyn Fn(&str) + Send + Sync>;
+
 /// See the module documentation.
 pub struct SubjectCache {
     entries: Option<moka::sync::Cache<String, SubjectRecords>>,
     generations: Box<[AtomicU64]>,
     hasher: std::collections::hash_map::RandomState,
     /// Told the key of every subject that changed (the grader).
-    listener: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<String>>,
+    listener: std::sync::OnceLock<Listener>,
 }
 
 impl std::fmt::Debug for SubjectCache {
@@ -84,7 +87,7 @@ impl SubjectCache {
     }
 
     /// Has `listener` told of every subject that changes from now on.
-    pub fn listen(&self, listener: tokio::sync::mpsc::UnboundedSender<String>) {
+    pub fn listen(&self, listener: Listener) {
         let _ = self.listener.set(listener);
     }
 
@@ -96,7 +99,7 @@ impl SubjectCache {
             e.invalidate(subject_key);
         }
         if let Some(l) = self.listener.get() {
-            let _ = l.send(subject_key.to_owned());
+            l(subject_key);
         }
     }
 

@@ -279,3 +279,63 @@ notice_types = ["grade_change"]
     assert_eq!(land.get("/admin/v1/grades").await.status, 403);
     server.stop().await;
 }
+
+/// Changes that arrive while the grading backlog is full are not lost:
+/// the grader goes through every subject and each gets its grade.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_grading_backlog_loses_no_subject() {
+    let mut env = Env::new();
+    env.config.review.grade_backlog_max = 1;
+    let server = Server::start(&env).await;
+    let market = env.client(server.addr, "dept-market");
+    let admin = env.client(server.addr, "admin-credit-office");
+
+    // One request, 30 subjects: all change at the same commit, so all but
+    // the first find the backlog full.
+    const N: u64 = 30;
+    let records: Vec<Value> = (100..100 + N)
+        .map(|n| {
+            let mut record = synth::record("administrative_penalty", 9_500 + n, "serious");
+            let (_, subject) = firm(n);
+            record
+                .as_object_mut()
+                .expect("object")
+                .extend(subject.as_object().expect("object").clone());
+            record
+        })
+        .collect();
+    let resp = market
+        .post_json(
+            "/v1/records",
+            &json!({"item": "administrative_penalty", "records": records}),
+        )
+        .await;
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    let accepted = resp.json()["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .filter(|r| r["status"] == "accepted")
+        .count();
+    assert_eq!(accepted as u64, N);
+
+    let start = Instant::now();
+    let graded = loop {
+        let c = count(&stats(&admin).await, "C");
+        if c >= N || start.elapsed() > Duration::from_secs(15) {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(graded, N, "every subject graded C");
+    let (_, metrics) = crate::support::ops_get(server.ops, "/metrics")
+        .await
+        .expect("metrics");
+    let overflows: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("credgate_grade_backlog_overflows_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("overflow counter");
+    assert!(overflows > 0, "the backlog overflowed: {overflows}");
+    server.stop().await;
+}
