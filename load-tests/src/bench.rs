@@ -146,6 +146,7 @@ fn spec_for(load: &Load, target: &Target, departments: Vec<String>, per_request:
             load.seed,
             2048,
         ))),
+        records_per_body: load.batch as u64,
     }
 }
 
@@ -307,6 +308,7 @@ pub async fn fairness(
         rate: Some(steady_rate),
         duration: Duration::from_secs(duration),
         bodies: pool.clone(),
+        records_per_body: 1,
     };
     let calm = drive::run(&steady).await?;
     let flood = Spec {
@@ -616,6 +618,7 @@ pub async fn review(load: &Load, subjects: u64) -> Result<Report, String> {
         rate: None,
         duration: Duration::from_secs(load.duration),
         bodies: Arc::new(Pool::new(bodies)),
+        records_per_body: 0,
         path,
         get: false,
     };
