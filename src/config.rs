@@ -650,6 +650,7 @@ impl Config {
                 self.delivery.expiry_check_secs as usize,
             ),
             ("delivery.max_in_flight", self.delivery.max_in_flight),
+            ("review.grade_backlog_max", self.review.grade_backlog_max),
             ("audit.checkpoint_secs", self.audit.checkpoint_secs as usize),
             (
                 "delivery.pause_after_failures",
@@ -858,6 +859,14 @@ mod tests {
             .expect_err("no query connections")
             .to_string();
         assert!(text.contains("store.query_connections"), "{text}");
+        let f = write("[review]\ngrade_backlog_max = 0\n");
+        let text = Config::load(f.path(), false, vec![])
+            .expect_err("no backlog")
+            .to_string();
+        assert!(
+            text.contains("review.grade_backlog_max: must be greater than 0"),
+            "{text}"
+        );
     }
 
     #[test]

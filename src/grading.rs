@@ -131,13 +131,13 @@ pub struct Taken {
 }
 
 impl Backlog {
-    /// An empty backlog of at most `max` subjects (at least 1); each
-    /// subject left out is counted on `overflows`.
+    /// An empty backlog of at most `max` subjects (the configuration
+    /// refuses 0); each subject left out is counted on `overflows`.
     pub fn new(max: usize, overflows: Counter) -> Backlog {
         Backlog {
             waiting: Mutex::new(Waiting::default()),
             ready: Notify::new(),
-            max: max.max(1),
+            max,
             overflows,
         }
     }
