@@ -316,6 +316,75 @@ pub(crate) async fn a_decision_sees_the_holder_of_its_keys(s: Subject) {
     store.close().await;
 }
 
+/// Submissions decided at the same moment about the same subjects are
+/// decided in turn: each sees the records of those stored before it
+/// (none of another item, none of another subject), as one commit after
+/// the other would, even when they share a write group.
+pub(crate) async fn a_decision_sees_the_records_decided_before_it(s: Subject) {
+    let store = s.store.clone();
+    let (a, b) = ("91350100M000100Y43", "91350200MA2Y3F8X4Q");
+    // A record of another item about `a`, holding the natural key one of
+    // the decisions below takes for its own item.
+    let mut other = submission("s-other", "r-other");
+    other.item = "abnormal_operation".into();
+    other.records[0].subject_key = Some(a.into());
+    other.records[0].natural_key = "k:shared".into();
+    store.append_submission(other).await.expect("append");
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let store = store.clone();
+            let subject = if i % 2 == 0 { a } else { b };
+            let key = if i == 0 {
+                "k:shared".to_owned()
+            } else {
+                format!("k:w{i}")
+            };
+            let lookups = SubmissionLookups {
+                item: "administrative_penalty".into(),
+                keys: vec![key.clone()],
+                subjects: vec![subject.into()],
+                items: vec!["administrative_penalty".into()],
+            };
+            // Answers how many of the subject's records it saw, or what
+            // it should not have seen.
+            let decide: Decide = Arc::new(move |holders, others| {
+                let mut sub = submission(&format!("s-w{i}"), &format!("r-w{i}"));
+                sub.records[0].natural_key = key.clone();
+                sub.records[0].subject_key = Some(subject.into());
+                let foreign = others
+                    .iter()
+                    .any(|r| r.subject_key != subject || r.item != "administrative_penalty");
+                sub.response_body = match (holders.is_empty(), foreign) {
+                    (false, _) => b"a holder of another item".to_vec(),
+                    (_, true) => b"a record of another subject or item".to_vec(),
+                    _ => others.len().to_string().into_bytes(),
+                };
+                Ok(sub)
+            });
+            tokio::spawn(async move {
+                let decided = store.decide_and_append(lookups, decide).await;
+                (subject, decided)
+            })
+        })
+        .collect();
+    let mut seen: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+    for t in tasks {
+        let (subject, decided) = t.await.expect("task");
+        let decided = decided.expect("never an error");
+        assert!(matches!(decided.outcome, AppendOutcome::Stored));
+        seen.entry(subject)
+            .or_default()
+            .push(String::from_utf8(decided.response_body).expect("utf-8"));
+    }
+    for (subject, mut counts) in seen {
+        counts.sort_by_key(|c| c.parse::<usize>().unwrap_or(usize::MAX));
+        let expected: Vec<String> = (0..8).map(|n| n.to_string()).collect();
+        assert_eq!(counts, expected, "what the decisions about {subject} saw");
+    }
+    assert_chain_intact(store.as_ref()).await;
+    store.close().await;
+}
+
 /// A set of subjects' records, read together, are those one reads record
 /// by record, each with the subject it is about, and only of the items
 /// asked for.
@@ -1084,6 +1153,7 @@ both_backends!(
     a_failing_write_costs_only_its_own_caller,
     a_natural_key_is_held_by_one_record_of_an_item,
     a_decision_sees_the_holder_of_its_keys,
+    a_decision_sees_the_records_decided_before_it,
     subjects_records_are_read_together,
     many_grades_are_all_stored,
     grade_changes_store_their_notices_in_turn,

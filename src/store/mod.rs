@@ -483,15 +483,30 @@ pub async fn lookup_then_append<S: Store + ?Sized>(
     lookups: SubmissionLookups,
     decide: Decide,
 ) -> Result<Decided, StoreError> {
-    let mut attempts = 0;
-    loop {
-        attempts += 1;
+    let (lookups, decide) = (&lookups, &decide);
+    while_keys_taken(|| async move {
         let (holders, others) = store.lookups(lookups.clone()).await?;
         let submission = decide(holders, others)?;
         let decided = Decided::of(&submission, AppendOutcome::Stored);
-        match store.append_submission(submission).await {
-            Err(StoreError::KeyTaken) if attempts < 3 => continue,
-            outcome => return outcome.map(|outcome| Decided { outcome, ..decided }),
+        let outcome = store.append_submission(submission).await?;
+        Ok(Decided { outcome, ..decided })
+    })
+    .await
+}
+
+/// Runs `attempt` again while it fails with `KeyTaken` (a natural key it
+/// looked up was taken before its commit), three tries in all.
+pub(crate) async fn while_keys_taken<T, F, A>(mut attempt: A) -> Result<T, StoreError>
+where
+    A: FnMut() -> F,
+    F: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match attempt().await {
+            Err(StoreError::KeyTaken) if tries < 3 => continue,
+            outcome => return outcome,
         }
     }
 }

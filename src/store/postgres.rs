@@ -12,6 +12,11 @@
 //! - **The audit chain** is appended under a lock on its head row
 //!   (`audit_head`), taken last; checkpoints are written by whichever
 //!   instance holds an advisory lock.
+//! - **Decisions about a subject** (a record refused while its subject is
+//!   listed, a warning completed by the subject's earlier record) are made
+//!   in the writer's transaction, under a transaction-scoped advisory
+//!   lock per subject, so each sees every submission about the subject
+//!   committed before it, from any writer of any instance.
 //! - **Idempotency** is `INSERT … ON CONFLICT DO NOTHING`: a concurrent
 //!   duplicate waits for the first to commit and gets its stored answer.
 //! - **Push claims** are single statements with `FOR UPDATE SKIP LOCKED`
@@ -40,12 +45,12 @@ use super::shared::{
 use super::SubjectRecord;
 use super::{
     parse_kind, ActivateOutcome, AgencyFeedbackStats, AppendOutcome, AuditFilter, ControlState,
-    CorrectOutcome, Correction, DeliveryInfo, DeliveryResult, DeliveryState, DepartmentStats,
-    DocKind, EndOutcome, Ending, EndpointHealth, Feedback, FeedbackOutcome, FeedbackStored,
-    Finished, GradeChanged, GradeCount, GradeUpdate, ItemActivation, KeyHolder, NewNotice,
-    NewReview, NewSubmission, NoticeHistory, Outbound, PublicQuery, PublicRecord, ReviewEntry,
-    Revision, Store, StoreError, StoredNotice, StoredRecord, StoredResponse, StoredReview,
-    SubmissionLookups, VersionInfo,
+    CorrectOutcome, Correction, Decide, Decided, DeliveryInfo, DeliveryResult, DeliveryState,
+    DepartmentStats, DocKind, EndOutcome, Ending, EndpointHealth, Feedback, FeedbackOutcome,
+    FeedbackStored, Finished, GradeChanged, GradeCount, GradeUpdate, ItemActivation, KeyHolder,
+    NewNotice, NewReview, NewSubmission, NoticeHistory, Outbound, PublicQuery, PublicRecord,
+    ReviewEntry, Revision, Store, StoreError, StoredNotice, StoredRecord, StoredResponse,
+    StoredReview, SubmissionLookups, VersionInfo,
 };
 use crate::catalog::Severity;
 use crate::redact::RecordBody;
@@ -354,6 +359,32 @@ const GRADES_PER_WRITE: usize = 200;
 const RECORD_COLUMNS: &str = "id, item, item_version, submitter, subject_type, decision_date, effective_until, received_at, body, warnings, status, end_reason, removal, revision";
 
 /// A row that starts with [`RECORD_COLUMNS`].
+/// A record holding a natural key: `natural_key, id, content_hash,
+/// submitter`.
+fn key_holder(r: &Row) -> KeyHolder {
+    KeyHolder {
+        natural_key: r.get(0),
+        record_id: r.get(1),
+        content_hash: r.get::<_, Option<String>>(2).unwrap_or_default(),
+        submitter: r.get(3),
+    }
+}
+
+/// The records of some subjects (`$1`) of some items (`$2`), as
+/// [`subject_record`] reads them.
+const SUBJECT_RECORDS: &str = "SELECT id, subject_key, item, status, level, decision_date FROM records WHERE subject_key = ANY($1) AND item = ANY($2)";
+
+fn subject_record(r: &Row) -> Result<SubjectRecord, StoreError> {
+    Ok(SubjectRecord {
+        record_id: r.get(0),
+        subject_key: r.get(1),
+        item: r.get(2),
+        status: r.get(3),
+        level: r.get::<_, Option<&str>>(4).and_then(Severity::parse),
+        decision_date: r.get(5),
+    })
+}
+
 fn stored_record(r: &Row) -> Result<StoredRecord, StoreError> {
     Ok(StoredRecord {
         id: r.get(0),
@@ -380,6 +411,12 @@ fn stored_record(r: &Row) -> Result<StoredRecord, StoreError> {
 /// One write, applied inside the writer's group transaction.
 enum Op {
     Append(Box<NewSubmission>),
+    /// A submission to look up, decide and store in the write
+    /// ([`Store::decide_and_append`]).
+    Decide {
+        lookups: SubmissionLookups,
+        decide: Decide,
+    },
     End {
         record_id: String,
         ending: Ending,
@@ -422,6 +459,7 @@ enum Op {
 /// What a write answers.
 enum Out {
     Append(AppendOutcome),
+    Decided(Decided),
     End(EndOutcome),
     Correct(CorrectOutcome),
     Unit(()),
@@ -822,17 +860,10 @@ async fn commit_group(pool: &Pool, group: Vec<Job>) {
         let tx = client.transaction().await.map_err(db_err)?;
         // Submissions together, a few multi-row statements for the whole
         // group; the other writes each on their own, all pipelined.
-        let subs: Vec<&NewSubmission> = ops
-            .iter()
-            .filter_map(|op| match op {
-                Op::Append(s) => Some(s.as_ref()),
-                _ => None,
-            })
-            .collect();
-        let others = ops.iter().filter(|op| !matches!(op, Op::Append(_)));
+        let (subs, others): (Vec<&Op>, Vec<&Op>) = ops.iter().partition(|op| op.is_submission());
         let (appended, others) = futures_util::future::join(
-            append_many(&tx, &subs),
-            join_all(others.map(|op| apply(&tx, op))),
+            store_submissions(&tx, &subs),
+            join_all(others.into_iter().map(|op| apply(&tx, op))),
         )
         .await;
         let appended = match appended {
@@ -853,9 +884,10 @@ async fn commit_group(pool: &Pool, group: Vec<Job>) {
         let mut fx = Effects::default();
         let mut outs = Vec::with_capacity(ops.len());
         for op in &ops {
-            let next = match op {
-                Op::Append(_) => appended.next(),
-                _ => others.next(),
+            let next = if op.is_submission() {
+                appended.next()
+            } else {
+                others.next()
             };
             let (out, effects) = next.ok_or_else(|| corrupt("an outcome is missing"))?;
             fx.merge(effects);
@@ -895,6 +927,9 @@ async fn isolated(
     ops: &[Op],
 ) -> Result<Vec<Result<Out, StoreError>>, StoreError> {
     let mut tx = client.transaction().await.map_err(db_err)?;
+    // Every subject at once, in order, as in the fast path: taken one
+    // write at a time, two groups could wait for each other.
+    lock_subjects(&tx, &ops.iter().collect::<Vec<_>>()).await?;
     let mut fx = Effects::default();
     let mut outs = Vec::with_capacity(ops.len());
     for op in ops {
@@ -996,8 +1031,8 @@ async fn finish_transaction(tx: &Transaction<'_>, fx: Effects) -> Result<(), Sto
 async fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(Out, Effects), StoreError> {
     let mut fx = Effects::default();
     let out = match op {
-        Op::Append(sub) => {
-            let (out, effects) = append_many(tx, &[sub.as_ref()])
+        Op::Append(_) | Op::Decide { .. } => {
+            let (out, effects) = store_submissions(tx, &[op])
                 .await?
                 .pop()
                 .ok_or_else(|| corrupt("no outcome"))?;
@@ -1078,6 +1113,206 @@ async fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(Out, Effects), StoreErr
         }
     };
     Ok((out, fx))
+}
+
+impl Op {
+    /// A submission, stored with the group's others by
+    /// [`store_submissions`].
+    fn is_submission(&self) -> bool {
+        matches!(self, Op::Append(_) | Op::Decide { .. })
+    }
+
+    /// The `(item, natural key)` pairs and subjects a submission's
+    /// outcome depends on, or its records take.
+    fn touches(&self) -> (Vec<(&str, &str)>, Vec<&str>) {
+        match self {
+            Op::Append(sub) => (
+                sub.records
+                    .iter()
+                    .map(|r| (sub.item.as_str(), r.natural_key.as_str()))
+                    .collect(),
+                sub.records
+                    .iter()
+                    .filter_map(|r| r.subject_key.as_deref())
+                    .collect(),
+            ),
+            Op::Decide { lookups, .. } => (
+                lookups
+                    .keys
+                    .iter()
+                    .map(|k| (lookups.item.as_str(), k.as_str()))
+                    .collect(),
+                lookups.subjects.iter().map(String::as_str).collect(),
+            ),
+            _ => (Vec::new(), Vec::new()),
+        }
+    }
+}
+
+/// Stores a group's submissions, in order: those decided before
+/// (`Append`) and those to decide here (`Decide`). A run of submissions
+/// that touch no natural key or subject an earlier one of the run touches
+/// is a wave: its look-ups are two statements, its submissions are
+/// decided, then stored by [`append_many`]. A submission that touches what
+/// an earlier one of its wave touches starts the next wave, so its
+/// look-ups see that one stored, as they would one commit later. The
+/// look-ups run in the group's transaction, so the rows they find cannot
+/// change before the commit: the subjects are locked ([`lock_subjects`]),
+/// and a natural key another writer takes in between fails this write with
+/// `KeyTaken`.
+async fn store_submissions(
+    tx: &Transaction<'_>,
+    ops: &[&Op],
+) -> Result<Vec<(Out, Effects)>, StoreError> {
+    lock_subjects(tx, ops).await?;
+    let mut outs = Vec::with_capacity(ops.len());
+    let mut start = 0;
+    while start < ops.len() {
+        let mut keys = HashSet::new();
+        let mut subjects = HashSet::new();
+        let mut end = start;
+        for op in &ops[start..] {
+            let (k, s) = op.touches();
+            if end > start
+                && (k.iter().any(|k| keys.contains(k)) || s.iter().any(|s| subjects.contains(s)))
+            {
+                break;
+            }
+            keys.extend(k);
+            subjects.extend(s);
+            end += 1;
+        }
+        let wave = &ops[start..end];
+        let decided = decide_wave(tx, wave).await?;
+        let subs: Vec<&NewSubmission> = wave
+            .iter()
+            .zip(&decided)
+            .map(|(op, d)| match (op, d) {
+                (_, Some(sub)) => Ok(sub),
+                (Op::Append(sub), None) => Ok(sub.as_ref()),
+                _ => Err(corrupt("a submission was not decided")),
+            })
+            .collect::<Result<_, _>>()?;
+        let appended = append_many(tx, &subs).await?;
+        for ((sub, decided), (out, fx)) in subs.iter().zip(&decided).zip(appended) {
+            let out = match (decided, out) {
+                (Some(_), Out::Append(outcome)) => Out::Decided(Decided::of(sub, outcome)),
+                (_, out) => out,
+            };
+            outs.push((out, fx));
+        }
+        start = end;
+    }
+    Ok(outs)
+}
+
+/// Advisory-lock class of subjects: the two-key form, whose keys never
+/// meet the one-key locks of migrations, seeding and checkpoints.
+const LOCK_SUBJECTS: i32 = 0x6372_6564;
+
+/// Locks the subjects `ops` touch until the transaction ends, all in one
+/// statement and in one order (so two transactions never wait for each
+/// other in a cycle): a decision about a subject, on any writer of any
+/// instance, then looks up after the commit of the one before it, and sees
+/// its records. Taking a lock held already costs nothing.
+async fn lock_subjects(tx: &Transaction<'_>, ops: &[&Op]) -> Result<(), StoreError> {
+    let mut keys: Vec<i32> = ops
+        .iter()
+        .flat_map(|op| op.touches().1)
+        .map(|subject| {
+            let d = <sha2::Sha256 as sha2::Digest>::digest(subject.as_bytes());
+            i32::from_be_bytes([d[0], d[1], d[2], d[3]])
+        })
+        .collect();
+    if keys.is_empty() {
+        return Ok(());
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    exec(
+        tx,
+        "SELECT pg_advisory_xact_lock($1, k) FROM unnest($2::int4[]) AS k",
+        &[&LOCK_SUBJECTS, &keys],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Looks up what a wave's `Decide` submissions depend on, in two
+/// statements for the whole wave, and decides each on its share of the
+/// rows (what [`Store::find_keys`] and [`Store::subject_records`] would
+/// answer it). `None` for a submission decided before.
+async fn decide_wave(
+    tx: &Transaction<'_>,
+    wave: &[&Op],
+) -> Result<Vec<Option<NewSubmission>>, StoreError> {
+    let asks: Vec<&SubmissionLookups> = wave
+        .iter()
+        .filter_map(|op| match op {
+            Op::Decide { lookups, .. } => Some(lookups),
+            _ => None,
+        })
+        .collect();
+    if asks.is_empty() {
+        return Ok(wave.iter().map(|_| None).collect());
+    }
+    let (key_items, key_names): (Vec<&str>, Vec<&str>) = asks
+        .iter()
+        .flat_map(|l| l.keys.iter().map(|k| (l.item.as_str(), k.as_str())))
+        .unzip();
+    let subjects: Vec<&str> = unique(asks.iter().flat_map(|l| l.subjects.iter()));
+    let items: Vec<&str> = unique(asks.iter().flat_map(|l| l.items.iter()));
+    let holders = async {
+        if key_names.is_empty() {
+            return Ok(Vec::new());
+        }
+        run(tx, "SELECT r.natural_key, r.id, r.content_hash, r.submitter, r.item FROM records r \
+             JOIN unnest($1::text[], $2::text[]) AS t(i, k) ON r.item = t.i AND r.natural_key = t.k",
+            &[&key_items, &key_names]).await
+    };
+    let others = async {
+        if subjects.is_empty() || items.is_empty() {
+            return Ok(Vec::new());
+        }
+        run(tx, SUBJECT_RECORDS, &[&subjects, &items]).await
+    };
+    let (holders, others) = futures_util::future::join(holders, others).await;
+    let holders = holders?
+        .iter()
+        .map(|r| (r.get::<_, String>(4), key_holder(r)))
+        .collect::<Vec<_>>();
+    let others = others?
+        .iter()
+        .map(subject_record)
+        .collect::<Result<Vec<_>, _>>()?;
+    wave.iter()
+        .map(|op| {
+            let Op::Decide { lookups, decide } = op else {
+                return Ok(None);
+            };
+            let keys: HashSet<&str> = lookups.keys.iter().map(String::as_str).collect();
+            let subjects: HashSet<&str> = lookups.subjects.iter().map(String::as_str).collect();
+            let mine = holders
+                .iter()
+                .filter(|(item, h)| *item == lookups.item && keys.contains(h.natural_key.as_str()))
+                .map(|(_, h)| h.clone())
+                .collect();
+            let theirs = others
+                .iter()
+                .filter(|r| {
+                    subjects.contains(r.subject_key.as_str()) && lookups.items.contains(&r.item)
+                })
+                .cloned()
+                .collect();
+            decide(mine, theirs).map(Some)
+        })
+        .collect()
+}
+
+/// Each string once, in sorted order.
+fn unique<'a>(all: impl Iterator<Item = &'a String>) -> Vec<&'a str> {
+    let set: std::collections::BTreeSet<&str> = all.map(String::as_str).collect();
+    set.into_iter().collect()
 }
 
 /// Stores the submissions of a group with one multi-row statement per
@@ -2115,6 +2350,27 @@ impl Store for PgStore {
         expect_out!(self.write(Op::Append(Box::new(submission))).await?, Append)
     }
 
+    /// A submission is looked up, decided and stored in one writer job,
+    /// with its group's others: two look-up statements per group instead
+    /// of two pool queries per submission (see [`store_submissions`]). A
+    /// key another instance took in between is looked up again, three
+    /// tries in all ([`super::while_keys_taken`]).
+    async fn decide_and_append(
+        &self,
+        lookups: SubmissionLookups,
+        decide: Decide,
+    ) -> Result<Decided, StoreError> {
+        let (lookups, decide) = (&lookups, &decide);
+        super::while_keys_taken(|| async move {
+            let op = Op::Decide {
+                lookups: lookups.clone(),
+                decide: decide.clone(),
+            };
+            expect_out!(self.write(op).await?, Decided)
+        })
+        .await
+    }
+
     async fn idempotent_response(
         &self,
         participant: &str,
@@ -2144,15 +2400,7 @@ impl Store for PgStore {
                 &[&item, &keys],
             )
             .await?;
-        Ok(rows
-            .iter()
-            .map(|r| KeyHolder {
-                natural_key: r.get(0),
-                record_id: r.get(1),
-                content_hash: r.get::<_, Option<String>>(2).unwrap_or_default(),
-                submitter: r.get(3),
-            })
-            .collect())
+        Ok(rows.iter().map(key_holder).collect())
     }
 
     async fn subject_records(
@@ -2163,23 +2411,11 @@ impl Store for PgStore {
         if subjects.is_empty() || items.is_empty() {
             return Ok(Vec::new());
         }
-        self.query(
-            "SELECT id, subject_key, item, status, level, decision_date FROM records WHERE subject_key = ANY($1) AND item = ANY($2)",
-            &[&subjects, &items],
-        )
-        .await?
-        .iter()
-        .map(|r| {
-            Ok(SubjectRecord {
-                record_id: r.get(0),
-                subject_key: r.get(1),
-                item: r.get(2),
-                status: r.get(3),
-                level: r.get::<_, Option<&str>>(4).and_then(Severity::parse),
-                decision_date: r.get(5),
-            })
-        })
-        .collect()
+        self.query(SUBJECT_RECORDS, &[&subjects, &items])
+            .await?
+            .iter()
+            .map(subject_record)
+            .collect()
     }
 
     async fn lookups(
