@@ -8,11 +8,15 @@
 //! `review_after`), and for every subject after a new rule set version or
 //! when an administrator asks (`POST /admin/v1/grades/reassess`, e.g. after
 //! `credgate import`). Changed subjects wait in a bounded [`Backlog`]
-//! (`review.grade_backlog_max`); when it overflows, every subject is
-//! assessed again, so no change is missed. The store compares with the
-//! stored grade under the subject's lock, so a change is notified once even
-//! when instances assess at once. Reports do not depend on this: they grade the records they
-//! list, with the active rules, as they are assembled.
+//! (`review.grade_backlog_max`). The store also gives a subject a new
+//! grade mark in the transaction of every change to its records, and the
+//! grader deletes the mark it read before assessing, if it is still the
+//! subject's: at start-up, and after the backlog overflowed, every subject
+//! with a mark is assessed, so no change is missed, even across a crash.
+//! The store compares with the stored grade under the subject's lock, so a
+//! change is notified once even when instances assess at once. Reports do
+//! not depend on this: they grade the records they list, with the active
+//! rules, as they are assembled.
 
 use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -310,8 +314,11 @@ impl Grader {
     /// overflows again meanwhile).
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken, due_every: Duration) {
         let mut due = tokio::time::interval(due_every);
-        // Where the sweep after an overflow has got to.
-        let mut sweep: Option<String> = None;
+        // Where the sweep of ungraded subjects has got to: from the start,
+        // for the changes the last run left (a restart, a crash), and
+        // again after an overflow.
+        let mut sweep: Option<String> = Some(String::new());
+        let mut swept = 0usize;
         loop {
             let mut keys = BTreeSet::new();
             let busy = sweep.is_some() || !self.backlog.is_empty();
@@ -331,18 +338,21 @@ impl Grader {
             self.metrics.grade_backlog.set(taken.left as i64);
             if taken.overflowed {
                 tracing::warn!(
-                    "the grading backlog was full: some changed subjects were not queued; assessing every subject again"
+                    "the grading backlog was full: some changed subjects were not queued; assessing every ungraded subject"
                 );
                 sweep = Some(String::new());
             }
             if let Some(after) = &sweep {
-                match self.store.subjects_after(after, BATCH).await {
+                match self.store.ungraded_after(after, BATCH).await {
                     Ok(more) => {
                         sweep = more.last().cloned();
-                        if sweep.is_none() {
+                        swept += more.len();
+                        if sweep.is_none() && swept > 0 {
                             tracing::info!(
-                                "every subject's grade assessed again after the backlog overflowed"
+                                subjects = swept,
+                                "every subject with an ungraded change assessed"
                             );
+                            swept = 0;
                         }
                         keys.extend(more);
                     }
@@ -378,6 +388,9 @@ impl Grader {
             .last()
             .map(|r| r.grade.clone())
             .unwrap_or_default();
+        // Marks before records: a change committed after this read gives
+        // its subject a new mark, which stays (and so does the need).
+        let marks = self.store.grade_marks(keys.to_vec()).await?;
         let mut updates = Vec::with_capacity(keys.len());
         let read = self
             .subjects
@@ -447,7 +460,7 @@ impl Grader {
             });
         }
         let n = updates.len();
-        let changed = self.store.set_grades(updates).await?;
+        let changed = self.store.set_grades(updates, marks).await?;
         for c in &changed {
             tracing::info!(from = %c.from, to = %c.to, notice = ?c.notice_id, "credit grade changed");
         }

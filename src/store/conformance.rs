@@ -385,6 +385,75 @@ pub(crate) async fn a_decision_sees_the_records_decided_before_it(s: Subject) {
     store.close().await;
 }
 
+/// Every write to a subject's records gives it a new grade mark in the
+/// same commit; a subject is ungraded until grades are stored with its
+/// latest mark, and a mark read before a later change leaves that change
+/// ungraded.
+pub(crate) async fn grade_marks_follow_every_change_until_graded(s: Subject) {
+    let store = s.store.clone();
+    let (a, b) = ("subject-a", "subject-b");
+    let marks = |subjects: &[&str]| {
+        let store = store.clone();
+        let subjects = subjects.iter().map(|s| (*s).to_owned()).collect();
+        async move {
+            let mut m = store.grade_marks(subjects).await.expect("marks");
+            m.sort_by(|x, y| x.subject_key.cmp(&y.subject_key));
+            m
+        }
+    };
+    let ungraded = |after: &'static str| {
+        let store = store.clone();
+        async move { store.ungraded_after(after, 10).await.expect("ungraded") }
+    };
+    let mut given = Vec::new();
+    for (i, subject) in [a, b, a].into_iter().enumerate() {
+        let mut sub = submission(&format!("s-m{i}"), &format!("r-m{i}"));
+        sub.records[0].subject_key = Some(subject.into());
+        store.append_submission(sub).await.expect("append");
+        given.push(marks(&[subject]).await[0].mark);
+    }
+    // Each write gives a mark never given before.
+    assert!(given[0] < given[1] && given[1] < given[2], "{given:?}");
+    // A record without a subject marks nothing.
+    store
+        .append_submission(submission("s-none", "r-none"))
+        .await
+        .expect("append");
+    let seen = marks(&[a, b, "subject-c"]).await;
+    let keys: Vec<&str> = seen.iter().map(|m| m.subject_key.as_str()).collect();
+    assert_eq!(keys, [a, b]);
+    assert_eq!(seen[0].mark, given[2], "a's latest write");
+    assert_eq!(ungraded("").await, [a, b]);
+    assert_eq!(ungraded(a).await, [b]);
+
+    // Assessed with what `a` had before its record was revoked: the
+    // revocation stays ungraded, `b` is graded.
+    let ended = store
+        .end_record(
+            "r-m0",
+            Ending::new(crate::notice::EndReason::Revoked),
+            "dept-market",
+        )
+        .await
+        .expect("end");
+    assert!(matches!(ended, EndOutcome::Ended { .. }), "{ended:?}");
+    let latest = marks(&[a]).await;
+    assert!(latest[0].mark > given[2], "the end gave a new mark");
+    store
+        .set_grades(Vec::new(), seen.clone())
+        .await
+        .expect("grades");
+    assert_eq!(ungraded("").await, [a]);
+
+    // Graded with the latest mark; an older one changes nothing after.
+    store.set_grades(Vec::new(), latest).await.expect("grades");
+    assert!(ungraded("").await.is_empty());
+    assert!(marks(&[a, b]).await.is_empty());
+    store.set_grades(Vec::new(), seen).await.expect("grades");
+    assert!(ungraded("").await.is_empty());
+    store.close().await;
+}
+
 /// A set of subjects' records, read together, are those one reads record
 /// by record, each with the subject it is about, and only of the items
 /// asked for.
@@ -461,7 +530,10 @@ pub(crate) async fn many_grades_are_all_stored(s: Subject) {
             })
             .collect()
     };
-    let first = store.set_grades(grades()).await.expect("grades");
+    let first = store
+        .set_grades(grades(), Vec::new())
+        .await
+        .expect("grades");
     let mut moved: Vec<String> = first.iter().map(|c| c.subject_key.clone()).collect();
     moved.sort();
     let expected: Vec<String> = (0..450)
@@ -480,7 +552,10 @@ pub(crate) async fn many_grades_are_all_stored(s: Subject) {
         [("B".to_owned(), 150), ("C".to_owned(), 300)]
     );
     // The same grades again change nothing.
-    let again = store.set_grades(grades()).await.expect("grades");
+    let again = store
+        .set_grades(grades(), Vec::new())
+        .await
+        .expect("grades");
     assert!(again.is_empty(), "{again:?}");
     store.close().await;
 }
@@ -531,11 +606,14 @@ pub(crate) async fn grade_changes_store_their_notices_in_turn(s: Subject) {
         }),
     };
     let changed = store
-        .set_grades(vec![
-            update("subject-a", "C", "n-1"),
-            update("subject-b", "B", "n-2"),
-            update("subject-a", "A", "n-3"),
-        ])
+        .set_grades(
+            vec![
+                update("subject-a", "C", "n-1"),
+                update("subject-b", "B", "n-2"),
+                update("subject-a", "A", "n-3"),
+            ],
+            Vec::new(),
+        )
         .await
         .expect("grades");
     let moves: Vec<(&str, &str, &str, Option<&str>)> = changed
@@ -1156,6 +1234,7 @@ both_backends!(
     a_decision_sees_the_records_decided_before_it,
     subjects_records_are_read_together,
     many_grades_are_all_stored,
+    grade_marks_follow_every_change_until_graded,
     grade_changes_store_their_notices_in_turn,
     concurrent_duplicates_get_the_stored_answer,
     streams_are_gap_free_per_agency_and_acks_only_move_forward,

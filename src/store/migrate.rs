@@ -3,7 +3,9 @@
 //! agencies' streams and acknowledged positions, feedback, the control
 //! plane, endpoint health, the audit chain with its checkpoints (those of
 //! the file beside the SQLite database included) — in one transaction,
-//! then verifies the chain on the target.
+//! then verifies the chain on the target. Every copied record's subject
+//! gets a grade mark, so the first start on the target assesses each
+//! subject once.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -421,7 +423,9 @@ pub async fn sqlite_to_postgres(
     tables.push(("audit_checkpoints (file)", from_file));
     tx.batch_execute(
         "UPDATE audit_head SET seq = a.seq, hash = a.hash FROM (SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1) a WHERE audit_head.id = 1;
-         SELECT setval(pg_get_serial_sequence('deliveries', 'seq'), GREATEST((SELECT MAX(seq) FROM deliveries), 1));",
+         SELECT setval(pg_get_serial_sequence('deliveries', 'seq'), GREATEST((SELECT MAX(seq) FROM deliveries), 1));
+         INSERT INTO grade_marks (subject_key, mark) SELECT k, nextval('grade_mark_seq') FROM
+             (SELECT DISTINCT subject_key FROM records WHERE subject_key IS NOT NULL) AS t(k) ON CONFLICT DO NOTHING;",
     )
     .await
     .map_err(|e| e.to_string())?;

@@ -135,6 +135,16 @@ pub struct GradeUpdate {
     pub notice: Option<GradeNotice>,
 }
 
+/// A subject's ungraded change, as the store marked it (see
+/// [`Store::grade_marks`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GradeMark {
+    /// Subject key.
+    pub subject_key: String,
+    /// The mark: a number given once per store.
+    pub mark: i64,
+}
+
 /// A `grade_change` notice and the record it is filed under.
 #[derive(Debug, Clone)]
 pub struct GradeNotice {
@@ -1328,7 +1338,29 @@ pub trait Store: Send + Sync + 'static {
     /// is locked while it is compared, so instances assessing at once send
     /// one notice. A subject given twice is compared against its first
     /// update the second time.
-    async fn set_grades(&self, updates: Vec<GradeUpdate>) -> Result<Vec<GradeChanged>, StoreError>;
+    ///
+    /// In the same transaction, deletes each of `marks` that is still its
+    /// subject's (read with [`Store::grade_marks`] before its records
+    /// were): the subject is graded with every change up to it. A mark
+    /// given since by a later change stays, and so does its subject's
+    /// need for grading.
+    async fn set_grades(
+        &self,
+        updates: Vec<GradeUpdate>,
+        marks: Vec<GradeMark>,
+    ) -> Result<Vec<GradeChanged>, StoreError>;
+
+    /// The grade marks of those of `subjects` that have one. Every write
+    /// to a subject's records (stored, ended, corrected, imported) gives
+    /// the subject a new mark, a number never given before, in the same
+    /// transaction: a change is durable together with the note that its
+    /// subject needs grading.
+    async fn grade_marks(&self, subjects: Vec<String>) -> Result<Vec<GradeMark>, StoreError>;
+
+    /// Subjects with a grade mark after `after` in key order, at most
+    /// `limit`: the changes a restart, a crash or a full grading backlog
+    /// left ungraded (and those the grader is about to assess).
+    async fn ungraded_after(&self, after: &str, limit: usize) -> Result<Vec<String>, StoreError>;
 
     /// Up to `limit` subjects whose grade is due to be assessed again on
     /// or before `today`.

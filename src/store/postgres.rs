@@ -47,10 +47,10 @@ use super::{
     parse_kind, ActivateOutcome, AgencyFeedbackStats, AppendOutcome, AuditFilter, ControlState,
     CorrectOutcome, Correction, Decide, Decided, DeliveryInfo, DeliveryResult, DeliveryState,
     DepartmentStats, DocKind, EndOutcome, Ending, EndpointHealth, Feedback, FeedbackOutcome,
-    FeedbackStored, Finished, GradeChanged, GradeCount, GradeUpdate, ItemActivation, KeyHolder,
-    NewNotice, NewReview, NewSubmission, NoticeHistory, Outbound, PublicQuery, PublicRecord,
-    ReviewEntry, Revision, Store, StoreError, StoredNotice, StoredRecord, StoredResponse,
-    StoredReview, SubmissionLookups, VersionInfo,
+    FeedbackStored, Finished, GradeChanged, GradeCount, GradeMark, GradeUpdate, ItemActivation,
+    KeyHolder, NewNotice, NewReview, NewSubmission, NoticeHistory, Outbound, PublicQuery,
+    PublicRecord, ReviewEntry, Revision, Store, StoreError, StoredNotice, StoredRecord,
+    StoredResponse, StoredReview, SubmissionLookups, VersionInfo,
 };
 use crate::catalog::Severity;
 use crate::redact::RecordBody;
@@ -286,6 +286,28 @@ const MIGRATIONS: &[&str] = &[
     CREATE UNIQUE INDEX records_public_id ON records(public_id) WHERE public_id IS NOT NULL;
     CREATE INDEX records_publicity ON records(publicity_end, decision_date) WHERE public_id IS NOT NULL;
 "#,
+    // 6: grade marks (see the SQLite store's migration 12), from a
+    // sequence: given by the statement that stores a group's records
+    // (`insert_submissions`), and by a statement-level trigger on updates
+    // of `records` (ends, corrections), in key order.
+    r#"
+    CREATE TABLE grade_marks (
+        subject_key TEXT PRIMARY KEY,
+        mark        BIGINT NOT NULL
+    );
+    CREATE SEQUENCE grade_mark_seq;
+    CREATE FUNCTION grade_marks_give() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO grade_marks AS g (subject_key, mark)
+            SELECT k, nextval('grade_mark_seq') FROM
+                (SELECT subject_key FROM new_rows UNION SELECT subject_key FROM old_rows) AS t(k)
+            WHERE k IS NOT NULL ORDER BY 1
+            ON CONFLICT (subject_key) DO UPDATE SET mark = EXCLUDED.mark;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER records_grade_marks_update AFTER UPDATE ON records
+        REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION grade_marks_give();
+"#,
 ];
 
 fn db_err(e: tokio_postgres::Error) -> StoreError {
@@ -442,7 +464,8 @@ enum Op {
         actor: String,
         reason: Option<String>,
     },
-    Grades(Vec<GradeUpdate>),
+    /// Grades, and the marks they were assessed at.
+    Grades(Vec<GradeUpdate>, Vec<GradeMark>),
     Seed {
         items: Vec<Value>,
         participants: Vec<(String, Value)>,
@@ -1096,7 +1119,7 @@ async fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(Out, Effects), StoreErr
             fx.control = true;
             Out::Version(version)
         }
-        Op::Grades(updates) => Out::Grades(set_grades(tx, updates, &mut fx).await?),
+        Op::Grades(updates, marks) => Out::Grades(set_grades(tx, updates, marks, &mut fx).await?),
         Op::Seed {
             items,
             participants,
@@ -1565,7 +1588,26 @@ async fn insert_submissions(
             })
         })
         .collect();
-    insert_notices(tx, &notices).await
+    insert_notices(tx, &notices).await?;
+    // Grade marks, in key order (a trigger marks updates; for inserts,
+    // this statement costs less than a trigger's transition table).
+    let mut subjects: Vec<&str> = records
+        .iter()
+        .filter_map(|(_, r)| r.subject_key.as_deref())
+        .collect();
+    subjects.sort_unstable();
+    subjects.dedup();
+    if !subjects.is_empty() {
+        exec(
+            tx,
+            "INSERT INTO grade_marks AS g (subject_key, mark) \
+             SELECT k, nextval('grade_mark_seq') FROM unnest($1::text[]) AS k \
+             ON CONFLICT (subject_key) DO UPDATE SET mark = EXCLUDED.mark",
+            &[&subjects],
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// Where a notice comes from.
@@ -1586,8 +1628,21 @@ struct NoticeOrigin<'a> {
 async fn set_grades(
     tx: &Transaction<'_>,
     updates: &[GradeUpdate],
+    marks: &[GradeMark],
     fx: &mut Effects,
 ) -> Result<Vec<GradeChanged>, StoreError> {
+    if !marks.is_empty() {
+        // A mark row locked by a write still to commit is about to be
+        // replaced: it is skipped, not waited for (the writes hold their
+        // subjects' locks before they count marks up, and this group may
+        // hold those of another: waiting could close a cycle).
+        let keys: Vec<&str> = marks.iter().map(|m| m.subject_key.as_str()).collect();
+        let seen: Vec<i64> = marks.iter().map(|m| m.mark).collect();
+        exec(tx, "DELETE FROM grade_marks g USING unnest($1::text[], $2::int8[]) AS t(k, m) \
+             WHERE g.subject_key = t.k AND g.mark = t.m AND g.subject_key IN \
+             (SELECT subject_key FROM grade_marks WHERE subject_key = ANY($1) ORDER BY subject_key FOR UPDATE SKIP LOCKED)",
+            &[&keys, &seen]).await?;
+    }
     if updates.is_empty() {
         return Ok(Vec::new());
     }
@@ -2590,22 +2645,63 @@ impl Store for PgStore {
     /// Up to [`GRADES_PER_WRITE`] subjects per write, each subject once
     /// (a repeated subject starts the next write, so it compares against
     /// the grade its earlier update stored).
-    async fn set_grades(&self, updates: Vec<GradeUpdate>) -> Result<Vec<GradeChanged>, StoreError> {
+    async fn set_grades(
+        &self,
+        updates: Vec<GradeUpdate>,
+        marks: Vec<GradeMark>,
+    ) -> Result<Vec<GradeChanged>, StoreError> {
         let mut changed = Vec::new();
         let mut part: Vec<GradeUpdate> = Vec::new();
         let mut keys = HashSet::new();
         for u in updates {
             if part.len() == GRADES_PER_WRITE || !keys.insert(u.subject_key.clone()) {
                 let full = std::mem::take(&mut part);
-                changed.extend(expect_out!(self.write(Op::Grades(full)).await?, Grades)?);
+                let op = Op::Grades(full, Vec::new());
+                changed.extend(expect_out!(self.write(op).await?, Grades)?);
                 keys = HashSet::from([u.subject_key.clone()]);
             }
             part.push(u);
         }
-        if !part.is_empty() {
-            changed.extend(expect_out!(self.write(Op::Grades(part)).await?, Grades)?);
+        // The marks with the last write: a mark is graded only once every
+        // grade is stored.
+        if !part.is_empty() || !marks.is_empty() {
+            changed.extend(expect_out!(
+                self.write(Op::Grades(part, marks)).await?,
+                Grades
+            )?);
         }
         Ok(changed)
+    }
+
+    async fn grade_marks(&self, subjects: Vec<String>) -> Result<Vec<GradeMark>, StoreError> {
+        if subjects.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .query(
+                "SELECT subject_key, mark FROM grade_marks WHERE subject_key = ANY($1)",
+                &[&subjects],
+            )
+            .await?
+            .iter()
+            .map(|r| GradeMark {
+                subject_key: r.get(0),
+                mark: r.get(1),
+            })
+            .collect())
+    }
+
+    async fn ungraded_after(&self, after: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        Ok(self
+            .query(
+                "SELECT subject_key FROM grade_marks WHERE subject_key > $1 ORDER BY subject_key LIMIT $2",
+                &[&after, &limit],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
     }
 
     async fn grades_due(&self, today: Date, limit: usize) -> Result<Vec<String>, StoreError> {

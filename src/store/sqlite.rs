@@ -35,10 +35,10 @@ use super::{
     parse_kind, ActivateOutcome, AgencyFeedbackStats, AppendOutcome, AuditFilter, ControlState,
     CorrectOutcome, Correction, Decide, Decided, DeliveryInfo, DeliveryResult, DeliveryState,
     DepartmentStats, DocKind, EndOutcome, Ending, EndpointHealth, Feedback, FeedbackOutcome,
-    FeedbackStored, Finished, GradeChanged, GradeCount, GradeUpdate, ItemActivation, KeyHolder,
-    NewNotice, NewReview, NewSubmission, NoticeHistory, Outbound, PublicQuery, PublicRecord,
-    ReviewEntry, Revision, Store, StoreError, StoredNotice, StoredRecord, StoredResponse,
-    StoredReview, SubmissionLookups, VersionInfo,
+    FeedbackStored, Finished, GradeChanged, GradeCount, GradeMark, GradeUpdate, ItemActivation,
+    KeyHolder, NewNotice, NewReview, NewSubmission, NoticeHistory, Outbound, PublicQuery,
+    PublicRecord, ReviewEntry, Revision, Store, StoreError, StoredNotice, StoredRecord,
+    StoredResponse, StoredReview, SubmissionLookups, VersionInfo,
 };
 use crate::catalog::Severity;
 use crate::notice::EndReason;
@@ -251,6 +251,34 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE records ADD COLUMN publicity_end TEXT;
     CREATE UNIQUE INDEX records_public_id ON records(public_id) WHERE public_id IS NOT NULL;
     CREATE INDEX records_publicity ON records(publicity_end, decision_date) WHERE public_id IS NOT NULL;
+    "#,
+    // 12: grade marks: every change to a subject's records gives the
+    // subject a new mark (a number never given before) in the same
+    // transaction; the grader deletes the mark it read before the records
+    // it assessed, if it is still the subject's. A subject with a mark is
+    // assessed at the next start (or after the grader's backlog
+    // overflowed): no change is left ungraded by a restart or a crash.
+    // Only ungraded subjects have a row, so the table stays small and its
+    // pages stay in the cache.
+    r#"
+    CREATE TABLE grade_marks (
+        subject_key TEXT PRIMARY KEY,
+        mark        INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE grade_mark_seq (n INTEGER NOT NULL);
+    INSERT INTO grade_mark_seq (n) VALUES (0);
+    CREATE TRIGGER records_grade_marks_insert AFTER INSERT ON records WHEN NEW.subject_key IS NOT NULL BEGIN
+        UPDATE grade_mark_seq SET n = n + 1;
+        INSERT INTO grade_marks (subject_key, mark) VALUES (NEW.subject_key, (SELECT n FROM grade_mark_seq))
+            ON CONFLICT (subject_key) DO UPDATE SET mark = excluded.mark;
+    END;
+    CREATE TRIGGER records_grade_marks_update AFTER UPDATE ON records BEGIN
+        UPDATE grade_mark_seq SET n = n + 1;
+        INSERT INTO grade_marks (subject_key, mark) SELECT NEW.subject_key, (SELECT n FROM grade_mark_seq) WHERE NEW.subject_key IS NOT NULL
+            ON CONFLICT (subject_key) DO UPDATE SET mark = excluded.mark;
+        INSERT INTO grade_marks (subject_key, mark) SELECT OLD.subject_key, (SELECT n FROM grade_mark_seq) WHERE OLD.subject_key IS NOT NULL AND OLD.subject_key IS NOT NEW.subject_key
+            ON CONFLICT (subject_key) DO UPDATE SET mark = excluded.mark;
+    END;
     "#,
 ];
 
@@ -600,6 +628,25 @@ impl SqliteStore {
             .await
             .map_err(|_| StoreError::Unavailable)?;
         reply_rx.await.map_err(|_| StoreError::Unavailable)?
+    }
+
+    /// The keys `sql` lists (`?1`: the key to start after, `?2`: how many
+    /// at most), on a read connection.
+    async fn keys_after(
+        &self,
+        sql: &'static str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let after = after.to_owned();
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(sql).map_err(db_err)?;
+            let rows = stmt
+                .query_map(params![after, limit as i64], |r| r.get(0))
+                .map_err(db_err)?;
+            rows.collect::<Result<_, _>>().map_err(db_err)
+        })
+        .await
     }
 
     /// Runs `f` on a read connection of ingest and delivery, off the
@@ -2109,9 +2156,23 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn set_grades(&self, updates: Vec<GradeUpdate>) -> Result<Vec<GradeChanged>, StoreError> {
+    async fn set_grades(
+        &self,
+        updates: Vec<GradeUpdate>,
+        marks: Vec<GradeMark>,
+    ) -> Result<Vec<GradeChanged>, StoreError> {
         self.write(false, move |sp, _audit| {
             let now = now_text();
+            let mut graded = sp
+                .prepare_cached(
+                    "DELETE FROM grade_marks WHERE subject_key = ?1 AND mark = ?2",
+                )
+                .map_err(db_err)?;
+            for m in &marks {
+                graded
+                    .execute(params![m.subject_key, m.mark])
+                    .map_err(db_err)?;
+            }
             let mut changed = Vec::new();
             for u in &updates {
                 let before: String = sp
@@ -2172,18 +2233,38 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn subjects_after(&self, after: &str, limit: usize) -> Result<Vec<String>, StoreError> {
-        let after = after.to_owned();
+    async fn grade_marks(&self, subjects: Vec<String>) -> Result<Vec<GradeMark>, StoreError> {
+        if subjects.is_empty() {
+            return Ok(Vec::new());
+        }
         self.read(move |conn| {
             let mut stmt = conn
-                .prepare_cached("SELECT DISTINCT subject_key FROM records WHERE subject_key IS NOT NULL AND subject_key > ?1 ORDER BY subject_key LIMIT ?2")
+                .prepare_cached("SELECT mark FROM grade_marks WHERE subject_key = ?1")
                 .map_err(db_err)?;
-            let rows = stmt
-                .query_map(params![after, limit as i64], |r| r.get(0))
-                .map_err(db_err)?;
-            rows.collect::<Result<_, _>>().map_err(db_err)
+            let mut marks = Vec::new();
+            for subject in distinct(&subjects) {
+                if let Some(mark) = stmt
+                    .query_row([subject], |r| r.get(0))
+                    .optional()
+                    .map_err(db_err)?
+                {
+                    marks.push(GradeMark {
+                        subject_key: subject.clone(),
+                        mark,
+                    });
+                }
+            }
+            Ok(marks)
         })
         .await
+    }
+
+    async fn ungraded_after(&self, after: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.keys_after("SELECT subject_key FROM grade_marks WHERE subject_key > ?1 ORDER BY subject_key LIMIT ?2", after, limit).await
+    }
+
+    async fn subjects_after(&self, after: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.keys_after("SELECT DISTINCT subject_key FROM records WHERE subject_key IS NOT NULL AND subject_key > ?1 ORDER BY subject_key LIMIT ?2", after, limit).await
     }
 
     async fn grade_counts(&self) -> Result<Vec<GradeCount>, StoreError> {

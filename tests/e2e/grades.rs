@@ -281,7 +281,8 @@ notice_types = ["grade_change"]
 }
 
 /// Changes that arrive while the grading backlog is full are not lost:
-/// the grader goes through every subject and each gets its grade.
+/// the grader goes through every ungraded subject and each gets its
+/// grade.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_grading_backlog_loses_no_subject() {
     let mut env = Env::new();
@@ -293,7 +294,54 @@ async fn a_full_grading_backlog_loses_no_subject() {
     // One request, 30 subjects: all change at the same commit, so all but
     // the first find the backlog full.
     const N: u64 = 30;
-    let records: Vec<Value> = (100..100 + N)
+    penalise_firms(&market, N).await;
+    assert_eq!(graded_c(&admin, N).await, N, "every subject graded C");
+    let (_, metrics) = crate::support::ops_get(server.ops, "/metrics")
+        .await
+        .expect("metrics");
+    let overflows: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("credgate_grade_backlog_overflows_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("overflow counter");
+    assert!(overflows > 0, "the backlog overflowed: {overflows}");
+    server.stop().await;
+}
+
+/// A change committed but not graded when the gateway went down (a crash
+/// between the commit and the grader) is graded at the next start, with
+/// no new change to set it off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_left_ungraded_by_a_crash_is_graded_at_the_next_start() {
+    let env = Env::new();
+    let server = Server::start(&env).await;
+    let market = env.client(server.addr, "dept-market");
+    let admin = env.client(server.addr, "admin-credit-office");
+    const N: u64 = 12;
+    penalise_firms(&market, N).await;
+    assert_eq!(graded_c(&admin, N).await, N, "every subject graded C");
+    let ungraded = || env.sql_texts("SELECT COUNT(*) FROM grade_marks");
+    assert_eq!(ungraded(), ["0"], "every change graded");
+    server.stop().await;
+
+    // What a crash right after the commit leaves: the records and their
+    // subjects' marks, no grade.
+    env.sql_execute(
+        "DELETE FROM subject_grades; \
+         INSERT INTO grade_marks (subject_key, mark) SELECT DISTINCT subject_key, 1 FROM records WHERE subject_key IS NOT NULL;",
+    );
+    assert_eq!(ungraded(), [N.to_string()]);
+    let server = Server::start(&env).await;
+    let admin = env.client(server.addr, "admin-credit-office");
+    assert_eq!(graded_c(&admin, N).await, N, "graded again after the start");
+    assert_eq!(ungraded(), ["0"]);
+    server.stop().await;
+}
+
+/// One request with a serious administrative penalty about each of `n`
+/// firms, all accepted.
+async fn penalise_firms(market: &Client, n: u64) {
+    let records: Vec<Value> = (100..100 + n)
         .map(|n| {
             let mut record = synth::record("administrative_penalty", 9_500 + n, "serious");
             let (_, subject) = firm(n);
@@ -317,25 +365,17 @@ async fn a_full_grading_backlog_loses_no_subject() {
         .iter()
         .filter(|r| r["status"] == "accepted")
         .count();
-    assert_eq!(accepted as u64, N);
+    assert_eq!(accepted as u64, n);
+}
 
+/// The subjects graded C, once there are `want` or 15 s have passed.
+async fn graded_c(admin: &Client, want: u64) -> u64 {
     let start = Instant::now();
-    let graded = loop {
-        let c = count(&stats(&admin).await, "C");
-        if c >= N || start.elapsed() > Duration::from_secs(15) {
-            break c;
+    loop {
+        let c = count(&stats(admin).await, "C");
+        if c >= want || start.elapsed() > Duration::from_secs(15) {
+            return c;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert_eq!(graded, N, "every subject graded C");
-    let (_, metrics) = crate::support::ops_get(server.ops, "/metrics")
-        .await
-        .expect("metrics");
-    let overflows: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("credgate_grade_backlog_overflows_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("overflow counter");
-    assert!(overflows > 0, "the backlog overflowed: {overflows}");
-    server.stop().await;
+    }
 }
