@@ -191,7 +191,7 @@ fn build() -> Metrics {
     let grade_backlog_overflows = Counter::default();
     registry.register(
         "grade_backlog_overflows",
-        "Subject changes not queued because the grading backlog was full (every subject is then assessed again)",
+        "Subject changes not queued because the grading backlog was full (every subject with an ungraded change is then assessed)",
         grade_backlog_overflows.clone(),
     );
     let store_group_size = Histogram::new(exponential_buckets(1.0, 2.0, 11));
