@@ -380,7 +380,6 @@ const GRADES_PER_WRITE: usize = 200;
 /// The columns [`stored_record`] decodes, in its order.
 const RECORD_COLUMNS: &str = "id, item, item_version, submitter, subject_type, decision_date, effective_until, received_at, body, warnings, status, end_reason, removal, revision";
 
-/// A row that starts with [`RECORD_COLUMNS`].
 /// A record holding a natural key: `natural_key, id, content_hash,
 /// submitter`.
 fn key_holder(r: &Row) -> KeyHolder {
@@ -407,6 +406,7 @@ fn subject_record(r: &Row) -> Result<SubjectRecord, StoreError> {
     })
 }
 
+/// A row that starts with [`RECORD_COLUMNS`].
 fn stored_record(r: &Row) -> Result<StoredRecord, StoreError> {
     Ok(StoredRecord {
         id: r.get(0),
@@ -952,7 +952,8 @@ async fn isolated(
     let mut tx = client.transaction().await.map_err(db_err)?;
     // Every subject at once, in order, as in the fast path: taken one
     // write at a time, two groups could wait for each other.
-    lock_subjects(&tx, &ops.iter().collect::<Vec<_>>()).await?;
+    let subjects: Vec<&str> = ops.iter().flat_map(|op| op.touches().1).collect();
+    lock_subjects(&tx, &subjects).await?;
     let mut fx = Effects::default();
     let mut outs = Vec::with_capacity(ops.len());
     for op in ops {
@@ -1187,22 +1188,26 @@ async fn store_submissions(
     tx: &Transaction<'_>,
     ops: &[&Op],
 ) -> Result<Vec<(Out, Effects)>, StoreError> {
-    lock_subjects(tx, ops).await?;
+    let touched: Vec<_> = ops.iter().map(|op| op.touches()).collect();
+    let subjects: Vec<&str> = touched
+        .iter()
+        .flat_map(|(_, s)| s.iter().copied())
+        .collect();
+    lock_subjects(tx, &subjects).await?;
     let mut outs = Vec::with_capacity(ops.len());
     let mut start = 0;
     while start < ops.len() {
-        let mut keys = HashSet::new();
-        let mut subjects = HashSet::new();
+        let mut keys: HashSet<(&str, &str)> = HashSet::new();
+        let mut subjects: HashSet<&str> = HashSet::new();
         let mut end = start;
-        for op in &ops[start..] {
-            let (k, s) = op.touches();
+        for (k, s) in &touched[start..] {
             if end > start
                 && (k.iter().any(|k| keys.contains(k)) || s.iter().any(|s| subjects.contains(s)))
             {
                 break;
             }
-            keys.extend(k);
-            subjects.extend(s);
+            keys.extend(k.iter().copied());
+            subjects.extend(s.iter().copied());
             end += 1;
         }
         let wave = &ops[start..end];
@@ -1233,15 +1238,14 @@ async fn store_submissions(
 /// meet the one-key locks of migrations, seeding and checkpoints.
 const LOCK_SUBJECTS: i32 = 0x6372_6564;
 
-/// Locks the subjects `ops` touch until the transaction ends, all in one
+/// Locks `subjects` until the transaction ends, all in one
 /// statement and in one order (so two transactions never wait for each
 /// other in a cycle): a decision about a subject, on any writer of any
 /// instance, then looks up after the commit of the one before it, and sees
 /// its records. Taking a lock held already costs nothing.
-async fn lock_subjects(tx: &Transaction<'_>, ops: &[&Op]) -> Result<(), StoreError> {
-    let mut keys: Vec<i32> = ops
+async fn lock_subjects(tx: &Transaction<'_>, subjects: &[&str]) -> Result<(), StoreError> {
+    let mut keys: Vec<i32> = subjects
         .iter()
-        .flat_map(|op| op.touches().1)
         .map(|subject| {
             let d = <sha2::Sha256 as sha2::Digest>::digest(subject.as_bytes());
             i32::from_be_bytes([d[0], d[1], d[2], d[3]])
