@@ -321,6 +321,22 @@ pub(crate) async fn a_decision_sees_the_holder_of_its_keys(s: Subject) {
 /// (none of another item, none of another subject), as one commit after
 /// the other would, even when they share a write group.
 pub(crate) async fn a_decision_sees_the_records_decided_before_it(s: Subject) {
+    decisions_about_a_subject_see_each_other(s, 0).await;
+}
+
+/// The same when half of the decisions each look up more subjects than a
+/// write locks one by one on PostgreSQL (it locks all subjects at once
+/// instead), beside decisions that lock theirs one by one.
+pub(crate) async fn a_decision_about_many_subjects_sees_the_records_decided_before_it(s: Subject) {
+    decisions_about_a_subject_see_each_other(s, super::postgres::SUBJECT_LOCKS_MAX).await;
+}
+
+/// 48 concurrent decisions about two subjects, with distinct keys, half of
+/// them about each subject also looking up `padding` subjects of their own
+/// that have no records: each sees exactly the records of its subject
+/// stored before it.
+async fn decisions_about_a_subject_see_each_other(s: Subject, padding: usize) {
+    const DECISIONS: usize = 48;
     let store = s.store.clone();
     let (a, b) = ("91350100M000100Y43", "91350200MA2Y3F8X4Q");
     // A record of another item about `a`, holding the natural key one of
@@ -330,7 +346,7 @@ pub(crate) async fn a_decision_sees_the_records_decided_before_it(s: Subject) {
     other.records[0].subject_key = Some(a.into());
     other.records[0].natural_key = "k:shared".into();
     store.append_submission(other).await.expect("append");
-    let tasks: Vec<_> = (0..16)
+    let tasks: Vec<_> = (0..DECISIONS)
         .map(|i| {
             let store = store.clone();
             let subject = if i % 2 == 0 { a } else { b };
@@ -342,7 +358,9 @@ pub(crate) async fn a_decision_sees_the_records_decided_before_it(s: Subject) {
             let lookups = SubmissionLookups {
                 item: "administrative_penalty".into(),
                 keys: vec![key.clone()],
-                subjects: vec![subject.into()],
+                subjects: std::iter::once(subject.to_owned())
+                    .chain((0..padding * (i / 2 % 2)).map(|n| format!("pad-{i}-{n}")))
+                    .collect(),
                 items: vec!["administrative_penalty".into()],
             };
             // Answers how many of the subject's records it saw, or what
@@ -361,7 +379,11 @@ pub(crate) async fn a_decision_sees_the_records_decided_before_it(s: Subject) {
                 };
                 Ok(sub)
             });
+            // In waves a millisecond apart, so that the writers make
+            // many groups of them, and commit one while deciding another.
+            let wave = Duration::from_millis((i % 12) as u64);
             tokio::spawn(async move {
+                tokio::time::sleep(wave).await;
                 let decided = store.decide_and_append(lookups, decide).await;
                 (subject, decided)
             })
@@ -378,9 +400,59 @@ pub(crate) async fn a_decision_sees_the_records_decided_before_it(s: Subject) {
     }
     for (subject, mut counts) in seen {
         counts.sort_by_key(|c| c.parse::<usize>().unwrap_or(usize::MAX));
-        let expected: Vec<String> = (0..8).map(|n| n.to_string()).collect();
+        let expected: Vec<String> = (0..DECISIONS / 2).map(|n| n.to_string()).collect();
         assert_eq!(counts, expected, "what the decisions about {subject} saw");
     }
+    assert_chain_intact(store.as_ref()).await;
+    store.close().await;
+}
+
+/// Many concurrent submissions of 500 records about distinct subjects
+/// (24,000 in all, more than PostgreSQL's default lock table holds, 6,400)
+/// are all decided and stored, whatever groups the writers make of them.
+pub(crate) async fn submissions_about_more_subjects_than_the_lock_table_holds_are_stored(
+    s: Subject,
+) {
+    let store = s.store.clone();
+    let (requests, records) = (48, 500);
+    let tasks: Vec<_> = (0..requests)
+        .map(|i| {
+            let store = store.clone();
+            let subjects: Vec<String> = (0..records).map(|n| format!("big-{i}-{n}")).collect();
+            let lookups = SubmissionLookups {
+                item: "administrative_penalty".into(),
+                keys: (0..records).map(|n| format!("k:big-{i}-{n}")).collect(),
+                subjects: subjects.clone(),
+                items: vec!["administrative_penalty".into()],
+            };
+            // Answers how many rows the look-ups found: none is stored.
+            let decide: Decide = Arc::new(move |holders, others| {
+                let mut sub = submission(&format!("s-big-{i}"), "unused");
+                sub.response_body = (holders.len() + others.len()).to_string().into_bytes();
+                let template = sub.records.pop().expect("a record");
+                sub.records = subjects
+                    .iter()
+                    .enumerate()
+                    .map(|(n, subject)| NewRecord {
+                        id: format!("r-big-{i}-{n}"),
+                        subject_key: Some(subject.clone()),
+                        natural_key: format!("k:big-{i}-{n}"),
+                        content_hash: format!("h:big-{i}-{n}"),
+                        ..template.clone()
+                    })
+                    .collect();
+                Ok(sub)
+            });
+            tokio::spawn(async move { store.decide_and_append(lookups, decide).await })
+        })
+        .collect();
+    for t in tasks {
+        let decided = t.await.expect("task").expect("stored, never an error");
+        assert!(matches!(decided.outcome, AppendOutcome::Stored));
+        assert_eq!(decided.response_body, b"0", "rows found before storing");
+    }
+    let marked = store.ungraded_after("", 100_000).await.expect("marks");
+    assert_eq!(marked.len(), requests * records, "every subject stored");
     assert_chain_intact(store.as_ref()).await;
     store.close().await;
 }
@@ -1232,6 +1304,8 @@ both_backends!(
     a_natural_key_is_held_by_one_record_of_an_item,
     a_decision_sees_the_holder_of_its_keys,
     a_decision_sees_the_records_decided_before_it,
+    a_decision_about_many_subjects_sees_the_records_decided_before_it,
+    submissions_about_more_subjects_than_the_lock_table_holds_are_stored,
     subjects_records_are_read_together,
     many_grades_are_all_stored,
     grade_marks_follow_every_change_until_graded,

@@ -884,8 +884,11 @@ async fn commit_group(pool: &Pool, group: Vec<Job>) {
         // Submissions together, a few multi-row statements for the whole
         // group; the other writes each on their own, all pipelined.
         let (subs, others): (Vec<&Op>, Vec<&Op>) = ops.iter().partition(|op| op.is_submission());
+        let touched: Vec<_> = subs.iter().map(|op| op.touches()).collect();
+        let subjects: Vec<&str> = touched.iter().flat_map(|(_, s)| s.clone()).collect();
+        lock_subjects(&tx, &subjects).await?;
         let (appended, others) = futures_util::future::join(
-            store_submissions(&tx, &subs),
+            store_submissions(&tx, &subs, &touched),
             join_all(others.into_iter().map(|op| apply(&tx, op))),
         )
         .await;
@@ -1056,7 +1059,7 @@ async fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(Out, Effects), StoreErr
     let mut fx = Effects::default();
     let out = match op {
         Op::Append(_) | Op::Decide { .. } => {
-            let (out, effects) = store_submissions(tx, &[op])
+            let (out, effects) = store_submissions(tx, &[op], &[op.touches()])
                 .await?
                 .pop()
                 .ok_or_else(|| corrupt("no outcome"))?;
@@ -1139,6 +1142,9 @@ async fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(Out, Effects), StoreErr
     Ok((out, fx))
 }
 
+/// The `(item, natural key)` pairs and subjects of a submission.
+type Touches<'a> = (Vec<(&'a str, &'a str)>, Vec<&'a str>);
+
 impl Op {
     /// A submission, stored with the group's others by
     /// [`store_submissions`].
@@ -1148,7 +1154,7 @@ impl Op {
 
     /// The `(item, natural key)` pairs and subjects a submission's
     /// outcome depends on, or its records take.
-    fn touches(&self) -> (Vec<(&str, &str)>, Vec<&str>) {
+    fn touches(&self) -> Touches<'_> {
         match self {
             Op::Append(sub) => (
                 sub.records
@@ -1181,19 +1187,15 @@ impl Op {
 /// an earlier one of its wave touches starts the next wave, so its
 /// look-ups see that one stored, as they would one commit later. The
 /// look-ups run in the group's transaction, so the rows they find cannot
-/// change before the commit: the subjects are locked ([`lock_subjects`]),
-/// and a natural key another writer takes in between fails this write with
-/// `KeyTaken`.
+/// change before the commit: the caller has locked the subjects
+/// ([`lock_subjects`]), and a natural key another writer takes in between
+/// fails this write with `KeyTaken`. `touched` is what each op
+/// [touches](Op::touches).
 async fn store_submissions(
     tx: &Transaction<'_>,
     ops: &[&Op],
+    touched: &[Touches<'_>],
 ) -> Result<Vec<(Out, Effects)>, StoreError> {
-    let touched: Vec<_> = ops.iter().map(|op| op.touches()).collect();
-    let subjects: Vec<&str> = touched
-        .iter()
-        .flat_map(|(_, s)| s.iter().copied())
-        .collect();
-    lock_subjects(tx, &subjects).await?;
     let mut outs = Vec::with_capacity(ops.len());
     let mut start = 0;
     while start < ops.len() {
@@ -1234,15 +1236,31 @@ async fn store_submissions(
     Ok(outs)
 }
 
-/// Advisory-lock class of subjects: the two-key form, whose keys never
-/// meet the one-key locks of migrations, seeding and checkpoints.
+/// Advisory-lock class of subjects, one lock per subject (keyed by the
+/// first four bytes of its key's SHA-256): the two-key form, whose keys
+/// never meet the one-key locks of migrations, seeding and checkpoints.
 const LOCK_SUBJECTS: i32 = 0x6372_6564;
 
-/// Locks `subjects` until the transaction ends, all in one
-/// statement and in one order (so two transactions never wait for each
-/// other in a cycle): a decision about a subject, on any writer of any
-/// instance, then looks up after the commit of the one before it, and sees
-/// its records. Taking a lock held already costs nothing.
+/// Advisory-lock class of all subjects at once (key 0): taken shared
+/// before a write's subject locks, or exclusive instead of them.
+const LOCK_ALL_SUBJECTS: i32 = 0x6372_6561;
+
+/// The most subjects a write locks one by one; a write about more takes
+/// the exclusive lock on all subjects instead. Advisory locks live in the
+/// server's shared lock table (`max_locks_per_transaction` ×
+/// `max_connections` entries, 6,400 by default), which one group of a
+/// few 500-record submissions would fill: this bounds a write
+/// transaction to `SUBJECT_LOCKS_MAX + 1` of them.
+pub(crate) const SUBJECT_LOCKS_MAX: usize = 256;
+
+/// Locks `subjects` until the transaction ends, in one statement and in
+/// one order (the lock on all subjects first, then each subject's, sorted;
+/// so two transactions never wait for each other in a cycle): a decision
+/// about a subject, on any writer of any instance, then looks up after the
+/// commit of the one before it, and sees its records. A write about more
+/// than [`SUBJECT_LOCKS_MAX`] subjects takes the lock on all of them
+/// exclusively, and waits for (and holds off) every other write about a
+/// subject. Taking a lock held already costs nothing.
 async fn lock_subjects(tx: &Transaction<'_>, subjects: &[&str]) -> Result<(), StoreError> {
     let mut keys: Vec<i32> = subjects
         .iter()
@@ -1256,10 +1274,21 @@ async fn lock_subjects(tx: &Transaction<'_>, subjects: &[&str]) -> Result<(), St
     }
     keys.sort_unstable();
     keys.dedup();
+    if keys.len() > SUBJECT_LOCKS_MAX {
+        exec(
+            tx,
+            "SELECT pg_advisory_xact_lock($1, 0)",
+            &[&LOCK_ALL_SUBJECTS],
+        )
+        .await?;
+        return Ok(());
+    }
+    // An Append runs its parts in order: the shared lock comes first.
     exec(
         tx,
-        "SELECT pg_advisory_xact_lock($1, k) FROM unnest($2::int4[]) AS k",
-        &[&LOCK_SUBJECTS, &keys],
+        "SELECT pg_advisory_xact_lock_shared($1, 0) \
+         UNION ALL SELECT pg_advisory_xact_lock($2, k) FROM unnest($3::int4[]) AS k",
+        &[&LOCK_ALL_SUBJECTS, &LOCK_SUBJECTS, &keys],
     )
     .await?;
     Ok(())
@@ -3525,6 +3554,88 @@ mod tests {
     use super::*;
     use crate::store::conformance::with_notice;
 
+    /// A connection of its own to `url`, as the store's pool makes them.
+    async fn connect(url: &str) -> deadpool_postgres::ClientWrapper {
+        let opts = PgOptions {
+            url: url.to_owned(),
+            pool_size: 1,
+            statement_timeout: Duration::from_secs(30),
+            group_commit_max: 1,
+            idempotency_ttl: Duration::from_secs(3600),
+        };
+        let (client, conn) = pg_config(&opts)
+            .expect("cfg")
+            .connect(NoTls)
+            .await
+            .expect("connect");
+        let conn = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        deadpool_postgres::ClientWrapper::new(client, conn)
+    }
+
+    /// A write holds at most `SUBJECT_LOCKS_MAX + 1` subject locks in the
+    /// server's lock table, however many subjects it is about; one about
+    /// more holds off every other write about a subject, and waits for it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_holds_a_bounded_number_of_subject_locks() {
+        let db = scratch::ScratchDatabase::create().await.expect("scratch");
+        let (mut writer, mut other) = (connect(&db.url).await, connect(&db.url).await);
+        let held = "SELECT classid::int4, objid::int8, mode FROM pg_locks \
+                    WHERE locktype = 'advisory' AND pid = pg_backend_pid() \
+                    ORDER BY classid, objid";
+        let try_all = "SELECT pg_try_advisory_xact_lock($1, 0)";
+        let try_all_shared = "SELECT pg_try_advisory_xact_lock_shared($1, 0)";
+        for n in [1, 2, SUBJECT_LOCKS_MAX, SUBJECT_LOCKS_MAX + 1, 20_000] {
+            let subjects: Vec<String> = (0..n).map(|i| format!("subject-{i}")).collect();
+            let tx = writer.transaction().await.expect("begin");
+            let subjects: Vec<&str> = subjects.iter().map(String::as_str).collect();
+            lock_subjects(&tx, &subjects).await.expect("locked");
+            let locks: Vec<(i32, i64, String)> = tx
+                .query(held, &[])
+                .await
+                .expect("pg_locks")
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect();
+            let all = (LOCK_ALL_SUBJECTS, 0, "ShareLock".to_owned());
+            let probe = other.transaction().await.expect("begin");
+            let (may_all, may_all_shared): (bool, bool) = (
+                probe
+                    .query_one(try_all, &[&LOCK_ALL_SUBJECTS])
+                    .await
+                    .expect("try")
+                    .get(0),
+                probe
+                    .query_one(try_all_shared, &[&LOCK_ALL_SUBJECTS])
+                    .await
+                    .expect("try")
+                    .get(0),
+            );
+            probe.rollback().await.expect("rollback");
+            if n <= SUBJECT_LOCKS_MAX {
+                assert_eq!(
+                    locks.len(),
+                    n + 1,
+                    "{n} subjects: one lock each, and all shared"
+                );
+                assert_eq!(locks[0], all, "{n} subjects");
+                assert!(
+                    locks[1..]
+                        .iter()
+                        .all(|(class, _, mode)| *class == LOCK_SUBJECTS && mode == "ExclusiveLock"),
+                    "{n} subjects: {locks:?}"
+                );
+                assert_eq!((may_all, may_all_shared), (false, true), "{n} subjects");
+            } else {
+                let all = (LOCK_ALL_SUBJECTS, 0, "ExclusiveLock".to_owned());
+                assert_eq!(locks, [all], "{n} subjects: all at once");
+                assert_eq!((may_all, may_all_shared), (false, false), "{n} subjects");
+            }
+            tx.rollback().await.expect("rollback");
+        }
+    }
+
     /// The race that per-agency positions exist for: transaction A
     /// inserts its delivery first (lower sequence number) but commits
     /// after transaction B. A reader between the two commits must not
@@ -3547,15 +3658,7 @@ mod tests {
         .await
         .expect("open");
         // Transaction A: everything but its end, held open.
-        let (client, conn) = pg_config(&opts)
-            .expect("cfg")
-            .connect(NoTls)
-            .await
-            .expect("connect");
-        let conn = tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let mut manager_client = deadpool_postgres::ClientWrapper::new(client, conn);
+        let mut manager_client = connect(&opts.url).await;
         let tx = manager_client.transaction().await.expect("begin");
         let (_, fx_a) = apply(
             &tx,
