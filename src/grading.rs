@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use futures_util::StreamExt;
 use prometheus_client::metrics::counter::Counter;
 use time::Date;
 use tokio::sync::Notify;
@@ -37,6 +38,10 @@ use crate::subjects::SubjectCache;
 
 /// Subjects assessed in one store transaction.
 const BATCH: usize = 200;
+
+/// Batches assessed at once: while one batch's grades wait for the
+/// writer, the next ones read their marks and records.
+const IN_FLIGHT: usize = 4;
 
 /// The rule set in force and its version.
 #[derive(Debug)]
@@ -291,11 +296,7 @@ impl Grader {
                         if let Some(last) = keys.last() {
                             after.clone_from(last);
                         }
-                        for chunk in keys.chunks(BATCH) {
-                            if let Err(e) = me.assess(chunk).await {
-                                tracing::error!(error = %e, "assessing grades failed");
-                            }
-                        }
+                        me.assess_in_batches(&keys).await;
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "listing subjects to assess failed");
@@ -333,7 +334,7 @@ impl Grader {
                 _ = self.backlog.ready.notified(), if !busy => {}
                 _ = std::future::ready(()), if busy => {}
             }
-            let taken = self.backlog.take(BATCH);
+            let taken = self.backlog.take(BATCH * IN_FLIGHT);
             keys.extend(taken.keys);
             self.metrics.grade_backlog.set(taken.left as i64);
             if taken.overflowed {
@@ -343,7 +344,7 @@ impl Grader {
                 sweep = Some(String::new());
             }
             if let Some(after) = &sweep {
-                match self.store.ungraded_after(after, BATCH).await {
+                match self.store.ungraded_after(after, BATCH * IN_FLIGHT).await {
                     Ok(more) => {
                         sweep = more.last().cloned();
                         swept += more.len();
@@ -366,12 +367,21 @@ impl Grader {
                 }
             }
             let keys: Vec<String> = keys.into_iter().collect();
-            for chunk in keys.chunks(BATCH) {
+            self.assess_in_batches(&keys).await;
+        }
+    }
+
+    /// Assesses `keys` (each once), [`IN_FLIGHT`] batches at a time; a
+    /// batch that fails is logged, and assessed again at its subjects'
+    /// next change or mark sweep.
+    async fn assess_in_batches(&self, keys: &[String]) {
+        futures_util::stream::iter(keys.chunks(BATCH))
+            .for_each_concurrent(IN_FLIGHT, |chunk| async move {
                 if let Err(e) = self.assess(chunk).await {
                     tracing::error!(error = %e, subjects = chunk.len(), "assessing grades failed; they are assessed at their next change");
                 }
-            }
-        }
+            })
+            .await;
     }
 
     /// Assesses `keys` now and stores their grades (and any change notice).
