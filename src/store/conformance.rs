@@ -43,9 +43,29 @@ pub(crate) async fn sqlite() -> Subject {
 
 pub(crate) async fn postgres() -> Subject {
     let db = ScratchDatabase::create().await.expect("scratch database");
+    let store = open_postgres(&db.url).await;
+    Subject {
+        store,
+        _dir: None,
+        _db: Some(db),
+    }
+}
+
+impl Subject {
+    /// Another instance on the same database (PostgreSQL), or the same
+    /// store (SQLite: one process owns the file).
+    pub(crate) async fn another_instance(&self) -> Arc<dyn Store> {
+        match &self._db {
+            Some(db) => open_postgres(&db.url).await,
+            None => self.store.clone(),
+        }
+    }
+}
+
+async fn open_postgres(url: &str) -> Arc<dyn Store> {
     let store = crate::store::postgres::PgStore::open(
         crate::store::postgres::PgOptions {
-            url: db.url.clone(),
+            url: url.to_owned(),
             pool_size: 8,
             statement_timeout: Duration::from_secs(30),
             group_commit_max: 512,
@@ -56,11 +76,7 @@ pub(crate) async fn postgres() -> Subject {
     )
     .await
     .expect("open postgres store");
-    Subject {
-        store: Arc::new(store),
-        _dir: None,
-        _db: Some(db),
-    }
+    Arc::new(store)
 }
 
 pub(crate) fn submission(id: &str, record_id: &str) -> NewSubmission {
@@ -568,9 +584,25 @@ pub(crate) async fn subjects_records_are_read_together(s: Subject) {
         read(&["A", "B", "Z"], &["administrative_penalty", "red_list"]).await,
         [pair("A", "r-a1"), pair("A", "r-a2"), pair("B", "r-b1")]
     );
+    // A subject named twice is read once.
+    assert_eq!(
+        read(&["B", "A", "B"], &["administrative_penalty"]).await,
+        [pair("A", "r-a1"), pair("B", "r-b1")]
+    );
     assert_eq!(read(&["B"], &["red_list"]).await, []);
     assert_eq!(read(&[], &["red_list"]).await, []);
     assert_eq!(read(&["A"], &[]).await, []);
+    // So it is by the look-up of decisions.
+    let looked_up = store
+        .subject_records(
+            vec!["B".into(), "A".into(), "B".into()],
+            vec!["administrative_penalty".into()],
+        )
+        .await
+        .expect("look up");
+    let mut ids: Vec<&str> = looked_up.iter().map(|r| r.record_id.as_str()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["r-a1", "r-b1"]);
     // In full, as a record is read by id.
     let one = store
         .subjects_records(vec!["B".into()], vec!["administrative_penalty".into()])
@@ -632,6 +664,63 @@ pub(crate) async fn many_grades_are_all_stored(s: Subject) {
     store.close().await;
 }
 
+/// A grade of rule `r` (version 1), default B, with no notice.
+fn grade_update(subject: &str, grade: &str) -> GradeUpdate {
+    GradeUpdate {
+        subject_key: subject.to_owned(),
+        grade: grade.to_owned(),
+        rule: "r".into(),
+        rules_version: 1,
+        region: None,
+        review_after: None,
+        default_grade: "B".into(),
+        notice: None,
+    }
+}
+
+/// Concurrent assessments of the same subjects (the grader's batches, or
+/// several instances) each compare against the grade the one before stored:
+/// a move is reported once, whoever stores it first.
+pub(crate) async fn a_grade_move_is_reported_once_however_many_store_it(s: Subject) {
+    let store = s.store.clone();
+    let updates = |grade: &str| -> Vec<GradeUpdate> {
+        (0..40)
+            .map(|i| grade_update(&format!("subject-{i:02}"), grade))
+            .collect()
+    };
+    // Graded B before, so each has its row.
+    let first = store.set_grades(updates("B"), Vec::new()).await;
+    assert!(first.expect("grades").is_empty());
+    // On two instances, in waves a millisecond apart, so that they make
+    // many write groups.
+    let stores = [store.clone(), s.another_instance().await];
+    let tasks: Vec<_> = (0..96)
+        .map(|i| {
+            let (store, updates) = (stores[i as usize % 2].clone(), updates("C"));
+            let wave = Duration::from_millis(i % 24);
+            tokio::spawn(async move {
+                tokio::time::sleep(wave).await;
+                store.set_grades(updates, Vec::new()).await
+            })
+        })
+        .collect();
+    let mut moved: Vec<String> = Vec::new();
+    for t in tasks {
+        let changed = t.await.expect("task").expect("stored, never an error");
+        assert!(
+            changed.iter().all(|c| c.from == "B" && c.to == "C"),
+            "{changed:?}"
+        );
+        moved.extend(changed.into_iter().map(|c| c.subject_key));
+    }
+    moved.sort();
+    let expected: Vec<String> = (0..40).map(|i| format!("subject-{i:02}")).collect();
+    assert_eq!(moved, expected, "each subject's move, once");
+    for store in stores {
+        store.close().await;
+    }
+}
+
 /// A grade that changes stores its notice with the grade before and
 /// after; one that stays puts nothing out; a subject updated twice in one
 /// call is compared against its first update.
@@ -643,13 +732,6 @@ pub(crate) async fn grade_changes_store_their_notices_in_turn(s: Subject) {
         .expect("append");
     assert!(matches!(stored, AppendOutcome::Stored));
     let update = |subject: &str, grade: &str, n: &str| GradeUpdate {
-        subject_key: subject.to_owned(),
-        grade: grade.to_owned(),
-        rule: "r".into(),
-        rules_version: 1,
-        region: None,
-        review_after: None,
-        default_grade: "B".into(),
         notice: Some(GradeNotice {
             notice: NewNotice {
                 id: n.to_owned(),
@@ -676,6 +758,7 @@ pub(crate) async fn grade_changes_store_their_notices_in_turn(s: Subject) {
             item_version: 1,
             source: "dept-market".into(),
         }),
+        ..grade_update(subject, grade)
     };
     let changed = store
         .set_grades(
@@ -1308,6 +1391,7 @@ both_backends!(
     submissions_about_more_subjects_than_the_lock_table_holds_are_stored,
     subjects_records_are_read_together,
     many_grades_are_all_stored,
+    a_grade_move_is_reported_once_however_many_store_it,
     grade_marks_follow_every_change_until_graded,
     grade_changes_store_their_notices_in_turn,
     concurrent_duplicates_get_the_stored_answer,

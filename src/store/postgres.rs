@@ -393,7 +393,19 @@ fn key_holder(r: &Row) -> KeyHolder {
 
 /// The records of some subjects (`$1`) of some items (`$2`), as
 /// [`subject_record`] reads them.
-const SUBJECT_RECORDS: &str = "SELECT id, subject_key, item, status, level, decision_date FROM records WHERE subject_key = ANY($1) AND item = ANY($2)";
+///
+/// Records are read one subject at a time: a lateral subquery per key
+/// (`OFFSET 0` keeps the planner from flattening it), so each is an index
+/// look-up on `records_subject` whatever the planner's statistics say.
+/// With `subject_key = ANY($1) AND item = ANY($2)`, a table whose
+/// statistics are missing or stale (a new database, a server with
+/// autovacuum off) was read through the `item` index instead, and the
+/// cost grew with the table: 10 ms per grader batch of 100 subjects at
+/// 20,000 records, a quarter of the database's time under `ingest`.
+const SUBJECT_RECORDS: &str =
+    "SELECT r.* FROM (SELECT DISTINCT unnest($1::text[]) AS key) AS s CROSS JOIN LATERAL \
+     (SELECT id, subject_key, item, status, level, decision_date FROM records \
+      WHERE subject_key = s.key AND item = ANY($2) OFFSET 0) AS r";
 
 fn subject_record(r: &Row) -> Result<SubjectRecord, StoreError> {
     Ok(SubjectRecord {
@@ -2539,7 +2551,10 @@ impl Store for PgStore {
         }
         let rows = self
             .query(
-                &format!("SELECT {RECORD_COLUMNS}, subject_key FROM records WHERE subject_key = ANY($1) AND item = ANY($2) ORDER BY received_at, id"),
+                &format!("SELECT r.* FROM (SELECT DISTINCT unnest($1::text[]) AS key) AS s CROSS JOIN LATERAL \
+                     (SELECT {RECORD_COLUMNS}, subject_key FROM records \
+                      WHERE subject_key = s.key AND item = ANY($2) OFFSET 0) AS r \
+                     ORDER BY r.received_at, r.id"),
                 &[&subjects, &items],
             )
             .await?;
