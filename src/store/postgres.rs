@@ -896,11 +896,19 @@ async fn commit_group(pool: &Pool, group: Vec<Job>) {
         // Submissions together, a few multi-row statements for the whole
         // group; the other writes each on their own, all pipelined.
         let (subs, others): (Vec<&Op>, Vec<&Op>) = ops.iter().partition(|op| op.is_submission());
+        // The subject locks are the group's first statement; a failure
+        // there (a deadlock broken by the server) sends the group to the
+        // isolated path like any other.
         let touched: Vec<_> = subs.iter().map(|op| op.touches()).collect();
-        let subjects: Vec<&str> = touched.iter().flat_map(|(_, s)| s.clone()).collect();
-        lock_subjects(&tx, &subjects).await?;
+        let subjects: Vec<&str> = touched
+            .iter()
+            .flat_map(|(_, s)| s.iter().copied())
+            .collect();
         let (appended, others) = futures_util::future::join(
-            store_submissions(&tx, &subs, &touched),
+            async {
+                lock_subjects(&tx, &subjects).await?;
+                store_submissions(&tx, &subs, &touched).await
+            },
             join_all(others.into_iter().map(|op| apply(&tx, op))),
         )
         .await;
