@@ -680,42 +680,42 @@ fn grade_update(subject: &str, grade: &str) -> GradeUpdate {
 
 /// Concurrent assessments of the same subjects (the grader's batches, or
 /// several instances) each compare against the grade the one before stored:
-/// a move is reported once, whoever stores it first.
+/// a move is reported once, whoever stores it first. Both when the
+/// subjects have no grade yet (the writes race to create their rows) and
+/// when they have.
 pub(crate) async fn a_grade_move_is_reported_once_however_many_store_it(s: Subject) {
-    let store = s.store.clone();
-    let updates = |grade: &str| -> Vec<GradeUpdate> {
-        (0..40)
-            .map(|i| grade_update(&format!("subject-{i:02}"), grade))
-            .collect()
-    };
-    // Graded B before, so each has its row.
-    let first = store.set_grades(updates("B"), Vec::new()).await;
-    assert!(first.expect("grades").is_empty());
-    // On two instances, in waves a millisecond apart, so that they make
-    // many write groups.
-    let stores = [store.clone(), s.another_instance().await];
-    let tasks: Vec<_> = (0..96)
-        .map(|i| {
-            let (store, updates) = (stores[i as usize % 2].clone(), updates("C"));
-            let wave = Duration::from_millis(i % 24);
-            tokio::spawn(async move {
-                tokio::time::sleep(wave).await;
-                store.set_grades(updates, Vec::new()).await
+    let stores = [s.store.clone(), s.another_instance().await];
+    // The default grade is B: C is a move for subjects never graded, D
+    // one for subjects graded C.
+    for (from, to) in [("B", "C"), ("C", "D")] {
+        // On two instances, in waves a millisecond apart, so that they
+        // make many write groups.
+        let tasks: Vec<_> = (0..96)
+            .map(|i| {
+                let store = stores[i as usize % 2].clone();
+                let updates: Vec<GradeUpdate> = (0..300)
+                    .map(|i| grade_update(&format!("subject-{i:03}"), to))
+                    .collect();
+                let wave = Duration::from_millis(i % 24);
+                tokio::spawn(async move {
+                    tokio::time::sleep(wave).await;
+                    store.set_grades(updates, Vec::new()).await
+                })
             })
-        })
-        .collect();
-    let mut moved: Vec<String> = Vec::new();
-    for t in tasks {
-        let changed = t.await.expect("task").expect("stored, never an error");
-        assert!(
-            changed.iter().all(|c| c.from == "B" && c.to == "C"),
-            "{changed:?}"
-        );
-        moved.extend(changed.into_iter().map(|c| c.subject_key));
+            .collect();
+        let mut moved: Vec<String> = Vec::new();
+        for t in tasks {
+            let changed = t.await.expect("task").expect("stored, never an error");
+            assert!(
+                changed.iter().all(|c| c.from == from && c.to == to),
+                "{changed:?}"
+            );
+            moved.extend(changed.into_iter().map(|c| c.subject_key));
+        }
+        moved.sort();
+        let expected: Vec<String> = (0..300).map(|i| format!("subject-{i:03}")).collect();
+        assert_eq!(moved, expected, "each subject's move {from} → {to}, once");
     }
-    moved.sort();
-    let expected: Vec<String> = (0..40).map(|i| format!("subject-{i:02}")).collect();
-    assert_eq!(moved, expected, "each subject's move, once");
     for store in stores {
         store.close().await;
     }

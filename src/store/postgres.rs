@@ -1672,12 +1672,16 @@ struct NoticeOrigin<'a> {
     issued_at: OffsetDateTime,
 }
 
-/// Stores assessed grades; see [`Store::set_grades`]. Two statements for
-/// the whole write, whatever its size: one makes sure every subject has a
-/// row, one locks the rows (in key order, so instances writing the same
-/// subjects at once wait for each other instead of deadlocking), updates
-/// them and returns each grade as it was before. The subjects of one write
-/// are distinct ([`PgStore::set_grades`] splits at a repeat).
+/// Stores assessed grades; see [`Store::set_grades`]. At most two
+/// statements for the whole write, whatever its size: one inserts the
+/// subjects that have no row yet with their new grade (their grade before
+/// is the default), one locks the others' rows (in key order, so
+/// instances writing the same subjects at once wait for each other instead
+/// of deadlocking), updates them and returns each grade as it was before.
+/// A subject whose row another write is inserting waits for that write at
+/// the insert and, once it has committed, is updated like any other. The
+/// subjects of one write are distinct ([`PgStore::set_grades`] splits at a
+/// repeat).
 async fn set_grades(
     tx: &Transaction<'_>,
     updates: &[GradeUpdate],
@@ -1700,31 +1704,38 @@ async fn set_grades(
         return Ok(Vec::new());
     }
     let now = OffsetDateTime::now_utc();
-    let keys: Vec<&str> = updates.iter().map(|u| u.subject_key.as_str()).collect();
-    let defaults: Vec<&str> = updates.iter().map(|u| u.default_grade.as_str()).collect();
-    exec(tx, "INSERT INTO subject_grades (subject_key, grade, rule, rules_version, region, review_after, assessed_at) \
-         SELECT k, d, '', 0, NULL, NULL, $3 FROM unnest($1::text[], $2::text[]) AS u(k, d) ORDER BY k \
-         ON CONFLICT (subject_key) DO NOTHING",
-        &[&keys, &defaults, &now]).await?;
-    let grades: Vec<&str> = updates.iter().map(|u| u.grade.as_str()).collect();
-    let rules: Vec<&str> = updates.iter().map(|u| u.rule.as_str()).collect();
-    let versions: Vec<i32> = updates.iter().map(|u| int(u.rules_version)).collect();
-    let regions: Vec<Option<&str>> = updates.iter().map(|u| u.region.as_deref()).collect();
-    let reviews: Vec<Option<Date>> = updates.iter().map(|u| u.review_after).collect();
-    let before: HashMap<String, String> = tx
-        .query(
+    let new: HashSet<String> = write_grades(
+        tx,
+        "INSERT INTO subject_grades (subject_key, grade, rule, rules_version, region, review_after, assessed_at) \
+         SELECT k, grade, rule, version, region, review, $7 \
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::text[], $6::date[]) AS u(k, grade, rule, version, region, review) \
+         ORDER BY k ON CONFLICT (subject_key) DO NOTHING RETURNING subject_key",
+        updates.iter(),
+        now,
+    )
+    .await?
+    .iter()
+    .map(|r| r.get(0))
+    .collect();
+    let mut before: HashMap<String, String> = updates
+        .iter()
+        .filter(|u| new.contains(&u.subject_key))
+        .map(|u| (u.subject_key.clone(), u.default_grade.clone()))
+        .collect();
+    if before.len() < updates.len() {
+        let rows = write_grades(
+            tx,
             "UPDATE subject_grades g SET grade = u.grade, rule = u.rule, rules_version = u.version, region = u.region, review_after = u.review, assessed_at = $7 \
              FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::text[], $6::date[]) AS u(k, grade, rule, version, region, review), \
                   (SELECT subject_key, grade FROM subject_grades WHERE subject_key = ANY($1) ORDER BY subject_key FOR UPDATE) AS old \
              WHERE g.subject_key = u.k AND old.subject_key = u.k \
              RETURNING g.subject_key, old.grade",
-            &[&keys, &grades, &rules, &versions, &regions, &reviews, &now],
+            updates.iter().filter(|u| !new.contains(&u.subject_key)),
+            now,
         )
-        .await
-        .map_err(db_err)?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+        .await?;
+        before.extend(rows.iter().map(|r| (r.get(0), r.get(1))));
+    }
     let mut changed = Vec::new();
     let mut notices = Vec::new();
     for u in updates {
@@ -1766,6 +1777,30 @@ async fn set_grades(
         note_deliveries(n, fx);
     }
     Ok(changed)
+}
+
+/// Runs a grade write taking the updates' columns as arrays `$1`-`$6`
+/// (subject, grade, rule, rules version, region, review date) and the
+/// assessment time as `$7`.
+async fn write_grades<'a>(
+    tx: &Transaction<'_>,
+    sql: &str,
+    updates: impl Iterator<Item = &'a GradeUpdate>,
+    now: OffsetDateTime,
+) -> Result<Vec<Row>, StoreError> {
+    let updates: Vec<&GradeUpdate> = updates.collect();
+    let keys: Vec<&str> = updates.iter().map(|u| u.subject_key.as_str()).collect();
+    let grades: Vec<&str> = updates.iter().map(|u| u.grade.as_str()).collect();
+    let rules: Vec<&str> = updates.iter().map(|u| u.rule.as_str()).collect();
+    let versions: Vec<i32> = updates.iter().map(|u| int(u.rules_version)).collect();
+    let regions: Vec<Option<&str>> = updates.iter().map(|u| u.region.as_deref()).collect();
+    let reviews: Vec<Option<Date>> = updates.iter().map(|u| u.review_after).collect();
+    run(
+        tx,
+        sql,
+        &[&keys, &grades, &rules, &versions, &regions, &reviews, &now],
+    )
+    .await
 }
 
 /// A notice to insert and where it comes from.
