@@ -693,9 +693,15 @@ pub(crate) async fn a_grade_move_is_reported_once_however_many_store_it(s: Subje
         let tasks: Vec<_> = (0..96)
             .map(|i| {
                 let store = stores[i as usize % 2].clone();
-                let updates: Vec<GradeUpdate> = (0..300)
+                // Each write names the subjects in another order: the
+                // store, not the caller, must keep the lock order.
+                let mut updates: Vec<GradeUpdate> = (0..300)
                     .map(|i| grade_update(&format!("subject-{i:03}"), to))
                     .collect();
+                updates.rotate_left(i as usize * 37 % 300);
+                if i % 2 == 1 {
+                    updates.reverse();
+                }
                 let wave = Duration::from_millis(i % 24);
                 tokio::spawn(async move {
                     tokio::time::sleep(wave).await;
